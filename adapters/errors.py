@@ -1,0 +1,64 @@
+"""Errors raised by the adapters library.
+
+Every error carries a stable machine-readable ``code`` so the HTTP layer can map it to a
+status without string matching. ``param`` names the offending field or row when there is one.
+"""
+
+from __future__ import annotations
+
+
+class TailorError(Exception):
+    """Base of every error this library raises on purpose."""
+
+    code = "tailor_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidNameError(TailorError, ValueError):
+    """A tenant, adapter, alias or store key fails validation."""
+
+    code = "invalid_name"
+
+
+class NotFoundError(TailorError, LookupError):
+    """Something looked up does not exist (or belongs to another tenant: same error, no leak)."""
+
+    code = "not_found"
+
+
+class AdapterNotFoundError(NotFoundError):
+    code = "adapter_not_found"
+
+
+class ConflictError(TailorError):
+    """The request conflicts with current state (name taken, version exists, ...)."""
+
+    code = "conflict"
+
+
+class ArtifactError(TailorError, ValueError):
+    """An adapter artifact is malformed, oversized or does not fit the base model."""
+
+    code = "invalid_artifact"
+
+
+class ChecksumMismatchError(ArtifactError):
+    """Bytes read back do not match the sha256 recorded when they were written."""
+
+    code = "checksum_mismatch"
+
+
+class FingerprintMismatchError(ArtifactError):
+    """The adapter was trained on a different base model than the one loaded."""
+
+    code = "base_mismatch"
+
+
+class CapacityError(TailorError):
+    """A bounded resource (device slots, resident cache) cannot take the request right now."""
+
+    code = "capacity"

@@ -1,0 +1,204 @@
+"""Interchange with peft's on-disk layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+``export_peft`` writes what ``PeftModel.from_pretrained`` reads (a LoRA ``SEQ_CLS`` adapter whose
+classification head is a ``modules_to_save`` module), plus ``tailor_manifest.json`` with the
+label names and metrics peft has no place for. ``import_peft`` takes such files -- written by us
+or by anyone's peft training -- and returns a checked ``AdapterArtifact`` for a given base.
+Only plain LoRA is accepted: DoRA, bias training, per-module rank/alpha patterns and
+fan-in-fan-out layouts are refused with a message naming the field. ``zip_files``/``unzip_files``
+pack them for HTTP with limits on member count, names and inflated size (no zip bombs, no paths).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
+from adapters.errors import ArtifactError
+from adapters.fingerprint import BaseSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TAILOR_FILE = "tailor_manifest.json"
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"base_model\.model\.([A-Za-z0-9_.]+)\.lora_(A|B)\.weight")
+_REFUSED = {  # field -> value that we can honour
+    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+    "layers_to_transform": None, "target_parameters": None,
+}
+
+
+def export_peft(artifact: AdapterArtifact, spec: BaseSpec) -> dict[str, bytes]:
+    m, w = artifact.manifest, artifact.weights
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": m.lora.r, "lora_alpha": m.lora.alpha,
+        "lora_dropout": m.lora.dropout, "use_rslora": m.lora.use_rslora,
+        "target_modules": sorted(m.lora.target_modules), "modules_to_save": [spec.head_name],
+        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+        "inference_mode": True, "base_model_name_or_path": spec.name or None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    rank_pattern = {p: a.shape[0] for p, (a, _) in w.lora.items() if a.shape[0] != m.lora.r}
+    if rank_pattern:
+        # We apply one scale (alpha / r) to every module; peft scales each by its own
+        # alpha_p / r_p, so give each odd-rank module the alpha that keeps the scale equal.
+        config["rank_pattern"] = rank_pattern
+        config["alpha_pattern"] = {
+            p: m.lora.alpha * (rp / m.lora.r if not m.lora.use_rslora else (rp / m.lora.r) ** 0.5)
+            for p, rp in rank_pattern.items()
+        }
+    tensors = {f"{_PREFIX}{spec.head_name}.weight": w.head_weight.contiguous(),
+               f"{_PREFIX}{spec.head_name}.bias": w.head_bias.contiguous()}
+    for path, (a, b) in w.lora.items():
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.contiguous()
+    return {
+        CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
+        WEIGHTS_FILE: st_save({k: v.detach().cpu() for k, v in tensors.items()}),
+        TAILOR_FILE: m.to_json(),
+    }
+
+
+def import_peft(
+    files: dict[str, bytes], spec: BaseSpec, *, labels: list[str] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> AdapterArtifact:
+    """Build a checked artifact for ``spec`` from peft files (labels: given > tailor file > LABEL_i)."""
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in files:
+            raise ArtifactError(f"peft adapter lacks {name}")
+    try:
+        config = json.loads(files[CONFIG_FILE].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{CONFIG_FILE} must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise ArtifactError(f"only LoRA adapters are supported, got peft_type {config.get('peft_type')!r}")
+    if config.get("task_type") not in ("SEQ_CLS", None):
+        raise ArtifactError(f"only SEQ_CLS adapters are supported, got task_type {config.get('task_type')!r}")
+    for field, ok in _REFUSED.items():
+        if config.get(field, ok) != ok:
+            raise ArtifactError(f"{CONFIG_FILE}: {field}={config.get(field)!r} is not supported")
+    try:
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError(f"{CONFIG_FILE} needs numeric 'r' and 'lora_alpha'") from None
+    use_rslora = bool(config.get("use_rslora", False))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict):
+        raise ArtifactError(f"{CONFIG_FILE}: alpha_pattern must be an object")
+
+    try:
+        tensors = st_load(files[WEIGHTS_FILE])
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
+    head_w = tensors.pop(f"{_PREFIX}{spec.head_name}.weight", None)
+    head_b = tensors.pop(f"{_PREFIX}{spec.head_name}.bias", None)
+    if head_w is None or head_b is None:
+        raise ArtifactError(
+            f"peft adapter has no classification head: expected {spec.head_name!r} in modules_to_save"
+        )
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.fullmatch(key)
+        if not m:
+            raise ArtifactError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}")
+        parts.setdefault(m.group(1), {})[m.group(2)] = t
+    lora = {}
+    for path, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise ArtifactError(f"module {path!r} needs both lora_A and lora_B")
+        lora[path] = (ab["A"], ab["B"])
+    # peft scales each module by its own alpha_p / r_p (rank_pattern, alpha_pattern); we keep one
+    # scale per adapter, so fold the ratio into B wherever a module's scale differs.
+    if not 1 <= r or not alpha > 0:
+        raise ArtifactError(f"{CONFIG_FILE}: r and lora_alpha must be positive")
+    base_scale = alpha / (r**0.5 if use_rslora else r)
+    for path, (a, b) in list(lora.items()):
+        rp = a.shape[0]
+        alpha_p = float(_pattern_value(alpha_pattern, path, alpha))
+        scale_p = alpha_p / (rp**0.5 if use_rslora else rp)
+        if scale_p != base_scale:
+            lora[path] = (a, b * (scale_p / base_scale))
+
+    tailor = _tailor_manifest(files.get(TAILOR_FILE))
+    n = head_w.shape[0]
+    names = labels or (list(tailor.labels) if tailor else [f"LABEL_{i}" for i in range(n)])
+    if len(names) != n:
+        raise ArtifactError(f"{len(names)} label names given for a head with {n} outputs")
+    manifest = AdapterManifest(
+        base_fingerprint=spec.fingerprint, labels=tuple(names),
+        lora=LoraSettings(r=r, alpha=alpha, target_modules=tuple(sorted(_targets(config, lora))),
+                          dropout=float(config.get("lora_dropout") or 0.0), use_rslora=use_rslora),
+        head_in_features=head_w.shape[1],
+        metrics=metrics if metrics is not None else (dict(tailor.metrics) if tailor else {}),
+        source="peft",
+    )
+    artifact = AdapterArtifact(manifest=manifest,
+                               weights=AdapterWeights(lora=lora, head_weight=head_w, head_bias=head_b))
+    artifact.validate()
+    artifact.check_base(spec)
+    return artifact
+
+
+def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
+    for key, value in pattern.items():
+        if path == key or path.endswith("." + key):
+            return value
+    return default
+
+
+def _targets(config: dict[str, Any], lora: dict[str, Any]) -> list[str]:
+    t = config.get("target_modules")
+    if isinstance(t, list) and all(isinstance(x, str) for x in t) and t:
+        return t
+    return sorted({p.rsplit(".", 1)[-1] for p in lora})
+
+
+def _tailor_manifest(data: bytes | None) -> AdapterManifest | None:
+    if data is None:
+        return None
+    return AdapterManifest.from_json(data)
+
+
+def zip_files(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(files):
+            z.writestr(name, files[name])
+    return buf.getvalue()
+
+
+def unzip_files(data: bytes, *, max_bytes: int, max_members: int = 16) -> dict[str, bytes]:
+    """Read a flat zip of small files; refuses paths, too many members and oversized content."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ArtifactError("upload is not a zip archive") from None
+    infos = [i for i in z.infolist() if not i.is_dir()]
+    if len(infos) > max_members:
+        raise ArtifactError(f"zip holds {len(infos)} files; at most {max_members} allowed")
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise ArtifactError(f"zip inflates to {total} bytes, over the {max_bytes} byte limit")
+    out: dict[str, bytes] = {}
+    for info in infos:
+        name = info.filename.rsplit("/", 1)[-1]  # accept a single wrapping folder
+        if name in out or not name or name.startswith("."):
+            raise ArtifactError(f"zip member {info.filename!r} is not a plain, unique file name")
+        with z.open(info) as f:
+            content = f.read(info.file_size + 1)
+        if len(content) != info.file_size:
+            raise ArtifactError(f"zip member {info.filename!r} is larger than its header says")
+        out[name] = content
+    return out

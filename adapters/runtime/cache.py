@@ -2,7 +2,7 @@
 
 ``ResidentCache`` maps an immutable ``VersionKey`` to its ``LoadedAdapter``. It is bounded
 both by count and by bytes; inserting past either bound evicts the least recently used
-entries (never the one being inserted). A miss calls the loader outside the cache lock, and
+entries (never the one being inserted). A miss calls the caller's loader outside the cache lock, and
 concurrent misses of the same key share one load (single flight); a failed load caches
 nothing and raises to every waiter. Entries are immutable, so a caller holding one may keep
 using it after it is evicted. Counters: hits, misses, evictions, loads, load errors and the
@@ -41,12 +41,10 @@ class _Flight:
 
 class ResidentCache:
     def __init__(
-        self, loader: Callable[[VersionKey], LoadedAdapter], *, max_count: int, max_bytes: int,
-        on_load: Callable[[float], None] | None = None,
+        self, *, max_count: int, max_bytes: int, on_load: Callable[[float], None] | None = None,
     ) -> None:
         if max_count < 1 or max_bytes < 1:
             raise ValueError("resident cache bounds must be positive")
-        self._loader = loader
         self.max_count, self.max_bytes = max_count, max_bytes
         self._on_load = on_load
         self._entries: OrderedDict[VersionKey, LoadedAdapter] = OrderedDict()
@@ -65,7 +63,8 @@ class ResidentCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, key: VersionKey) -> LoadedAdapter:
+    def get(self, key: VersionKey, load: Callable[[], LoadedAdapter]) -> LoadedAdapter:
+        """The resident copy of ``key``; on a miss ``load()`` builds it (once, however many ask)."""
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
@@ -86,7 +85,7 @@ class ResidentCache:
             return flight.value
         t0 = time.perf_counter()
         try:
-            value = self._loader(key)
+            value = load()
         except BaseException as e:
             with self._lock:
                 self.stats.load_errors += 1

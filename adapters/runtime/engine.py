@@ -75,7 +75,7 @@ class Engine:
         setattr(model, base.head_name, MixedHead(base.spec.head_in_features))
         self.slots = SlotBank(base.spec.linear_shapes, base.spec.head_in_features,
                               self.config.device_slots, base.device, base.dtype)
-        self.cache = ResidentCache(self._load, max_count=self.config.max_resident,
+        self.cache = ResidentCache(max_count=self.config.max_resident,
                                    max_bytes=self.config.max_resident_bytes)
 
     # -- resolution and loading -----------------------------------------------------------
@@ -88,16 +88,15 @@ class Engine:
         return ResolvedAdapter(key=key, record=record)
 
     def acquire(self, resolved: ResolvedAdapter) -> LoadedAdapter:
-        return self.cache.get(resolved.key)
+        return self.cache.get(resolved.key, lambda: self._load(resolved))
 
     def prefetch(self, tenant: str, refs: list[str]) -> list[LoadedAdapter]:
         """Load known-hot adapters into the resident set ahead of traffic."""
         return [self.acquire(self.resolve(tenant, ref)) for ref in refs]
 
-    def _load(self, key: VersionKey) -> LoadedAdapter:
-        record = self.catalog.registry.get_version(key.tenant, key.adapter, key.version)
-        artifact = self.catalog.read(record, self.base.spec)
-        return LoadedAdapter.from_artifact(key, artifact, self.base.dtype)
+    def _load(self, resolved: ResolvedAdapter) -> LoadedAdapter:
+        artifact = self.catalog.read(resolved.record, self.base.spec)
+        return LoadedAdapter.from_artifact(resolved.key, artifact, self.base.dtype)
 
     def forget(self, tenant: str, adapter: str | None = None) -> None:
         """Drop resident copies of a deleted adapter (or of every adapter of a tenant)."""
@@ -120,7 +119,7 @@ class Engine:
         with use_plan(plan):
             logits = self.base.model(**inputs).logits
         assert plan.features is not None
-        out = [None if a is None else logits[i, : len(a.labels)] for i, a in enumerate(rows)]
+        out = [None if a is None else logits[i, : a.n_labels] for i, a in enumerate(rows)]
         return BatchOutput(logits=out, features=plan.features)
 
     def classify(self, texts: list[str], rows: list[LoadedAdapter | None]) -> list[Prediction | None]:

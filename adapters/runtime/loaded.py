@@ -1,7 +1,7 @@
 """An adapter decoded and laid out for the engine: the unit the resident cache holds.
 
-Weights are stored pre-transposed with the LoRA scale folded into ``B``, in the serving
-dtype, so that putting an adapter into a device slot is a plain copy. Immutable once built:
+Weights keep the artifact's (peft's) orientation, in the serving dtype: building one is
+nearly free, and the device slots transpose and scale while they copy. Immutable once built:
 a request that resolved a version keeps using exactly these tensors.
 """
 
@@ -31,8 +31,9 @@ class VersionKey:
 class LoadedAdapter:
     key: VersionKey
     manifest: AdapterManifest
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (A^T [d_in, r], scale*B^T [r, d_out])
-    head_weight: torch.Tensor  # [H, L]
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (A [r, d_in], B [d_out, r])
+    scale: float
+    head_weight: torch.Tensor  # [L, H]
     head_bias: torch.Tensor  # [L]
 
     @property
@@ -46,21 +47,18 @@ class LoadedAdapter:
 
     def rank_of(self, path: str) -> int:
         pair = self.lora.get(path)
-        return 0 if pair is None else pair[0].shape[1]
+        return 0 if pair is None else pair[0].shape[0]
+
+    @property
+    def n_labels(self) -> int:
+        return self.head_weight.shape[0]
 
     @classmethod
     def from_artifact(cls, key: VersionKey, art: AdapterArtifact, dtype: torch.dtype) -> LoadedAdapter:
-        scale = art.manifest.lora.scale
-        lora = {
-            path: (
-                a.to(torch.float32).t().contiguous().to(dtype),
-                (b.to(torch.float32) * scale).t().contiguous().to(dtype),
-            )
-            for path, (a, b) in art.weights.lora.items()
-        }
         w = art.weights
         return cls(
-            key=key, manifest=art.manifest, lora=lora,
-            head_weight=w.head_weight.to(torch.float32).t().contiguous().to(dtype),
-            head_bias=w.head_bias.to(dtype).contiguous(),
+            key=key, manifest=art.manifest,
+            lora={path: (a.to(dtype), b.to(dtype)) for path, (a, b) in w.lora.items()},
+            scale=art.manifest.lora.scale,
+            head_weight=w.head_weight.to(dtype), head_bias=w.head_bias.to(dtype),
         )

@@ -88,6 +88,9 @@ class SlotBank:
         ts += [g.a for g in self._groups.values() if g.a is not None]
         return sum(t.nbytes for t in ts)
 
+    # Every method that touches the stacks runs in inference mode: stacks grown during a
+    # forward are inference tensors, which may only be written to in inference mode.
+    @torch.inference_mode()
     def drop(self, predicate: Callable[[VersionKey], bool]) -> int:
         """Free the slots of every adapter whose key matches; returns how many."""
         with self._lock:
@@ -100,6 +103,7 @@ class SlotBank:
 
     # -- planning ---------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def plan(self, rows: list[LoadedAdapter | None]) -> BatchPlan:
         with self._lock:
             distinct = {a.key: a for a in rows if a is not None}
@@ -140,7 +144,7 @@ class SlotBank:
                 modules[p] = ModulePlan(group=gp, start=start, stop=start + r,
                                         b=b[s, :r].clone() if single else b[idx, :r])
                 start += r
-        n_labels = max(a.head_weight.shape[1] for a in adapters) if adapters else 1
+        n_labels = max(a.n_labels for a in adapters) if adapters else 1
         if single:
             hw, hb = self._head_w[s, :, :n_labels].clone(), self._head_b[s, :n_labels].clone()
         else:
@@ -175,18 +179,18 @@ class SlotBank:
         self._holder.pop(slot, None)
 
     def _write(self, slot: int, adapter: LoadedAdapter) -> None:
-        for path, (a_t, b_t) in adapter.lora.items():
+        for path, (a, b) in adapter.lora.items():
             g = self._groups[self._group_of[path]]
-            r = a_t.shape[1]
+            r = a.shape[0]
             self._grow_rank(g, path, r)
             off = g.offset(path)
-            g.a[slot, :, off : off + r].copy_(a_t)  # type: ignore[index]
-            self._b[path][slot, :r].copy_(b_t)
-        n = adapter.head_weight.shape[1]
+            g.a[slot, :, off : off + r].copy_(a.t())  # type: ignore[index]
+            self._b[path][slot, :r].copy_(b.t()).mul_(adapter.scale)
+        n = adapter.n_labels
         if n > self._head_w.shape[2]:
             self._head_w = _pad_dim(self._head_w, 2, n)
             self._head_b = _pad_dim(self._head_b, 1, n)
-        self._head_w[slot, :, :n].copy_(adapter.head_weight)
+        self._head_w[slot, :, :n].copy_(adapter.head_weight.t())
         self._head_b[slot, :n].copy_(adapter.head_bias)
         self._holder[slot] = adapter
 

@@ -1,0 +1,217 @@
+"""Shared SQL schema and engine setup for Tailor's metadata database.
+
+Every table lives on the single ``metadata`` object here so later modules (jobs, files,
+api keys) add their tables to it and one ``metadata.create_all`` builds the whole schema.
+Only SQLAlchemy Core is used, so the same definitions run on ``sqlite:///...`` and
+``postgresql://...``.
+
+Guarantees a caller may rely on:
+
+* ``make_engine(url)`` returns an engine whose SQLite connections use WAL, enforce foreign
+  keys (so ``ON DELETE CASCADE`` works) and wait up to ``SQLITE_BUSY_TIMEOUT_S`` for locks,
+  so several processes can share one database file.
+* On SQLite every transaction opened on that engine (``engine.begin()``, or the autobegin of
+  ``engine.connect()``) starts with ``BEGIN IMMEDIATE``: a read-then-write transaction takes
+  the write lock up front and waits for it, instead of failing with "database is locked"
+  when it later tries to upgrade. ``read_only(engine)`` gives a view of the same engine whose
+  transactions use a plain deferred ``BEGIN``; use it for pure reads so they never queue
+  behind writers.
+* ``UTCDateTime`` columns accept only timezone-aware datetimes and always give back aware
+  UTC datetimes, on every backend.
+* Surrogate ids on SQLite use AUTOINCREMENT, so an id (and a change ``seq``) is never reused
+  after its row is deleted.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.types import TypeDecorator
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+_READ_ONLY_OPTION = "tailor_read_only"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A datetime stored as UTC; refuses naive values, returns aware UTC values."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; pass an aware datetime")
+        value = value.astimezone(timezone.utc)
+        # SQLite's DATETIME text format has no offset: store the UTC wall time.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+metadata = MetaData()
+
+# sqlite_autoincrement: without it SQLite may hand a deleted max id to the next row, and a
+# cache keyed by version id could then confuse two different versions.
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(63), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("quotas", JSON, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "tenant_id", Integer, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("name", String(63), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    # Highest version number ever allocated: numbers are never reused after delete_version.
+    Column("last_version", Integer, nullable=False, default=0),
+    UniqueConstraint("tenant_id", "name", name="uq_adapters_tenant_name"),
+    sqlite_autoincrement=True,
+)
+
+adapter_versions = Table(
+    "adapter_versions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "adapter_id", Integer, ForeignKey("adapters.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("version", Integer, nullable=False),
+    Column("weights_key", String(512), nullable=False),
+    Column("manifest_key", String(512), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("nbytes", BigInteger, nullable=False),
+    Column("base_fingerprint", String(128), nullable=False),
+    Column("manifest", JSON, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("status", String(63), nullable=False, default="candidate"),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("adapter_id", "version", name="uq_adapter_versions_adapter_version"),
+    sqlite_autoincrement=True,
+)
+
+adapter_aliases = Table(
+    "adapter_aliases",
+    metadata,
+    Column(
+        "adapter_id", Integer, ForeignKey("adapters.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("alias", String(63), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("adapter_id", "alias", name="pk_adapter_aliases"),
+)
+
+alias_history = Table(
+    "alias_history",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "adapter_id", Integer, ForeignKey("adapters.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("alias", String(63), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("previous_version", Integer, nullable=True),
+    # 'set' or 'rollback': rollback replays this log as an undo stack.
+    Column("kind", String(16), nullable=False, default="set"),
+    Column("at", UTCDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+changes = Table(
+    "changes",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    # Plain text, not foreign keys: the log must outlive the rows it talks about.
+    Column("tenant", Text, nullable=False),
+    Column("adapter", Text, nullable=True),
+    Column("kind", Text, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+
+def configure_sqlite(engine: Engine) -> None:
+    """Install the SQLite connection settings on ``engine`` (no-op for other backends)."""
+    if engine.dialect.name != "sqlite" or event.contains(engine, "connect", _sqlite_connect):
+        return
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+
+
+def _sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # Take BEGIN away from the sqlite3 module so _sqlite_begin decides its kind.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA journal_mode = WAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get(_READ_ONLY_OPTION):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url`` with the settings above applied."""
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Threads of one process share the pool; the busy timeout covers other processes.
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+    engine = create_engine(url, **kwargs)
+    configure_sqlite(engine)
+    return engine
+
+
+def read_only(engine: Engine) -> Engine:
+    """A view of ``engine`` (same pool) whose transactions are plain deferred reads."""
+    return engine.execution_options(**{_READ_ONLY_OPTION: True})
+
+
+def create_schema(engine: Engine) -> None:
+    """Create every table on ``metadata`` that does not exist yet."""
+    metadata.create_all(engine)

@@ -1,0 +1,282 @@
+"""LocalStore: atomic puts, verified gets, key validation before any disk access."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from adapters.errors import (
+    ArtifactError,
+    ChecksumMismatchError,
+    ConflictError,
+    InvalidNameError,
+    NotFoundError,
+)
+from adapters.store import AdapterStore, LocalStore, open_store, validate_key, validate_prefix
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "blobs")
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def test_put_get_round_trip(store: LocalStore) -> None:
+    data = b"\x00weights\xff" * 1000
+    digest = store.put("t1/sentiment/v1/adapter.safetensors", data)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert store.get("t1/sentiment/v1/adapter.safetensors") == data
+    assert store.get("t1/sentiment/v1/adapter.safetensors", sha256=digest) == data
+    assert store.get("t1/sentiment/v1/adapter.safetensors", sha256=digest.upper()) == data
+    assert store.exists("t1/sentiment/v1/adapter.safetensors")
+    assert store.size("t1/sentiment/v1/adapter.safetensors") == len(data)
+    assert isinstance(store, AdapterStore)
+
+
+def test_put_overwrites_whole_object(store: LocalStore) -> None:
+    store.put("k", b"a much longer first value")
+    store.put("k", b"short")
+    assert store.get("k") == b"short"
+    assert files_under(store.root) == ["k"]  # no temp file left behind
+
+
+def test_empty_object(store: LocalStore) -> None:
+    assert store.put("empty", b"") == hashlib.sha256(b"").hexdigest()
+    assert store.get("empty", max_bytes=0) == b""
+
+
+def test_missing_key(store: LocalStore) -> None:
+    with pytest.raises(NotFoundError, match="'nope/x'"):
+        store.get("nope/x")
+    with pytest.raises(NotFoundError):
+        store.size("nope/x")
+    assert not store.exists("nope/x")
+
+
+def test_directory_is_not_an_object(store: LocalStore) -> None:
+    store.put("a/b/c", b"x")
+    assert not store.exists("a/b")
+    with pytest.raises(NotFoundError):
+        store.get("a/b")
+    with pytest.raises(ConflictError):
+        store.put("a/b", b"y")  # would replace a directory holding objects
+    with pytest.raises(ConflictError):
+        store.put("a/b/c/d", b"y")  # a parent is an object
+    assert store.get("a/b/c") == b"x"
+
+
+def test_crash_leftover_temp_is_invisible_and_cleaned(store: LocalStore) -> None:
+    store.put("t1/a/v1/w", b"complete")
+    # A writer that died before its rename leaves a partial temp file next to the target.
+    leftover = store.root / "t1" / "a" / "v1" / ".tmp-dead1234"
+    leftover.write_bytes(b"parti")
+    (store.root / ".tmp-top").write_bytes(b"x")
+    (store.root / ".tmp-dir").mkdir()
+    (store.root / ".tmp-dir" / "inner").write_bytes(b"x")
+
+    assert store.list() == ["t1/a/v1/w"]
+    assert store.list("t1/a/v1") == ["t1/a/v1/w"]
+    with pytest.raises(InvalidNameError):
+        store.get("t1/a/v1/.tmp-dead1234")  # not even a valid key
+
+    # Fresh temp files may belong to a live writer: kept.
+    assert store.cleanup_temp(older_than_s=3600) == 0
+    assert leftover.exists()
+    old = time.time() - 7200
+    for p in (leftover, store.root / ".tmp-top", store.root / ".tmp-dir" / "inner"):
+        os.utime(p, (old, old))
+    assert store.cleanup_temp(older_than_s=3600) == 2  # only .tmp-* files are temp files
+    assert not leftover.exists() and not (store.root / ".tmp-top").exists()
+    assert store.get("t1/a/v1/w") == b"complete"
+
+
+def test_put_failure_leaves_no_partial_file(store: LocalStore) -> None:
+    with pytest.raises(TypeError):
+        store.put("k", "not bytes")  # type: ignore[arg-type]
+    store.put("k", b"old")
+    # Make the rename itself fail (the target is a directory): the temp file must go.
+    store.put("d/x", b"1")
+    with pytest.raises(ConflictError):
+        store.put("d", b"new")
+    assert files_under(store.root) == ["d", "d/x", "k"]
+    assert store.get("k") == b"old"
+
+
+def test_checksum_mismatch_after_tampering(store: LocalStore) -> None:
+    digest = store.put("t1/a/v1/w", b"original bytes")
+    (store.root / "t1/a/v1/w").write_bytes(b"original bytez")
+    actual = hashlib.sha256(b"original bytez").hexdigest()
+    with pytest.raises(ChecksumMismatchError) as info:
+        store.get("t1/a/v1/w", sha256=digest)
+    msg = str(info.value)
+    assert "t1/a/v1/w" in msg and digest in msg and actual in msg
+    assert info.value.code == "checksum_mismatch"
+    assert store.get("t1/a/v1/w") == b"original bytez"  # without sha256: no check
+
+
+def test_max_bytes_refused_before_reading(store: LocalStore) -> None:
+    store.put("big", b"x" * 1000)
+    assert store.get("big", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(ArtifactError) as info:
+        store.get("big", max_bytes=999)
+    msg = str(info.value)
+    assert "big" in msg and "1000" in msg and "999" in msg
+    assert not isinstance(info.value, ChecksumMismatchError)
+
+
+def test_max_bytes_checked_on_size_not_content(store: LocalStore) -> None:
+    # A sparse 1 GiB file: refused from its size alone, so reading it never happens.
+    path = store.root / "huge"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)
+    t0 = time.perf_counter()
+    with pytest.raises(ArtifactError, match=str(1 << 30)):
+        store.get("huge", max_bytes=1 << 20)
+    assert time.perf_counter() - t0 < 0.5
+
+
+BAD_KEYS = [
+    "",
+    "../x",
+    "a/../b",
+    "a/./b",
+    "..",
+    ".",
+    "a//b",
+    "/abs",
+    "abs/",
+    "a/b/",
+    "ａ",  # fullwidth a
+    "tenant/ａdapter",
+    "é",
+    "a\x00b",
+    "a\nb",
+    "a\n",
+    "a b",
+    "a\\b",
+    ".hidden",
+    ".tmp-123",
+    "-dash",
+    "x" * 129,
+    "/".join(["a" * 100] * 6),  # 605 chars, valid segments
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_bad_keys_rejected_before_touching_disk(tmp_path: Path, key: str) -> None:
+    root = tmp_path / "blobs"
+    store = LocalStore(root)
+    (tmp_path / "x").write_bytes(b"outside")  # what '../x' would reach
+    before = files_under(tmp_path)
+    with pytest.raises(InvalidNameError):
+        validate_key(key)
+    for call in (
+        lambda: store.put(key, b"data"),
+        lambda: store.get(key),
+        lambda: store.delete(key),
+        lambda: store.exists(key),
+        lambda: store.size(key),
+    ):
+        with pytest.raises(InvalidNameError):
+            call()
+    assert files_under(tmp_path) == before
+    assert (tmp_path / "x").read_bytes() == b"outside"
+
+
+def test_non_string_key_rejected(store: LocalStore) -> None:
+    with pytest.raises(InvalidNameError):
+        store.get(b"abc")  # type: ignore[arg-type]
+    with pytest.raises(InvalidNameError):
+        validate_key(None)
+
+
+def test_good_keys_accepted() -> None:
+    for key in ["a", "A.b_c-d", "t1/sentiment/v12/adapter.safetensors", "x" * 128, "/".join(["a" * 127] * 4)]:
+        assert validate_key(key) == key
+    assert len("/".join(["a" * 127] * 4)) == 511
+
+
+def test_prefixes() -> None:
+    assert validate_prefix("") == ""
+    assert validate_prefix("t1") == "t1/"
+    assert validate_prefix("t1/a/") == "t1/a/"
+    for bad in ["/", "//", "t1//", "../", "/t1", "a/../", "ａ/"]:
+        with pytest.raises(InvalidNameError):
+            validate_prefix(bad)
+
+
+def test_symlink_escape_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    store = LocalStore(tmp_path / "blobs")
+    (store.root / "evil").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidNameError, match="outside"):
+        store.get("evil/secret")
+    with pytest.raises(InvalidNameError):
+        store.put("evil/new", b"x")
+    assert not (outside / "new").exists()
+    assert store.list() == []
+
+
+def test_delete_is_idempotent(store: LocalStore) -> None:
+    store.put("t1/a/v1/w", b"x")
+    store.delete("t1/a/v1/w")
+    assert not store.exists("t1/a/v1/w")
+    store.delete("t1/a/v1/w")
+    store.delete("never/existed")
+    store.delete("t1/a")  # a directory, not an object: nothing happens
+    with pytest.raises(NotFoundError):
+        store.get("t1/a/v1/w")
+
+
+def test_list_sorted_and_prefix_scoped(store: LocalStore) -> None:
+    keys = ["t1/b/v1/w", "t1/a/v2/w", "t1/a/v1/w", "t1/a/v1/m", "t1/ab/v1/w", "t2/a/v1/w", "top"]
+    for k in reversed(keys):
+        store.put(k, k.encode())
+    assert store.list() == sorted(keys)
+    assert store.list("t1/a") == ["t1/a/v1/m", "t1/a/v1/w", "t1/a/v2/w"]  # not t1/ab
+    assert store.list("t1/a/") == store.list("t1/a")
+    assert store.list("t1") == sorted(k for k in keys if k.startswith("t1/"))
+    assert store.list("t3") == []
+    assert store.list("top") == []  # an object is not a directory
+
+
+def test_delete_prefix(store: LocalStore) -> None:
+    for k in ["t1/a/v1/w", "t1/a/v2/w", "t1/ab/v1/w", "t2/a/v1/w"]:
+        store.put(k, b"x")
+    assert store.delete_prefix("t1/a") == 2
+    assert store.list() == ["t1/ab/v1/w", "t2/a/v1/w"]
+    assert not (store.root / "t1" / "a").exists()  # empty directories pruned
+    assert store.delete_prefix("t1/a") == 0
+    store.put("t1/a/v3/w", b"y")  # the pruned path can be used again
+    assert store.list("t1/a") == ["t1/a/v3/w"]
+    with pytest.raises(InvalidNameError):
+        store.delete_prefix("")
+    with pytest.raises(InvalidNameError):
+        store.delete_prefix("../")
+
+
+def test_open_store(tmp_path: Path) -> None:
+    a = open_store(str(tmp_path / "s1"))
+    assert isinstance(a, LocalStore)
+    assert a.url == (tmp_path / "s1").resolve().as_uri()
+    b = open_store(a.url)
+    assert isinstance(b, LocalStore) and b.root == a.root
+    a.put("k", b"shared")
+    assert b.get("k") == b"shared"
+    spaced = open_store((tmp_path / "with space").as_uri())
+    assert isinstance(spaced, LocalStore) and spaced.root.name == "with space"
+    with pytest.raises(NotImplementedError, match="scale-out"):
+        open_store("s3://bucket/prefix")
+    with pytest.raises(ValueError):
+        open_store("ftp://host/x")
+    with pytest.raises(ValueError):
+        open_store("file://otherhost/x")

@@ -224,6 +224,6 @@ def unzip_files(data: bytes, *, max_bytes: int, max_members: int = 16) -> dict[s
             # corrupt data, bad CRC, sizes that lie, encryption, unknown compression
             raise ArtifactError(f"zip member {info.filename!r} cannot be read: {e}") from None
         if len(content) != info.file_size:
-            raise ArtifactError(f"zip member {info.filename!r} is larger than its header says")
+            raise ArtifactError(f"zip member {info.filename!r} does not have the size its header says")
         out[name] = content
     return out

@@ -23,8 +23,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from adapters.artifact import AdapterArtifact, AdapterWeights
-from adapters.base import BaseModel, tiny_base
+from adapters.artifact import AdapterArtifact
+from adapters.base import tiny_base
 from adapters.errors import ArtifactError
 from adapters.peft_format import (
     CONFIG_FILE,
@@ -279,7 +279,8 @@ def _other_base_head(files: dict[str, bytes], env: Env) -> None:
 
 REFUSALS = {
     "use_dora": (_edit_config(use_dora=True), "use_dora=True is not supported"),
-    "CAUSAL_LM": (_edit_config(task_type="CAUSAL_LM"), "only SEQ_CLS adapters are supported, got task_type 'CAUSAL_LM'"),
+    "CAUSAL_LM": (_edit_config(task_type="CAUSAL_LM"),
+                  "only SEQ_CLS adapters are supported, got task_type 'CAUSAL_LM'"),
     "IA3": (_edit_config(peft_type="IA3"), "only LoRA adapters are supported, got peft_type 'IA3'"),
     "fan_in_fan_out": (_edit_config(fan_in_fan_out=True), "fan_in_fan_out=True is not supported"),
     "bias all": (_edit_config(bias="all"), "bias='all' is not supported"),
@@ -291,7 +292,8 @@ REFUSALS = {
     "r 1000": (_edit_config(r=1000), r"r must be in 1..256"),
     "alpha 0": (_edit_config(lora_alpha=0), "lora_alpha positive"),
     "alpha_pattern a list": (_edit_config(alpha_pattern=[1]), "alpha_pattern must be an object"),
-    "alpha_pattern a word": (_edit_config(alpha_pattern={"value": "big"}), "alpha_pattern value for .* is not a number"),
+    "alpha_pattern a word": (_edit_config(alpha_pattern={"value": "big"}),
+                             "alpha_pattern value for .* is not a number"),
     "missing adapter_config.json": (lambda f, e: f.pop(CONFIG_FILE), "peft adapter lacks adapter_config.json"),
     "missing weights": (lambda f, e: f.pop(WEIGHTS_FILE), "peft adapter lacks adapter_model.safetensors"),
     "config not JSON": (lambda f, e: f.update({CONFIG_FILE: b"r: 4"}), "adapter_config.json is not valid JSON"),
@@ -414,7 +416,7 @@ def test_zip_bomb_is_refused_by_header_size_before_inflating() -> None:
 
 
 def test_zip_whose_header_understates_the_size_is_refused() -> None:
-    """A header claiming 100 bytes for 1 MB of data: at most 100 bytes are inflated, then refused."""
+    """A header claiming 100 bytes for 1 MB of data: reading stops at the claimed size, then refuses."""
     data = patch_central(make_zip({"adapter_model.safetensors": bytes(1 << 20)}), 24, "<I", 100)
     with pytest.raises(ArtifactError, match="zip member 'adapter_model.safetensors' cannot be read"):
         unzip_files(data, max_bytes=1000)
@@ -436,9 +438,11 @@ def test_zip_member_that_cannot_be_read_is_an_artifact_error(case: str) -> None:
         data = patch_central(data, 8, "<H", 0x1)
     else:
         data = patch_central(data, 10, "<H", 99)
-    with pytest.raises(ArtifactError) as e:
+    message = {"overstated size": "does not have the size its header says", "bad crc": "Bad CRC-32",
+               "encrypted flag": "encrypted", "unknown compression": "compression method is not supported"}
+    with pytest.raises(ArtifactError, match=f"zip member 'adapter_config.json' .*{message.get(case, '')}") as e:
         unzip_files(data, max_bytes=1 << 20)
-    assert type(e.value) is ArtifactError and "adapter_config.json" in str(e.value)
+    assert type(e.value) is ArtifactError
 
 
 @pytest.mark.parametrize("data", [

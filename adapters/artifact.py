@@ -144,10 +144,21 @@ class AdapterManifest:
 
 def check_tensor(key: str, t: torch.Tensor) -> None:
     """Refuse a tensor that is not a finite fp32/fp16/bf16 tensor."""
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ArtifactError(f"tensor {key!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
-    if not bool(torch.isfinite(t).all()):
-        raise ArtifactError(f"tensor {key!r} holds NaN or infinite values")
+    check_tensors({key: t})
+
+
+def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """``check_tensor`` for many tensors with one finiteness test per dtype (loads stay fast)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ArtifactError(f"tensor {key!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_dtype.values()):
+        return
+    for key, t in tensors.items():  # slow path, only to name the culprit
+        if not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"tensor {key!r} holds NaN or infinite values")
 
 
 @dataclass(frozen=True)
@@ -179,9 +190,9 @@ class AdapterWeights:
             tensors = st_load(data)
         except (SafetensorError, ValueError, RuntimeError, KeyError) as e:  # KeyError: dtype torch lacks
             raise ArtifactError(f"weights are not a valid safetensors file: {e}") from None
+        check_tensors(tensors)
         lora_parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
-            check_tensor(key, t)
             if key in ("head.weight", "head.bias"):
                 continue
             m = _LORA_KEY.fullmatch(key)
@@ -221,8 +232,10 @@ class AdapterArtifact:
     @classmethod
     def decode(
         cls, weights: bytes, manifest: bytes | dict | AdapterManifest, *,
-        max_bytes: int | None = None,
+        max_bytes: int | None = None, checksum_verified: bool = False,
     ) -> AdapterArtifact:
+        """Parse and check an artifact. ``checksum_verified``: the caller already checked the bytes
+        against the manifest's sha256 (the store does on read), so it is not hashed twice."""
         if max_bytes is not None and len(weights) > max_bytes:
             raise ArtifactError(f"adapter weights are {len(weights)} bytes, over the {max_bytes} byte limit")
         if isinstance(manifest, bytes):
@@ -231,25 +244,25 @@ class AdapterArtifact:
             m = AdapterManifest.from_dict(manifest)
         else:
             m = manifest
-        if m.weights_sha256:
+        if m.weights_sha256 and not checksum_verified:
             actual = hashlib.sha256(weights).hexdigest()
             if actual != m.weights_sha256:
                 raise ChecksumMismatchError(
                     f"adapter weights sha256 {actual} does not match the manifest's {m.weights_sha256}"
                 )
         art = cls(manifest=m, weights=AdapterWeights.from_safetensors(weights))
-        art.validate()
+        art.validate(tensors_checked=True)
         return art
 
-    def validate(self) -> None:
+    def validate(self, *, tensors_checked: bool = False) -> None:
         """Internal consistency of weights and manifest (not yet against a base)."""
         m, w = self.manifest, self.weights
         m.validate()
-        check_tensor("head.weight", w.head_weight)
-        check_tensor("head.bias", w.head_bias)
-        for path, (a, b) in w.lora.items():
-            check_tensor(f"lora.{path}.A", a)
-            check_tensor(f"lora.{path}.B", b)
+        if not tensors_checked:
+            named = {"head.weight": w.head_weight, "head.bias": w.head_bias}
+            for path, (a, b) in w.lora.items():
+                named[f"lora.{path}.A"], named[f"lora.{path}.B"] = a, b
+            check_tensors(named)
         n = len(m.labels)
         if tuple(w.head_weight.shape) != (n, m.head_in_features):
             raise ArtifactError(

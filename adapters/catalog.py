@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 
 from adapters.artifact import MANIFEST_FILE, WEIGHTS_FILE, AdapterArtifact
-from adapters.errors import ArtifactError
+from adapters.errors import ArtifactError, ChecksumMismatchError
 from adapters.fingerprint import BaseSpec
 from adapters.names import validate_name
 from adapters.registry import Registry, VersionRecord
@@ -64,7 +64,12 @@ class Catalog:
     def read(self, record: VersionRecord, spec: BaseSpec | None = None) -> AdapterArtifact:
         """Fetch, verify and decode one version; raises ArtifactError subclasses on bad bytes."""
         data = self.store.get(record.weights_key, sha256=record.sha256, max_bytes=self.max_adapter_bytes)
-        artifact = AdapterArtifact.decode(data, record.manifest, max_bytes=self.max_adapter_bytes)
+        if record.manifest.get("weights_sha256") != record.sha256:
+            raise ChecksumMismatchError(
+                f"registry records sha256 {record.sha256} but the manifest says {record.manifest.get('weights_sha256')}"
+            )
+        artifact = AdapterArtifact.decode(data, record.manifest, max_bytes=self.max_adapter_bytes,
+                                          checksum_verified=True)
         if spec is not None:
             artifact.check_base(spec)
         return artifact

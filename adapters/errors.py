@@ -62,3 +62,17 @@ class CapacityError(TailorError):
     """A bounded resource (device slots, resident cache) cannot take the request right now."""
 
     code = "capacity"
+
+
+class DatasetError(TailorError, ValueError):
+    """A training or validation dataset is malformed, too large or unusable for training.
+
+    ``line`` is the 1-based physical line in the uploaded file where the problem is, when
+    there is one (``None`` for whole-file problems and for in-memory records).
+    """
+
+    code = "invalid_dataset"
+
+    def __init__(self, message: str, *, param: str | None = None, line: int | None = None) -> None:
+        super().__init__(message, param=param)
+        self.line = line

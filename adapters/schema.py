@@ -169,6 +169,82 @@ changes = Table(
 )
 
 
+# -- tenants' API keys: only a hash is stored; the key itself is shown once ----------------
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", Integer, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+# -- uploaded training/validation files (validated at upload, bytes in the store) ----------
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", Integer, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("filename", String(255), nullable=False),
+    Column("format", String(16), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("duplicates_dropped", Integer, nullable=False, default=0),
+    Column("bytes", BigInteger, nullable=False),
+    Column("store_key", String(512), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# -- fine-tuning jobs: all state lives here so jobs survive restarts ------------------------
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", Integer, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("tenant", String(63), nullable=False),
+    Column("adapter", String(63), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("method", String(16), nullable=False),
+    Column("promote", String(16), nullable=False),
+    Column("hyperparameters", JSON, nullable=False),  # as requested ("auto" allowed)
+    Column("resolved_hyperparameters", JSON, nullable=True),
+    Column("training_key", String(512), nullable=False),  # normalised JSONL in the store
+    Column("validation_key", String(512), nullable=True),
+    Column("training_file", String(40), nullable=True),
+    Column("validation_file", String(40), nullable=True),
+    Column("dataset", JSON, nullable=False),  # counts, labels, duplicates dropped
+    Column("progress", JSON, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("result", JSON, nullable=False),  # gate decision, version, ...
+    Column("error_code", String(64), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("version", Integer, nullable=True),
+    Column("cancel_requested", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker_id", String(128), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("level", String(8), nullable=False),
+    Column("type", String(16), nullable=False),  # "message" or "metrics"
+    Column("message", Text, nullable=False),
+    Column("data", JSON, nullable=True),
+    sqlite_autoincrement=True,
+)
+
 def configure_sqlite(engine: Engine) -> None:
     """Install the SQLite connection settings on ``engine`` (no-op for other backends)."""
     if engine.dialect.name != "sqlite" or event.contains(engine, "connect", _sqlite_connect):

@@ -1,0 +1,138 @@
+"""Uploaded datasets: checked completely at upload, stored normalised, owned by one tenant.
+
+``Files.upload`` parses and validates the bytes (``adapters.datasets``) before anything is
+written; only a valid dataset is stored, as normalised JSON Lines under a fresh store key,
+and then recorded in the ``files`` table. A file id is only ever visible to its tenant:
+another tenant's id is "not found". Deleting a file leaves jobs that already copied it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, select
+
+from adapters import schema
+from adapters.datasets import Dataset, DatasetLimits, Example, parse_dataset
+from adapters.errors import InvalidNameError, NotFoundError
+from adapters.jobs.model import FileRecord
+from adapters.names import validate_name
+from adapters.schema import read_only, utcnow
+from adapters.store import AdapterStore
+
+MAX_FILENAME = 255
+
+
+def dataset_to_jsonl(ds: Dataset) -> bytes:
+    return b"".join(
+        json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False).encode() + b"\n"
+        for e in ds.examples
+    )
+
+
+def dataset_from_jsonl(data: bytes, limits: DatasetLimits | None = None) -> Dataset:
+    """Read back a dataset this module stored (it was validated on the way in)."""
+    return parse_dataset(data, format="jsonl", limits=limits or DatasetLimits(max_bytes=1 << 40))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class Files:
+    def __init__(self, db: Engine, store: AdapterStore) -> None:
+        self.db, self.store = db, store
+        self._read = read_only(db)
+
+    def upload(self, tenant: str, filename: str, data: bytes, *, limits: DatasetLimits,
+               format: str | None = None) -> FileRecord:
+        validate_name(tenant, "tenant")
+        filename = _clean_filename(filename)
+        if format is None and filename.lower().endswith((".csv", ".jsonl", ".json")):
+            format = "csv" if filename.lower().endswith(".csv") else "jsonl"
+        ds = parse_dataset(data, format=format, limits=limits, what=filename)
+        file_id = new_id("file")
+        key = f"tenants/{tenant}/files/{file_id}.jsonl"
+        body = dataset_to_jsonl(ds)
+        sha = self.store.put(key, body)
+        try:
+            with self.db.begin() as conn:
+                tid = _tenant_id(conn, tenant)
+                row = {
+                    "id": file_id, "tenant_id": tid, "filename": filename,
+                    "format": format or ("jsonl" if data.lstrip()[:1] == b"{" else "csv"),
+                    "rows": len(ds), "labels": list(ds.labels), "duplicates_dropped": ds.duplicates_dropped,
+                    "bytes": len(data), "store_key": key, "sha256": sha, "created_at": utcnow(),
+                }
+                conn.execute(insert(schema.files).values(**row))
+        except BaseException:
+            self.store.delete(key)
+            raise
+        return _record(tenant, row)
+
+    def get(self, tenant: str, file_id: str) -> FileRecord:
+        validate_name(tenant, "tenant")
+        with self._read.connect() as conn:
+            row = conn.execute(
+                select(schema.files).join(schema.tenants, schema.files.c.tenant_id == schema.tenants.c.id)
+                .where(schema.tenants.c.name == tenant, schema.files.c.id == _file_id(file_id))
+            ).mappings().first()
+        if row is None:
+            raise NotFoundError(f"file {file_id!r} not found", param="file")
+        return _record(tenant, dict(row))
+
+    def list(self, tenant: str) -> list[FileRecord]:
+        validate_name(tenant, "tenant")
+        with self._read.connect() as conn:
+            rows = conn.execute(
+                select(schema.files).join(schema.tenants, schema.files.c.tenant_id == schema.tenants.c.id)
+                .where(schema.tenants.c.name == tenant).order_by(schema.files.c.created_at.desc())
+            ).mappings().all()
+        return [_record(tenant, dict(r)) for r in rows]
+
+    def delete(self, tenant: str, file_id: str) -> None:
+        rec = self.get(tenant, file_id)
+        with self.db.begin() as conn:
+            conn.execute(delete(schema.files).where(schema.files.c.id == rec.id))
+        self.store.delete(rec.store_key)
+
+    def load(self, tenant: str, file_id: str) -> tuple[FileRecord, Dataset]:
+        rec = self.get(tenant, file_id)
+        return rec, dataset_from_jsonl(self.store.get(rec.store_key, sha256=rec.sha256))
+
+
+def _tenant_id(conn: Any, tenant: str) -> int:
+    tid = conn.execute(select(schema.tenants.c.id).where(schema.tenants.c.name == tenant)).scalar()
+    if tid is None:
+        raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
+    return int(tid)
+
+
+def _file_id(value: str) -> str:
+    if not isinstance(value, str) or not value.startswith("file-") or not value[5:].isalnum() or len(value) > 40:
+        raise NotFoundError(f"file {str(value)[:60]!r} not found", param="file")
+    return value
+
+
+def _clean_filename(name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        return "upload"
+    # Only a label for people: keep the last path segment, printable, bounded.
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable())[:MAX_FILENAME]
+    if not base:
+        raise InvalidNameError("file name has no printable characters", param="filename")
+    return base
+
+
+def _record(tenant: str, row: dict[str, Any]) -> FileRecord:
+    return FileRecord(
+        id=row["id"], tenant=tenant, filename=row["filename"], format=row["format"], rows=row["rows"],
+        labels=list(row["labels"]), duplicates_dropped=row["duplicates_dropped"], bytes=row["bytes"],
+        created_at=row["created_at"], store_key=row["store_key"], sha256=row["sha256"],
+    )
+
+
+__all__ = ["Files", "dataset_to_jsonl", "dataset_from_jsonl", "new_id", "Example"]

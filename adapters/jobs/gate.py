@@ -1,0 +1,64 @@
+"""The promotion gate: a new version goes live only if it is not worse than what is live.
+
+Candidate and current ``prod`` are scored by the serving engine on the same validation set
+(the job's held-out data). Mode ``auto`` promotes when the candidate beats always predicting
+the most common label (a collapsed, chance-level adapter is refused) and its accuracy is at
+least prod's; ``always`` promotes regardless; ``never`` keeps every new version a candidate.
+The decision and both scores are recorded on the job so the tenant can see why.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from adapters.runtime.engine import Engine
+from adapters.runtime.loaded import LoadedAdapter
+from adapters.training.metrics import classification_metrics
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    candidate: dict[str, Any]
+    prod: dict[str, Any] | None
+    prod_version: int | None
+    majority_rate: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score(engine: Engine, adapter: LoadedAdapter, texts: list[str], labels: list[str]) -> dict[str, Any]:
+    """Accuracy and macro-F1 of ``adapter`` on (texts, true label names), via the engine."""
+    preds = engine.classify(texts, [adapter] * len(texts))
+    names = sorted(set(labels) | set(adapter.labels))
+    index = {n: i for i, n in enumerate(names)}
+    m = classification_metrics([index[t] for t in labels], [index[p.label] for p in preds if p], len(names))
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": len(texts)}
+
+
+def decide(mode: str, candidate: dict[str, Any], prod: dict[str, Any] | None, prod_version: int | None,
+           labels: list[str]) -> GateDecision:
+    majority = Counter(labels).most_common(1)[0][1] / len(labels)
+
+    def verdict(promote: bool, reason: str) -> GateDecision:
+        return GateDecision(promote, reason, candidate, prod, prod_version, majority)
+
+    acc = candidate["accuracy"]
+    if mode == "always":
+        return verdict(True, "promote=always")
+    if mode == "never":
+        return verdict(False, "promote=never: kept as a candidate")
+    if acc <= majority:
+        return verdict(False, f"validation accuracy {acc:.3f} is no better than always predicting the most "
+                              f"common label ({majority:.3f}); kept as a candidate")
+    if prod is None:
+        return verdict(True, f"first version (validation accuracy {acc:.3f})")
+    if acc < prod["accuracy"]:
+        return verdict(False, f"validation accuracy {acc:.3f} is below prod v{prod_version}'s "
+                              f"{prod['accuracy']:.3f} on the same data; kept as a candidate")
+    return verdict(True, f"validation accuracy {acc:.3f} is not worse than prod v{prod_version}'s "
+                         f"{prod['accuracy']:.3f}")

@@ -1,0 +1,309 @@
+"""The job lifecycle, kept entirely in the registry database so it survives restarts.
+
+API side: ``submit`` (the dataset was validated before; the job starts ``queued``), ``get``,
+``list``, ``events``, ``cancel``. Worker side: ``claim`` hands the oldest runnable queued job
+to exactly one worker (one transaction; ``FOR UPDATE SKIP LOCKED`` where the database has it)
+under a lease, honouring each tenant's ``max_concurrent_jobs``; the worker then reports
+progress and events, renews its lease with ``heartbeat`` (which also tells it whether a
+cancel was requested) and ends the job with ``succeed``, ``fail`` or ``mark_cancelled``.
+Every worker-side write names the worker and is ignored if the job is no longer its own, so a
+worker that lost its lease can never overwrite the job's fate.
+
+``recover`` finds jobs whose worker died (lease expired, or a local process that no longer
+exists): they go back to ``queued`` to resume from their last checkpoint, or fail with
+``worker_lost`` after ``max_attempts``. A tenant sees only its own jobs: another tenant's job
+id is "not found".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, insert, or_, select, update
+
+from adapters import schema
+from adapters.datasets import Dataset
+from adapters.errors import ConflictError, NotFoundError, TailorError
+from adapters.jobs.files import dataset_to_jsonl, new_id
+from adapters.jobs.model import (
+    ACTIVE, CANCELLED, FAILED, FINISHED, METHODS, PROMOTE_MODES, QUEUED, RUNNING, SUCCEEDED, VALIDATING,
+    Job, JobError, JobEvent,
+)
+from adapters.names import validate_name
+from adapters.quotas import TenantQuotas
+from adapters.schema import read_only, utcnow
+from adapters.store import AdapterStore
+
+_JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
+J = schema.jobs
+
+
+class JobLimitError(TailorError):
+    """A tenant already has as many active jobs as its quota allows."""
+
+    code = "job_quota_exceeded"
+
+
+class InvalidJobError(TailorError, ValueError):
+    code = "invalid_job"
+
+
+class JobManager:
+    def __init__(self, db: Engine, store: AdapterStore, *, lease_seconds: float = 60.0) -> None:
+        self.db, self.store = db, store
+        self._read = read_only(db)
+        self.lease = timedelta(seconds=lease_seconds)
+
+    # -- API side -----------------------------------------------------------------------------
+
+    def submit(
+        self, tenant: str, adapter: str, *, training: Dataset, validation: Dataset | None = None,
+        method: str = "lora", hyperparameters: dict[str, Any] | None = None, promote: str = "auto",
+        training_file: str | None = None, validation_file: str | None = None,
+    ) -> Job:
+        validate_name(tenant, "tenant")
+        validate_name(adapter, "adapter")
+        if method not in METHODS:
+            raise InvalidJobError(f"method must be one of {', '.join(METHODS)}, got {method!r}", param="method")
+        if promote not in PROMOTE_MODES:
+            raise InvalidJobError(f"promote must be one of {', '.join(PROMOTE_MODES)}, got {promote!r}",
+                                  param="promote")
+        hp = dict(hyperparameters or {})
+        job_id = new_id("ftjob")
+        prefix = f"tenants/{tenant}/jobs/{job_id}"
+        train_key, val_key = f"{prefix}/train.jsonl", f"{prefix}/validation.jsonl" if validation else None
+        # Data first, row second: a job row never points at missing data.
+        self.store.put(train_key, dataset_to_jsonl(training))
+        if validation is not None and val_key:
+            self.store.put(val_key, dataset_to_jsonl(validation))
+        now = utcnow()
+        summary = {
+            "training_examples": len(training), "validation_examples": len(validation) if validation else None,
+            "labels": list(training.labels), "duplicates_dropped": training.duplicates_dropped,
+        }
+        try:
+            with self.db.begin() as conn:
+                tenant_row = conn.execute(
+                    select(schema.tenants.c.id, schema.tenants.c.quotas).where(schema.tenants.c.name == tenant)
+                ).first()
+                if tenant_row is None:
+                    raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
+                quotas = TenantQuotas.from_dict(tenant_row.quotas or None)
+                active = conn.execute(
+                    select(func.count()).select_from(J).where(J.c.tenant_id == tenant_row.id, J.c.status.in_(ACTIVE))
+                ).scalar_one()
+                if active >= quotas.max_active_jobs:
+                    raise JobLimitError(
+                        f"tenant already has {active} active jobs; the quota is {quotas.max_active_jobs}. "
+                        "Wait for one to finish or cancel one.", param="adapter")
+                conn.execute(insert(J).values(
+                    id=job_id, tenant_id=tenant_row.id, tenant=tenant, adapter=adapter, status=QUEUED,
+                    method=method, promote=promote, hyperparameters=hp, resolved_hyperparameters=None,
+                    training_key=train_key, validation_key=val_key, training_file=training_file,
+                    validation_file=validation_file, dataset=summary, progress={}, metrics={}, result={},
+                    cancel_requested=0, attempts=0, created_at=now, updated_at=now,
+                ))
+                _event(conn, job_id, "info", f"job created: {len(training)} training examples, "
+                       f"{len(training.labels)} labels, method {method}")
+        except BaseException:
+            self.store.delete_prefix(prefix + "/")
+            raise
+        return self.get(tenant, job_id)
+
+    def get(self, tenant: str, job_id: str) -> Job:
+        validate_name(tenant, "tenant")
+        with self._read.connect() as conn:
+            row = conn.execute(select(J).where(J.c.id == _job_id(job_id), J.c.tenant == tenant)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"job {job_id!r} not found", param="job")
+        return _job(row)
+
+    def list(self, tenant: str, *, limit: int = 20, status: str | None = None) -> list[Job]:
+        validate_name(tenant, "tenant")
+        q = select(J).where(J.c.tenant == tenant)
+        if status is not None:
+            q = q.where(J.c.status == status)
+        with self._read.connect() as conn:
+            rows = conn.execute(q.order_by(J.c.created_at.desc(), J.c.id).limit(max(1, min(limit, 100)))).mappings()
+            return [_job(r) for r in rows]
+
+    def events(self, tenant: str, job_id: str, *, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        self.get(tenant, job_id)  # ownership check
+        E = schema.job_events
+        with self._read.connect() as conn:
+            rows = conn.execute(
+                select(E).where(E.c.job_id == job_id, E.c.id > after).order_by(E.c.id).limit(limit)
+            ).mappings()
+            return [JobEvent(id=r["id"], at=r["at"], level=r["level"], type=r["type"], message=r["message"],
+                             data=r["data"]) for r in rows]
+
+    def cancel(self, tenant: str, job_id: str) -> Job:
+        job = self.get(tenant, job_id)
+        with self.db.begin() as conn:
+            now = utcnow()
+            status = conn.execute(select(J.c.status).where(J.c.id == job.id)).scalar_one()
+            if status in FINISHED:
+                raise ConflictError(f"job {job.id} already {status}", param="job")
+            if status == QUEUED:  # nobody runs it: cancel at once
+                conn.execute(update(J).where(J.c.id == job.id).values(
+                    status=CANCELLED, cancel_requested=1, finished_at=now, updated_at=now))
+                _event(conn, job.id, "info", "job cancelled before it started")
+            else:
+                conn.execute(update(J).where(J.c.id == job.id).values(cancel_requested=1, updated_at=now))
+                _event(conn, job.id, "info", "cancellation requested; the worker stops within seconds")
+        return self.get(tenant, job_id)
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._read.connect() as conn:
+            return {s: n for s, n in conn.execute(select(J.c.status, func.count()).group_by(J.c.status))}
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def claim(self, worker_id: str) -> Job | None:
+        """Hand the oldest runnable queued job to ``worker_id`` (status ``validating``), or None."""
+        now = utcnow()
+        T = schema.tenants
+        with self.db.begin() as conn:
+            candidates = conn.execute(
+                select(J.c.id, J.c.tenant_id, T.c.quotas).join(T, T.c.id == J.c.tenant_id)
+                .where(J.c.status == QUEUED).order_by(J.c.created_at, J.c.id).limit(50)
+                .with_for_update(skip_locked=True, of=J)
+            ).all()
+            running: dict[int, int] = {}
+            for cand in candidates:
+                if cand.tenant_id not in running:
+                    running[cand.tenant_id] = conn.execute(
+                        select(func.count()).select_from(J)
+                        .where(J.c.tenant_id == cand.tenant_id, J.c.status.in_((VALIDATING, RUNNING)))
+                    ).scalar_one()
+                if running[cand.tenant_id] >= max(1, TenantQuotas.from_dict(cand.quotas or None).max_concurrent_jobs):
+                    continue
+                done = conn.execute(update(J).where(J.c.id == cand.id, J.c.status == QUEUED).values(
+                    status=VALIDATING, worker_id=worker_id, lease_expires_at=now + self.lease,
+                    attempts=J.c.attempts + 1, started_at=func.coalesce(J.c.started_at, now), updated_at=now,
+                ))
+                if done.rowcount == 1:
+                    _event(conn, cand.id, "info", f"picked up by worker {worker_id}")
+                    row = conn.execute(select(J).where(J.c.id == cand.id)).mappings().one()
+                    return _job(row)
+        return None
+
+    def heartbeat(self, job_id: str, worker_id: str) -> bool:
+        """Renew the lease; returns True if a cancel was requested. Raises if the job is lost."""
+        with self.db.begin() as conn:
+            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(
+                lease_expires_at=utcnow() + self.lease))
+            if res.rowcount != 1:
+                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
+            return bool(conn.execute(select(J.c.cancel_requested).where(J.c.id == job_id)).scalar_one())
+
+    def set_running(self, job_id: str, worker_id: str, resolved_hyperparameters: dict[str, Any],
+                    dataset: dict[str, Any]) -> None:
+        self._update(job_id, worker_id, status=RUNNING, resolved_hyperparameters=resolved_hyperparameters,
+                     dataset=dataset)
+
+    def progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
+        self._update(job_id, worker_id, progress=progress)
+
+    def event(self, job_id: str, level: str, message: str, *, data: dict[str, Any] | None = None,
+              type: str = "message") -> None:
+        with self.db.begin() as conn:
+            _event(conn, job_id, level, message, data=data, type=type)
+
+    def succeed(self, job_id: str, worker_id: str, *, version: int, metrics: dict[str, Any],
+                result: dict[str, Any], message: str) -> None:
+        self._finish(job_id, worker_id, SUCCEEDED, message, version=version, metrics=metrics, result=result)
+
+    def fail(self, job_id: str, worker_id: str, code: str, message: str,
+             metrics: dict[str, Any] | None = None) -> None:
+        extra: dict[str, Any] = {"error_code": code, "error_message": message}
+        if metrics is not None:
+            extra["metrics"] = metrics
+        self._finish(job_id, worker_id, FAILED, f"job failed: {message}", level="error", **extra)
+
+    def mark_cancelled(self, job_id: str, worker_id: str) -> None:
+        self._finish(job_id, worker_id, CANCELLED, "job cancelled; nothing was registered")
+
+    def recover(self, *, is_dead: Callable[[str], bool] | None = None, max_attempts: int = 3) -> list[str]:
+        """Requeue (or fail) jobs whose worker is gone; returns their ids."""
+        now = utcnow()
+        touched = []
+        with self.db.begin() as conn:
+            rows = conn.execute(select(J).where(J.c.status.in_((VALIDATING, RUNNING)))).mappings().all()
+            for row in rows:
+                expired = row["lease_expires_at"] is None or row["lease_expires_at"] < now
+                dead = expired or (is_dead is not None and row["worker_id"] and is_dead(row["worker_id"]))
+                if not dead:
+                    continue
+                touched.append(row["id"])
+                if row["cancel_requested"]:
+                    values = {"status": CANCELLED, "finished_at": now}
+                    msg, level = "worker lost while cancelling; job cancelled", "warning"
+                elif row["attempts"] >= max_attempts:
+                    values = {"status": FAILED, "finished_at": now, "error_code": "worker_lost",
+                              "error_message": f"the training worker died {row['attempts']} times running this job"}
+                    msg, level = values["error_message"], "error"
+                else:
+                    values = {"status": QUEUED}
+                    msg, level = "worker lost; job requeued and will resume from its last checkpoint", "warning"
+                conn.execute(update(J).where(J.c.id == row["id"]).values(
+                    worker_id=None, lease_expires_at=None, updated_at=now, **values))
+                _event(conn, row["id"], level, msg)
+        return touched
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _update(self, job_id: str, worker_id: str, **values: Any) -> None:
+        with self.db.begin() as conn:
+            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(updated_at=utcnow(), **values))
+            if res.rowcount != 1:
+                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
+
+    def _finish(self, job_id: str, worker_id: str, status: str, message: str, level: str = "info",
+                **values: Any) -> None:
+        now = utcnow()
+        with self.db.begin() as conn:
+            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(
+                status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values))
+            if res.rowcount != 1:
+                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
+            _event(conn, job_id, level, message)
+
+
+class LostJobError(TailorError):
+    """The worker no longer owns the job (its lease expired and it was recovered)."""
+
+    code = "job_lost"
+
+
+def _mine(job_id: str, worker_id: str) -> Any:
+    return and_(J.c.id == job_id, J.c.worker_id == worker_id, or_(J.c.status == VALIDATING, J.c.status == RUNNING))
+
+
+def _event(conn: Any, job_id: str, level: str, message: str, *, data: dict[str, Any] | None = None,
+           type: str = "message") -> None:
+    conn.execute(insert(schema.job_events).values(job_id=job_id, at=utcnow(), level=level, type=type,
+                                                  message=message, data=data))
+
+
+def _job_id(value: object) -> str:
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
+        raise NotFoundError(f"job {str(value)[:60]!r} not found", param="job")
+    return value
+
+
+def _job(row: Any) -> Job:
+    error = JobError(row["error_code"], row["error_message"] or "") if row["error_code"] else None
+    return Job(
+        id=row["id"], tenant=row["tenant"], adapter=row["adapter"], status=row["status"], method=row["method"],
+        promote=row["promote"], hyperparameters=row["hyperparameters"],
+        resolved_hyperparameters=row["resolved_hyperparameters"], dataset=row["dataset"],
+        progress=row["progress"], metrics=row["metrics"], result=row["result"], error=error,
+        version=row["version"], training_file=row["training_file"], validation_file=row["validation_file"],
+        attempts=row["attempts"], cancel_requested=bool(row["cancel_requested"]), created_at=row["created_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"], updated_at=row["updated_at"],
+        training_key=row["training_key"], validation_key=row["validation_key"], worker_id=row["worker_id"],
+    )

@@ -1,0 +1,75 @@
+"""The records a job and an uploaded file are made of (what the API shows, plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+VALIDATING, QUEUED, RUNNING = "validating", "queued", "running"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+ACTIVE = (VALIDATING, QUEUED, RUNNING)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+METHODS = ("lora", "head")
+PROMOTE_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    tenant: str
+    adapter: str
+    status: str
+    method: str
+    promote: str
+    hyperparameters: dict[str, Any]
+    resolved_hyperparameters: dict[str, Any] | None
+    dataset: dict[str, Any]
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    result: dict[str, Any]
+    error: JobError | None
+    version: int | None
+    training_file: str | None
+    validation_file: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    # internal: where the data lives and who runs it
+    training_key: str = field(repr=False, default="")
+    validation_key: str | None = field(repr=False, default=None)
+    worker_id: str | None = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    at: datetime
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    tenant: str
+    filename: str
+    format: str
+    rows: int
+    labels: list[str]
+    duplicates_dropped: int
+    bytes: int
+    created_at: datetime
+    store_key: str = field(repr=False, default="")
+    sha256: str = field(repr=False, default="")

@@ -1,0 +1,170 @@
+"""One job, start to finish, inside a worker process.
+
+``run_job`` takes a claimed job through ``validating`` (read its data back from the store,
+split a stratified validation set if none was given, resolve hyper-parameters) and
+``running`` (train with progress, events and a checkpoint per epoch), then publishes the
+adapter as a new *candidate* version, scores it against the current ``prod`` on the same
+validation data and lets the gate decide whether it becomes ``prod``. Cancellation is honoured
+until the adapter is published; a cancelled or failed job registers nothing. Whatever
+happens, the job ends in a final state with a reason -- unless the worker is shutting down or
+lost the job, in which case it is left for ``recover`` to requeue from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.base import BaseModel
+from adapters.catalog import Catalog
+from adapters.datasets import Dataset, check_validation_set, stratified_split
+from adapters.errors import AdapterNotFoundError, TailorError
+from adapters.jobs import gate
+from adapters.jobs.files import dataset_from_jsonl
+from adapters.jobs.heartbeat import Heartbeat
+from adapters.jobs.manager import JobManager, LostJobError
+from adapters.jobs.model import Job
+from adapters.runtime.engine import Engine
+from adapters.training import Hyperparameters, TrainCallbacks, TrainingCancelled, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    manager: JobManager
+    catalog: Catalog
+    trainer_base: BaseModel  # pristine: the trainer copies it, never wraps it
+    engine: Engine  # scores candidates for the gate, on its own copy of the base
+    worker_id: str
+    checkpoint_root: Path
+    threads: int | None = None
+    heartbeat_seconds: float = 1.0
+    progress_seconds: float = 1.0
+
+
+class ShuttingDown(Exception):
+    """The worker process was asked to stop; the job goes back to the queue."""
+
+
+def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
+    """Run ``job``; returns its final status (or ``"released"`` when left for recovery)."""
+    m = ctx.manager
+    ckpt = ctx.checkpoint_root / job.id
+    with Heartbeat(m, job.id, ctx.worker_id, ctx.heartbeat_seconds) as hb:
+        if shutdown is not None:
+            hb.shutdown = shutdown
+        try:
+            train_ds, val_ds = _datasets(job, ctx)
+            hp = Hyperparameters.from_dict(job.hyperparameters)
+            resolved = hp.resolve(len(train_ds), job.method, ctx.trainer_base.device)
+            summary = {**job.dataset, "training_examples": len(train_ds), "validation_examples": len(val_ds),
+                       "validation_split": job.validation_key is None}
+            m.set_running(job.id, ctx.worker_id, resolved.to_dict(), summary)
+            m.event(job.id, "info", f"training {job.method} on {len(train_ds)} examples, validating on "
+                    f"{len(val_ds)}" + (" (resuming from checkpoint)" if (ckpt / "state.json").exists() else ""))
+            result = train(
+                ctx.trainer_base, train_ds.texts(), train_ds.label_ids(), train_ds.labels,
+                val_ds.texts(), val_ds.label_ids(), method=job.method, hp=resolved,
+                callbacks=_callbacks(job, ctx, hb), checkpoint_dir=ckpt, threads=ctx.threads,
+            )
+            if hb.should_stop():
+                raise TrainingCancelled("cancelled")
+            assert result.artifact is not None
+            record = ctx.catalog.publish(job.tenant, job.adapter, result.artifact, spec=ctx.engine.base.spec)
+            decision = _gate(job, ctx, record.version, val_ds)
+            if decision.promote:
+                ctx.catalog.registry.set_alias(job.tenant, job.adapter, "prod", record.version)
+            m.succeed(job.id, ctx.worker_id, version=record.version, metrics=result.metrics,
+                      result={"gate": decision.to_dict(), "promoted": decision.promote},
+                      message=f"job succeeded: version {record.version} "
+                              f"{'is now prod' if decision.promote else 'kept as a candidate'} ({decision.reason})")
+            _cleanup(ckpt)
+            return "succeeded"
+        except TrainingCancelled:
+            if hb.lost.is_set():
+                return "released"
+            if hb.shutdown.is_set() and not hb.cancelled.is_set():
+                m.event(job.id, "warning", "worker shutting down; the job will resume from its checkpoint")
+                return "released"
+            m.mark_cancelled(job.id, ctx.worker_id)
+            _cleanup(ckpt)
+            return "cancelled"
+        except LostJobError:
+            log.warning("job %s was taken from worker %s", job.id, ctx.worker_id)
+            return "released"
+        except TailorError as e:  # dataset problems, divergence, bad hyper-parameters, ...
+            m.fail(job.id, ctx.worker_id, e.code, e.message)
+            _cleanup(ckpt)
+            return "failed"
+        except Exception as e:
+            log.exception("job %s crashed", job.id)
+            m.event(job.id, "error", "".join(traceback.format_exception_only(type(e), e)).strip())
+            m.fail(job.id, ctx.worker_id, "internal_error", f"training crashed: {type(e).__name__}: {e}")
+            _cleanup(ckpt)
+            return "failed"
+
+
+def _datasets(job: Job, ctx: WorkerContext) -> tuple[Dataset, Dataset]:
+    store = ctx.manager.store
+    train_ds = dataset_from_jsonl(store.get(job.training_key))
+    if job.validation_key:
+        val_ds = dataset_from_jsonl(store.get(job.validation_key))
+        overlap = check_validation_set(train_ds, val_ds)
+        if overlap:
+            ctx.manager.event(job.id, "warning", f"{overlap} validation texts also appear in the training "
+                              "data; validation scores will be optimistic")
+        return train_ds, val_ds
+    seed = job.hyperparameters.get("seed", 0)
+    fraction = 0.2 if len(train_ds) < 500 else 0.1
+    train_ds, val_ds = stratified_split(train_ds, fraction=fraction, seed=seed if isinstance(seed, int) else 0)
+    return train_ds, val_ds
+
+
+def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat) -> TrainCallbacks:
+    m, last = ctx.manager, [0.0]
+    started = time.monotonic()
+
+    def on_step(step: int, total: int, epoch: int, loss: float) -> None:
+        now = time.monotonic()
+        m.event(job.id, "info", f"step {step}/{total}: train loss {loss:.4f}", type="metrics",
+                data={"step": step, "total_steps": total, "epoch": epoch, "train_loss": loss})
+        if now - last[0] >= ctx.progress_seconds or step == total:
+            last[0] = now
+            rate = step / max(now - started, 1e-6)
+            m.progress(job.id, ctx.worker_id, {
+                "step": step, "total_steps": total, "epoch": epoch, "fraction": step / max(total, 1),
+                "eta_seconds": round((total - step) / rate, 1) if rate > 0 else None,
+            })
+
+    def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        data = {"epoch": epoch, **{k: v for k, v in metrics.items() if k != "confusion_matrix"}}
+        m.event(job.id, "info", f"epoch {epoch}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in data.items() if isinstance(v, float)), type="metrics", data=data)
+
+    def on_event(level: str, message: str) -> None:
+        m.event(job.id, level, message)
+
+    return TrainCallbacks(on_step=on_step, on_epoch=on_epoch, should_stop=hb.should_stop, on_event=on_event)
+
+
+def _gate(job: Job, ctx: WorkerContext, version: int, val_ds: Dataset) -> gate.GateDecision:
+    engine = ctx.engine
+    texts, labels = val_ds.texts(), [e.label for e in val_ds.examples]
+    candidate = gate.score(engine, engine.acquire(engine.resolve(job.tenant, f"{job.adapter}@{version}")),
+                           texts, labels)
+    try:
+        prod = engine.resolve(job.tenant, f"{job.adapter}@prod")
+        prod_score, prod_version = gate.score(engine, engine.acquire(prod), texts, labels), prod.key.version
+    except AdapterNotFoundError:
+        prod_score, prod_version = None, None
+    return gate.decide(job.promote, candidate, prod_score, prod_version, labels)
+
+
+def _cleanup(ckpt: Path) -> None:
+    shutil.rmtree(ckpt, ignore_errors=True)

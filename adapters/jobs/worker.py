@@ -1,0 +1,94 @@
+"""The training worker process: ``python -m adapters.jobs.worker --database-url ... --store-url ...``.
+
+Loads the base model once (one pristine copy for training, one wrapped by an engine for the
+promotion gate), then loops: claim the oldest runnable job, run it, repeat; sleeps when the
+queue is empty. It shares nothing with serving but the database and the store, so a crash,
+an exception or an out-of-memory kill here never takes serving down. SIGTERM stops it
+gracefully: a running job is left to resume from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import torch
+
+from adapters.base import load_base
+from adapters.catalog import Catalog
+from adapters.jobs.manager import JobManager
+from adapters.jobs.runner import WorkerContext, run_job
+from adapters.registry import Registry
+from adapters.runtime.engine import Engine, EngineConfig
+from adapters.schema import create_schema, make_engine
+from adapters.store import open_store
+
+log = logging.getLogger("tailor.worker")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Tailor training worker")
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--store-url", required=True)
+    p.add_argument("--base-model", default=None, help="local model directory (default: bundled MiniLM)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--checkpoints", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training")
+    p.add_argument("--poll-seconds", type=float, default=0.5)
+    p.add_argument("--heartbeat-seconds", type=float, default=1.0)
+    p.add_argument("--lease-seconds", type=float, default=60.0)
+    p.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    db = make_engine(args.database_url)
+    create_schema(db)
+    store = open_store(args.store_url)
+    catalog = Catalog(Registry.from_engine(db), store)
+    trainer_base = load_base(args.base_model, device=args.device)
+    scoring_base = copy.copy(trainer_base)
+    scoring_base.model = copy.deepcopy(trainer_base.model)
+    engine = Engine(scoring_base, catalog, EngineConfig(max_resident=64, device_slots=33, max_batch_size=32))
+    ctx = WorkerContext(
+        manager=JobManager(db, store, lease_seconds=args.lease_seconds), catalog=catalog,
+        trainer_base=trainer_base, engine=engine, worker_id=worker_id(), checkpoint_root=args.checkpoints,
+        threads=args.threads, heartbeat_seconds=args.heartbeat_seconds,
+    )
+    log.info("worker %s ready (base %s)", ctx.worker_id, trainer_base.spec.name)
+    while not stop.is_set():
+        job = ctx.manager.claim(ctx.worker_id)
+        if job is None:
+            if args.once:
+                break
+            stop.wait(args.poll_seconds)
+            continue
+        log.info("running job %s for %s/%s", job.id, job.tenant, job.adapter)
+        status = run_job(job, ctx, shutdown=stop)
+        log.info("job %s: %s", job.id, status)
+        if args.once:
+            break
+    log.info("worker %s stopped", ctx.worker_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Job lifecycle in the database: submit, claim, leases, cancel, recovery, tenant isolation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from adapters.datasets import from_records
+from adapters.errors import ConflictError, NotFoundError
+from adapters.jobs.manager import JobLimitError, JobManager, LostJobError
+from adapters.jobs.supervisor import local_worker_dead
+from adapters.registry import Registry
+from adapters.store import LocalStore
+
+DATA = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [
+    {"text": f"bad {i}", "label": "neg"} for i in range(5)
+]
+
+
+@pytest.fixture()
+def jm(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path}/t.db")
+    reg.create_tenant("acme", quotas={"max_concurrent_jobs": 1, "max_active_jobs": 3})
+    reg.create_tenant("globex")
+    return JobManager(reg.engine, LocalStore(tmp_path / "store"), lease_seconds=0.5)
+
+
+def submit(jm, tenant="acme", adapter="sent", **kw):
+    return jm.submit(tenant, adapter, training=from_records(DATA), **kw)
+
+
+def test_submit_stores_data_and_starts_queued(jm):
+    job = submit(jm)
+    assert job.status == "queued" and job.id.startswith("ftjob-")
+    assert job.dataset["training_examples"] == 10 and job.dataset["labels"] == ["neg", "pos"]
+    assert jm.store.exists(job.training_key)
+    assert [e.message for e in jm.events("acme", job.id)][0].startswith("job created")
+
+
+def test_invalid_method_or_promote_creates_nothing(jm):
+    for kw in ({"method": "magic"}, {"promote": "sometimes"}):
+        with pytest.raises(ValueError):
+            submit(jm, **kw)
+    assert jm.list("acme") == []
+
+
+def test_active_job_quota(jm):
+    for _ in range(3):
+        submit(jm)
+    with pytest.raises(JobLimitError, match="quota is 3"):
+        submit(jm)
+    assert len(jm.list("acme")) == 3
+    assert len(jm.store.list("tenants/acme/jobs/")) == 3  # the refused job left no data behind
+
+
+def test_tenants_see_only_their_jobs(jm):
+    job = submit(jm)
+    with pytest.raises(NotFoundError):
+        jm.get("globex", job.id)
+    with pytest.raises(NotFoundError):
+        jm.cancel("globex", job.id)
+    with pytest.raises(NotFoundError):
+        jm.events("globex", job.id)
+    with pytest.raises(NotFoundError):
+        jm.get("acme", "../../etc/passwd")
+    assert jm.list("globex") == []
+
+
+def test_claim_is_exclusive_under_contention(jm):
+    jobs = [submit(jm, tenant="globex", adapter=f"a{i}") for i in range(3)]
+    jm.db.dispose()
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def grab(w: int) -> None:
+        while True:
+            job = jm.claim(f"w{w}")
+            if job is None:
+                return
+            with lock:
+                claimed.append(job.id)
+            jm.succeed(job.id, f"w{w}", version=1, metrics={}, result={}, message="done")
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(j.id for j in jobs)  # every job once, none twice
+
+
+def test_per_tenant_concurrency_limit(jm):
+    a1, a2 = submit(jm, adapter="x"), submit(jm, adapter="y")
+    g1 = submit(jm, tenant="globex")
+    first = jm.claim("w1")
+    assert first.id == a1.id and first.status == "validating" and first.attempts == 1
+    second = jm.claim("w2")
+    assert second.id == g1.id  # acme is at its limit of 1, so globex goes first
+    assert jm.claim("w3") is None
+    jm.fail(a1.id, "w1", "boom", "exploded")
+    assert jm.claim("w3").id == a2.id
+
+
+def test_cancel_queued_is_immediate_and_running_is_flagged(jm):
+    queued = submit(jm)
+    job = jm.cancel("acme", queued.id)
+    assert job.status == "cancelled" and job.finished_at is not None
+    with pytest.raises(ConflictError):
+        jm.cancel("acme", queued.id)
+    running = submit(jm)
+    jm.claim("w1")
+    assert jm.heartbeat(running.id, "w1") is False
+    assert jm.cancel("acme", running.id).status == "validating"
+    assert jm.heartbeat(running.id, "w1") is True
+    jm.mark_cancelled(running.id, "w1")
+    assert jm.get("acme", running.id).status == "cancelled"
+
+
+def test_recover_requeues_then_fails_after_max_attempts(jm):
+    job = submit(jm)
+    for attempt in (1, 2, 3):
+        claimed = jm.claim(f"w{attempt}")
+        assert claimed.id == job.id and claimed.attempts == attempt
+        time.sleep(0.6)  # the lease (0.5 s) runs out: the worker is presumed dead
+        assert jm.recover(max_attempts=3) == [job.id]
+    final = jm.get("acme", job.id)
+    assert final.status == "failed" and final.error.code == "worker_lost"
+    messages = [e.message for e in jm.events("acme", job.id)]
+    assert sum("requeued" in m for m in messages) == 2
+
+
+def test_a_worker_that_lost_its_job_cannot_write(jm):
+    job = submit(jm)
+    jm.claim("old")
+    time.sleep(0.6)
+    jm.recover()
+    assert jm.claim("new").id == job.id
+    with pytest.raises(LostJobError):
+        jm.heartbeat(job.id, "old")
+    with pytest.raises(LostJobError):
+        jm.succeed(job.id, "old", version=1, metrics={}, result={}, message="stale")
+    jm.succeed(job.id, "new", version=1, metrics={"val_accuracy": 1.0}, result={}, message="ok")
+    assert jm.get("acme", job.id).status == "succeeded"
+
+
+def test_recover_detects_dead_local_process(jm):
+    import socket
+    import subprocess
+    import sys
+
+    job = submit(jm)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    dead_id = f"{socket.gethostname()}:{p.pid}:abcd"
+    jm.claim(dead_id)
+    jm.heartbeat(job.id, dead_id)  # lease still valid, but the process is gone
+    assert local_worker_dead(dead_id) and not local_worker_dead(f"{socket.gethostname()}:1:x")
+    assert jm.recover(is_dead=local_worker_dead) == [job.id]
+    assert jm.get("acme", job.id).status == "queued"

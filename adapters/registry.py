@@ -249,6 +249,17 @@ class Registry:
         return self._version_record(tenant, adapter, row)
 
     @staticmethod
+    def _alias_version(conn: Connection, adapter_id: int, adapter: str, alias: str) -> int:
+        version = conn.scalar(
+            select(adapter_aliases.c.version).where(
+                adapter_aliases.c.adapter_id == adapter_id, adapter_aliases.c.alias == alias
+            )
+        )
+        if version is None:
+            raise AdapterNotFoundError(f"adapter {adapter!r} has no {alias!r} alias", param="alias")
+        return int(version)
+
+    @staticmethod
     def _orphan_keys(conn: Connection, keys: Iterable[str]) -> list[str]:
         """Of ``keys``, those no remaining version row references (safe to delete)."""
         wanted = set(keys)
@@ -536,15 +547,7 @@ class Registry:
         with self._reader.connect() as conn:
             aid = self._adapter_row(conn, tenant, adapter).id
             if alias is not None:
-                version = conn.scalar(
-                    select(adapter_aliases.c.version).where(
-                        adapter_aliases.c.adapter_id == aid, adapter_aliases.c.alias == alias
-                    )
-                )
-                if version is None:
-                    raise AdapterNotFoundError(
-                        f"adapter {adapter!r} has no {alias!r} alias", param="alias"
-                    )
+                version = self._alias_version(conn, aid, adapter, alias)
             assert version is not None
             return self._fetch_version(conn, tenant, adapter, aid, version)
 
@@ -621,15 +624,7 @@ class Registry:
 
         def run(conn: Connection) -> int:
             aid = self._adapter_row(conn, tenant, adapter, lock=True).id
-            current = conn.scalar(
-                select(adapter_aliases.c.version).where(
-                    adapter_aliases.c.adapter_id == aid, adapter_aliases.c.alias == alias
-                )
-            )
-            if current is None:
-                raise AdapterNotFoundError(
-                    f"adapter {adapter!r} has no {alias!r} alias", param="alias"
-                )
+            current = self._alias_version(conn, aid, adapter, alias)
             history = conn.execute(
                 select(alias_history.c.kind, alias_history.c.version)
                 .where(alias_history.c.adapter_id == aid, alias_history.c.alias == alias)

@@ -29,6 +29,7 @@ from adapters.runtime.context import use_plan
 from adapters.runtime.head import MixedHead
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.lora_layer import wrap_linears
+from adapters.runtime.memory import tune_allocator
 from adapters.runtime.slots import SlotBank
 
 
@@ -38,6 +39,7 @@ class EngineConfig:
     max_resident_bytes: int = 2 << 30
     device_slots: int = 257  # adapters stacked on the device, incl. the base slot 0
     max_batch_size: int = 64
+    tune_allocator: bool = True  # see adapters.runtime.memory
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.device_slots - 1 < self.config.max_batch_size:
             raise ValueError("device_slots must exceed max_batch_size (a batch may name that many adapters)")
+        if self.config.tune_allocator:
+            tune_allocator()
         model = base.model
         wrap_linears(model, list(base.spec.linear_shapes))
         setattr(model, base.head_name, MixedHead(base.spec.head_in_features))

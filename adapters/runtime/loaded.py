@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.artifact import AdapterArtifact, AdapterManifest
+from adapters.runtime.memory import pack
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,9 @@ class LoadedAdapter:
     @classmethod
     def from_artifact(cls, key: VersionKey, art: AdapterArtifact, dtype: torch.dtype) -> LoadedAdapter:
         w = art.weights
-        return cls(
-            key=key, manifest=art.manifest,
-            lora={path: (a.to(dtype), b.to(dtype)) for path, (a, b) in w.lora.items()},
-            scale=art.manifest.lora.scale,
-            head_weight=w.head_weight.to(dtype), head_bias=w.head_bias.to(dtype),
-        )
+        paths = list(w.lora)
+        flat = [w.head_weight, w.head_bias] + [t for p in paths for t in w.lora[p]]
+        packed = pack(flat, dtype)  # one host allocation per adapter (see runtime.memory)
+        lora = {p: (packed[2 + 2 * i], packed[3 + 2 * i]) for i, p in enumerate(paths)}
+        return cls(key=key, manifest=art.manifest, lora=lora, scale=art.manifest.lora.scale,
+                   head_weight=packed[0], head_bias=packed[1])

@@ -46,10 +46,6 @@ class LoadedAdapter:
         n = self.head_weight.nbytes + self.head_bias.nbytes
         return n + sum(a.nbytes + b.nbytes for a, b in self.lora.values())
 
-    def rank_of(self, path: str) -> int:
-        pair = self.lora.get(path)
-        return 0 if pair is None else pair[0].shape[0]
-
     @property
     def n_labels(self) -> int:
         return self.head_weight.shape[0]

@@ -120,9 +120,13 @@ class SlotBank:
         idx = torch.tensor(idx_list, device=self.device)
         s = idx_list[0]
         modules: dict[str, ModulePlan] = {}
-        for gname, g in self._groups.items():
-            ranks = {p: max((a.rank_of(p) for a in adapters), default=0) for p in g.paths}
-            active = [p for p in g.paths if ranks[p] > 0]
+        ranks: dict[str, int] = {}  # the batch's widest rank per targeted module
+        for adapter in adapters:
+            for path, (a_mat, _) in adapter.lora.items():
+                if a_mat.shape[0] > ranks.get(path, 0):
+                    ranks[path] = a_mat.shape[0]
+        for g in self._groups.values():
+            active = [p for p in g.paths if p in ranks]
             if not active:
                 continue
             # columns this batch needs: each active module's first `rank` columns
@@ -132,23 +136,25 @@ class SlotBank:
             if contiguous:
                 c0, c1 = spans[0][0], spans[-1][1]
                 # single: a view of the shared stack, cloned below so eviction cannot change it
-                a = g.a[s, :, c0:c1].clone() if single else g.a[idx, :, c0:c1]
+                # index_select is several times faster than advanced indexing here
+                a = g.a[s, :, c0:c1].clone() if single else g.a.index_select(0, idx)[:, :, c0:c1]
             else:
                 cols = torch.cat([torch.arange(x, y, device=self.device) for x, y in spans])
-                a = g.a[s][:, cols] if single else g.a[idx][:, :, cols]
+                a = g.a[s][:, cols] if single else g.a.index_select(0, idx)[:, :, cols]
             gp = GroupPlan(a=a, single=single)
             start = 0
             for p in active:
                 r = ranks[p]
                 b = self._b[p]
                 modules[p] = ModulePlan(group=gp, start=start, stop=start + r,
-                                        b=b[s, :r].clone() if single else b[idx, :r])
+                                        b=b[s, :r].clone() if single else b.index_select(0, idx)[:, :r])
                 start += r
         n_labels = max(a.n_labels for a in adapters) if adapters else 1
         if single:
             hw, hb = self._head_w[s, :, :n_labels].clone(), self._head_b[s, :n_labels].clone()
         else:
-            hw, hb = self._head_w[idx, :, :n_labels], self._head_b[idx, :n_labels]
+            hw = self._head_w.index_select(0, idx)[:, :, :n_labels]
+            hb = self._head_b.index_select(0, idx)[:, :n_labels]
         return BatchPlan(modules=modules, head_weight=hw, head_bias=hb, single=single)
 
     # -- slot management (lock held) ----------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -209,6 +210,7 @@ def test_replacing_prod_under_concurrent_reads(world):
         for _ in range(3):
             for v in range(1, n_versions + 1):
                 catalog.registry.set_alias("acme", "live", "prod", v)
+                engine.refresh("acme", "live")  # what the service does after its own writes
                 threading.Event().wait(0.02)
     finally:
         stop.set()
@@ -216,3 +218,36 @@ def test_replacing_prod_under_concurrent_reads(world):
             t.join()
     assert not errors, errors[:3]
     assert len(seen) >= 3  # the readers really saw prod move
+
+
+def test_changes_from_another_process_are_seen_within_the_poll(world, tmp_path):
+    engine, catalog, base, _ = world
+    publish(catalog, base, "acme", "s", seed=1)
+    publish(catalog, base, "acme", "s", seed=2, promote=False)
+    assert engine.resolve("acme", "s").key.version == 1
+    other = Registry(f"sqlite:///{tmp_path}/registry.db")  # a second process's view of the same file
+    other.set_alias("acme", "s", "prod", 2)
+    deadline = time.monotonic() + 2 * engine.config.resolve_poll_seconds + 1.0
+    while engine.resolve("acme", "s").key.version != 2:
+        assert time.monotonic() < deadline, "promotion by another process never became visible"
+        time.sleep(0.02)
+    other.delete_adapter("acme", "s")
+    deadline = time.monotonic() + 2 * engine.config.resolve_poll_seconds + 1.0
+    while True:
+        try:
+            engine.resolve("acme", "s")
+        except AdapterNotFoundError:
+            break
+        assert time.monotonic() < deadline, "deletion by another process never became visible"
+        time.sleep(0.02)
+
+
+def test_unknown_adapters_are_not_cached(world):
+    engine, catalog, base, _ = world
+    with pytest.raises(AdapterNotFoundError):
+        engine.resolve("acme", "later")
+    publish(catalog, base, "acme", "later", seed=1)
+    assert engine.resolve("acme", "later").key.version == 1  # no poll wait: misses are never cached
+    hits = engine.resolver.hits
+    engine.resolve("acme", "later")
+    assert engine.resolver.hits == hits + 1

@@ -3,7 +3,9 @@
 Contract:
 
 * ``resolve(tenant, ref)`` turns ``"name"`` / ``"name@3"`` / ``"name@prod"`` into one immutable
-  version (``ResolvedAdapter``). A bare name means ``prod``. An adapter that does not exist,
+  version (``ResolvedAdapter``). A bare name means ``prod``. Resolutions are cached and kept
+  fresh from the registry's change log (``Resolver``): any process's promotion is seen within
+  ``resolve_poll_seconds``; ``refresh`` shows this process its own change at once. An adapter that does not exist,
   belongs to another tenant or lacks the version raises ``AdapterNotFoundError``: never a
   fallback. A request keeps the version it resolved even if ``prod`` moves while it runs.
 * ``acquire`` returns the decoded adapter from the resident (host) cache, loading it from the
@@ -30,6 +32,7 @@ from adapters.runtime.head import MixedHead
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.lora_layer import wrap_linears
 from adapters.runtime.memory import tune_allocator
+from adapters.runtime.resolver import Resolver
 from adapters.runtime.slots import SlotBank
 
 
@@ -40,6 +43,7 @@ class EngineConfig:
     device_slots: int = 257  # adapters stacked on the device, incl. the base slot 0
     max_batch_size: int = 64
     tune_allocator: bool = True  # see adapters.runtime.memory
+    resolve_poll_seconds: float = 0.25  # how stale a cached prod alias may be (see resolver)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Engine:
         setattr(model, base.head_name, MixedHead(base.spec.head_in_features))
         self.slots = SlotBank(base.spec.linear_shapes, base.spec.head_in_features,
                               self.config.device_slots, base.device, base.dtype)
+        self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds)
         self.cache = ResidentCache(max_count=self.config.max_resident,
                                    max_bytes=self.config.max_resident_bytes)
 
@@ -87,7 +92,7 @@ class Engine:
     def resolve(self, tenant: str, ref: str) -> ResolvedAdapter:
         validate_name(tenant, "tenant")
         name, selector = parse_ref(ref)
-        record = self.catalog.registry.resolve(tenant, name, selector)
+        record = self.resolver.resolve(tenant, name, selector)
         key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
         return ResolvedAdapter(key=key, record=record)
 
@@ -102,11 +107,16 @@ class Engine:
         artifact = self.catalog.read(resolved.record, self.base.spec)
         return LoadedAdapter.from_artifact(resolved.key, artifact, self.base.dtype)
 
+    def refresh(self, tenant: str, adapter: str | None = None) -> None:
+        """See this process's own alias changes at once (other processes' within the poll)."""
+        self.resolver.invalidate(tenant, adapter)
+
     def forget(self, tenant: str, adapter: str | None = None) -> None:
         """Drop resident copies of a deleted adapter (or of every adapter of a tenant)."""
         def match(k: VersionKey) -> bool:
             return k.tenant == tenant and (adapter is None or k.adapter == adapter)
 
+        self.resolver.invalidate(tenant, adapter)
         self.cache.discard(match)
         self.slots.drop(match)
 

@@ -1,0 +1,57 @@
+"""Per-epoch training checkpoints: safetensors for tensors, JSON for the rest, never pickle.
+
+A checkpoint is ``state.safetensors`` (trainable parameters, AdamW moments, the best epoch's
+parameters) plus ``state.json`` (epoch, step, best score, history and a fingerprint of the
+run's settings). Both are written to temporary names and renamed, the JSON last, so a crash
+mid-write leaves the previous checkpoint intact. A checkpoint whose fingerprint does not
+match the run asking for it is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE = "state.json"
+TENSORS = "state.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def save(folder: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_tensors = folder / f".{TENSORS}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_tensors))
+    _fsync(tmp_tensors)
+    os.replace(tmp_tensors, folder / TENSORS)
+    tmp_meta = folder / f".{STATE}.tmp"
+    tmp_meta.write_text(json.dumps(meta))
+    _fsync(tmp_meta)
+    os.replace(tmp_meta, folder / STATE)
+
+
+def load(folder: Path | None, fingerprint: str) -> Checkpoint | None:
+    if folder is None or not (folder / STATE).exists() or not (folder / TENSORS).exists():
+        return None
+    try:
+        meta = json.loads((folder / STATE).read_text())
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        return Checkpoint(meta=meta, tensors=load_file(str(folder / TENSORS)))
+    except (OSError, ValueError):
+        return None  # unreadable: train from scratch rather than fail the job
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

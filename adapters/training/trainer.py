@@ -1,0 +1,344 @@
+"""Fine-tune one tenant's adapter on the frozen shared base.
+
+``train`` never touches ``base.model``: it deep-copies it, gives the copy a fresh head for the
+tenant's labels and trains one of three ways:
+
+* ``lora`` -- peft LoRA on the chosen linear layers plus the head (the product path);
+* ``head`` -- the head alone on frozen features, computed once (the feature-extraction baseline);
+* ``full`` -- every weight (the quality anchor for benchmarks; it produces no adapter).
+
+AdamW with linear warmup and decay, gradient clipping at 1.0, validation after every epoch
+(loss, accuracy, macro-F1, confusion matrix), early stopping on validation accuracy, and the
+best epoch's weights restored at the end. Shuffling and dropout are seeded per epoch from
+``seed``, so a run is deterministic on CPU and a run resumed from a checkpoint ends with the
+same weights as one that never stopped. Divergence (a non-finite loss, a loss three times the
+first epoch's) stops training: the best healthy epoch is kept if there was one, else
+``TrainingDiverged`` is raised. An epoch whose predictions collapsed to one label (no better
+than the majority rate) is never "best"; if every epoch collapsed, the run diverged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
+from adapters.base import BaseModel
+from adapters.errors import TailorError
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, import_peft
+from adapters.training import checkpoint
+from adapters.training.hyperparams import Hyperparameters, ResolvedHyperparameters
+from adapters.training.metrics import classification_metrics
+
+METHODS = ("lora", "head", "full")
+
+
+class TrainingCancelled(TailorError):
+    code = "cancelled"
+
+
+class TrainingDiverged(TailorError):
+    code = "training_diverged"
+
+
+@dataclass
+class TrainCallbacks:
+    on_step: Callable[[int, int, int, float], None] | None = None  # step, total, epoch, loss
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_event: Callable[[str, str], None] | None = None  # level, message
+
+
+@dataclass
+class TrainResult:
+    artifact: AdapterArtifact | None
+    model: nn.Module  # the trained model (eval mode), e.g. for benchmarks
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    trainable_params: int
+    total_params: int
+    seconds: float
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+
+def train(
+    base: BaseModel, train_texts: list[str], train_label_ids: list[int], labels: tuple[str, ...],
+    val_texts: list[str], val_label_ids: list[int], *, method: str = "lora",
+    hp: Hyperparameters | ResolvedHyperparameters | None = None, callbacks: TrainCallbacks | None = None,
+    checkpoint_dir: Path | None = None, threads: int | None = None,
+) -> TrainResult:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not train_texts or not val_texts:
+        raise ValueError("training and validation sets must not be empty")
+    rhp = hp if isinstance(hp, ResolvedHyperparameters) else (hp or Hyperparameters()).resolve(
+        len(train_texts), method, base.device)
+    cb = callbacks or TrainCallbacks()
+    t0 = time.perf_counter()
+    with _threads(threads), torch.random.fork_rng(devices=[]):
+        run = _Run(base, labels, method, rhp, cb)
+        run.fit(train_texts, train_label_ids, val_texts, val_label_ids, checkpoint_dir)
+    seconds = time.perf_counter() - t0
+    best = run.history[run.best_epoch - 1]
+    metrics = {
+        "method": method, "labels": list(labels), "n_train": len(train_texts), "n_validation": len(val_texts),
+        "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"], "val_loss": best["val_loss"],
+        "confusion_matrix": best["confusion_matrix"], "best_epoch": run.best_epoch, "epochs_run": len(run.history),
+        "trainable_params": run.trainable, "total_params": run.total, "train_seconds": round(seconds, 3),
+    }
+    artifact = None if method == "full" else run.artifact(metrics)
+    return TrainResult(artifact=artifact, model=run.model.eval(), metrics=metrics, history=run.history,
+                       best_epoch=run.best_epoch, trainable_params=run.trainable, total_params=run.total,
+                       seconds=seconds, hyperparameters=rhp.to_dict())
+
+
+class _Run:
+    def __init__(self, base: BaseModel, labels: tuple[str, ...], method: str, hp: ResolvedHyperparameters,
+                 cb: TrainCallbacks) -> None:
+        self.base, self.labels, self.method, self.hp, self.cb = base, labels, method, hp, cb
+        self.device = base.device
+        torch.manual_seed(hp.seed)
+        model = copy.deepcopy(base.model).float()
+        setattr(model, base.head_name, nn.Linear(base.spec.head_in_features, len(labels)))
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            for p in model.parameters():
+                p.requires_grad_(False)
+            cfg = LoraConfig(task_type="SEQ_CLS", r=hp.lora_r, lora_alpha=hp.lora_alpha,
+                             lora_dropout=hp.lora_dropout, target_modules=list(hp.target_modules),
+                             modules_to_save=[base.head_name])
+            model = get_peft_model(model, cfg)
+        else:
+            for name, p in model.named_parameters():
+                p.requires_grad_(method == "full" or name.startswith(base.head_name + "."))
+        self.model = model.to(self.device)
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for _, p in self.params)
+        self.total = sum(p.numel() for p in self.model.parameters())
+        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=hp.learning_rate,
+                                     weight_decay=hp.weight_decay)
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch, self.best_acc = 0, -1.0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.step = 0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self, xs: list[str], ys: list[int], vxs: list[str], vys: list[int], ckpt_dir: Path | None) -> None:
+        hp = self.hp
+        train_in, val_in = self._inputs(xs), self._inputs(vxs)
+        y, vy = torch.tensor(ys, device=self.device), torch.tensor(vys, device=self.device)
+        steps_per_epoch = math.ceil(len(xs) / hp.batch_size)
+        total = steps_per_epoch * hp.epochs
+        warmup = int(total * hp.warmup_ratio)
+        fingerprint = self._fingerprint(len(xs), len(vxs))
+        start_epoch, bad_epochs, first_loss = 1, 0, None
+        state = checkpoint.load(ckpt_dir, fingerprint)
+        if state is not None:
+            start_epoch, bad_epochs, first_loss = self._restore(state)
+            self._event("info", f"resumed from the checkpoint after epoch {start_epoch - 1}")
+        majority = Counter(vys).most_common(1)[0][1] / len(vys)
+        for epoch in range(start_epoch, hp.epochs + 1):
+            torch.manual_seed(hp.seed * 100_003 + epoch)  # dropout and order depend on (seed, epoch) only
+            order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(hp.seed * 7919 + epoch))
+            self.model.train()
+            losses = []
+            for i in range(0, len(xs), hp.batch_size):
+                if self.cb.should_stop and self.cb.should_stop():
+                    raise TrainingCancelled("training cancelled")
+                idx = order[i : i + hp.batch_size].to(self.device)
+                lr = hp.learning_rate * _schedule(self.step, warmup, total)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                loss = F.cross_entropy(self._logits(train_in, idx), y[idx])
+                if not torch.isfinite(loss):
+                    return self._diverged(f"the training loss became {loss.item()} at step {self.step + 1}")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step += 1
+                losses.append(loss.item())
+                if self.cb.on_step and (self.step % 10 == 0 or self.step == total):
+                    self.cb.on_step(self.step, total, epoch, sum(losses[-10:]) / len(losses[-10:]))
+            train_loss = sum(losses) / len(losses)
+            first_loss = train_loss if first_loss is None else first_loss
+            metrics = {"epoch": epoch, "step": self.step, "train_loss": train_loss, **self._evaluate(val_in, vy)}
+            self.history.append(metrics)
+            if self.cb.on_epoch:
+                self.cb.on_epoch(epoch, metrics)
+            self._event("info", f"epoch {epoch}/{hp.epochs}: train loss {train_loss:.4f}, val loss "
+                                f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}")
+            # A collapsed epoch (one label for everything, no better than the majority rate) is
+            # never "best"; a run that never gets past collapse diverged.
+            collapsed = metrics["distinct_predictions"] == 1 and len(set(vys)) > 1 and \
+                metrics["val_accuracy"] <= majority + 1e-9
+            if train_loss > 3 * first_loss:
+                return self._diverged(f"the training loss rose to {train_loss:.3f}, over 3x the first epoch's "
+                                      f"{first_loss:.3f}")
+            if not collapsed and metrics["val_accuracy"] > self.best_acc + 1e-4:
+                self.best_acc, self.best_epoch, bad_epochs = metrics["val_accuracy"], epoch, 0
+                self.best_state = {n: p.detach().clone() for n, p in self.params}
+            else:
+                bad_epochs += 1
+            if ckpt_dir is not None:
+                self._save(ckpt_dir, fingerprint, epoch, bad_epochs, first_loss)
+            # patience runs only once a healthy epoch exists: slow starts get every epoch
+            if self.best_epoch and bad_epochs >= hp.patience and epoch < hp.epochs:
+                self._event("info", f"early stop: no better validation accuracy for {bad_epochs} epochs")
+                break
+        if self.best_epoch == 0:
+            return self._diverged("every epoch predicted a single label for the whole validation set, no "
+                                  "better than always guessing the most common label")
+        self._load_best()
+
+    def _diverged(self, why: str) -> None:
+        if self.best_epoch == 0:
+            raise TrainingDiverged(f"training diverged: {why}; try a lower learning_rate "
+                                   f"(this run used {self.hp.learning_rate:g})")
+        self._event("warning", f"stopped early: {why}; keeping epoch {self.best_epoch}")
+        self._load_best()
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def _inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.base.tokenize(texts, max_length=self.hp.max_length)
+        if self.method != "head":
+            return enc
+        # head-only: the frozen features the head reads, computed once
+        feats: list[torch.Tensor] = []
+        head = getattr(self.model, self.base.head_name)
+        hook = head.register_forward_hook(lambda mod, args, out: feats.append(args[0].detach()))
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for i in range(0, len(texts), 64):
+                    self.model(**{k: v[i : i + 64] for k, v in enc.items()})
+        finally:
+            hook.remove()
+        return {"features": torch.cat(feats).clone()}
+
+    def _logits(self, inputs: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        if self.method == "head":
+            return getattr(self.model, self.base.head_name)(inputs["features"][idx])
+        batch = {k: v[idx] for k, v in inputs.items()}
+        if "attention_mask" in batch:  # trim the padding this batch does not need
+            width = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :width] for k, v in batch.items()}
+        return self.model(**batch).logits
+
+    @torch.inference_mode()
+    def _evaluate(self, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
+        self.model.eval()
+        logits = torch.cat([self._logits(inputs, torch.arange(i, min(i + 64, len(y)), device=self.device))
+                            for i in range(0, len(y), 64)])
+        preds = logits.argmax(-1)
+        m = classification_metrics(y.tolist(), preds.tolist(), len(self.labels))
+        return {"val_loss": F.cross_entropy(logits.float(), y).item(), "val_accuracy": m["accuracy"],
+                "val_macro_f1": m["macro_f1"], "confusion_matrix": m["confusion_matrix"],
+                "distinct_predictions": len(set(preds.tolist()))}
+
+    def _load_best(self) -> None:
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(self.best_state[n])
+
+    def _event(self, level: str, message: str) -> None:
+        if self.cb.on_event:
+            self.cb.on_event(level, message)
+
+    def _fingerprint(self, n_train: int, n_val: int) -> str:
+        blob = json.dumps([self.method, list(self.labels), self.hp.to_dict(), n_train, n_val,
+                           self.base.spec.fingerprint], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _save(self, folder: Path, fingerprint: str, epoch: int, bad: int, first: float) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        opt_step = 0.0
+        for i, (n, p) in enumerate(self.params):
+            tensors[f"param.{n}"] = p.detach()
+            st = self.opt.state.get(p, {})
+            if st:
+                tensors[f"exp_avg.{n}"], tensors[f"exp_avg_sq.{n}"] = st["exp_avg"], st["exp_avg_sq"]
+                opt_step = float(st["step"])
+            if n in self.best_state:
+                tensors[f"best.{n}"] = self.best_state[n]
+        meta = {"fingerprint": fingerprint, "epoch": epoch, "step": self.step, "opt_step": opt_step,
+                "best_epoch": self.best_epoch, "best_acc": self.best_acc, "bad_epochs": bad,
+                "first_loss": first, "history": self.history}
+        checkpoint.save(folder, meta, tensors)
+
+    def _restore(self, state: checkpoint.Checkpoint) -> tuple[int, int, float]:
+        meta, t = state.meta, state.tensors
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(t[f"param.{n}"])
+                if f"exp_avg.{n}" in t:
+                    self.opt.state[p] = {"step": torch.tensor(meta["opt_step"]), "exp_avg": t[f"exp_avg.{n}"].clone(),
+                                         "exp_avg_sq": t[f"exp_avg_sq.{n}"].clone()}
+                if f"best.{n}" in t:
+                    self.best_state[n] = t[f"best.{n}"].clone()
+        self.step, self.best_epoch, self.best_acc = meta["step"], meta["best_epoch"], meta["best_acc"]
+        self.history = meta["history"]
+        return meta["epoch"] + 1, meta["bad_epochs"], meta["first_loss"]
+
+    # -- the adapter ------------------------------------------------------------------------
+
+    def artifact(self, metrics: dict[str, Any]) -> AdapterArtifact:
+        spec = self.base.spec
+        if self.method == "lora":
+            with tempfile.TemporaryDirectory(prefix="tailor-train-") as tmp:
+                self.model.save_pretrained(tmp)
+                files = {name: (Path(tmp) / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+            return import_peft(files, spec, labels=list(self.labels), metrics=metrics)
+        # head-only: our format needs one LoRA pair, so it carries a rank-1 pair with B = 0, an
+        # exact no-op on the base, on the first adaptable layer
+        head: nn.Linear = getattr(self.model, self.base.head_name)
+        path = next(p for p in spec.linear_shapes if p != spec.head_name)
+        d_in, d_out = spec.linear_shapes[path]
+        weights = AdapterWeights(lora={path: (torch.zeros(1, d_in), torch.zeros(d_out, 1))},
+                                 head_weight=head.weight.detach().cpu().clone(),
+                                 head_bias=head.bias.detach().cpu().clone())
+        manifest = AdapterManifest(
+            base_fingerprint=spec.fingerprint, labels=self.labels,
+            lora=LoraSettings(r=1, alpha=1.0, target_modules=(path.rsplit(".", 1)[-1],)),
+            head_in_features=spec.head_in_features, metrics=metrics, source="tailor-head",
+        )
+        art = AdapterArtifact(manifest=manifest, weights=weights)
+        art.validate()
+        return art
+
+
+def _schedule(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

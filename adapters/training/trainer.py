@@ -41,7 +41,7 @@ from adapters.base import BaseModel
 from adapters.errors import TailorError
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, import_peft
 from adapters.training import checkpoint
-from adapters.training.hyperparams import Hyperparameters, ResolvedHyperparameters
+from adapters.training.hyperparams import HyperparameterError, Hyperparameters, ResolvedHyperparameters
 from adapters.training.metrics import classification_metrics
 
 METHODS = ("lora", "head", "full")
@@ -117,6 +117,8 @@ class _Run:
         setattr(model, base.head_name, nn.Linear(base.spec.head_in_features, len(labels)))
         if method == "lora":
             from peft import LoraConfig, get_peft_model
+
+            check_targets(base, hp.target_modules)
 
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -323,6 +325,16 @@ class _Run:
         art = AdapterArtifact(manifest=manifest, weights=weights)
         art.validate()
         return art
+
+
+def check_targets(base: BaseModel, targets: tuple[str, ...] | list[str]) -> None:
+    """Every LoRA target must name linear layers of the base (peft's suffix matching)."""
+    for target in targets:
+        if not base.spec.match_target(target):
+            names = sorted({p.rsplit(".", 1)[-1] for p in base.spec.linear_shapes if p != base.spec.head_name})
+            raise HyperparameterError(
+                f"target module {target!r} matches no linear layer of the base model; "
+                f"try one of: {', '.join(names)}", param="hyperparameters.target_modules")
 
 
 def _schedule(step: int, warmup: int, total: int) -> float:

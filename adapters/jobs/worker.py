@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoints", type=Path, required=True)
     p.add_argument("--threads", type=int, default=None, help="torch threads for training")
+    p.add_argument("--nice", type=int, default=10,
+                   help="CPU priority offset: training yields the cores to serving when both want them")
     p.add_argument("--poll-seconds", type=float, default=0.5)
     p.add_argument("--heartbeat-seconds", type=float, default=1.0)
     p.add_argument("--lease-seconds", type=float, default=60.0)
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.nice:
+        os.nice(args.nice)
     if args.threads:
         torch.set_num_threads(args.threads)
     stop = threading.Event()

@@ -1,0 +1,183 @@
+"""Quality benchmark: LoRA vs head-only vs full fine-tuning of the same base, on real data.
+
+    python -m bench.quality --dataset {imdb,bbc} [--quick] --out bench/results/quality-imdb.json
+
+Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC: 1,225 /
+900; 128 tokens; --quick: a few hundred), scores on the held-out test set, and writes
+``{method: {accuracy, macro_f1, train_seconds, trainable_params, ...}}`` plus a PNG of the
+learning curves. It also measures serving latency (p50/p99 of single-row predictions through
+the engine) with no training running and while a training worker process runs a job.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.base import load_base
+from adapters.catalog import Catalog
+from adapters.registry import Registry
+from adapters.runtime.engine import Engine
+from adapters.store import LocalStore
+from adapters.training import Hyperparameters, TrainCallbacks, train
+from adapters.training.metrics import classification_metrics
+from bench import data
+from bench.common import machine, parser, percentile, write
+
+SIZES = {"imdb": (2000, 1000), "bbc": (1225, 900)}
+QUICK_SIZES = {"imdb": (300, 200), "bbc": (300, 200)}
+METHODS = ("lora", "head", "full")
+TRAIN_THREADS = 1
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=sorted(SIZES), required=True)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list, or 'none' for latency only")
+    p.add_argument("--skip-latency", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    n_train, n_test = (QUICK_SIZES if args.quick else SIZES)[args.dataset]
+    rows = data.load(args.dataset)
+    train_rows, test_rows = data.split(rows, n_train, n_test, seed=0)
+    labels = tuple(sorted({r["label"] for r in rows}))
+    index = {name: i for i, name in enumerate(labels)}
+    # the trainer needs a validation set for early stopping: carve it from train, never from test
+    val_rows, fit_rows = train_rows[: len(train_rows) // 10], train_rows[len(train_rows) // 10 :]
+    base = load_base(max_length=128)
+    result: dict[str, Any] = {
+        "machine": machine(), "dataset": args.dataset, "quick": args.quick, "labels": list(labels),
+        "n_train": len(fit_rows), "n_validation": len(val_rows), "n_test": len(test_rows), "max_length": 128,
+    }
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for method in [] if args.methods == "none" else args.methods.split(","):
+        history: list[dict[str, Any]] = []
+        cb = TrainCallbacks(on_epoch=lambda e, m, h=history: h.append({"epoch": e, **m}))
+        hp = Hyperparameters.from_dict({"seed": 0, "max_length": 128})
+        t0 = time.perf_counter()
+        res = train(base, [r["text"] for r in fit_rows], [index[r["label"]] for r in fit_rows], labels,
+                    [r["text"] for r in val_rows], [index[r["label"]] for r in val_rows],
+                    method=method, hp=hp, callbacks=cb)
+        seconds = time.perf_counter() - t0
+        preds = predict(res.model, base, [r["text"] for r in test_rows])
+        m = classification_metrics([index[r["label"]] for r in test_rows], preds, len(labels))
+        result[method] = {
+            "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": seconds,
+            "trainable_params": res.trainable_params, "total_params": res.total_params,
+            "trainable_fraction": res.trainable_params / res.total_params, "epochs_run": len(history),
+            "best_epoch": res.best_epoch, "hyperparameters": res.hyperparameters,
+        }
+        curves[method] = history
+        print(f"{method}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s")
+    if "lora" in result and "full" in result and "head" in result:
+        result["lora_minus_full_points"] = 100 * (result["lora"]["accuracy"] - result["full"]["accuracy"])
+        result["lora_minus_head_points"] = 100 * (result["lora"]["accuracy"] - result["head"]["accuracy"])
+    result["curves"] = curves
+    if not args.skip_latency:
+        result["serving_latency_ms"] = serving_latency(base, fit_rows, quick=args.quick)
+    write(args.out, result)
+    plot_curves(args.out.with_suffix(".png"), curves, args.dataset)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, base, texts: list[str], batch: int = 64) -> list[int]:
+    model.eval()
+    out: list[int] = []
+    for i in range(0, len(texts), batch):
+        enc = base.tokenize(texts[i : i + batch], max_length=128)
+        out += model(**enc).logits.argmax(-1).tolist()
+    return out
+
+
+def serving_latency(base, rows: list[dict[str, str]], *, quick: bool) -> dict[str, Any]:
+    """p50/p99 of one-row predictions via the engine, idle vs while a worker process trains."""
+    with tempfile.TemporaryDirectory(prefix="tailor-quality-") as tmp:
+        tmpdir = Path(tmp)
+        db_url = f"sqlite:///{tmpdir}/r.db"
+        catalog = Catalog(Registry(db_url), LocalStore(tmpdir / "store"))
+        catalog.registry.create_tenant("bench")
+        from adapters.synthetic import random_artifact
+
+        serving = copy.copy(base)
+        serving.model = copy.deepcopy(base.model)
+        engine = Engine(serving, catalog)
+        catalog.publish("bench", "live", random_artifact(serving.spec, seed=1), promote=True)
+        adapter = engine.acquire(engine.resolve("bench", "live"))
+        texts = [r["text"] for r in rows[:64]]
+        n = 60 if quick else 200
+        # Serving keeps the cores the training worker does not use (the service does the same).
+        serve_threads = max(1, (os.cpu_count() or 2) - TRAIN_THREADS)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(serve_threads)
+
+        def measure() -> list[float]:
+            ms = []
+            for i in range(n):
+                t = time.perf_counter()
+                engine.classify([texts[i % len(texts)]], [adapter])
+                ms.append((time.perf_counter() - t) * 1e3)
+            return ms
+
+        idle = measure()
+        worker = start_training_worker(tmpdir, db_url, rows)
+        try:
+            time.sleep(12)  # let the worker load and start training
+            busy = measure()
+        finally:
+            worker.terminate()
+            worker.wait(30)
+            torch.set_num_threads(threads_before)
+    p99_idle, p99_busy = percentile(idle, 0.99), percentile(busy, 0.99)
+    return {"idle": {"p50": percentile(idle, 0.5), "p99": p99_idle},
+            "training": {"p50": percentile(busy, 0.5), "p99": p99_busy},
+            "p99_ratio": p99_busy / p99_idle, "requests": n,
+            "setup": f"serving in this process with {serve_threads} torch thread(s); one training worker "
+                     f"process (--threads {TRAIN_THREADS}, nice 10) training a LoRA job"}
+
+
+def start_training_worker(tmpdir: Path, db_url: str, rows: list[dict[str, str]]) -> subprocess.Popen[bytes]:
+    from adapters.datasets import from_records
+    from adapters.jobs.manager import JobManager
+    from adapters.schema import make_engine
+
+    jm = JobManager(make_engine(db_url), LocalStore(tmpdir / "store"))
+    jm.submit("bench", "trainee", training=from_records(rows[:400]), hyperparameters={"epochs": 20})
+    cmd = [sys.executable, "-m", "adapters.jobs.worker", "--database-url", db_url, "--store-url",
+           str(tmpdir / "store"), "--checkpoints", str(tmpdir / "ckpt"), "--threads", str(TRAIN_THREADS)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def plot_curves(png: Path, curves: dict[str, list[dict[str, Any]]], dataset: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for method, hist in curves.items():
+        epochs = [h["epoch"] for h in hist]
+        ax1.plot(epochs, [h.get("train_loss", float("nan")) for h in hist], marker="o", label=f"{method} train")
+        ax1.plot(epochs, [h.get("val_loss", float("nan")) for h in hist], marker="x", ls="--", label=f"{method} val")
+        ax2.plot(epochs, [h.get("val_accuracy", float("nan")) for h in hist], marker="o", label=method)
+    ax1.set(title=f"{dataset}: loss", xlabel="epoch", ylabel="loss")
+    ax2.set(title=f"{dataset}: validation accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,11 @@ class BatchOutput:
 
 
 class Engine:
-    def __init__(self, base: BaseModel, catalog: Catalog, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, base: BaseModel, catalog: Catalog, config: EngineConfig | None = None, *,
+        on_load: Callable[[float], None] | None = None,
+    ) -> None:
+        """``on_load(seconds)`` is called after each adapter load into the resident cache (metrics)."""
         self.base = base
         self.catalog = catalog
         self.config = config or EngineConfig()
@@ -85,7 +90,7 @@ class Engine:
                               self.config.device_slots, base.device, base.dtype)
         self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds)
         self.cache = ResidentCache(max_count=self.config.max_resident,
-                                   max_bytes=self.config.max_resident_bytes)
+                                   max_bytes=self.config.max_resident_bytes, on_load=on_load)
 
     # -- resolution and loading -----------------------------------------------------------
 

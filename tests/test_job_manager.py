@@ -39,11 +39,13 @@ def test_submit_stores_data_and_starts_queued(jm):
     assert [e.message for e in jm.events("acme", job.id)][0].startswith("job created")
 
 
-def test_invalid_method_or_promote_creates_nothing(jm):
-    for kw in ({"method": "magic"}, {"promote": "sometimes"}):
+def test_invalid_method_promote_or_hyperparameters_create_nothing(jm):
+    for kw in ({"method": "magic"}, {"promote": "sometimes"}, {"hyperparameters": {"epochs": -1}},
+               {"hyperparameters": {"learning_rte": 0.1}}):
         with pytest.raises(ValueError):
             submit(jm, **kw)
     assert jm.list("acme") == []
+    assert jm.store.list("tenants/acme/") == []
 
 
 def test_active_job_quota(jm):

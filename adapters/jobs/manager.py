@@ -36,6 +36,7 @@ from adapters.names import validate_name
 from adapters.quotas import TenantQuotas
 from adapters.schema import read_only, utcnow
 from adapters.store import AdapterStore
+from adapters.training.hyperparams import Hyperparameters
 
 _JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 J = schema.jobs
@@ -72,6 +73,7 @@ class JobManager:
             raise InvalidJobError(f"promote must be one of {', '.join(PROMOTE_MODES)}, got {promote!r}",
                                   param="promote")
         hp = dict(hyperparameters or {})
+        Hyperparameters.from_dict(hp)  # a bad value is a client error now, not a failed job later
         job_id = new_id("ftjob")
         prefix = f"tenants/{tenant}/jobs/{job_id}"
         train_key, val_key = f"{prefix}/train.jsonl", f"{prefix}/validation.jsonl" if validation else None

@@ -102,6 +102,15 @@ def test_two_tenants_train_and_are_served_in_isolation(world):
     bad = world.jobs.submit("globex", "broken", training=from_records(sentiment(40)),
                             hyperparameters={**FAST_HP, "target_modules": ["attention.nonexistent"]})
     world.worker()
+    world.worker()  # two processes: the two tenants' jobs train at the same time
+    overlapped, deadline = False, time.monotonic() + 120
+    while not overlapped and time.monotonic() < deadline:
+        states = {world.jobs.get("acme", good.id).status, world.jobs.get("globex", other.id).status}
+        overlapped = states <= {"validating", "running"}
+        if states & {"succeeded", "failed"}:
+            break
+        time.sleep(0.05)
+    assert overlapped, "the two tenants' jobs never ran at the same time"
     job = world.wait("acme", good.id, ("succeeded", "failed"))
     assert job.status == "succeeded", job.error
     assert job.version == 1 and job.result["promoted"] and job.metrics["val_accuracy"] >= 0.9

@@ -1,0 +1,135 @@
+"""Tenants' API keys, stored hashed: the secret itself is shown once, at creation, and never kept.
+
+A key is ``"tk-"`` followed by 40 URL-safe random characters (240 bits from ``secrets``). Only
+its sha256 is stored. A fast, unsalted hash is the right choice here, unlike for passwords:
+the secret is high-entropy random data, so there is no dictionary to try and a slow KDF would
+add nothing but latency to every request; the hash being deterministic also lets
+``authenticate`` find the key with one indexed lookup. (A timing-safe compare is not needed
+either: the lookup is by hash, so timing reveals nothing about the secret.)
+
+Revocation takes effect at once (nothing is cached here). Keys belong to a tenant row and go
+with it (``ON DELETE CASCADE``). Another tenant's key id is "not found", never "forbidden".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from adapters.errors import NotFoundError
+from adapters.names import validate_name
+from adapters.schema import api_keys, configure_sqlite, create_schema, read_only, tenants, utcnow
+
+SECRET_PREFIX = "tk-"
+SECRET_RANDOM_CHARS = 40  # token_urlsafe(30) gives exactly 40 characters
+PREFIX_CHARS = 8
+MAX_SECRET_CHARS = 256  # anything longer cannot be ours: refuse before hashing
+_KEY_ID = re.compile(r"key-[0-9a-f]{24}")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    tenant: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(SECRET_RANDOM_CHARS * 3 // 4)
+
+
+class KeyStore:
+    def __init__(self, engine: Engine) -> None:
+        configure_sqlite(engine)
+        create_schema(engine)
+        self.engine = engine
+        self._read = read_only(engine)
+
+    def create(self, tenant: str) -> tuple[str, str]:
+        """A new key for ``tenant``: returns ``(key_id, secret)``; the secret is not kept."""
+        validate_name(tenant, "tenant")
+        secret = new_secret()
+        key_id = "key-" + secrets.token_hex(12)
+        with self.engine.begin() as conn:
+            tid = conn.scalar(select(tenants.c.id).where(tenants.c.name == tenant))
+            if tid is None:
+                raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
+            conn.execute(insert(api_keys).values(
+                id=key_id, tenant_id=tid, key_hash=hash_secret(secret), prefix=secret[:PREFIX_CHARS],
+                created_at=utcnow(), revoked_at=None,
+            ))
+        return key_id, secret
+
+    def get(self, tenant: str, key_id: str) -> ApiKey:
+        validate_name(tenant, "tenant")
+        with self._read.connect() as conn:
+            return _record(tenant, self._row(conn, tenant, key_id))
+
+    def authenticate(self, secret: object) -> str | None:
+        """The tenant a live key belongs to, or None (unknown, revoked, malformed)."""
+        if not isinstance(secret, str) or not secret.startswith(SECRET_PREFIX) or len(secret) > MAX_SECRET_CHARS:
+            return None
+        with self._read.connect() as conn:
+            name = conn.scalar(
+                select(tenants.c.name)
+                .join(api_keys, api_keys.c.tenant_id == tenants.c.id)
+                .where(api_keys.c.key_hash == hash_secret(secret), api_keys.c.revoked_at.is_(None))
+            )
+        return None if name is None else str(name)
+
+    def revoke(self, tenant: str, key_id: str) -> ApiKey:
+        """Revoke one of ``tenant``'s keys (idempotent); NotFoundError if it is not theirs."""
+        validate_name(tenant, "tenant")
+        with self.engine.begin() as conn:
+            row = self._row(conn, tenant, key_id)
+            if row.revoked_at is None:
+                conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(revoked_at=utcnow()))
+                row = self._row(conn, tenant, key_id)
+        return _record(tenant, row)
+
+    def list(self, tenant: str) -> list[ApiKey]:
+        """Every key of ``tenant`` (revoked ones too), oldest first; never the secret."""
+        validate_name(tenant, "tenant")
+        with self._read.connect() as conn:
+            tid = conn.scalar(select(tenants.c.id).where(tenants.c.name == tenant))
+            if tid is None:
+                raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
+            rows = conn.execute(
+                select(api_keys).where(api_keys.c.tenant_id == tid)
+                .order_by(api_keys.c.created_at, api_keys.c.id)
+            ).all()
+        return [_record(tenant, r) for r in rows]
+
+    @staticmethod
+    def _row(conn: Connection, tenant: str, key_id: object) -> Any:
+        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+            raise NotFoundError(f"key {str(key_id)[:60]!r} not found", param="key_id")
+        row = conn.execute(
+            select(api_keys).join(tenants, tenants.c.id == api_keys.c.tenant_id)
+            .where(tenants.c.name == tenant, api_keys.c.id == key_id)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"key {key_id!r} not found", param="key_id")
+        return row
+
+
+def _record(tenant: str, row: Any) -> ApiKey:
+    m = row._mapping
+    return ApiKey(id=m["id"], tenant=tenant, prefix=m["prefix"], created_at=m["created_at"],
+                  revoked_at=m["revoked_at"])

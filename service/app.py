@@ -1,0 +1,170 @@
+"""The FastAPI app the BentoML service mounts at ``/``: routes, docs, limits, metrics, errors.
+
+``create_app(state)`` builds it; ``state`` may arrive later (``app.state.tailor = ...``) since
+BentoML needs the app when the service class is defined and the state is built in the
+service's ``__init__``. BentoML keeps its own ``/healthz``, ``/livez``, ``/readyz`` and
+``/metrics`` (they match before the mounted app); everything else is ours, including JSON
+404/405 for unknown routes and the OpenAPI docs at ``/docs`` (assets served locally: the
+machines running this may have no internet).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service.errors import error_response
+from service.jobs_routes import router as jobs_router
+from service.routes import router
+from service.state import TailorState
+
+log = logging.getLogger("tailor.service")
+
+API_DESCRIPTION = """\
+One frozen base model, many tenants: each tenant classifies text through its own LoRA
+adapters. Send `Authorization: Bearer <key>`: the admin key for `/v1/tenants`, a tenant's key
+for everything else. Errors are `{"error": {"code", "message", "param"}}`.
+"""
+_UPLOAD_PATHS = re.compile(r"^/v1/(files|adapters/[^/]+/import)/?$")
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def _swagger_assets() -> Path | None:
+    try:
+        import bentoml._internal.server as bentoml_server  # swagger-ui ships inside bentoml
+    except ImportError:  # pragma: no cover
+        return None
+    path = Path(bentoml_server.__file__).parent / "static_content"
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+class PayloadTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the {limit} byte limit")
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, get_limits: Any) -> None:
+        self.app, self.get_limits = app, get_limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_limit, upload_limit = self.get_limits()
+        limit = upload_limit if _UPLOAD_PATHS.match(scope["path"]) else body_limit
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                response = error_response(413, "payload_too_large",
+                                          f"request body is larger than the {limit} byte limit",
+                                          headers={"Connection": "close"})
+                return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class MetricsMiddleware:
+    """Requests and latency by route template (``/v1/adapters/{name}``) and status."""
+
+    def __init__(self, app: ASGIApp, get_state: Any) -> None:
+        self.app, self.get_state = app, get_state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: TailorState | None = self.get_state()
+        if scope["type"] != "http" or state is None:
+            return await self.app(scope, receive, send)
+        status = 500
+        t0 = time.perf_counter()
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            if endpoint == "/{path:path}":
+                endpoint = "unmatched"
+            m = state.metrics
+            m.requests.labels(endpoint, scope["method"], str(status)).inc()
+            m.latency.labels(endpoint, scope["method"]).observe(time.perf_counter() - t0)
+
+
+def create_app(state: TailorState | None = None) -> FastAPI:
+    app = FastAPI(title="Tailor", version="0.1.0", description=API_DESCRIPTION,
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.state.tailor = state
+
+    def limits() -> tuple[int, int]:
+        s = app.state.tailor.settings if app.state.tailor is not None else None
+        return (s.max_body_bytes, s.max_upload_bytes) if s else (10 << 20, 64 << 20)
+
+    app.add_middleware(BodyLimitMiddleware, get_limits=limits)
+    app.add_middleware(MetricsMiddleware, get_state=lambda: app.state.tailor)
+    errors.install(app)
+    app.include_router(router)
+    app.include_router(jobs_router)
+
+    assets = _swagger_assets()
+    if assets is not None:
+        app.mount("/docs/static", StaticFiles(directory=assets), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if assets is None:  # falls back to the CDN
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="Tailor API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="Tailor API", swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css", swagger_favicon_url="/docs/static/favicon-light-32x32.png",
+        )
+
+    @app.get("/", include_in_schema=False)
+    def index() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    # Last: every other path is a JSON 404 (or 405 when the path exists with other methods).
+    known = [r for r in (*router.routes, *jobs_router.routes) if isinstance(getattr(r, "methods", None), set)]
+
+    @app.api_route("/{path:path}", methods=_METHODS, include_in_schema=False)
+    def unknown(request: Request, path: str) -> JSONResponse:
+        probe = {"type": "http", "path": request.url.path, "method": "", "root_path": ""}
+        allowed = sorted({m for r in known if r.matches(probe)[0] != Match.NONE for m in r.methods})
+        if allowed:
+            return error_response(405, "method_not_allowed",
+                                  f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}",
+                                  headers={"Allow": ", ".join(allowed)})
+        return error_response(404, "not_found", f"no route {request.method} {request.url.path}")
+
+    return app

@@ -1,0 +1,211 @@
+"""``tailor``: the command line over ``TailorClient``.
+
+    tailor --key $ADMIN tenants create acme            # prints the tenant's key (once)
+    export TAILOR_API_KEY=tk-...
+    tailor adapters import sentiment ./my-peft-adapter  # a zip or a save_pretrained folder
+    tailor predict sentiment "great service" "awful food"
+    tailor adapters promote sentiment 2 ; tailor adapters rollback sentiment
+    tailor adapters export sentiment -o sentiment.zip
+
+The server is ``--url`` or ``$TAILOR_URL`` (default http://127.0.0.1:3000); the key is
+``--key`` or ``$TAILOR_API_KEY``. Output is JSON unless a command says otherwise; errors go
+to stderr as ``error: <status> <code>: <message>`` with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.client import FINISHED, TailorAPIError, TailorClient
+
+
+def _quota(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"quota {text!r}: use KEY=VALUE, e.g. max_adapters=10")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"quota {text!r}: VALUE must be a number") from None
+    return key, int(number) if number.is_integer() else number
+
+
+def _labels(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tailor", description="Tailor: many tenants' LoRA adapters on one base model.")
+    p.add_argument("--url", help="server URL (default $TAILOR_URL or http://127.0.0.1:3000)")
+    p.add_argument("--key", help="API key (default $TAILOR_API_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars for uploads/downloads")
+    sub = p.add_subparsers(dest="group", required=True)
+
+    t = sub.add_parser("tenants", help="manage tenants (admin key)").add_subparsers(dest="cmd", required=True)
+    c = t.add_parser("create", help="create a tenant; prints its first API key (shown once)")
+    c.add_argument("name")
+    c.add_argument("--quota", action="append", type=_quota, default=[], metavar="KEY=VALUE")
+    t.add_parser("list")
+    t.add_parser("delete", help="delete a tenant and everything it owns").add_argument("name")
+
+    k = sub.add_parser("keys", help="manage a tenant's API keys (admin key)").add_subparsers(dest="cmd", required=True)
+    k.add_parser("create").add_argument("tenant")
+    k.add_parser("list").add_argument("tenant")
+    r = k.add_parser("revoke")
+    r.add_argument("tenant")
+    r.add_argument("key_id")
+
+    a = sub.add_parser("adapters", help="manage adapters (tenant key)").add_subparsers(dest="cmd", required=True)
+    a.add_parser("list")
+    a.add_parser("show").add_argument("name")
+    pr = a.add_parser("promote", help="point prod (or --alias) at a version")
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    pr.add_argument("--alias", default="prod")
+    rb = a.add_parser("rollback", help="point prod back at its previous version")
+    rb.add_argument("name")
+    rb.add_argument("--alias", default="prod")
+    a.add_parser("delete").add_argument("name")
+    im = a.add_parser("import", help="import a peft adapter (zip or save_pretrained folder)")
+    im.add_argument("name")
+    im.add_argument("path", type=Path)
+    im.add_argument("--labels", type=_labels, help="label names, comma-separated")
+    g = im.add_mutually_exclusive_group()
+    g.add_argument("--promote", dest="promote", action="store_true", default=None)
+    g.add_argument("--no-promote", dest="promote", action="store_false")
+    ex = a.add_parser("export", help="download a version as a zip of peft files")
+    ex.add_argument("name")
+    ex.add_argument("--version", help="version number or alias (default prod)")
+    ex.add_argument("-o", "--output", type=Path, help="file to write (default NAME-vVERSION.zip)")
+
+    pd = sub.add_parser("predict", help="classify texts (tenant key); '-' reads lines from stdin")
+    pd.add_argument("adapter", help='"name", "name@3" or "name@prod"')
+    pd.add_argument("texts", nargs="+")
+    pd.add_argument("--json", action="store_true", help="print the full JSON answer")
+
+    f = sub.add_parser("files", help="training data files (tenant key)").add_subparsers(dest="cmd", required=True)
+    up = f.add_parser("upload")
+    up.add_argument("path", type=Path)
+    up.add_argument("--format", choices=["jsonl", "csv"])
+    f.add_parser("list")
+    f.add_parser("show").add_argument("file_id")
+    f.add_parser("delete").add_argument("file_id")
+
+    j = sub.add_parser("jobs", help="fine-tuning jobs (tenant key)").add_subparsers(dest="cmd", required=True)
+    jc = j.add_parser("create", help="train a new version of ADAPTER")
+    jc.add_argument("adapter")
+    src = jc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--training-file", help="an uploaded file id")
+    src.add_argument("--training", type=Path, help="a local JSONL/CSV file (uploaded first)")
+    jc.add_argument("--validation-file")
+    jc.add_argument("--method", choices=["lora", "head"], default="lora")
+    jc.add_argument("--promote", choices=["auto", "always", "never"], default="auto")
+    jc.add_argument("--hp", action="append", type=_quota, default=[], metavar="KEY=VALUE",
+                    help="a hyper-parameter, e.g. epochs=3")
+    jc.add_argument("--follow", action="store_true", help="print events until the job finishes")
+    jl = j.add_parser("list")
+    jl.add_argument("--status")
+    jl.add_argument("--limit", type=int, default=20)
+    j.add_parser("show").add_argument("job_id")
+    j.add_parser("events").add_argument("job_id")
+    j.add_parser("cancel").add_argument("job_id")
+    j.add_parser("follow", help="print events until the job finishes").add_argument("job_id")
+    return p
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def _follow(client: TailorClient, job_id: str) -> None:
+    for event in client.follow_job(job_id):
+        print(f"{event['at']}  {event['level']:<7} {event['message']}", flush=True)
+    job = client.get_job(job_id)
+    print(f"job {job_id}: {job['status']}" + (f" (version {job['version']})" if job.get("version") else ""))
+
+
+def run(args: argparse.Namespace, client: TailorClient) -> None:
+    progress = not args.no_progress and sys.stderr.isatty()
+    g, cmd = args.group, getattr(args, "cmd", None)
+    table: dict[tuple[str, str | None], Callable[[], Any]] = {
+        ("tenants", "create"): lambda: client.create_tenant(args.name, dict(args.quota) or None),
+        ("tenants", "list"): client.list_tenants,
+        ("tenants", "delete"): lambda: client.delete_tenant(args.name),
+        ("keys", "create"): lambda: client.create_key(args.tenant),
+        ("keys", "list"): lambda: client.list_keys(args.tenant),
+        ("keys", "revoke"): lambda: client.revoke_key(args.tenant, args.key_id),
+        ("adapters", "list"): client.list_adapters,
+        ("adapters", "show"): lambda: client.get_adapter(args.name),
+        ("adapters", "promote"): lambda: client.promote(args.name, args.version, args.alias),
+        ("adapters", "rollback"): lambda: client.rollback(args.name, args.alias),
+        ("adapters", "delete"): lambda: client.delete_adapter(args.name),
+        ("adapters", "import"): lambda: client.import_adapter(args.name, args.path, labels=args.labels,
+                                                              promote=args.promote, progress=progress),
+        ("files", "upload"): lambda: client.upload_file(args.path, format=args.format, progress=progress),
+        ("files", "list"): client.list_files,
+        ("files", "show"): lambda: client.get_file(args.file_id),
+        ("files", "delete"): lambda: client.delete_file(args.file_id),
+        ("jobs", "list"): lambda: client.list_jobs(limit=args.limit, status=args.status),
+        ("jobs", "show"): lambda: client.get_job(args.job_id),
+        ("jobs", "events"): lambda: client.job_events(args.job_id),
+        ("jobs", "cancel"): lambda: client.cancel_job(args.job_id),
+    }
+    if (g, cmd) in table:
+        _print(table[(g, cmd)]())
+    elif g == "adapters" and cmd == "export":
+        data = client.export_adapter(args.name, args.version, progress=progress)
+        version = args.version or "prod"
+        out = args.output or Path(f"{args.name}-v{version}.zip")
+        out.write_bytes(data)
+        print(f"wrote {out} ({len(data)} bytes)")
+    elif g == "predict":
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
+        result = client.predict(args.adapter, texts)
+        if args.json:
+            _print(result)
+        else:
+            print(f"# {result['adapter']}@{result['version']}")
+            for text, p in zip(texts, result["predictions"]):
+                print(f"{p['label']}\t{p['score']:.4f}\t{text}")
+    elif g == "jobs" and cmd == "create":
+        training_file = args.training_file
+        if args.training is not None:
+            training_file = client.upload_file(args.training, progress=progress)["id"]
+        job = client.create_job(args.adapter, training_file=training_file, validation_file=args.validation_file,
+                                method=args.method, promote=args.promote, hyperparameters=dict(args.hp))
+        _print(job)
+        if args.follow and job["status"] not in FINISHED:
+            _follow(client, job["id"])
+    elif g == "jobs" and cmd == "follow":
+        _follow(client, args.job_id)
+    else:  # pragma: no cover - argparse enforces the choices
+        raise SystemExit(f"unknown command {g} {cmd}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with TailorClient(args.url, args.key, timeout=args.timeout) as client:
+            run(args, client)
+    except TailorAPIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach the server: {e}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""A small typed Python client for Tailor's HTTP API (what the ``tailor`` CLI uses).
+
+    from service.client import TailorClient
+    admin = TailorClient("http://127.0.0.1:3000", admin_key)
+    key = admin.create_tenant("acme")["api_key"]
+    acme = TailorClient("http://127.0.0.1:3000", key)
+    acme.import_adapter("sentiment", "adapter.zip")          # or a peft save_pretrained folder
+    acme.predict("sentiment", ["great service"])["predictions"][0]["label"]
+
+Every non-2xx answer raises ``TailorAPIError(status, code, message, param)``. Only httpx is
+needed (tqdm for progress bars, optional).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Literal, TypedDict
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+_PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tailor_manifest.json")
+
+
+class TailorAPIError(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 body: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" + (f" (param: {param})" if param else ""))
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.body = body or {}
+
+
+# -- response shapes ---------------------------------------------------------------------------------
+
+class Prediction(TypedDict):
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class PredictResult(TypedDict):
+    adapter: str
+    version: int
+    predictions: list[Prediction]
+
+
+class Tenant(TypedDict):
+    name: str
+    created_at: str
+    quotas: dict[str, Any]
+
+
+class TenantCreated(Tenant):
+    api_key: str
+    key_id: str
+
+
+class ApiKey(TypedDict):
+    key_id: str
+    prefix: str
+    created_at: str
+    revoked_at: str | None
+    active: bool
+
+
+class AdapterSummary(TypedDict):
+    name: str
+    created_at: str
+    aliases: dict[str, int]
+    versions: list[int]
+    prod: int | None
+
+
+class AdapterVersion(TypedDict):
+    version: int
+    status: str
+    created_at: str
+    metrics: dict[str, Any]
+    labels: list[str]
+    aliases: list[str]
+    sha256: str
+    nbytes: int
+
+
+class AdapterDetail(TypedDict):
+    name: str
+    created_at: str
+    aliases: dict[str, int]
+    prod: int | None
+    versions: list[AdapterVersion]
+
+
+class AliasChange(TypedDict):
+    adapter: str
+    alias: str
+    version: int
+    previous: int | None
+    aliases: dict[str, int]
+
+
+class FileInfo(TypedDict):
+    id: str
+    filename: str
+    format: str
+    rows: int
+    labels: list[str]
+    bytes: int
+    created_at: str
+
+
+class Job(TypedDict):
+    id: str
+    adapter: str
+    status: str
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    error: dict[str, str] | None
+    version: int | None
+    created_at: str
+    finished_at: str | None
+
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class _Progress(io.RawIOBase):
+    """A read-only file object over bytes that advances a tqdm bar as httpx reads it."""
+
+    def __init__(self, data: bytes, bar: Any) -> None:
+        self._buf, self._bar = io.BytesIO(data), bar
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._buf.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._buf.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._buf.read(n)
+        if self._bar is not None:
+            self._bar.update(len(chunk))
+        return chunk
+
+
+def _bar(total: int | None, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+
+
+def zip_adapter_dir(path: Path) -> bytes:
+    """Zip a peft ``save_pretrained`` folder (its adapter files only) for import."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        found = False
+        for name in _PEFT_FILES:
+            if (path / name).is_file():
+                z.write(path / name, name)
+                found = True
+        if not found:
+            raise FileNotFoundError(f"{path} holds no adapter_config.json / adapter_model.safetensors")
+    return buf.getvalue()
+
+
+class TailorClient:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = (base_url or os.environ.get("TAILOR_URL") or DEFAULT_URL).rstrip("/")
+        api_key = api_key if api_key is not None else os.environ.get("TAILOR_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> TailorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        r = self._http.request(method, path, **kw)
+        if r.status_code >= 400:
+            raise _error(r)
+        return r
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._request(method, path, **kw).json()
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.base_url} not ready after {timeout:.0f}s")
+            time.sleep(interval)
+
+    # -- admin ------------------------------------------------------------------------------------
+
+    def create_tenant(self, name: str, quotas: dict[str, Any] | None = None) -> TenantCreated:
+        body: dict[str, Any] = {"name": name}
+        if quotas:
+            body["quotas"] = quotas
+        return self._json("POST", "/v1/tenants", json=body)
+
+    def list_tenants(self) -> list[Tenant]:
+        return self._json("GET", "/v1/tenants")
+
+    def delete_tenant(self, name: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/v1/tenants/{name}")
+
+    def create_key(self, tenant: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/tenants/{tenant}/keys")
+
+    def list_keys(self, tenant: str) -> list[ApiKey]:
+        return self._json("GET", f"/v1/tenants/{tenant}/keys")
+
+    def revoke_key(self, tenant: str, key_id: str) -> ApiKey:
+        return self._json("DELETE", f"/v1/tenants/{tenant}/keys/{key_id}")
+
+    # -- adapters ---------------------------------------------------------------------------------
+
+    def list_adapters(self) -> list[AdapterSummary]:
+        return self._json("GET", "/v1/adapters")
+
+    def get_adapter(self, name: str) -> AdapterDetail:
+        return self._json("GET", f"/v1/adapters/{name}")
+
+    def promote(self, name: str, version: int, alias: str = "prod") -> AliasChange:
+        return self._json("POST", f"/v1/adapters/{name}/promote", json={"version": version, "alias": alias})
+
+    def rollback(self, name: str, alias: str = "prod") -> AliasChange:
+        return self._json("POST", f"/v1/adapters/{name}/rollback", params={"alias": alias})
+
+    def delete_adapter(self, name: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/v1/adapters/{name}")
+
+    def import_adapter(self, name: str, source: str | os.PathLike[str] | bytes, *, labels: list[str] | None = None,
+                       promote: bool | None = None, progress: bool = False) -> dict[str, Any]:
+        """Import a zip (path or bytes) or a peft ``save_pretrained`` folder as a new version."""
+        if isinstance(source, bytes):
+            data, filename = source, "adapter.zip"
+        else:
+            path = Path(source)
+            data = zip_adapter_dir(path) if path.is_dir() else path.read_bytes()
+            filename = path.name if path.is_file() else f"{path.name}.zip"
+        form: dict[str, str] = {}
+        if labels is not None:
+            import json
+
+            form["labels"] = json.dumps(labels)
+        if promote is not None:
+            form["promote"] = "true" if promote else "false"
+        bar = _bar(len(data), f"upload {name}", progress)
+        try:
+            body: IO[bytes] = _Progress(data, bar)  # type: ignore[assignment]
+            return self._json("POST", f"/v1/adapters/{name}/import",
+                              files={"file": (filename, body, "application/zip")}, data=form)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def export_adapter(self, name: str, version: int | str | None = None, dest: str | os.PathLike[str] | None = None,
+                       *, progress: bool = False) -> bytes:
+        """The version (default prod) as a zip of peft files; also written to ``dest`` if given."""
+        params = {"version": str(version)} if version is not None else {}
+        with self._http.stream("GET", f"/v1/adapters/{name}/export", params=params) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise _error(r)
+            total = int(r.headers.get("content-length") or 0) or None
+            bar = _bar(total, f"download {name}", progress)
+            chunks = []
+            for chunk in r.iter_bytes():
+                chunks.append(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        data = b"".join(chunks)
+        if dest is not None:
+            Path(dest).write_bytes(data)
+        return data
+
+    # -- predict ----------------------------------------------------------------------------------
+
+    def predict(self, adapter: str, inputs: list[str] | str) -> PredictResult:
+        """Classify ``inputs`` with ``adapter`` ("name", "name@3" or "name@prod")."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        return self._json("POST", "/v1/predict", json={"adapter": adapter, "inputs": list(inputs)})
+
+    # -- files and jobs ---------------------------------------------------------------------------
+
+    def upload_file(self, path: str | os.PathLike[str], *, format: str | None = None,
+                    progress: bool = False) -> FileInfo:
+        p = Path(path)
+        data = p.read_bytes()
+        bar = _bar(len(data), f"upload {p.name}", progress)
+        try:
+            body: IO[bytes] = _Progress(data, bar)  # type: ignore[assignment]
+            return self._json("POST", "/v1/files", files={"file": (p.name, body)},
+                              data={"format": format} if format else {})
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def list_files(self) -> list[FileInfo]:
+        return self._json("GET", "/v1/files")
+
+    def get_file(self, file_id: str) -> FileInfo:
+        return self._json("GET", f"/v1/files/{file_id}")
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/v1/files/{file_id}")
+
+    def create_job(self, adapter: str, *, training_file: str | None = None, validation_file: str | None = None,
+                   training_data: list[dict[str, Any]] | None = None,
+                   validation_data: list[dict[str, Any]] | None = None, method: Literal["lora", "head"] = "lora",
+                   hyperparameters: dict[str, Any] | None = None,
+                   promote: Literal["auto", "always", "never"] = "auto") -> Job:
+        body: dict[str, Any] = {"adapter": adapter, "method": method, "promote": promote,
+                                "hyperparameters": hyperparameters or {}}
+        for key, value in (("training_file", training_file), ("validation_file", validation_file),
+                           ("training_data", training_data), ("validation_data", validation_data)):
+            if value is not None:
+                body[key] = value
+        return self._json("POST", "/v1/jobs", json=body)
+
+    def list_jobs(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return self._json("GET", "/v1/jobs", params=params)
+
+    def get_job(self, job_id: str) -> Job:
+        return self._json("GET", f"/v1/jobs/{job_id}")
+
+    def job_events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        return self._json("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def follow_job(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the job's events as they come until it finishes."""
+        after, deadline = 0, None if timeout is None else time.monotonic() + timeout
+        while True:
+            for event in self.job_events(job_id, after=after):
+                after = max(after, int(event["id"]))
+                yield event
+            if self.get_job(job_id)["status"] in FINISHED:
+                for event in self.job_events(job_id, after=after):
+                    yield event
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
+            time.sleep(interval)
+
+
+def _error(r: httpx.Response) -> TailorAPIError:
+    try:
+        body = r.json()
+        err = body["error"]
+        return TailorAPIError(r.status_code, str(err.get("code")), str(err.get("message")), err.get("param"), body)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        text = r.text.strip()[:300] or r.reason_phrase
+        return TailorAPIError(r.status_code, "http_error", text)

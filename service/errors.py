@@ -1,0 +1,126 @@
+"""Every error leaves the service as ``{"error": {"code", "message", "param"?}}``.
+
+Library errors map by class (``adapters.errors`` codes stay the wire codes); FastAPI's
+validation errors become 422 naming the field path (malformed JSON: 400); HTTP exceptions
+keep their status; anything unexpected is a logged 500 ``internal_error``. A client mistake
+never comes back as a 5xx.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.errors import (
+    ArtifactError, CapacityError, ConflictError, DatasetError, InvalidNameError,
+    NotFoundError, TailorError,
+)
+
+log = logging.getLogger("tailor.service")
+
+
+class ApiError(Exception):
+    """An error the service raises itself, with its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if param is not None:
+        err["param"] = param
+    err.update({k: v for k, v in extra.items() if v is not None})
+    return {"error": err}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(body(code, message, param, **extra), status_code=status, headers=headers)
+
+
+def status_of(e: TailorError) -> int:
+    """The HTTP status of a library error (by class; the most specific class wins)."""
+    if isinstance(e, NotFoundError):  # AdapterNotFoundError included
+        return 404
+    if isinstance(e, ConflictError):
+        return 409
+    if isinstance(e, CapacityError):
+        return 503
+    if isinstance(e, (InvalidNameError, ArtifactError, DatasetError)):
+        return 422
+    if e.code.endswith("quota_exceeded"):  # e.g. adapters.jobs' JobLimitError
+        return 429
+    return 422 if isinstance(e, ValueError) else 400
+
+
+_REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
+            415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited",
+            503: "unavailable"}
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """``("body", "inputs", 3)`` -> ``"inputs[3]"``; ``("query", "version")`` -> ``"version"``."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "form", "cookie"):
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message, e.param, e.headers or None, **e.extra)
+
+    @app.exception_handler(TailorError)
+    async def _tailor(request: Request, e: TailorError) -> JSONResponse:
+        status = status_of(e)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return error_response(status, e.code, e.message, e.param, headers, line=getattr(e, "line", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            ctx = first.get("ctx") or {}
+            return error_response(400, "invalid_json",
+                                  f"request body is not valid JSON: {ctx.get('error', 'parse error')}")
+        param = field_path(first.get("loc", ()))
+        kind = first.get("type", "")
+        msg = first.get("msg", "invalid request")
+        if kind == "extra_forbidden":
+            msg = f"unknown field {param!r}"
+        elif kind == "missing":
+            msg = f"field {param!r} is required" if param else "a request body is required"
+        elif param:
+            msg = f"{param}: {msg}"
+        details = [{"param": field_path(x.get("loc", ())), "message": x.get("msg")} for x in errors[1:10]]
+        return error_response(422, "invalid_request", msg, param, details=details or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = _REASONS.get(e.status_code, "http_error")
+        message = e.detail if isinstance(e.detail, str) else str(e.detail)
+        return error_response(e.status_code, code, message, None, dict(e.headers or {}) or None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=e)
+        return error_response(500, "internal_error", "internal server error; it was logged")

@@ -1,0 +1,89 @@
+"""Prometheus metrics of the service (plain prometheus-client; they show on BentoML's /metrics).
+
+BentoML runs its workers with prometheus-client's multiprocess mode on, so counters and
+histograms from every worker are summed on scrape; gauges say how they combine
+(``livesum``: the sum over live workers). Endpoint labels are route templates
+(``/v1/adapters/{name}``), never raw paths. A ``tenant`` label is added only when
+``TAILOR_METRICS_TENANT_LABELS=1`` (it multiplies series by the tenant count).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from adapters.runtime.cache import CacheStats
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+_lock = threading.Lock()
+_metrics: Metrics | None = None
+
+
+class Metrics:
+    def __init__(self, tenant_labels: bool = False) -> None:
+        self.tenant_labels = tenant_labels
+        t = ["tenant"] if tenant_labels else []
+        self.requests = Counter("tailor_http_requests", "HTTP requests by route template and status",
+                                ["endpoint", "method", "status"])
+        self.latency = Histogram("tailor_http_request_duration_seconds", "HTTP request latency",
+                                 ["endpoint", "method"], buckets=_LATENCY_BUCKETS)
+        self.predict_requests = Counter("tailor_predict_requests", "Predict requests served", t)
+        self.predict_rows = Counter("tailor_predict_rows", "Texts classified", t)
+        self.batch_size = Histogram("tailor_batch_size", "Rows per merged forward pass", buckets=_BATCH_BUCKETS)
+        self.batch_adapters = Histogram("tailor_batch_adapters", "Distinct adapters per merged forward pass",
+                                        buckets=_BATCH_BUCKETS)
+        self.batch_seconds = Histogram("tailor_batch_seconds", "Forward pass time per merged batch",
+                                       buckets=_LATENCY_BUCKETS)
+        self.cache_hits = Counter("tailor_adapter_cache_hits", "Resident adapter cache hits")
+        self.cache_misses = Counter("tailor_adapter_cache_misses", "Resident adapter cache misses")
+        self.cache_evictions = Counter("tailor_adapter_cache_evictions", "Adapters evicted from the resident set")
+        self.cache_load_errors = Counter("tailor_adapter_load_errors", "Adapter loads that failed")
+        self.resident = Gauge("tailor_adapters_resident", "Adapters resident in host memory",
+                              multiprocess_mode="livesum")
+        self.resident_bytes = Gauge("tailor_adapters_resident_bytes", "Bytes of resident adapters",
+                                    multiprocess_mode="livesum")
+        self.load_seconds = Histogram("tailor_adapter_load_seconds", "Time to load an adapter from the store",
+                                      buckets=_LOAD_BUCKETS)
+        self.jobs = Gauge("tailor_jobs", "Fine-tuning jobs by status (whole database)", ["status"],
+                          multiprocess_mode="mostrecent")
+        self.ready = Gauge("tailor_ready", "1 once the base model is loaded and the engine built",
+                           multiprocess_mode="livemin")
+        self._seen = CacheStats()
+        self._sync_lock = threading.Lock()
+
+    def tenant(self, counter: Counter, tenant: str) -> Counter:
+        return counter.labels(tenant) if self.tenant_labels else counter
+
+    def observe_batch(self, size: int, n_adapters: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_adapters.observe(n_adapters)
+        self.batch_seconds.observe(seconds)
+
+    def sync_cache(self, stats: CacheStats) -> None:
+        """Turn the cache's cumulative counts into counter increments (cheap; call often)."""
+        with self._sync_lock:
+            for name, counter in (("hits", self.cache_hits), ("misses", self.cache_misses),
+                                  ("evictions", self.cache_evictions), ("load_errors", self.cache_load_errors)):
+                now, before = getattr(stats, name), getattr(self._seen, name)
+                if now > before:
+                    counter.inc(now - before)
+                    setattr(self._seen, name, now)
+            self.resident.set(stats.resident)
+            self.resident_bytes.set(stats.resident_bytes)
+
+    def set_jobs(self, counts: dict[str, int]) -> None:
+        for status in ("queued", "validating", "running", "succeeded", "failed", "cancelled", *counts):
+            self.jobs.labels(status).set(counts.get(status, 0))
+
+
+def get_metrics(tenant_labels: bool = False) -> Metrics:
+    """The process's metrics (created once: prometheus-client refuses duplicate names)."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = Metrics(tenant_labels)
+        return _metrics

@@ -1,0 +1,212 @@
+"""The work behind the routes: plain blocking functions over ``TailorState`` (run in threads).
+
+Kept apart from ``app.py`` so routes stay one screen each and the logic can be read (and
+called) without HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from adapters.errors import ArtifactError, FingerprintMismatchError, NotFoundError
+from adapters.artifact import AdapterManifest
+from adapters.names import validate_name
+from adapters.peft_format import TAILOR_FILE, export_peft, import_peft, unzip_files, zip_files
+from adapters.quotas import TenantQuotas
+from adapters.registry import AdapterInfo, Tenant, VersionRecord
+from adapters.runtime.engine import ResolvedAdapter
+from adapters.runtime.loaded import LoadedAdapter
+from service.errors import ApiError
+from service.state import TailorState
+
+ZIP_OVERHEAD = 4 << 20  # config + manifest next to the weights
+
+
+# -- shapes of what the API returns ---------------------------------------------------------------
+
+def tenant_out(t: Tenant) -> dict[str, Any]:
+    return {"name": t.name, "created_at": t.created_at,
+            "quotas": TenantQuotas.from_dict(t.quotas or None).to_dict()}
+
+
+def key_out(k: Any) -> dict[str, Any]:
+    return {"key_id": k.id, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at,
+            "active": k.revoked_at is None}
+
+
+def version_out(r: VersionRecord, aliases: dict[str, int]) -> dict[str, Any]:
+    m = r.manifest
+    return {
+        "version": r.version, "status": r.status, "created_at": r.created_at, "metrics": r.metrics,
+        "labels": list(m.get("labels") or []), "aliases": sorted(a for a, v in aliases.items() if v == r.version),
+        "sha256": r.sha256, "nbytes": r.nbytes, "source": m.get("source"), "lora": m.get("lora"),
+    }
+
+
+def adapter_summary(a: AdapterInfo) -> dict[str, Any]:
+    return {"name": a.name, "created_at": a.created_at, "aliases": a.aliases, "versions": a.versions,
+            "prod": a.aliases.get("prod")}
+
+
+def adapter_detail(state: TailorState, tenant: str, name: str) -> dict[str, Any]:
+    info = state.registry.get_adapter(tenant, name)
+    versions = state.registry.list_versions(tenant, name)
+    return {"name": info.name, "created_at": info.created_at, "aliases": info.aliases,
+            "prod": info.aliases.get("prod"), "versions": [version_out(v, info.aliases) for v in versions]}
+
+
+# -- tenants ---------------------------------------------------------------------------------------
+
+def create_tenant(state: TailorState, name: str, quotas: dict[str, Any] | None) -> dict[str, Any]:
+    validate_name(name, "name")
+    TenantQuotas.from_dict(quotas)  # refuses unknown keys and bad values, naming them
+    tenant = state.registry.create_tenant(name, quotas=quotas or {})
+    key_id, secret = state.keys.create(name)
+    return {**tenant_out(tenant), "api_key": secret, "key_id": key_id}
+
+
+def delete_tenant(state: TailorState, name: str) -> dict[str, Any]:
+    validate_name(name, "name")
+    state.registry.get_tenant(name)  # 404 before anything is touched
+    # Rows first (adapters, versions, keys, files and jobs cascade), then every byte under the
+    # tenant's prefix; a crash in between leaves orphan files, never rows without files.
+    removed = state.catalog.delete_tenant(name)
+    removed += state.store.delete_prefix(f"tenants/{name}/")
+    if state.engine is not None:
+        state.engine.forget(name)
+    return {"name": name, "deleted": True, "files_removed": removed}
+
+
+# -- adapters --------------------------------------------------------------------------------------
+
+def parse_labels(raw: str | None) -> list[str] | None:
+    """Form field ``labels``: a JSON list of strings or a comma-separated list."""
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            labels = json.loads(text)
+        except ValueError:
+            raise ApiError(422, "invalid_request", "labels: not a valid JSON list", param="labels") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ApiError(422, "invalid_request", "labels: must be a list of strings", param="labels")
+    else:
+        labels = text.split(",")
+    labels = [x.strip() for x in labels]
+    if not labels or any(not x for x in labels):
+        raise ApiError(422, "invalid_request", "labels: empty label name", param="labels")
+    if len(set(labels)) != len(labels):
+        raise ApiError(422, "invalid_request", "labels: names must be unique", param="labels")
+    return labels
+
+
+def check_manifest_base(files: dict[str, bytes], fingerprint: str) -> None:
+    """A Tailor export names the base it was trained on: refuse it for any other base.
+
+    (A plain peft adapter carries no fingerprint; ``import_peft`` still checks its shapes.)
+    """
+    raw = files.get(TAILOR_FILE)
+    if raw is None:
+        return
+    try:
+        manifest = AdapterManifest.from_json(raw)
+    except ArtifactError as e:
+        raise ArtifactError(f"{TAILOR_FILE}: {e.message}") from None
+    if manifest.base_fingerprint != fingerprint:
+        raise FingerprintMismatchError(
+            f"base model mismatch: this adapter was trained on base {manifest.base_fingerprint[:23]}..., "
+            f"but this service runs base {fingerprint[:23]}...; adapters only work on the base they were "
+            "trained on", param="file")
+
+
+def import_adapter(state: TailorState, tenant: str, name: str, data: bytes, labels: list[str] | None,
+                   promote: bool | None) -> dict[str, Any]:
+    engine = state.require_engine()
+    validate_name(name, "adapter")
+    spec = engine.base.spec
+    try:
+        existing = state.registry.get_adapter(tenant, name)
+    except NotFoundError:
+        existing = None
+        quotas = TenantQuotas.from_dict(state.registry.get_tenant(tenant).quotas or None)
+        count = len(state.registry.list_adapters(tenant))
+        if count >= quotas.max_adapters:
+            raise ApiError(429, "adapter_quota_exceeded",
+                           f"tenant has {count} adapters; its quota is {quotas.max_adapters}", param="adapter")
+    if not data:
+        raise ApiError(422, "invalid_artifact", "the uploaded file is empty", param="file")
+    files = unzip_files(data, max_bytes=state.catalog.max_adapter_bytes + ZIP_OVERHEAD)
+    check_manifest_base(files, spec.fingerprint)
+    artifact = import_peft(files, spec, labels=labels)
+    if promote is None:
+        promote = existing is None or "prod" not in existing.aliases
+    record = state.catalog.publish(tenant, name, artifact, promote=promote, spec=spec)
+    engine.refresh(tenant, name)
+    aliases = state.registry.get_aliases(tenant, name)
+    return {"adapter": name, "promoted": promote, **version_out(record, aliases)}
+
+
+def export_adapter(state: TailorState, tenant: str, name: str, version: str | None) -> tuple[VersionRecord, bytes]:
+    engine = state.require_engine()
+    ref: str | None = version.strip() if version else None
+    record = state.registry.resolve(tenant, name, ref)
+    try:
+        artifact = state.catalog.read(record, engine.base.spec)
+    except ArtifactError as e:  # stored bytes that no longer fit: a conflict with state, not a bad request
+        raise ApiError(409, e.code, f"{name}@{record.version} cannot be exported: {e.message}") from None
+    return record, zip_files(export_peft(artifact, engine.base.spec))
+
+
+def set_alias(state: TailorState, tenant: str, name: str, alias: str, version: int) -> dict[str, Any]:
+    before = state.registry.get_aliases(tenant, name)
+    state.registry.set_alias(tenant, name, alias, version)
+    if state.engine is not None:
+        state.engine.refresh(tenant, name)
+    return {"adapter": name, "alias": alias, "version": version, "previous": before.get(alias),
+            "aliases": state.registry.get_aliases(tenant, name)}
+
+
+def rollback(state: TailorState, tenant: str, name: str, alias: str) -> dict[str, Any]:
+    before = state.registry.get_aliases(tenant, name)
+    version = state.registry.rollback(tenant, name, alias)
+    if state.engine is not None:
+        state.engine.refresh(tenant, name)
+    return {"adapter": name, "alias": alias, "version": version, "previous": before.get(alias),
+            "aliases": state.registry.get_aliases(tenant, name)}
+
+
+def delete_adapter(state: TailorState, tenant: str, name: str) -> dict[str, Any]:
+    removed = state.catalog.delete_adapter(tenant, name)
+    if state.engine is not None:
+        state.engine.forget(tenant, name)
+    return {"adapter": name, "deleted": True, "files_removed": removed}
+
+
+# -- predict ---------------------------------------------------------------------------------------
+
+def acquire(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter]:
+    engine = state.require_engine()
+    resolved = engine.resolve(tenant, ref)
+    try:
+        loaded = engine.acquire(resolved)
+    except ArtifactError as e:
+        # The stored version cannot be served (corrupt bytes, another base): the tenant's state
+        # conflicts with this service; rolling back or re-importing fixes it.
+        raise ApiError(409, e.code, f"{resolved.ref} cannot be loaded: {e.message}", param="adapter") from None
+    finally:
+        state.metrics.sync_cache(engine.cache.stats)
+    return resolved, loaded
+
+
+def check_inputs(state: TailorState, inputs: list[str]) -> None:
+    s = state.settings
+    if len(inputs) > s.max_inputs:
+        raise ApiError(422, "too_many_inputs", f"{len(inputs)} inputs given; at most {s.max_inputs} per request",
+                       param="inputs")
+    for i, text in enumerate(inputs):
+        if len(text) > s.max_input_chars:
+            raise ApiError(422, "input_too_long",
+                           f"inputs[{i}] has {len(text)} characters; at most {s.max_input_chars} allowed",
+                           param=f"inputs[{i}]")

@@ -1,0 +1,177 @@
+"""Request and response bodies of the HTTP API (pydantic; unknown request fields are 422)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+Version = Annotated[int, Field(strict=True, ge=1, le=2**31 - 1, description="an adapter version number")]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- tenants and keys ---------------------------------------------------------------------------
+
+class TenantCreate(Request):
+    name: StrictStr = Field(description="1-63 characters of a-z, 0-9, '_' and '-'", examples=["acme"])
+    quotas: dict[str, Any] | None = Field(
+        default=None, description='overrides of the default quotas, e.g. {"max_adapters": 10}')
+
+
+class TenantOut(Response):
+    name: str
+    created_at: datetime
+    quotas: dict[str, Any]
+
+
+class TenantCreated(TenantOut):
+    api_key: str = Field(description="the tenant's first API key; shown only now")
+    key_id: str
+
+
+class KeyOut(Response):
+    key_id: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+    active: bool
+
+
+class KeyCreated(KeyOut):
+    tenant: str
+    api_key: str = Field(description="shown only now; store it")
+
+
+class Deleted(Response):
+    deleted: bool = True
+
+
+# -- adapters -------------------------------------------------------------------------------------
+
+class VersionOut(Response):
+    version: int
+    status: str
+    created_at: datetime
+    metrics: dict[str, Any]
+    labels: list[str]
+    aliases: list[str]
+    sha256: str
+    nbytes: int
+    source: str | None = None
+    lora: dict[str, Any] | None = None
+
+
+class AdapterSummary(Response):
+    name: str
+    created_at: datetime
+    aliases: dict[str, int]
+    versions: list[int]
+    prod: int | None
+
+
+class AdapterDetail(Response):
+    name: str
+    created_at: datetime
+    aliases: dict[str, int]
+    prod: int | None
+    versions: list[VersionOut]
+
+
+class PromoteRequest(Request):
+    version: Version
+    alias: StrictStr = Field(default="prod", description="the alias to move (default prod)")
+
+
+class AliasChange(Response):
+    adapter: str
+    alias: str
+    version: int
+    previous: int | None
+    aliases: dict[str, int]
+
+
+class ImportedVersion(VersionOut):
+    adapter: str
+    promoted: bool
+
+
+# -- predict ----------------------------------------------------------------------------------------
+
+class PredictRequest(Request):
+    adapter: StrictStr = Field(description='"name", "name@3" (a version) or "name@prod" (an alias)',
+                               examples=["sentiment"], max_length=200)
+    inputs: list[StrictStr] = Field(description="texts to classify", min_length=1, examples=[["great service"]])
+
+
+class PredictionOut(Response):
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class PredictResponse(Response):
+    adapter: str
+    version: int
+    predictions: list[PredictionOut]
+
+
+# -- files and jobs -----------------------------------------------------------------------------------
+
+class FileOut(Response):
+    id: str
+    filename: str
+    format: str
+    rows: int
+    labels: list[str]
+    duplicates_dropped: int
+    bytes: int
+    created_at: datetime
+
+
+class JobCreate(Request):
+    adapter: StrictStr = Field(description="the adapter the trained version is published under")
+    training_file: StrictStr | None = Field(default=None, description="an uploaded file id (POST /v1/files)")
+    validation_file: StrictStr | None = None
+    training_data: list[Any] | None = Field(
+        default=None, description='inline records [{"text": ..., "label": ...}] instead of a file')
+    validation_data: list[Any] | None = None
+    method: Literal["lora", "head"] = "lora"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    promote: Literal["auto", "always", "never"] = "auto"
+
+
+class JobErrorOut(Response):
+    code: str
+    message: str
+
+
+class JobOut(Response):
+    id: str
+    adapter: str
+    status: str
+    method: str
+    promote: str
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    error: JobErrorOut | None
+    version: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventOut(Response):
+    id: int
+    at: datetime
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None = None

@@ -1,0 +1,63 @@
+"""Tailor as a BentoML service: ``bentoml serve .`` (see bentofile.yaml) or ``service.service:Tailor``.
+
+The HTTP API is the FastAPI app of ``service.app`` mounted at ``/`` (routes ``/v1/...``, docs at
+``/docs``); BentoML adds ``/healthz``, ``/readyz`` and ``/metrics``. Each worker opens the
+database at once and loads the base model in the background: ``/readyz`` is 503 until the
+engine is built, then 200.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import bentoml
+
+from service.app import create_app
+from service.settings import Settings
+from service.state import TailorState
+
+logging.getLogger("tailor").setLevel(logging.INFO)
+# Invalid TAILOR_* values stop the start here, naming the variable. The admin key file (when
+# TAILOR_ADMIN_KEY is unset) is made by the first worker, not by importers like `bentoml build`.
+SETTINGS = Settings.from_env(admin_key=False)
+app = create_app()
+
+
+@bentoml.service(
+    name="tailor",
+    traffic={"timeout": 300},
+    workers=SETTINGS.workers,
+    threads=SETTINGS.threads,
+)
+@bentoml.asgi_app(app, path="/")
+class Tailor:
+    def __init__(self) -> None:
+        self.state = TailorState.open(SETTINGS.with_admin_key())
+        app.state.tailor = self.state
+        self.state.start_loading()
+        self.state.start_training_pool()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch_jobs, name="tailor-job-metrics", daemon=True).start()
+
+    def __is_ready__(self) -> bool:
+        return self.state.ready
+
+    def __metrics__(self, content: str) -> str:
+        # BentoML labels its own request series by raw path (one series per adapter, job and
+        # file id); ours (tailor_http_*) use route templates, so drop BentoML's for /v1/ paths.
+        return "\n".join(line for line in content.split("\n")
+                         if not (line.startswith("bentoml_") and 'endpoint="/v1/' in line))
+
+    def _watch_jobs(self) -> None:
+        while not self._stop.wait(5.0):
+            if self.state.jobs is not None:
+                try:
+                    self.state.metrics.set_jobs(self.state.jobs.count_by_status())
+                except Exception:  # noqa: BLE001 - metrics only
+                    logging.getLogger("tailor.service").debug("job metrics failed", exc_info=True)
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.state.close()

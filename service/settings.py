@@ -1,0 +1,195 @@
+"""The service's settings, read once from ``TAILOR_*`` environment variables and validated.
+
+Every bad value raises ``SettingsError`` naming the variable, what was given and what is
+accepted, so a misconfigured deployment fails at start with one clear line.
+
+``TAILOR_ADMIN_KEY`` unset: a key is generated at the first start into
+``$TAILOR_HOME/admin_key`` (mode 0600, created atomically so several processes agree) and
+logged once, by the process that created it; later starts reuse the file. Reading the
+settings does not create it (``from_env(admin_key=False)``, e.g. when ``bentoml build``
+imports the service): ``with_admin_key()`` does, when a worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+log = logging.getLogger("tailor.service")
+
+MIB = 1 << 20
+ADMIN_KEY_PREFIX = "ta-"
+MIN_ADMIN_KEY_CHARS = 16
+
+
+class SettingsError(ValueError):
+    """A TAILOR_* variable has a value the service cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    admin_key: str = field(repr=False)
+    base_model: str | None
+    database_url: str
+    store_url: str
+    max_resident: int = 4096
+    device_slots: int = 257
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_inputs: int = 64
+    max_input_chars: int = 10_000
+    max_body_bytes: int = 10 * MIB
+    max_upload_bytes: int = 64 * MIB
+    rate_limit: float = 0.0
+    workers: int = 1
+    threads: int = 16
+    train_workers: int = 1
+    train_threads: int | None = None
+    metrics_tenant_labels: bool = False
+    admin_key_generated: bool = False
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, *, admin_key: bool = True) -> Settings:
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("TAILOR_HOME") or "./.tailor").expanduser().resolve()
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SettingsError(f"TAILOR_HOME={str(home)!r} cannot be created: {e}") from None
+        if not os.access(home, os.W_OK):
+            raise SettingsError(f"TAILOR_HOME={str(home)!r} is not writable")
+
+        base_model = env.get("TAILOR_BASE_MODEL") or None
+        if base_model is not None:
+            p = Path(base_model).expanduser()
+            if not p.is_dir():
+                raise SettingsError(f"TAILOR_BASE_MODEL={base_model!r} is not a directory (give a local model folder)")
+            if not (p / "config.json").is_file() or not (list(p.glob("*.safetensors")) or list(p.glob("*.bin"))):
+                raise SettingsError(f"TAILOR_BASE_MODEL={base_model!r} holds no config.json and weights")
+            base_model = str(p.resolve())
+
+        database_url = env.get("TAILOR_DATABASE_URL") or f"sqlite:///{home / 'tailor.db'}"
+        if "://" not in database_url:
+            raise SettingsError(f"TAILOR_DATABASE_URL={database_url!r} is not a URL (e.g. sqlite:///path.db)")
+        store_url = env.get("TAILOR_STORE_URL") or f"file://{home / 'store'}"
+        if not store_url.startswith("file://"):
+            raise SettingsError(f"TAILOR_STORE_URL={store_url!r}: only file:// stores are supported so far")
+
+        max_batch_size = _int(env, "TAILOR_MAX_BATCH_SIZE", 32, lo=1, hi=4096)
+        device_slots = _int(env, "TAILOR_DEVICE_SLOTS", max(257, max_batch_size + 1), lo=2)
+        if device_slots <= max_batch_size:
+            raise SettingsError(
+                f"TAILOR_DEVICE_SLOTS={device_slots} must exceed TAILOR_MAX_BATCH_SIZE={max_batch_size} "
+                "(a batch may name that many adapters, plus the base slot)"
+            )
+        given = env.get("TAILOR_ADMIN_KEY", "")
+        if given and (len(given) < MIN_ADMIN_KEY_CHARS or any(c.isspace() for c in given)):
+            raise SettingsError(
+                f"TAILOR_ADMIN_KEY must be at least {MIN_ADMIN_KEY_CHARS} characters without whitespace"
+            )
+        settings = cls(
+            home=home, admin_key=given, base_model=base_model, database_url=database_url,
+            store_url=store_url,
+            max_resident=_int(env, "TAILOR_MAX_RESIDENT", 4096, lo=1),
+            device_slots=device_slots, max_batch_size=max_batch_size,
+            max_wait_ms=_float(env, "TAILOR_MAX_WAIT_MS", 5.0, lo=0.0, hi=10_000.0),
+            max_inputs=_int(env, "TAILOR_MAX_INPUTS", 64, lo=1, hi=100_000),
+            max_input_chars=_int(env, "TAILOR_MAX_INPUT_CHARS", 10_000, lo=1),
+            max_body_bytes=_int(env, "TAILOR_MAX_BODY_BYTES", 10 * MIB, lo=1024),
+            max_upload_bytes=_int(env, "TAILOR_MAX_UPLOAD_BYTES", 64 * MIB, lo=1024),
+            rate_limit=_float(env, "TAILOR_RATE_LIMIT", 0.0, lo=0.0),
+            workers=_int(env, "TAILOR_WORKERS", 1, lo=1, hi=256),
+            threads=_int(env, "TAILOR_THREADS", 16, lo=1, hi=1024),
+            train_workers=_int(env, "TAILOR_TRAIN_WORKERS", 1, lo=0, hi=64),
+            train_threads=_int(env, "TAILOR_TRAIN_THREADS", None, lo=1, hi=1024),
+            metrics_tenant_labels=_bool(env, "TAILOR_METRICS_TENANT_LABELS", False),
+        )
+        return settings.with_admin_key() if admin_key else settings
+
+    def with_admin_key(self) -> Settings:
+        """These settings with the admin key resolved (generated into TAILOR_HOME if unset)."""
+        if self.admin_key:
+            return self
+        key, generated = _admin_key(self.home)
+        return replace(self, admin_key=key, admin_key_generated=generated)
+
+
+def _int(env: dict[str, str], name: str, default: int | None, *, lo: int | None = None,
+         hi: int | None = None) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default  # type: ignore[return-value]
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SettingsError(f"{name}={value} is out of range ({_range(lo, hi)})")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float, *, lo: float | None = None,
+           hi: float | None = None) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SettingsError(f"{name}={raw} is out of range ({_range(lo, hi)})")
+    return value
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r}: use 1/0, true/false, yes/no or on/off")
+
+
+def _range(lo: object, hi: object) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo}..{hi}"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
+
+
+def _admin_key(home: Path) -> tuple[str, bool]:
+    """The stored admin key, and whether this call generated it (then it is logged, once)."""
+    path = home / "admin_key"
+    if not path.exists():
+        key = ADMIN_KEY_PREFIX + secrets.token_urlsafe(30)
+        # Write a private temp file, then hard-link it into place: the link either creates the
+        # complete file or fails because another process got there first (never a half key).
+        tmp = home / f".admin_key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        else:
+            log.warning(
+                "TAILOR_ADMIN_KEY is not set: generated an admin key into %s (mode 0600). "
+                "Admin key: %s  (logged this once; set TAILOR_ADMIN_KEY to choose your own)", path, key,
+            )
+            return key, True
+        finally:
+            tmp.unlink(missing_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise SettingsError(f"{path} is readable by others (mode {oct(mode)}); chmod 600 it")
+    stored = path.read_text().strip()
+    if len(stored) < MIN_ADMIN_KEY_CHARS:
+        raise SettingsError(f"{path} does not hold a usable admin key; delete it to generate a new one")
+    return stored, False

@@ -1,0 +1,184 @@
+"""Everything one serving worker holds: database, store, keys, base model, engine, batcher.
+
+``TailorState.open(settings)`` connects what is cheap (database, store, key store, files,
+jobs) at once, so tenant administration works from the first second; ``load()`` then loads
+the base model and builds the engine and the micro-batcher (seconds). ``ready`` turns true
+only when that has finished; routes that need the model answer 503 until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters.base import BaseModel, load_base
+from adapters.catalog import Catalog
+from adapters.keys import KeyStore
+from adapters.quotas import TenantQuotas
+from adapters.registry import Registry
+from adapters.runtime.batcher import MicroBatcher
+from adapters.runtime.engine import Engine, EngineConfig
+from adapters.store import AdapterStore, open_store
+from service.errors import ApiError
+from service.metrics import Metrics, get_metrics
+from service.settings import Settings
+
+log = logging.getLogger("tailor.service")
+
+
+class RateLimiter:
+    """Per-tenant token buckets: ``rate`` requests/s with a burst of one second's worth.
+
+    The rate is the tenant's ``requests_per_second`` quota when set, else the service-wide
+    ``TAILOR_RATE_LIMIT``; 0 means unlimited. Buckets live in each worker process.
+    """
+
+    QUOTA_TTL = 5.0
+
+    def __init__(self, default_rate: float, registry: Registry) -> None:
+        self.default_rate = default_rate
+        self.registry = registry
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
+        self._rates: dict[str, tuple[float, float]] = {}  # tenant -> (rate, fetched at)
+        self._lock = threading.Lock()
+
+    def _rate(self, tenant: str, now: float) -> float:
+        cached = self._rates.get(tenant)
+        if cached is not None and now - cached[1] < self.QUOTA_TTL:
+            return cached[0]
+        try:
+            quota = TenantQuotas.from_dict(self.registry.get_tenant(tenant).quotas or None).requests_per_second
+        except Exception:  # noqa: BLE001 - a bad stored quota must not lock the tenant out
+            quota = 0.0
+        rate = quota or self.default_rate
+        self._rates[tenant] = (rate, now)
+        return rate
+
+    def check(self, tenant: str) -> None:
+        """Take one token or raise a 429 ApiError with Retry-After."""
+        now = time.monotonic()
+        with self._lock:
+            rate = self._rate(tenant, now)
+            if rate <= 0:
+                return
+            burst = max(1.0, rate)
+            tokens, last = self._buckets.get(tenant, (burst, now))
+            tokens = min(burst, tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[tenant] = (tokens - 1.0, now)
+                return
+            self._buckets[tenant] = (tokens, now)
+            wait = (1.0 - tokens) / rate
+        raise ApiError(429, "rate_limited", f"too many requests: this tenant may make {rate:g} per second",
+                       headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+
+
+@dataclass
+class TailorState:
+    settings: Settings
+    metrics: Metrics
+    registry: Registry
+    store: AdapterStore
+    catalog: Catalog
+    keys: KeyStore
+    limiter: RateLimiter
+    files: Any = None  # adapters.jobs.files.Files when the jobs package imports
+    jobs: Any = None  # adapters.jobs.manager.JobManager
+    pool: Any = None  # adapters.jobs.supervisor.WorkerPool
+    base: BaseModel | None = None
+    engine: Engine | None = None
+    batcher: MicroBatcher | None = None
+    load_error: str | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def open(cls, settings: Settings) -> TailorState:
+        registry = Registry(settings.database_url)
+        store = open_store(settings.store_url)
+        state = cls(settings=settings, metrics=get_metrics(settings.metrics_tenant_labels), registry=registry,
+                    store=store, catalog=Catalog(registry, store), keys=KeyStore(registry.engine),
+                    limiter=RateLimiter(settings.rate_limit, registry))
+        state.metrics.ready.set(0)
+        try:
+            from adapters.jobs.files import Files
+            from adapters.jobs.manager import JobManager
+        except ImportError as e:  # pragma: no cover - the jobs package is optional
+            log.warning("fine-tuning jobs are unavailable: %s", e)
+        else:
+            state.files = Files(registry.engine, store)
+            state.jobs = JobManager(registry.engine, store)
+        return state
+
+    # -- readiness ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def load(self) -> None:
+        """Load the base model and build the engine (blocking; ``start_loading`` threads it)."""
+        s = self.settings
+        try:
+            t0 = time.perf_counter()
+            base = load_base(s.base_model)
+            config = EngineConfig(max_resident=s.max_resident, device_slots=s.device_slots,
+                                  max_batch_size=s.max_batch_size)
+            engine = Engine(base, self.catalog, config, on_load=self.metrics.load_seconds.observe)
+            batcher = MicroBatcher(engine, s.max_batch_size, s.max_wait_ms, on_batch=self.metrics.observe_batch)
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the base model failed; the service stays unready")
+            return
+        self.base, self.engine, self.batcher = base, engine, batcher
+        self._ready.set()
+        self.metrics.ready.set(1)
+        log.info("base model %s loaded on %s (%s...) in %.1fs; ready",
+                 base.spec.name, base.device, base.fingerprint[:19], time.perf_counter() - t0)
+
+    def start_loading(self) -> threading.Thread:
+        t = threading.Thread(target=self.load, name="tailor-load", daemon=True)
+        t.start()
+        return t
+
+    def require_engine(self) -> Engine:
+        if self.engine is None or not self.ready:
+            why = f" (loading failed: {self.load_error})" if self.load_error else "; retry shortly"
+            raise ApiError(503, "not_ready", f"the base model is not loaded yet{why}",
+                           headers={"Retry-After": "2"})
+        return self.engine
+
+    def require_jobs(self) -> tuple[Any, Any]:
+        if self.jobs is None or self.files is None:
+            raise ApiError(501, "jobs_unavailable", "fine-tuning jobs are not available in this build")
+        return self.files, self.jobs
+
+    # -- training workers -------------------------------------------------------------------
+
+    def start_training_pool(self) -> None:
+        s = self.settings
+        if s.train_workers <= 0 or self.jobs is None:
+            return
+        try:
+            from adapters.jobs.supervisor import WorkerPool, worker_command
+        except ImportError as e:  # pragma: no cover
+            log.warning("training workers unavailable: %s", e)
+            return
+        cmd = worker_command(database_url=s.database_url, store_url=s.store_url,
+                             checkpoints=s.home / "checkpoints", base_model=s.base_model,
+                             threads=s.train_threads)
+        pool = WorkerPool(self.jobs, cmd, size=s.train_workers, lock_path=s.home / "workers.lock",
+                          log_path=s.home / "workers.log")
+        if pool.start():  # only one serving process per TAILOR_HOME runs the pool
+            self.pool = pool
+            log.info("started %d training worker(s); their log: %s", s.train_workers, s.home / "workers.log")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+        if self.batcher is not None:
+            self.batcher.close()
+        self.registry.close()

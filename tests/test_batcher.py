@@ -1,0 +1,156 @@
+"""MicroBatcher over a real Engine (tiny base, SQLite registry, local store)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from adapters.base import tiny_base
+from adapters.catalog import Catalog
+from adapters.registry import Registry
+from adapters.runtime.batcher import MicroBatcher
+from adapters.runtime.engine import Engine, EngineConfig
+from adapters.store import LocalStore
+from adapters.synthetic import random_artifact
+
+TENANTS = [f"t{i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("batcher")
+    base = tiny_base(seed=5)
+    catalog = Catalog(Registry(f"sqlite:///{tmp}/registry.db"), LocalStore(tmp / "store"))
+    engine = Engine(base, catalog, EngineConfig(max_resident=64, device_slots=33, max_batch_size=32))
+    adapters = {}
+    for i, tenant in enumerate(TENANTS):
+        catalog.registry.create_tenant(tenant)
+        art = random_artifact(base.spec, seed=i, n_labels=2 + i % 4)
+        catalog.publish(tenant, "clf", art, promote=True, spec=base.spec)
+        adapters[tenant] = engine.acquire(engine.resolve(tenant, "clf"))
+    return engine, adapters
+
+
+def texts_for(tenant: str, n: int) -> list[str]:
+    return [f"{tenant} says hello number {j} " + "word " * (j % 7) for j in range(n)]
+
+
+def same(p, q) -> bool:
+    return p.label == q.label and p.scores.keys() == q.scores.keys() and all(
+        abs(p.scores[k] - q.scores[k]) < 1e-5 for k in p.scores)
+
+
+def test_concurrent_tenants_share_batches(world):
+    engine, adapters = world
+    seen = []
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=20,
+                      on_batch=lambda size, n, s: seen.append((size, n))) as batcher:
+        results: dict[tuple[str, int], list] = {}
+        errors: list[BaseException] = []
+        start = threading.Barrier(len(TENANTS))
+
+        def client(tenant: str) -> None:
+            try:
+                start.wait()
+                for k in range(5):
+                    texts = texts_for(tenant, 1 + (k + len(tenant)) % 5)
+                    fut = batcher.submit([(adapters[tenant], t) for t in texts])
+                    results[(tenant, k)] = (texts, fut.result(timeout=30))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(t,)) for t in TENANTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert batcher.rows == sum(len(texts) for texts, _ in results.values())
+        assert max(r.adapters for r in batcher.recent) >= 2, [(r.size, r.adapters) for r in batcher.recent]
+        assert batcher.batches < len(results)  # requests were merged
+        assert len(seen) == batcher.batches and sum(s for s, _ in seen) == batcher.rows
+    for (tenant, _), (texts, preds) in results.items():
+        solo = engine.classify(texts, [adapters[tenant]] * len(texts))
+        assert len(preds) == len(texts)
+        assert all(same(p, q) for p, q in zip(preds, solo)), tenant
+
+
+def test_large_request_is_split_and_kept_in_order(world):
+    engine, adapters = world
+    a, b = adapters["t1"], adapters["t2"]
+    texts = texts_for("big", 75)
+    rows = [(a if j % 3 else b, t) for j, t in enumerate(texts)]
+    with MicroBatcher(engine, max_batch_size=16, max_wait_ms=1) as batcher:
+        preds = batcher.submit(rows).result(timeout=30)
+        assert batcher.batches == 5 and max(r.size for r in batcher.recent) == 16
+    solo = engine.classify(texts, [r[0] for r in rows])
+    assert len(preds) == 75 and all(same(p, q) for p, q in zip(preds, solo))
+
+
+def test_asyncio_predict(world):
+    engine, adapters = world
+
+    async def main(batcher):
+        jobs = [batcher.predict([(adapters[t], x) for x in texts_for(t, 3)]) for t in TENANTS]
+        return await asyncio.gather(*jobs)
+
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=20) as batcher:
+        out = asyncio.run(main(batcher))
+        assert batcher.batches < len(TENANTS)
+    for t, preds in zip(TENANTS, out):
+        solo = engine.classify(texts_for(t, 3), [adapters[t]] * 3)
+        assert all(same(p, q) for p, q in zip(preds, solo))
+
+
+class FlakyEngine:
+    """The real engine, except that a batch holding the text 'boom' raises."""
+
+    def __init__(self, engine):
+        self.engine, self.config = engine, engine.config
+
+    def classify(self, texts, rows):
+        if "boom" in texts:
+            raise RuntimeError("boom")
+        return self.engine.classify(texts, rows)
+
+
+def test_a_failed_batch_fails_only_its_requests(world):
+    engine, adapters = world
+    a = adapters["t3"]
+    with MicroBatcher(FlakyEngine(engine), max_batch_size=4, max_wait_ms=50) as batcher:
+        bad = batcher.submit([(a, "fine"), (a, "boom"), (a, "fine"), (a, "fine")])  # one full batch
+        good = batcher.submit([(a, "x"), (a, "y")])  # lands in the next batch
+        with pytest.raises(RuntimeError, match="boom"):
+            bad.result(timeout=30)
+        assert len(good.result(timeout=30)) == 2
+        assert batcher.errors == 1
+        # the batcher keeps serving after a failure
+        assert batcher.submit([(a, "again")]).result(timeout=30)[0].label in a.labels
+
+
+def test_empty_bad_rows_and_close(world):
+    engine, adapters = world
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_ms=1)
+    assert batcher.submit([]).result(timeout=1) == []
+    with pytest.raises(TypeError):
+        batcher.submit([("not an adapter", "text")])
+    with pytest.raises(ValueError):
+        MicroBatcher(engine, max_batch_size=engine.config.max_batch_size + 1)
+    batcher.close()
+    assert not batcher._thread.is_alive()
+    with pytest.raises(RuntimeError):
+        batcher.submit([(adapters["t0"], "late")])
+
+
+def test_waits_for_more_rows_up_to_max_wait(world):
+    engine, adapters = world
+    a = adapters["t4"]
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=200) as batcher:
+        first = batcher.submit([(a, "one")])
+        time.sleep(0.05)
+        second = batcher.submit([(a, "two")])
+        first.result(timeout=30), second.result(timeout=30)
+        assert batcher.batches == 1 and batcher.recent[-1].requests == 2

@@ -1,0 +1,74 @@
+"""Service settings from the environment: defaults, clear errors, the generated admin key."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.settings import Settings, SettingsError
+
+
+def test_defaults(tmp_path):
+    s = Settings.from_env({"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_ADMIN_KEY": "k" * 20})
+    assert s.home == (tmp_path / "home").resolve() and s.home.is_dir()
+    assert s.database_url == f"sqlite:///{s.home}/tailor.db"
+    assert s.store_url == f"file://{s.home}/store"
+    assert (s.max_inputs, s.max_input_chars, s.max_body_bytes, s.max_upload_bytes) == (64, 10_000, 10 << 20, 64 << 20)
+    assert (s.workers, s.train_workers, s.rate_limit, s.metrics_tenant_labels) == (1, 1, 0.0, False)
+    assert s.base_model is None and s.device_slots > s.max_batch_size
+    assert "k" * 20 not in repr(s)
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("TAILOR_WORKERS", "two", "not an integer"),
+    ("TAILOR_WORKERS", "0", "out of range"),
+    ("TAILOR_MAX_WAIT_MS", "-1", "out of range"),
+    ("TAILOR_RATE_LIMIT", "fast", "not a number"),
+    ("TAILOR_METRICS_TENANT_LABELS", "maybe", "1/0"),
+    ("TAILOR_ADMIN_KEY", "short", "at least 16"),
+    ("TAILOR_BASE_MODEL", "/does/not/exist", "not a directory"),
+    ("TAILOR_STORE_URL", "s3://bucket", "only file://"),
+    ("TAILOR_DATABASE_URL", "tailor.db", "not a URL"),
+])
+def test_bad_values_name_the_variable(tmp_path, name, value, words):
+    env = {"TAILOR_HOME": str(tmp_path), name: value}
+    with pytest.raises(SettingsError, match=name) as e:
+        Settings.from_env(env)
+    assert words in str(e.value)
+
+
+def test_batch_size_must_fit_the_device_slots(tmp_path):
+    env = {"TAILOR_HOME": str(tmp_path), "TAILOR_MAX_BATCH_SIZE": "64", "TAILOR_DEVICE_SLOTS": "64"}
+    with pytest.raises(SettingsError, match="TAILOR_DEVICE_SLOTS"):
+        Settings.from_env(env)
+
+
+def test_admin_key_generated_once_private_and_reused(tmp_path, caplog):
+    env = {"TAILOR_HOME": str(tmp_path)}
+    lazy = Settings.from_env(env, admin_key=False)
+    assert lazy.admin_key == "" and not (tmp_path / "admin_key").exists()  # importing creates nothing
+    with caplog.at_level(logging.WARNING, logger="tailor.service"):
+        first = Settings.from_env(env)
+        again = Settings.from_env(env)
+    assert first.admin_key_generated and not again.admin_key_generated
+    assert first.admin_key == again.admin_key and len(first.admin_key) >= 40
+    assert stat.S_IMODE((tmp_path / "admin_key").stat().st_mode) == 0o600
+    assert sum(first.admin_key in r.getMessage() for r in caplog.records) == 1  # logged exactly once
+    assert not list(tmp_path.glob(".admin_key.*"))  # no temp files left
+
+
+def test_concurrent_starts_agree_on_one_admin_key(tmp_path):
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: Settings.from_env({"TAILOR_HOME": str(tmp_path)}), range(16)))
+    assert len({s.admin_key for s in keys}) == 1
+    assert sum(s.admin_key_generated for s in keys) == 1
+
+
+def test_refuses_a_readable_admin_key_file(tmp_path):
+    (tmp_path / "admin_key").write_text("x" * 40)
+    (tmp_path / "admin_key").chmod(0o644)
+    with pytest.raises(SettingsError, match="chmod 600"):
+        Settings.from_env({"TAILOR_HOME": str(tmp_path)})

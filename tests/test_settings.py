@@ -72,3 +72,15 @@ def test_refuses_a_readable_admin_key_file(tmp_path):
     (tmp_path / "admin_key").chmod(0o644)
     with pytest.raises(SettingsError, match="chmod 600"):
         Settings.from_env({"TAILOR_HOME": str(tmp_path)})
+
+
+def test_serving_keeps_the_cores_training_does_not_use(tmp_path, monkeypatch):
+    from service.state import serving_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    env = {"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_ADMIN_KEY": "k" * 20}
+    assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "0"})) == 8
+    assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "1"})) == 7
+    assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "2", "TAILOR_TRAIN_THREADS": "3"})) == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "4"})) == 1

@@ -4,17 +4,24 @@
 tenant's labels and trains one of three ways:
 
 * ``lora`` -- peft LoRA on the chosen linear layers plus the head (the product path);
-* ``head`` -- the head alone on frozen features, computed once (the feature-extraction baseline);
+* ``head`` -- the head alone on frozen features, computed once through a forward hook on the
+  head (the feature-extraction baseline); the artifact format needs a LoRA pair, so its
+  artifact carries a rank-1 pair with B = 0 -- an exact no-op -- on the first linear layer;
 * ``full`` -- every weight (the quality anchor for benchmarks; it produces no adapter).
 
 AdamW with linear warmup and decay, gradient clipping at 1.0, validation after every epoch
 (loss, accuracy, macro-F1, confusion matrix), early stopping on validation accuracy, and the
 best epoch's weights restored at the end. Shuffling and dropout are seeded per epoch from
 ``seed``, so a run is deterministic on CPU and a run resumed from a checkpoint ends with the
-same weights as one that never stopped. Divergence (a non-finite loss, a loss three times the
-first epoch's) stops training: the best healthy epoch is kept if there was one, else
-``TrainingDiverged`` is raised. An epoch whose predictions collapsed to one label (no better
-than the majority rate) is never "best"; if every epoch collapsed, the run diverged.
+same weights as one that never stopped.
+
+Divergence (``divergence.Watch``: a non-finite or exploding loss, or predictions collapsed to
+one label) stops training: the best healthy epoch is kept, with a warning event, if there was
+one, else ``TrainingDiverged`` is raised with the reason and what to change.
+
+Checkpoints (``checkpoint_dir``) are written after every epoch; a run asked to train again with
+the same settings and data resumes after the last saved epoch, and a run that had already
+finished (early stop included) is not trained further.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ import copy
 import hashlib
 import json
 import math
+import operator
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,21 +45,16 @@ from torch import nn
 
 from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
 from adapters.base import BaseModel
-from adapters.errors import TailorError
+from adapters.errors import DatasetError
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, import_peft
 from adapters.training import checkpoint
 from adapters.training.hyperparams import HyperparameterError, Hyperparameters, ResolvedHyperparameters
+from adapters.training.divergence import Watch
+from adapters.training.errors import TrainingCancelled, TrainingDiverged
 from adapters.training.metrics import classification_metrics
 
 METHODS = ("lora", "head", "full")
-
-
-class TrainingCancelled(TailorError):
-    code = "cancelled"
-
-
-class TrainingDiverged(TailorError):
-    code = "training_diverged"
+__all__ = ["METHODS", "TrainCallbacks", "TrainResult", "TrainingCancelled", "TrainingDiverged", "train"]
 
 
 @dataclass
@@ -66,7 +68,7 @@ class TrainCallbacks:
 @dataclass
 class TrainResult:
     artifact: AdapterArtifact | None
-    model: nn.Module  # the trained model (eval mode), e.g. for benchmarks
+    model: nn.Module  # the trained copy (eval mode, best epoch's weights), for benchmarks
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     best_epoch: int
@@ -83,11 +85,17 @@ def train(
     checkpoint_dir: Path | None = None, threads: int | None = None,
 ) -> TrainResult:
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not train_texts or not val_texts:
-        raise ValueError("training and validation sets must not be empty")
+        raise HyperparameterError(f"method must be one of {', '.join(METHODS)}, got {method!r}", param="method")
+    labels = tuple(labels)
+    _check_data(labels, train_texts, train_label_ids, "training")
+    _check_data(labels, val_texts, val_label_ids, "validation")
+    train_label_ids, val_label_ids = [int(i) for i in train_label_ids], [int(i) for i in val_label_ids]
     rhp = hp if isinstance(hp, ResolvedHyperparameters) else (hp or Hyperparameters()).resolve(
         len(train_texts), method, base.device)
+    max_pos = getattr(getattr(base.model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and rhp.max_length > max_pos:
+        raise HyperparameterError(f"max_length {rhp.max_length} exceeds the base model's {max_pos} positions",
+                                  param="hyperparameters.max_length")
     cb = callbacks or TrainCallbacks()
     t0 = time.perf_counter()
     with _threads(threads), torch.random.fork_rng(devices=[]):
@@ -149,66 +157,70 @@ class _Run:
         steps_per_epoch = math.ceil(len(xs) / hp.batch_size)
         total = steps_per_epoch * hp.epochs
         warmup = int(total * hp.warmup_ratio)
-        fingerprint = self._fingerprint(len(xs), len(vxs))
-        start_epoch, bad_epochs, first_loss = 1, 0, None
+        watch = Watch.for_data(ys, vys, hp.epochs, hp.patience)
+        fingerprint = self._fingerprint(xs, ys, vxs, vys)
+        start_epoch, bad_epochs = 1, 0
         state = checkpoint.load(ckpt_dir, fingerprint)
         if state is not None:
-            start_epoch, bad_epochs, first_loss = self._restore(state)
+            start_epoch, bad_epochs = self._restore(state)
             self._event("info", f"resumed from the checkpoint after epoch {start_epoch - 1}")
-        majority = Counter(vys).most_common(1)[0][1] / len(vys)
+            if state.meta.get("done"):
+                start_epoch = hp.epochs + 1  # it had finished (e.g. stopped early): nothing left to train
         for epoch in range(start_epoch, hp.epochs + 1):
             torch.manual_seed(hp.seed * 100_003 + epoch)  # dropout and order depend on (seed, epoch) only
             order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(hp.seed * 7919 + epoch))
+            first = self.history[0]["train_loss"] if self.history else None
             self.model.train()
-            losses = []
+            losses: list[float] = []
             for i in range(0, len(xs), hp.batch_size):
-                if self.cb.should_stop and self.cb.should_stop():
-                    raise TrainingCancelled("training cancelled")
+                self._poll()
                 idx = order[i : i + hp.batch_size].to(self.device)
                 lr = hp.learning_rate * _schedule(self.step, warmup, total)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 loss = F.cross_entropy(self._logits(train_in, idx), y[idx])
-                if not torch.isfinite(loss):
-                    return self._diverged(f"the training loss became {loss.item()} at step {self.step + 1}")
+                losses.append(loss.item())
+                why = watch.step(losses, first)
+                if why:  # checked before the update: a NaN never reaches the weights
+                    return self._diverged(f"{why} (step {self.step + 1})")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
-                losses.append(loss.item())
                 if self.cb.on_step and (self.step % 10 == 0 or self.step == total):
                     self.cb.on_step(self.step, total, epoch, sum(losses[-10:]) / len(losses[-10:]))
             train_loss = sum(losses) / len(losses)
-            first_loss = train_loss if first_loss is None else first_loss
             metrics = {"epoch": epoch, "step": self.step, "train_loss": train_loss, **self._evaluate(val_in, vy)}
+            metrics["collapsed"] = watch.collapsed(metrics)
             self.history.append(metrics)
             if self.cb.on_epoch:
-                self.cb.on_epoch(epoch, metrics)
+                self.cb.on_epoch(epoch, dict(metrics))
             self._event("info", f"epoch {epoch}/{hp.epochs}: train loss {train_loss:.4f}, val loss "
-                                f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}")
-            # A collapsed epoch (one label for everything, no better than the majority rate) is
-            # never "best"; a run that never gets past collapse diverged.
-            collapsed = metrics["distinct_predictions"] == 1 and len(set(vys)) > 1 and \
-                metrics["val_accuracy"] <= majority + 1e-9
-            if train_loss > 3 * first_loss:
-                return self._diverged(f"the training loss rose to {train_loss:.3f}, over 3x the first epoch's "
-                                      f"{first_loss:.3f}")
-            if not collapsed and metrics["val_accuracy"] > self.best_acc + 1e-4:
+                                f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}"
+                                + (" (one label for everything)" if metrics["collapsed"] else ""))
+            why = watch.epoch(self.history, self.best_epoch)
+            if why:
+                return self._diverged(why)
+            if not metrics["collapsed"] and metrics["val_accuracy"] > self.best_acc + 1e-4:
                 self.best_acc, self.best_epoch, bad_epochs = metrics["val_accuracy"], epoch, 0
                 self.best_state = {n: p.detach().clone() for n, p in self.params}
             else:
                 bad_epochs += 1
-            if ckpt_dir is not None:
-                self._save(ckpt_dir, fingerprint, epoch, bad_epochs, first_loss)
             # patience runs only once a healthy epoch exists: slow starts get every epoch
-            if self.best_epoch and bad_epochs >= hp.patience and epoch < hp.epochs:
+            stop = bool(self.best_epoch) and bad_epochs >= hp.patience and epoch < hp.epochs
+            if ckpt_dir is not None:
+                self._save(ckpt_dir, fingerprint, epoch, bad_epochs, done=stop or epoch == hp.epochs)
+            if stop:
                 self._event("info", f"early stop: no better validation accuracy for {bad_epochs} epochs")
                 break
         if self.best_epoch == 0:
-            return self._diverged("every epoch predicted a single label for the whole validation set, no "
-                                  "better than always guessing the most common label")
+            raise watch.never_healthy(self.history, steps_per_epoch, hp.learning_rate)
         self._load_best()
+
+    def _poll(self) -> None:
+        if self.cb.should_stop and self.cb.should_stop():
+            raise TrainingCancelled("training cancelled")
 
     def _diverged(self, why: str) -> None:
         if self.best_epoch == 0:
@@ -231,6 +243,7 @@ class _Run:
         try:
             with torch.inference_mode():
                 for i in range(0, len(texts), 64):
+                    self._poll()
                     self.model(**{k: v[i : i + 64] for k, v in enc.items()})
         finally:
             hook.remove()
@@ -248,8 +261,11 @@ class _Run:
     @torch.inference_mode()
     def _evaluate(self, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, Any]:
         self.model.eval()
-        logits = torch.cat([self._logits(inputs, torch.arange(i, min(i + 64, len(y)), device=self.device))
-                            for i in range(0, len(y), 64)])
+        chunks = []
+        for i in range(0, len(y), 64):
+            self._poll()
+            chunks.append(self._logits(inputs, torch.arange(i, min(i + 64, len(y)), device=self.device)))
+        logits = torch.cat(chunks)
         preds = logits.argmax(-1)
         m = classification_metrics(y.tolist(), preds.tolist(), len(self.labels))
         return {"val_loss": F.cross_entropy(logits.float(), y).item(), "val_accuracy": m["accuracy"],
@@ -265,12 +281,15 @@ class _Run:
         if self.cb.on_event:
             self.cb.on_event(level, message)
 
-    def _fingerprint(self, n_train: int, n_val: int) -> str:
-        blob = json.dumps([self.method, list(self.labels), self.hp.to_dict(), n_train, n_val,
-                           self.base.spec.fingerprint], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def _fingerprint(self, xs: list[str], ys: list[int], vxs: list[str], vys: list[int]) -> str:
+        """What a checkpoint must match to be resumed: method, labels, settings, base and data."""
+        h = hashlib.sha256(json.dumps([self.method, list(self.labels), self.hp.to_dict(),
+                                       self.base.spec.fingerprint], sort_keys=True).encode())
+        for part in (xs, ys, vxs, vys):
+            h.update(json.dumps(part).encode())
+        return h.hexdigest()
 
-    def _save(self, folder: Path, fingerprint: str, epoch: int, bad: int, first: float) -> None:
+    def _save(self, folder: Path, fingerprint: str, epoch: int, bad: int, *, done: bool) -> None:
         tensors: dict[str, torch.Tensor] = {}
         opt_step = 0.0
         for i, (n, p) in enumerate(self.params):
@@ -283,10 +302,10 @@ class _Run:
                 tensors[f"best.{n}"] = self.best_state[n]
         meta = {"fingerprint": fingerprint, "epoch": epoch, "step": self.step, "opt_step": opt_step,
                 "best_epoch": self.best_epoch, "best_acc": self.best_acc, "bad_epochs": bad,
-                "first_loss": first, "history": self.history}
+                "done": done, "history": self.history}
         checkpoint.save(folder, meta, tensors)
 
-    def _restore(self, state: checkpoint.Checkpoint) -> tuple[int, int, float]:
+    def _restore(self, state: checkpoint.Checkpoint) -> tuple[int, int]:
         meta, t = state.meta, state.tensors
         with torch.no_grad():
             for n, p in self.params:
@@ -298,7 +317,7 @@ class _Run:
                     self.best_state[n] = t[f"best.{n}"].clone()
         self.step, self.best_epoch, self.best_acc = meta["step"], meta["best_epoch"], meta["best_acc"]
         self.history = meta["history"]
-        return meta["epoch"] + 1, meta["bad_epochs"], meta["first_loss"]
+        return meta["epoch"] + 1, meta["bad_epochs"]
 
     # -- the adapter ------------------------------------------------------------------------
 
@@ -335,6 +354,27 @@ def check_targets(base: BaseModel, targets: tuple[str, ...] | list[str]) -> None
             raise HyperparameterError(
                 f"target module {target!r} matches no linear layer of the base model; "
                 f"try one of: {', '.join(names)}", param="hyperparameters.target_modules")
+
+
+def _check_data(labels: tuple[str, ...], texts: list[str], ids: list[int], which: str) -> None:
+    if len(labels) < 2:
+        raise DatasetError(f"a classifier needs at least 2 labels, got {len(labels)}", param="labels")
+    if not texts:
+        raise DatasetError(f"the {which} set is empty", param=which)
+    if len(texts) != len(ids):
+        raise DatasetError(f"the {which} set has {len(texts)} texts but {len(ids)} label ids", param=which)
+    bad = next((i for i in ids if not _is_label_id(i, len(labels))), None)
+    if bad is not None:
+        raise DatasetError(f"the {which} set has label id {bad!r}; expected 0..{len(labels) - 1}", param=which)
+
+
+def _is_label_id(i: object, n: int) -> bool:
+    if isinstance(i, bool):
+        return False
+    try:
+        return 0 <= operator.index(i) < n  # ints, numpy ints
+    except TypeError:
+        return False
 
 
 def _schedule(step: int, warmup: int, total: int) -> float:

@@ -90,6 +90,12 @@ def plot_lines(png: Path, title: str, xlabel: str, ylabel: str, series: dict[str
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, png)
+
+
+def save_figure(fig: Any, png: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

@@ -31,7 +31,7 @@ from adapters.store import LocalStore
 from adapters.training import Hyperparameters, TrainCallbacks, train
 from adapters.training.metrics import classification_metrics
 from bench import data
-from bench.common import machine, parser, percentile, write
+from bench.common import machine, parser, percentile, save_figure, write
 
 SIZES = {"imdb": (2000, 1000), "bbc": (1225, 900)}
 QUICK_SIZES = {"imdb": (300, 200), "bbc": (300, 200)}
@@ -173,10 +173,7 @@ def plot_curves(png: Path, curves: dict[str, list[dict[str, Any]]], dataset: str
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    print(f"wrote {png}")
+    save_figure(fig, png)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, select
 
 from adapters import schema
-from adapters.datasets import Dataset, DatasetLimits, Example, parse_dataset
+from adapters.datasets import Dataset, DatasetLimits, parse_dataset
 from adapters.errors import InvalidNameError, NotFoundError
 from adapters.jobs.model import FileRecord
 from adapters.names import validate_name
@@ -134,5 +134,3 @@ def _record(tenant: str, row: dict[str, Any]) -> FileRecord:
         created_at=row["created_at"], store_key=row["store_key"], sha256=row["sha256"],
     )
 
-
-__all__ = ["Files", "dataset_to_jsonl", "dataset_from_jsonl", "new_id", "Example"]

@@ -64,6 +64,23 @@ class CapacityError(TailorError):
     code = "capacity"
 
 
+class UnavailableError(TailorError):
+    """A backing service (registry database, object store) cannot be reached right now.
+
+    The request may succeed if retried; nothing was half-written (HTTP 503 with a reason).
+    """
+
+    code = "unavailable"
+
+
+class DatabaseUnavailableError(UnavailableError):
+    code = "database_unavailable"
+
+
+class StoreUnavailableError(UnavailableError):
+    code = "store_unavailable"
+
+
 class DatasetError(TailorError, ValueError):
     """A training or validation dataset is malformed, too large or unusable for training.
 

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import (
     ArtifactError, CapacityError, ConflictError, DatasetError, InvalidNameError,
-    NotFoundError, TailorError,
+    NotFoundError, TailorError, UnavailableError,
 )
 
 log = logging.getLogger("tailor.service")
@@ -54,7 +54,7 @@ def status_of(e: TailorError) -> int:
         return 404
     if isinstance(e, ConflictError):
         return 409
-    if isinstance(e, CapacityError):
+    if isinstance(e, (CapacityError, UnavailableError)):
         return 503
     if isinstance(e, (InvalidNameError, ArtifactError, DatasetError)):
         return 422

@@ -12,6 +12,7 @@ the engine) with no training running and while a training worker process runs a 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--dataset", choices=sorted(SIZES), required=True)
     p.add_argument("--methods", default=",".join(METHODS), help="comma list, or 'none' for latency only")
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--hyperparameters", type=json.loads, default={},
+                   help='JSON object of explicit hyper-parameters for every method, e.g. \'{"lora_r": 16}\'')
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     n_train, n_test = (QUICK_SIZES if args.quick else SIZES)[args.dataset]
@@ -61,8 +64,8 @@ def main() -> None:
     curves: dict[str, list[dict[str, Any]]] = {}
     for method in [] if args.methods == "none" else args.methods.split(","):
         history: list[dict[str, Any]] = []
-        cb = TrainCallbacks(on_epoch=lambda e, m, h=history: h.append({"epoch": e, **m}))
-        hp = Hyperparameters.from_dict({"seed": 0, "max_length": 128})
+        cb = TrainCallbacks(on_epoch=lambda e, m, h=history, meth=method: log_epoch(meth, h, e, m))
+        hp = Hyperparameters.from_dict({"seed": 0, "max_length": 128, **args.hyperparameters})
         t0 = time.perf_counter()
         res = train(base, [r["text"] for r in fit_rows], [index[r["label"]] for r in fit_rows], labels,
                     [r["text"] for r in val_rows], [index[r["label"]] for r in val_rows],
@@ -86,6 +89,12 @@ def main() -> None:
         result["serving_latency_ms"] = serving_latency(base, fit_rows, quick=args.quick)
     write(args.out, result)
     plot_curves(args.out.with_suffix(".png"), curves, args.dataset)
+
+
+def log_epoch(method: str, history: list[dict[str, Any]], epoch: int, m: dict[str, Any]) -> None:
+    history.append({"epoch": epoch, **m})
+    print(f"{method} epoch {epoch}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, "
+          f"val accuracy {m['val_accuracy']:.4f}", flush=True)
 
 
 @torch.inference_mode()

@@ -6,6 +6,7 @@
     tailor predict sentiment "great service" "awful food"
     tailor adapters promote sentiment 2 ; tailor adapters rollback sentiment
     tailor adapters export sentiment -o sentiment.zip
+    tailor worker                                       # a training worker (TAILOR_* settings)
 
 The server is ``--url`` or ``$TAILOR_URL`` (default http://127.0.0.1:3000); the key is
 ``--key`` or ``$TAILOR_API_KEY``. Output is JSON unless a command says otherwise; errors go
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_parser("events").add_argument("job_id")
     j.add_parser("cancel").add_argument("job_id")
     j.add_parser("follow", help="print events until the job finishes").add_argument("job_id")
+    w = sub.add_parser("worker", help="run a training worker: pull queued jobs from the registry and train them "
+                                      "(reads TAILOR_DATABASE_URL, TAILOR_STORE_URL, TAILOR_BASE_MODEL, TAILOR_HOME)")
+    w.add_argument("--threads", type=int, default=None, help="torch threads (default $TAILOR_TRAIN_THREADS or all)")
+    w.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    w.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    w.add_argument("--nice", type=int, default=0, help="CPU priority offset (10 when sharing cores with serving)")
     return p
 
 
@@ -190,8 +197,35 @@ def run(args: argparse.Namespace, client: TailorClient) -> None:
         raise SystemExit(f"unknown command {g} {cmd}")
 
 
+def run_worker(args: argparse.Namespace) -> int:
+    """``tailor worker``: the training worker process, configured like the service."""
+    from adapters.jobs import worker
+    from service.settings import Settings, SettingsError
+
+    try:
+        s = Settings.from_env(admin_key=False)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    argv = ["--database-url", s.database_url, "--store-url", s.store_url,
+            "--checkpoints", str(s.home / "checkpoints"), "--nice", str(args.nice)]
+    if s.base_model:
+        argv += ["--base-model", s.base_model]
+    threads = args.threads or s.train_threads
+    if threads:
+        argv += ["--threads", str(threads)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.once:
+        argv.append("--once")
+    worker.main(argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.group == "worker":
+        return run_worker(args)
     try:
         with TailorClient(args.url, args.key, timeout=args.timeout) as client:
             run(args, client)

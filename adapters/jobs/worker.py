@@ -4,7 +4,10 @@ Loads the base model once (one pristine copy for training, one wrapped by an eng
 promotion gate), then loops: claim the oldest runnable job, run it, repeat; sleeps when the
 queue is empty. It shares nothing with serving but the database and the store, so a crash,
 an exception or an out-of-memory kill here never takes serving down. SIGTERM stops it
-gracefully: a running job is left to resume from its checkpoint.
+gracefully: a running job is left to resume from its checkpoint. Every lease/4 seconds it
+also requeues jobs whose worker's lease expired (a worker on another node that died), so any
+number of workers on any nodes share one queue; ``tailor worker`` runs this with the
+service's ``TAILOR_*`` settings.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -79,7 +83,14 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads, heartbeat_seconds=args.heartbeat_seconds,
     )
     log.info("worker %s ready (base %s)", ctx.worker_id, trainer_base.spec.name)
+    next_recover = 0.0
     while not stop.is_set():
+        if time.monotonic() >= next_recover:
+            # Workers on other nodes may have died mid-job: once their lease has expired, any
+            # worker requeues the job (it resumes from its checkpoint where one is shared).
+            for job_id in ctx.manager.recover():
+                log.warning("requeued job %s: its worker's lease expired", job_id)
+            next_recover = time.monotonic() + max(1.0, args.lease_seconds / 4)
         job = ctx.manager.claim(ctx.worker_id)
         if job is None:
             if args.once:

@@ -202,7 +202,7 @@ class _Run:
             why = watch.epoch(self.history, self.best_epoch)
             if why:
                 return self._diverged(why)
-            if not metrics["collapsed"] and metrics["val_accuracy"] > self.best_acc + 1e-4:
+            if not metrics["collapsed"] and self._better(metrics):
                 self.best_acc, self.best_epoch, bad_epochs = metrics["val_accuracy"], epoch, 0
                 self.best_state = {n: p.detach().clone() for n, p in self.params}
             else:
@@ -217,6 +217,15 @@ class _Run:
         if self.best_epoch == 0:
             raise watch.never_healthy(self.history, steps_per_epoch, hp.learning_rate)
         self._load_best()
+
+    def _better(self, m: dict[str, Any]) -> bool:
+        """Higher validation accuracy wins; at equal accuracy a lower validation loss does, since
+        a small validation set ties often and the later, better-fitted epoch should not lose."""
+        if m["val_accuracy"] > self.best_acc + 1e-4:
+            return True
+        if self.best_epoch and abs(m["val_accuracy"] - self.best_acc) <= 1e-4:
+            return bool(m["val_loss"] < self.history[self.best_epoch - 1]["val_loss"] - 1e-4)
+        return False
 
     def _poll(self) -> None:
         if self.cb.should_stop and self.cb.should_stop():

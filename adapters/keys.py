@@ -7,8 +7,14 @@ add nothing but latency to every request; the hash being deterministic also lets
 ``authenticate`` find the key with one indexed lookup. (A timing-safe compare is not needed
 either: the lookup is by hash, so timing reveals nothing about the secret.)
 
-Revocation takes effect at once (nothing is cached here). Keys belong to a tenant row and go
-with it (``ON DELETE CASCADE``). Another tenant's key id is "not found", never "forbidden".
+Revocation takes effect at once: every ``authenticate`` asks the database. The one exception
+is a database outage: then a key this process verified within the last ``offline_grace_s``
+seconds is still accepted (so predictions for resident adapters keep working while the
+database is down); any other key gets ``DatabaseUnavailableError`` (503: we cannot tell), never
+a 401. A key revoked in this process is forgotten at once; a revocation made elsewhere cannot
+have happened during the outage from this process's point of view, and the grace bounds the
+window if only this process lost the database. Keys belong to a tenant row and go with it
+(``ON DELETE CASCADE``). Another tenant's key id is "not found", never "forbidden".
 """
 
 from __future__ import annotations
@@ -16,21 +22,25 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from adapters.errors import NotFoundError
+from adapters.errors import DatabaseUnavailableError, NotFoundError
 from adapters.names import validate_name
-from adapters.schema import api_keys, configure_sqlite, create_schema, read_only, tenants, utcnow
+from adapters.schema import api_keys, configure_engine, create_schema, read_only, tenants, utcnow
 
 SECRET_PREFIX = "tk-"
 SECRET_RANDOM_CHARS = 40  # token_urlsafe(30) gives exactly 40 characters
 PREFIX_CHARS = 8
 MAX_SECRET_CHARS = 256  # anything longer cannot be ours: refuse before hashing
 _KEY_ID = re.compile(r"key-[0-9a-f]{24}")
+OFFLINE_GRACE_S = 300.0
+MAX_REMEMBERED_KEYS = 100_000
 
 
 @dataclass(frozen=True)
@@ -55,11 +65,16 @@ def new_secret() -> str:
 
 
 class KeyStore:
-    def __init__(self, engine: Engine) -> None:
-        configure_sqlite(engine)
-        create_schema(engine)
+    def __init__(self, engine: Engine, *, migrate: bool = True, offline_grace_s: float = OFFLINE_GRACE_S) -> None:
+        configure_engine(engine)
+        if migrate:
+            create_schema(engine)
         self.engine = engine
         self._read = read_only(engine)
+        self.offline_grace_s = offline_grace_s
+        # key hash -> (tenant, monotonic time it was last verified): used only in an outage.
+        self._verified: dict[str, tuple[str, float]] = {}
+        self._verified_lock = threading.Lock()
 
     def create(self, tenant: str) -> tuple[str, str]:
         """A new key for ``tenant``: returns ``(key_id, secret)``; the secret is not kept."""
@@ -85,13 +100,27 @@ class KeyStore:
         """The tenant a live key belongs to, or None (unknown, revoked, malformed)."""
         if not isinstance(secret, str) or not secret.startswith(SECRET_PREFIX) or len(secret) > MAX_SECRET_CHARS:
             return None
-        with self._read.connect() as conn:
-            name = conn.scalar(
-                select(tenants.c.name)
-                .join(api_keys, api_keys.c.tenant_id == tenants.c.id)
-                .where(api_keys.c.key_hash == hash_secret(secret), api_keys.c.revoked_at.is_(None))
-            )
-        return None if name is None else str(name)
+        digest = hash_secret(secret)
+        try:
+            with self._read.connect() as conn:
+                name = conn.scalar(
+                    select(tenants.c.name)
+                    .join(api_keys, api_keys.c.tenant_id == tenants.c.id)
+                    .where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
+                )
+        except DatabaseUnavailableError:
+            known = self._verified.get(digest)
+            if known is not None and time.monotonic() - known[1] <= self.offline_grace_s:
+                return known[0]
+            raise
+        with self._verified_lock:
+            if name is None:
+                self._verified.pop(digest, None)
+                return None
+            if len(self._verified) >= MAX_REMEMBERED_KEYS:
+                self._verified.clear()  # rare; only shortens what an outage can serve
+            self._verified[digest] = (str(name), time.monotonic())
+        return str(name)
 
     def revoke(self, tenant: str, key_id: str) -> ApiKey:
         """Revoke one of ``tenant``'s keys (idempotent); NotFoundError if it is not theirs."""
@@ -101,6 +130,8 @@ class KeyStore:
             if row.revoked_at is None:
                 conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(revoked_at=utcnow()))
                 row = self._row(conn, tenant, key_id)
+        with self._verified_lock:
+            self._verified.pop(row.key_hash, None)
         return _record(tenant, row)
 
     def list(self, tenant: str) -> list[ApiKey]:

@@ -16,7 +16,12 @@ The same code runs on ``sqlite:///path.db`` and ``postgresql://...``; tables liv
   those files after the rows are gone (a crash in between leaves orphan files, never rows
   pointing at missing files).
 * Every mutation appends to the ``changes`` log; other processes poll ``change_seq`` and
-  read ``changes_since`` to notice promotions and deletions.
+  read ``changes_since`` to notice promotions and deletions. Sequence numbers become visible
+  in order on both backends: once ``change_seq()`` returns n, every change up to n can be read
+  (a poller never skips a change that commits late).
+* The same guarantees hold on PostgreSQL under concurrent writers (row locks on the adapter or
+  tenant being changed, unique constraints, reruns on unique clashes, serialization failures
+  and deadlocks). A database that cannot be reached raises ``DatabaseUnavailableError``.
 * Returned records are frozen dataclasses, detached from the database, with aware UTC times.
 """
 
@@ -29,7 +34,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from adapters.errors import AdapterNotFoundError, ConflictError, InvalidNameError, NotFoundError
 from adapters.names import validate_name
@@ -39,8 +44,9 @@ from adapters.schema import (
     adapters,
     alias_history,
     changes,
-    configure_sqlite,
+    configure_engine,
     create_schema,
+    lock_change_log,
     make_engine,
     read_only,
     tenants,
@@ -55,6 +61,8 @@ MAX_CHANGES_PAGE = 10_000
 _WRITE_RETRIES = 5
 _DIGITS = re.compile(r"[0-9]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# PostgreSQL aborts one of two transactions with these; rerunning it is always safe.
+_RERUN_SQLSTATES = ("40001", "40P01")  # serialization_failure, deadlock_detected
 MAX_FINGERPRINT_LENGTH = 128
 
 T = TypeVar("T")
@@ -135,21 +143,28 @@ def _validate_json(value: object, what: str) -> dict[str, Any]:
 class Registry:
     """Tenants, adapters, versions and aliases in one SQL database."""
 
-    def __init__(self, url: str) -> None:
-        self._init(make_engine(url))
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """Open ``url``; ``migrate=False`` connects lazily and leaves ``create_schema`` to the caller
+        (the service does, retrying while the database is unreachable)."""
+        self._init(make_engine(url), migrate)
 
     @classmethod
-    def from_engine(cls, engine: Engine) -> Registry:
-        """Use an existing engine (shared with other modules); SQLite settings are added."""
-        configure_sqlite(engine)
+    def from_engine(cls, engine: Engine, *, migrate: bool = True) -> Registry:
+        """Use an existing engine (shared with other modules); our engine settings are added."""
+        configure_engine(engine)
         registry = cls.__new__(cls)
-        registry._init(engine)
+        registry._init(engine, migrate)
         return registry
 
-    def _init(self, engine: Engine) -> None:
+    def _init(self, engine: Engine, migrate: bool) -> None:
         self.engine = engine
         self._reader = read_only(engine)
-        create_schema(engine)
+        if migrate:
+            create_schema(engine)
+
+    def migrate(self) -> None:
+        """Upgrade the schema to the newest revision (idempotent, cheap once current)."""
+        create_schema(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -167,25 +182,35 @@ class Registry:
 
         A clash happens when another writer inserted the same adapter row or version number
         first (possible on PostgreSQL; SQLite's BEGIN IMMEDIATE serialises writers); the
-        rerun sees that row and moves on.
+        rerun sees that row and moves on. A transaction PostgreSQL aborted as a serialization
+        failure or deadlock victim is always rerun: nothing of it was kept.
         """
-        attempts = _WRITE_RETRIES if retry else 1
-        for attempt in range(attempts):
+        clashes = _WRITE_RETRIES if retry else 1
+        aborts = 0
+        while True:
             try:
                 with self.engine.begin() as conn:
                     return fn(conn)
             except IntegrityError:
-                if attempt == attempts - 1:
+                clashes -= 1
+                if clashes <= 0:
                     raise
-        raise AssertionError("unreachable")
+            except DBAPIError as e:
+                aborts += 1
+                if getattr(e.orig, "sqlstate", None) not in _RERUN_SQLSTATES or aborts >= _WRITE_RETRIES:
+                    raise
 
     @staticmethod
     def _log(conn: Connection, tenant: str, adapter: str | None, kind: str) -> None:
+        lock_change_log(conn)  # seqs must commit in order (PostgreSQL), see lock_change_log
         conn.execute(insert(changes).values(tenant=tenant, adapter=adapter, kind=kind, at=utcnow()))
 
     @staticmethod
-    def _tenant_id(conn: Connection, tenant: str) -> int:
-        tid = conn.scalar(select(tenants.c.id).where(tenants.c.name == tenant))
+    def _tenant_id(conn: Connection, tenant: str, *, lock: bool = False) -> int:
+        query = select(tenants.c.id).where(tenants.c.name == tenant)
+        if lock:  # PostgreSQL: hold off new adapters of this tenant (their FK check waits)
+            query = query.with_for_update()
+        tid = conn.scalar(query)
         if tid is None:
             raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
         return int(tid)
@@ -319,7 +344,10 @@ class Registry:
         validate_name(name, "tenant")
 
         def run(conn: Connection) -> list[str]:
-            tid = self._tenant_id(conn, name)
+            tid = self._tenant_id(conn, name, lock=True)
+            # Wait for version writers of this tenant's adapters to finish, so the keys read
+            # below include every version the cascade is about to delete (no orphans).
+            conn.execute(select(adapters.c.id).where(adapters.c.tenant_id == tid).with_for_update()).all()
             rows = conn.execute(
                 select(adapter_versions.c.weights_key, adapter_versions.c.manifest_key)
                 .join(adapters, adapters.c.id == adapter_versions.c.adapter_id)

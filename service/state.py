@@ -4,6 +4,13 @@
 jobs) at once, so tenant administration works from the first second; ``load()`` then loads
 the base model and builds the engine and the micro-batcher (seconds). ``ready`` turns true
 only when that has finished; routes that need the model answer 503 until then.
+
+A registry database that cannot be reached at start does not stop the process: ``open``
+logs one line per attempt ("registry database at <url without password> unreachable:
+<reason>; retrying in Ns") and ``load`` keeps retrying with backoff (up to
+``db_retry_max_s``) until it answers and its schema is migrated; only then are the engine
+built and the training pool started. Meanwhile ``/readyz`` is 503 and routes that touch the
+database answer 503 ``database_unavailable``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from adapters.catalog import Catalog
 from adapters.keys import KeyStore
 from adapters.quotas import TenantQuotas
 from adapters.registry import Registry
+from adapters.schema import safe_url
 from adapters.runtime.batcher import MicroBatcher
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import AdapterStore, open_store
@@ -95,16 +103,24 @@ class TailorState:
     engine: Engine | None = None
     batcher: MicroBatcher | None = None
     load_error: str | None = None
+    db_retry_initial_s: float = 1.0
+    db_retry_max_s: float = 30.0
     _ready: threading.Event = field(default_factory=threading.Event)
+    _db_ready: threading.Event = field(default_factory=threading.Event)
+    _closing: threading.Event = field(default_factory=threading.Event)
+    _db_delay: float = 0.0
+    _db_next_try: float = 0.0
 
     @classmethod
     def open(cls, settings: Settings) -> TailorState:
-        registry = Registry(settings.database_url)
+        # No connection yet: the schema is migrated by connect_database, which may retry.
+        registry = Registry(settings.database_url, migrate=False)
         store = open_store(settings.store_url)
         state = cls(settings=settings, metrics=get_metrics(settings.metrics_tenant_labels), registry=registry,
-                    store=store, catalog=Catalog(registry, store), keys=KeyStore(registry.engine),
+                    store=store, catalog=Catalog(registry, store), keys=KeyStore(registry.engine, migrate=False),
                     limiter=RateLimiter(settings.rate_limit, registry))
         state.metrics.ready.set(0)
+        state.connect_database(retry=False)
         try:
             from adapters.jobs.files import Files
             from adapters.jobs.manager import JobManager
@@ -121,9 +137,47 @@ class TailorState:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def database_ready(self) -> bool:
+        return self._db_ready.is_set()
+
+    def connect_database(self, *, retry: bool = True) -> bool:
+        """Migrate the schema (the first query); with ``retry``, keep trying until it works.
+
+        Only an unreachable database is retried (``DatabaseUnavailableError``); anything else
+        (a schema newer than this build, a bad URL) is a configuration error and raised.
+        Returns whether the database is ready (False: not yet, or closed while waiting).
+        """
+        from adapters.errors import DatabaseUnavailableError
+
+        while not self._db_ready.is_set():
+            # Honour the delay the last failure announced, also across calls (open, then load).
+            if self._closing.wait(max(0.0, self._db_next_try - time.monotonic())):
+                return False
+            try:
+                self.registry.migrate()
+            except DatabaseUnavailableError as e:
+                self._db_delay = (min(self.db_retry_max_s, self._db_delay * 2) if self._db_delay
+                                  else self.db_retry_initial_s)
+                self._db_next_try = time.monotonic() + self._db_delay
+                reason = e.message.removeprefix("the registry database is unavailable: ")
+                log.warning("registry database at %s unreachable: %s; retrying in %gs",
+                            safe_url(self.settings.database_url), reason, self._db_delay)
+                if not retry:
+                    return False
+            else:
+                if self._db_delay:
+                    log.info("registry database at %s is reachable; schema is current",
+                             safe_url(self.settings.database_url))
+                self._db_ready.set()
+        return True
+
     def load(self) -> None:
-        """Load the base model and build the engine (blocking; ``start_loading`` threads it)."""
+        """Wait for the database, then load the base model and build the engine (blocking;
+        ``start_loading`` threads it)."""
         s = self.settings
+        if not self.connect_database():
+            return
         try:
             t0 = time.perf_counter()
             torch.set_num_threads(serving_threads(s))
@@ -162,9 +216,24 @@ class TailorState:
     # -- training workers -------------------------------------------------------------------
 
     def start_training_pool(self) -> None:
-        s = self.settings
-        if s.train_workers <= 0 or self.jobs is None:
+        """Start the local training workers once the database answers (at once if it does)."""
+        if self.settings.train_workers <= 0 or self.jobs is None:
             return
+        if self._db_ready.is_set():
+            self._start_training_pool()
+            return
+
+        def later() -> None:
+            while not self._db_ready.wait(1.0):
+                if self._closing.is_set():
+                    return
+            if not self._closing.is_set():
+                self._start_training_pool()
+
+        threading.Thread(target=later, name="tailor-pool-start", daemon=True).start()
+
+    def _start_training_pool(self) -> None:
+        s = self.settings
         try:
             from adapters.jobs.supervisor import WorkerPool, worker_command
         except ImportError as e:  # pragma: no cover
@@ -180,6 +249,7 @@ class TailorState:
             log.info("started %d training worker(s); their log: %s", s.train_workers, s.home / "workers.log")
 
     def close(self) -> None:
+        self._closing.set()
         if self.pool is not None:
             self.pool.stop()
             self.pool = None

@@ -1,4 +1,6 @@
-"""Job lifecycle in the database: submit, claim, leases, cancel, recovery, tenant isolation."""
+"""Job lifecycle in the database: submit, claim, leases, cancel, recovery, tenant isolation.
+
+Every test runs on SQLite and on PostgreSQL (the ``database_url`` fixture)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ DATA = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [
 
 
 @pytest.fixture()
-def jm(tmp_path):
-    reg = Registry(f"sqlite:///{tmp_path}/t.db")
+def jm(tmp_path, database_url):
+    reg = Registry(database_url)
     reg.create_tenant("acme", quotas={"max_concurrent_jobs": 1, "max_active_jobs": 3})
     reg.create_tenant("globex")
     return JobManager(reg.engine, LocalStore(tmp_path / "store"), lease_seconds=0.5)

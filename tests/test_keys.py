@@ -1,4 +1,4 @@
-"""API keys over a real SQLite file: shown once, stored hashed, revocable at once, per tenant."""
+"""API keys on SQLite and PostgreSQL: shown once, stored hashed, revocable at once, per tenant."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from adapters.schema import api_keys
 
 
 @pytest.fixture()
-def world(tmp_path):
-    registry = Registry(f"sqlite:///{tmp_path}/tailor.db")
+def world(database_url):
+    registry = Registry(database_url)
     for t in ("acme", "globex"):
         registry.create_tenant(t)
     return registry, KeyStore(registry.engine)

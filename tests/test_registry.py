@@ -1,4 +1,5 @@
-"""Registry on a real SQLite file: tenants, versions, aliases, rollback, isolation, changes."""
+"""Registry on a real SQLite file and a real PostgreSQL database: tenants, versions, aliases,
+rollback, isolation, changes. Every test taking ``db_url`` or ``reg`` runs on both backends."""
 
 from __future__ import annotations
 
@@ -22,13 +23,22 @@ FP = "sha256:" + "b" * 64
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'registry.db'}"
+def db_url(database_url: str) -> str:
+    return database_url  # parametrized over sqlite and postgresql (tests/postgres.py)
 
 
 @pytest.fixture
 def reg(db_url: str):
     r = Registry(db_url)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def sqlite_reg(tmp_path: Path):
+    """For validation tests: names and versions are checked before any query, so the backend
+    cannot matter and one keeps the suite fast."""
+    r = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
     yield r
     r.close()
 
@@ -406,7 +416,8 @@ BAD_NAMES = ["../x", "A", "", "a/b", "é", "x" * 64, " a", "a\n", "a\x00", "ａ"
 
 
 @pytest.mark.parametrize("bad", BAD_NAMES)
-def test_invalid_names_rejected(reg: Registry, bad) -> None:
+def test_invalid_names_rejected(sqlite_reg: Registry, bad) -> None:
+    reg = sqlite_reg
     reg.create_tenant("acme")
     add(reg, "acme", "a")
     seq = reg.change_seq()
@@ -443,7 +454,8 @@ def test_invalid_names_rejected(reg: Registry, bad) -> None:
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 1.5, "1", 2**31])
-def test_invalid_versions_rejected(reg: Registry, bad) -> None:
+def test_invalid_versions_rejected(sqlite_reg: Registry, bad) -> None:
+    reg = sqlite_reg
     reg.create_tenant("acme")
     add(reg, "acme", "a")
     for call in (

@@ -13,6 +13,12 @@ worker that lost its lease can never overwrite the job's fate.
 exists): they go back to ``queued`` to resume from their last checkpoint, or fail with
 ``worker_lost`` after ``max_attempts``. A tenant sees only its own jobs: another tenant's job
 id is "not found".
+
+Concurrency, on SQLite (writers serialised by ``BEGIN IMMEDIATE``) and PostgreSQL (row locks):
+two workers never claim the same job, a tenant never has more than ``max_concurrent_jobs``
+claimed or ``max_active_jobs`` active jobs (its tenant row is locked while they are counted),
+and two supervisors recovering at once requeue a job once, never one another worker has
+meanwhile claimed.
 """
 
 from __future__ import annotations
@@ -88,8 +94,11 @@ class JobManager:
         }
         try:
             with self.db.begin() as conn:
+                # FOR NO KEY UPDATE: concurrent submits of one tenant count their active jobs in
+                # turn (PostgreSQL); it does not block inserts that merely reference the tenant.
                 tenant_row = conn.execute(
                     select(schema.tenants.c.id, schema.tenants.c.quotas).where(schema.tenants.c.name == tenant)
+                    .with_for_update(key_share=True)
                 ).first()
                 if tenant_row is None:
                     raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
@@ -146,7 +155,8 @@ class JobManager:
         job = self.get(tenant, job_id)
         with self.db.begin() as conn:
             now = utcnow()
-            status = conn.execute(select(J.c.status).where(J.c.id == job.id)).scalar_one()
+            # Locked so a worker's claim and this cancel cannot interleave (PostgreSQL).
+            status = conn.execute(select(J.c.status).where(J.c.id == job.id).with_for_update()).scalar_one()
             if status in FINISHED:
                 raise ConflictError(f"job {job.id} already {status}", param="job")
             if status == QUEUED:  # nobody runs it: cancel at once
@@ -175,8 +185,20 @@ class JobManager:
                 .with_for_update(skip_locked=True, of=J)
             ).all()
             running: dict[int, int] = {}
+            busy: set[int] = set()
             for cand in candidates:
+                if cand.tenant_id in busy:
+                    continue
                 if cand.tenant_id not in running:
+                    # Claims of one tenant count its running jobs in turn, so two workers cannot
+                    # both take its last free slot (PostgreSQL). A tenant another claimer holds is
+                    # left to that claimer this round: SKIP LOCKED, so claims never deadlock.
+                    if conn.execute(
+                        select(T.c.id).where(T.c.id == cand.tenant_id)
+                        .with_for_update(key_share=True, skip_locked=True)
+                    ).first() is None:
+                        busy.add(cand.tenant_id)
+                        continue
                     running[cand.tenant_id] = conn.execute(
                         select(func.count()).select_from(J)
                         .where(J.c.tenant_id == cand.tenant_id, J.c.status.in_((VALIDATING, RUNNING)))
@@ -234,13 +256,16 @@ class JobManager:
         now = utcnow()
         touched = []
         with self.db.begin() as conn:
-            rows = conn.execute(select(J).where(J.c.status.in_((VALIDATING, RUNNING)))).mappings().all()
+            # SKIP LOCKED: a job another supervisor is recovering (or a worker is updating right
+            # now) is left alone this round.
+            rows = conn.execute(
+                select(J).where(J.c.status.in_((VALIDATING, RUNNING))).with_for_update(skip_locked=True)
+            ).mappings().all()
             for row in rows:
                 expired = row["lease_expires_at"] is None or row["lease_expires_at"] < now
                 dead = expired or (is_dead is not None and row["worker_id"] and is_dead(row["worker_id"]))
                 if not dead:
                     continue
-                touched.append(row["id"])
                 if row["cancel_requested"]:
                     values = {"status": CANCELLED, "finished_at": now}
                     msg, level = "worker lost while cancelling; job cancelled", "warning"
@@ -251,8 +276,14 @@ class JobManager:
                 else:
                     values = {"status": QUEUED}
                     msg, level = "worker lost; job requeued and will resume from its last checkpoint", "warning"
-                conn.execute(update(J).where(J.c.id == row["id"]).values(
-                    worker_id=None, lease_expires_at=None, updated_at=now, **values))
+                # Guarded by what we read: if the job changed hands meanwhile, leave it be.
+                res = conn.execute(update(J).where(
+                    J.c.id == row["id"], J.c.status == row["status"], J.c.worker_id == row["worker_id"],
+                    J.c.attempts == row["attempts"],
+                ).values(worker_id=None, lease_expires_at=None, updated_at=now, **values))
+                if res.rowcount != 1:
+                    continue
+                touched.append(row["id"])
                 _event(conn, row["id"], level, msg)
         return touched
 

@@ -4,19 +4,30 @@
 comes from the registry's append-only change log: at most every ``poll_seconds`` a resolve
 reads the log's newest sequence number (one cheap query) and, if it moved, drops the cached
 entries of every tenant/adapter the new changes name. So a promotion, rollback or deletion
-made by any process is seen by every process within ``poll_seconds`` (plus one query).
+made by any process is seen by every process within ``poll_seconds`` (plus one query), on
+SQLite and PostgreSQL alike (the registry makes change seqs visible in order).
 ``invalidate`` makes this process see its own writes at once. Unknown adapters are never
 cached: each miss asks the registry again.
+
+When the registry cannot be reached, cached resolutions keep being served (requests for
+resident adapters go on working) and the failure is logged once, not per poll; polling is
+retried with backoff, and the first successful poll replays every change missed meanwhile.
+A miss then raises the registry's ``DatabaseUnavailableError`` (a 503). Only one thread polls
+at a time; the others serve from the cache meanwhile instead of queueing behind a slow poll.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from adapters.registry import Registry, VersionRecord
 
 Key = tuple[str, str, "int | str | None"]
+log = logging.getLogger("tailor.resolver")
+MAX_POLL_BACKOFF_S = 5.0
+CHANGES_PAGE = 1000
 
 
 class Resolver:
@@ -25,10 +36,18 @@ class Resolver:
         self.poll_seconds = poll_seconds
         self.max_entries = max_entries
         self._cache: dict[Key, VersionRecord] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _cache and _generation
+        self._poll_lock = threading.Lock()  # one poller at a time
+        self._generation = 0  # bumped whenever entries are dropped
         self._seq = registry.change_seq()
-        self._checked = time.monotonic()
-        self.hits = self.misses = self.invalidations = 0
+        self._next_poll = time.monotonic() + poll_seconds
+        self._failures = 0
+        self.hits = self.misses = self.invalidations = self.poll_failures = 0
+
+    @property
+    def offline(self) -> bool:
+        """True while the last poll of the registry failed."""
+        return self._failures > 0
 
     def resolve(self, tenant: str, adapter: str, selector: int | str | None) -> VersionRecord:
         self._refresh()
@@ -38,11 +57,15 @@ class Resolver:
             self.hits += 1
             return record
         self.misses += 1
+        generation = self._generation
         record = self.registry.resolve(tenant, adapter, selector)  # raises when unknown: not cached
         with self._lock:
-            if len(self._cache) >= self.max_entries:
-                self._cache.clear()  # rare; a cold cache only costs queries
-            self._cache[key] = record
+            # A poll that dropped entries while we read may have dropped this very key: the
+            # record could predate that change, so answer with it but do not keep it.
+            if generation == self._generation:
+                if len(self._cache) >= self.max_entries:
+                    self._cache.clear()  # rare; a cold cache only costs queries
+                self._cache[key] = record
         return record
 
     def invalidate(self, tenant: str, adapter: str | None = None) -> None:
@@ -50,23 +73,47 @@ class Resolver:
             doomed = [k for k in self._cache if k[0] == tenant and (adapter is None or k[1] == adapter)]
             for k in doomed:
                 del self._cache[k]
+            self._generation += 1
             self.invalidations += len(doomed)
 
     def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < self.poll_seconds:
+        if time.monotonic() < self._next_poll or not self._poll_lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() < self._next_poll:
+                return
+            self._poll()
+        finally:
+            self._poll_lock.release()
+
+    def _poll(self) -> None:
+        try:
+            seq = self.registry.change_seq()
+            changes = self.registry.changes_since(self._seq, limit=CHANGES_PAGE) if seq != self._seq else []
+        except Exception as e:  # noqa: BLE001 - DatabaseUnavailableError mostly; a poll must never fail requests
+            self._failed(e)
+            return
+        if self._failures:
+            log.warning("registry reachable again after %d failed poll(s); catching up on changes",
+                        self._failures)
+            self._failures = 0
+        self._next_poll = time.monotonic() + self.poll_seconds
+        if seq == self._seq:
             return
         with self._lock:
-            if now - self._checked < self.poll_seconds:
-                return
-            self._checked = now
-            seq = self.registry.change_seq()
-            if seq == self._seq:
-                return
-            changes = self.registry.changes_since(self._seq, limit=1000)
-            if len(changes) == 1000 and changes[-1].seq < seq:
+            if len(changes) == CHANGES_PAGE and changes[-1].seq < seq:
                 self._cache.clear()  # too far behind to replay: start over
             touched = {(c.tenant, c.adapter) for c in changes}
             for k in [k for k in self._cache if (k[0], k[1]) in touched or (k[0], None) in touched]:
                 del self._cache[k]
+            self._generation += 1
             self._seq = seq
+
+    def _failed(self, e: Exception) -> None:
+        self._failures += 1
+        self.poll_failures += 1
+        if self._failures == 1:
+            log.warning("cannot poll the registry for changes (%s); serving cached resolutions "
+                        "until it is back", e)
+        backoff = min(MAX_POLL_BACKOFF_S, self.poll_seconds * 2 ** min(self._failures, 8))
+        self._next_poll = time.monotonic() + backoff

@@ -1,0 +1,1 @@
+"""Alembic revision modules (a package so a regular install carries them)."""

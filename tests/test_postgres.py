@@ -312,6 +312,8 @@ def test_outage_keeps_resident_adapters_serving_and_refuses_writes(own_server: P
     with pytest.raises(DatabaseUnavailableError):
         catalog.publish("acme", "s", random_artifact(base.spec, seed=2), promote=True, spec=base.spec)
     assert sorted(store.list("tenants/acme/")) == stored  # the refused publish left no files
+    late = Resolver(Registry(url, migrate=False), poll_seconds=0.05)  # a replica starting now
+    assert late.offline
 
     own_server.start()
     other = Registry(url)  # another replica promotes v2 once the database is back
@@ -319,11 +321,13 @@ def test_outage_keeps_resident_adapters_serving_and_refuses_writes(own_server: P
     other.add_version("acme", "s", weights_key=v1.weights_key, manifest_key=v1.manifest_key, sha256=v1.sha256,
                       nbytes=v1.nbytes, base_fingerprint=v1.base_fingerprint, manifest=v1.manifest)
     other.set_alias("acme", "s", "prod", 2)
-    wait_until(lambda: engine.resolve("acme", "s").key.version == 2, timeout=3.0)
+    wait_until(lambda: engine.resolve("acme", "s").key.version == 2, timeout=5.0)
     assert not engine.resolver.offline
+    assert late.resolve("acme", "s", None).version == 2 and not late.offline
     catalog.registry.set_alias("acme", "s", "prod", 1)  # the old pool reconnects by itself
     assert catalog.registry.resolve("acme", "s").version == 1
     other.close()
+    late.registry.close()
     catalog.registry.close()
 
 

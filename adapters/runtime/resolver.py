@@ -26,7 +26,7 @@ from adapters.registry import Registry, VersionRecord
 
 Key = tuple[str, str, "int | str | None"]
 log = logging.getLogger("tailor.resolver")
-MAX_POLL_BACKOFF_S = 5.0
+MAX_POLL_BACKOFF_S = 2.0  # also the most a recovered registry waits to be noticed
 CHANGES_PAGE = 1000
 
 
@@ -39,10 +39,15 @@ class Resolver:
         self._lock = threading.Lock()  # guards _cache and _generation
         self._poll_lock = threading.Lock()  # one poller at a time
         self._generation = 0  # bumped whenever entries are dropped
-        self._seq = registry.change_seq()
-        self._next_poll = time.monotonic() + poll_seconds
         self._failures = 0
         self.hits = self.misses = self.invalidations = self.poll_failures = 0
+        self._next_poll = time.monotonic() + poll_seconds
+        # None: not known yet (the registry was unreachable); the first good poll sets it.
+        self._seq: int | None = None
+        try:
+            self._seq = registry.change_seq()
+        except Exception as e:  # noqa: BLE001 - built during an outage: start empty and catch up
+            self._failed(e)
 
     @property
     def offline(self) -> bool:
@@ -89,7 +94,9 @@ class Resolver:
     def _poll(self) -> None:
         try:
             seq = self.registry.change_seq()
-            changes = self.registry.changes_since(self._seq, limit=CHANGES_PAGE) if seq != self._seq else []
+            known = self._seq
+            changes = (self.registry.changes_since(known, limit=CHANGES_PAGE)
+                       if known is not None and seq != known else [])
         except Exception as e:  # noqa: BLE001 - DatabaseUnavailableError mostly; a poll must never fail requests
             self._failed(e)
             return
@@ -101,8 +108,8 @@ class Resolver:
         if seq == self._seq:
             return
         with self._lock:
-            if len(changes) == CHANGES_PAGE and changes[-1].seq < seq:
-                self._cache.clear()  # too far behind to replay: start over
+            if known is None or (len(changes) == CHANGES_PAGE and changes[-1].seq < seq):
+                self._cache.clear()  # no starting point, or too far behind to replay: start over
             touched = {(c.tenant, c.adapter) for c in changes}
             for k in [k for k in self._cache if (k[0], k[1]) in touched or (k[0], None) in touched]:
                 del self._cache[k]

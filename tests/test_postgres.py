@@ -4,15 +4,14 @@ Job hand-out, per-tenant limits and the change log are exercised with many conne
 once (the races SQLite's single writer never shows); promotions made by another process must
 reach a resolver within a second; and with the database gone, resident adapters keep
 predicting while writes fail with ``database_unavailable`` — at the library level and through
-a real ``bentoml serve`` that also has to start while the database is still down.
+the service's HTTP app, which also has to start while the database is still down.
 """
 
 from __future__ import annotations
 
 import collections
-import os
+import logging
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from adapters.runtime.resolver import Resolver
 from adapters.schema import changes, make_engine
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from tests.postgres import PostgresServer, PostgresUnavailable, free_port, new_server_dir, wait_until
+from tests.postgres import PostgresServer, PostgresUnavailable, new_server_dir, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 FP = "sha256:" + "c" * 64
@@ -262,9 +261,10 @@ def test_another_process_changes_reach_a_resolver_within_a_second(postgres_migra
 # -- faults: the database goes away ---------------------------------------------------------------
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def own_server() -> PostgresServer:
-    """A server of this test's own, free to stop and start (others use the session one)."""
+    """A server of these tests' own, free to stop and start (others use the session one).
+    Each test starts or stops it as it needs; it is initialised but not running at first."""
     try:
         server = PostgresServer(new_server_dir())
     except PostgresUnavailable as e:
@@ -275,8 +275,9 @@ def own_server() -> PostgresServer:
 
 def test_outage_keeps_resident_adapters_serving_and_refuses_writes(own_server: PostgresServer,
                                                                     tmp_path: Path) -> None:
-    own_server.start()
-    url = own_server.create_database("tailor")
+    if not own_server.running:
+        own_server.start()
+    url = own_server.create_database()
     base = tiny_base(seed=3)
     store = LocalStore(tmp_path / "store")
     catalog = Catalog(Registry(url), store)
@@ -331,90 +332,74 @@ def test_outage_keeps_resident_adapters_serving_and_refuses_writes(own_server: P
     catalog.registry.close()
 
 
-def test_service_starts_without_its_database_and_rides_out_an_outage(own_server: PostgresServer,
-                                                                     tmp_path: Path) -> None:
-    from tests.service_fixture import ADMIN_KEY, LIMITS, save_tiny_base
+def test_service_starts_without_its_database_and_rides_out_an_outage(
+    own_server: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The service's own state and HTTP app (in process: a ``bentoml serve`` start costs ~20 s
+    more and adds nothing here; BentoML's ``/readyz`` is ``state.ready``)."""
+    from fastapi.testclient import TestClient
 
     from adapters.base import load_base
     from adapters.peft_format import export_peft, zip_files
+    from service.app import create_app
+    from service.settings import Settings
+    from service.state import TailorState
+    from tests.service_fixture import ADMIN_KEY, save_tiny_base
 
+    own_server.stop()
+    initdb = threading.Thread(target=lambda: (own_server.data / "PG_VERSION").exists() or own_server.init())
+    initdb.start()
     model_dir = save_tiny_base(tmp_path / "model")
     spec = load_base(str(model_dir)).spec
-    home = tmp_path / "home"
-    home.mkdir()
-    port = free_port()
-    db_url = own_server.url()  # the server is not running yet
-    env = {
-        **os.environ, "TAILOR_HOME": str(home), "TAILOR_BASE_MODEL": str(model_dir), "TAILOR_ADMIN_KEY": ADMIN_KEY,
-        "TAILOR_DATABASE_URL": db_url, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false", "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_WAIT_MS": "5",
-        "BENTOML_DO_NOT_TRACK": "True", **LIMITS,
-    }
-    exe = Path(sys.executable).parent / "bentoml"
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
-    log_path = home / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*cmd, "serve", ".", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-
-    def logs() -> str:
-        return log_path.read_text(errors="replace")
-
-    def status(path: str) -> int | None:
-        try:
-            return httpx.get(base_url + path, timeout=2).status_code
-        except httpx.TransportError:
-            return None
-
+    db_url = own_server.url("tailor_service")
+    settings = Settings.from_env({
+        "TAILOR_HOME": str(tmp_path / "home"), "TAILOR_BASE_MODEL": str(model_dir), "TAILOR_ADMIN_KEY": ADMIN_KEY,
+        "TAILOR_DATABASE_URL": db_url, "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_WAIT_MS": "2",
+    })
+    with caplog.at_level(logging.WARNING, logger="tailor.service"):
+        state = TailorState.open(settings)  # does not fail, does not block
+    assert f"registry database at {db_url} unreachable: " in caplog.text and "; retrying in 1s" in caplog.text
+    state.db_retry_max_s = 0.5  # keep the test short (the default backs off to 30 s)
+    state.start_loading()
+    app = create_app(state)
     try:
-        line = f"registry database at {db_url} unreachable:"
-        wait_until(lambda: proc.poll() is None and line in logs() and status("/readyz") is not None,
-                   timeout=90, interval=0.2)
-        assert "retrying in" in logs()
-        assert status("/readyz") == 503
-        admin = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
-        r = admin.get("/v1/tenants")
-        assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+        with TestClient(app) as http:
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            r = http.get("/v1/tenants", headers=admin)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+            assert "Retry-After" in r.headers and not state.ready
 
-        own_server.start()
-        wait_until(lambda: status("/readyz") == 200, timeout=60, interval=0.2)
-        r = admin.post("/v1/tenants", json={"name": "acme"})
-        assert r.status_code == 201, r.text
-        tenant = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {r.json()['api_key']}"},
-                              timeout=30)
-        for seed in (1, 2):
-            data = zip_files(export_peft(random_artifact(spec, seed=seed, n_labels=2), spec))
-            r = tenant.post("/v1/adapters/clf/import", files={"file": ("a.zip", data, "application/zip")},
-                            data={"promote": "true" if seed == 1 else "false"})
+            initdb.join()
+            own_server.start()
+            own_server.create_database("tailor_service")
+            wait_until(lambda: state.ready, timeout=60, interval=0.05)
+            r = http.post("/v1/tenants", json={"name": "acme"}, headers=admin)
             assert r.status_code == 201, r.text
-        r = tenant.post("/v1/predict", json={"adapter": "clf", "inputs": TEXTS})
-        assert r.status_code == 200, r.text
-        before = r.json()
+            tenant = {"Authorization": f"Bearer {r.json()['api_key']}"}
+            for seed in (1, 2):
+                data = zip_files(export_peft(random_artifact(spec, seed=seed, n_labels=2), spec))
+                r = http.post("/v1/adapters/clf/import", files={"file": ("a.zip", data, "application/zip")},
+                              data={"promote": "true" if seed == 1 else "false"}, headers=tenant)
+                assert r.status_code == 201, r.text
 
-        own_server.stop("fast")
-        for _ in range(3):  # also after the resolver's poll has failed
-            r = tenant.post("/v1/predict", json={"adapter": "clf", "inputs": TEXTS})
+            def predict() -> httpx.Response:
+                return http.post("/v1/predict", json={"adapter": "clf", "inputs": TEXTS}, headers=tenant)
+
+            before = predict().json()
+            assert before["version"] == 1
+
+            own_server.stop("fast")
+            for _ in range(3):  # also once the resolver's poll has failed
+                r = predict()
+                assert r.status_code == 200 and r.json() == before, r.text
+                time.sleep(0.3)
+            r = http.post("/v1/adapters/clf/promote", json={"version": 2}, headers=tenant)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "database_unavailable" and "Retry-After" in r.headers
+
+            own_server.start()
+            r = http.post("/v1/adapters/clf/promote", json={"version": 2}, headers=tenant)
             assert r.status_code == 200, r.text
-            assert r.json() == before
-            time.sleep(0.3)
-        r = tenant.post("/v1/adapters/clf/promote", json={"version": 2})
-        assert r.status_code == 503, r.text
-        assert r.json()["error"]["code"] == "database_unavailable" and "Retry-After" in r.headers
-
-        own_server.start()
-        r = tenant.post("/v1/adapters/clf/promote", json={"version": 2})
-        assert r.status_code == 200, r.text
-        wait_until(lambda: tenant.post("/v1/predict", json={"adapter": "clf", "inputs": TEXTS}).json()
-                   .get("version") == 2, timeout=5)
-    except BaseException:
-        print(logs()[-6000:])
-        raise
+            wait_until(lambda: predict().json().get("version") == 2, timeout=5)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        state.close()

@@ -36,8 +36,8 @@ def reg(db_url: str):
 
 @pytest.fixture
 def sqlite_reg(tmp_path: Path):
-    """For validation tests: names and versions are checked before any query, so the backend
-    cannot matter and one keeps the suite fast."""
+    """For tests where the backend cannot matter (names and versions are checked before any
+    query) or only SQLite needs them; one backend keeps the suite fast."""
     r = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
     yield r
     r.close()
@@ -180,7 +180,11 @@ def test_concurrent_add_version_threads(reg: Registry) -> None:
         assert conn.scalar(select(func.count()).select_from(adapters)) == 1
 
 
-def test_concurrent_add_version_processes(db_url: str, reg: Registry) -> None:
+def test_concurrent_add_version_processes(sqlite_reg: Registry) -> None:
+    # SQLite only: to PostgreSQL another process is just more connections, which the threads
+    # test above already opens (one per thread); SQLite's file locking needs real processes.
+    reg = sqlite_reg
+    db_url = str(reg.engine.url)
     reg.create_tenant("acme")
     script = (
         "import sys\n"

@@ -329,8 +329,8 @@ def is_unavailable(context: ExceptionContext) -> bool:
 def _translate_error(context: ExceptionContext) -> BaseException | None:
     # The one place driver-level "database gone" errors become a 503 with a reason; SQLAlchemy
     # still does its cleanup (invalidating dead connections) before raising what we return.
-    if not is_unavailable(context):
-        return None
+    if context.is_pre_ping or not is_unavailable(context):
+        return None  # a failed pre-ping is the pool's business: it reconnects
     reason = str(context.original_exception).strip().splitlines()
     return DatabaseUnavailableError(
         f"the registry database is unavailable: {reason[0] if reason else type(context.original_exception).__name__}"

@@ -15,25 +15,38 @@ Contract of every ``AdapterStore``:
   larger than ``max_bytes`` (checked before reading it), ``ChecksumMismatchError`` when
   ``sha256`` is given and differs. Bytes returned with ``sha256`` given are verified.
 * ``delete`` is idempotent; ``list`` is sorted.
+* A checksum mismatch is logged (warning, logger ``tailor.store``) as well as raised: it
+  means an object changed behind the registry's back.
+* A backend that cannot be reached raises ``StoreUnavailableError`` (HTTP 503, retry);
+  nothing was half-written.
+* Keys are names, not directories. ``LocalStore`` cannot hold both ``a/b`` and ``a/b/c``
+  (``ConflictError``); S3 can. Callers never need both: every object is a file name under a
+  fresh prefix.
 
 ``LocalStore`` keeps one file per key under a root directory. Writes go to a ``.tmp-*``
 file in the target directory, are fsynced, renamed over the final name and the directory is
 fsynced. ``.tmp-*`` names can never be keys (segments start with a letter or digit), so
 leftovers from a crash are invisible to ``list``/``get``; ``cleanup_temp`` removes them.
+``S3Store`` (``adapters.store_s3``, ``s3://bucket/prefix?...`` urls, see ``parse_s3_url``)
+keeps the same contract on S3-compatible object storage.
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
+import ipaddress
+import logging
 import os
 import re
 import stat
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from adapters.errors import (
     ArtifactError,
@@ -47,10 +60,12 @@ MAX_KEY_LENGTH = 512
 SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMP_PREFIX = ".tmp-"
 
+log = logging.getLogger("tailor.store")
+
 
 @runtime_checkable
 class AdapterStore(Protocol):
-    """The narrow interface every blob store implements (local now, S3 later)."""
+    """The narrow interface every blob store implements (``LocalStore``, ``S3Store``)."""
 
     @property
     def url(self) -> str: ...
@@ -117,10 +132,22 @@ def validate_prefix(prefix: object) -> str:
     return stem + "/"
 
 
-def _check_size(key: str, size: int, max_bytes: int | None) -> None:
+def check_size(key: str, size: int, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
         raise ArtifactError(
             f"object {key!r} is {size} bytes, over the limit of {max_bytes} bytes", param="key"
+        )
+
+
+def verify_sha256(key: str, data: bytes, expected: str, *, where: str = "") -> None:
+    """Raise ``ChecksumMismatchError`` (and log it) unless ``data`` hashes to ``expected``."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        # Refused and logged: someone or something rewrote the object outside put().
+        log.warning("checksum mismatch on store object %r%s: expected sha256 %s, got %s; refused",
+                    key, where, expected, actual)
+        raise ChecksumMismatchError(
+            f"object {key!r} is corrupt: expected sha256 {expected}, got {actual}", param="key"
         )
 
 
@@ -273,17 +300,12 @@ class LocalStore:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise NotFoundError(f"object {key!r} not found", param="key")
-            _check_size(key, st.st_size, max_bytes)
+            check_size(key, st.st_size, max_bytes)
             # Read at most limit+1 bytes: a file growing after fstat still cannot blow memory.
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-        _check_size(key, len(data), max_bytes)
+        check_size(key, len(data), max_bytes)
         if sha256 is not None:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != sha256.lower():
-                raise ChecksumMismatchError(
-                    f"object {key!r} is corrupt: expected sha256 {sha256}, got {actual}",
-                    param="key",
-                )
+            verify_sha256(key, data, sha256, where=f" in {self.url}")
         return data
 
     def exists(self, key: str) -> bool:
@@ -322,8 +344,127 @@ class LocalStore:
         return keys
 
 
+# -- s3:// urls ---------------------------------------------------------------------------
+
+BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A parsed ``s3://`` store url (no credentials: those come from the AWS environment)."""
+
+    bucket: str
+    prefix: str = ""  # "" or "a/b/": every object name is prefix + key
+    endpoint_url: str | None = None
+    region: str | None = None
+    create_bucket: bool = False
+    addressing_style: str | None = None
+    connect_timeout: float = 2.0
+    read_timeout: float = 10.0
+    max_attempts: int = 2
+
+    def url(self) -> str:
+        """The canonical url: round-trips through ``parse_s3_url``; ``create_bucket`` dropped
+        (it is a one-off setup action, not part of the store's identity)."""
+        query: dict[str, str] = {}
+        if self.endpoint_url:
+            query["endpoint_url"] = self.endpoint_url
+        if self.region:
+            query["region"] = self.region
+        if self.addressing_style:
+            query["addressing_style"] = self.addressing_style
+        defaults = S3Location(self.bucket)
+        for name in ("connect_timeout", "read_timeout", "max_attempts"):
+            if getattr(self, name) != getattr(defaults, name):
+                query[name] = f"{getattr(self, name):g}"
+        tail = f"?{urlencode(query, safe=':/')}" if query else ""
+        path = f"/{self.prefix.rstrip('/')}" if self.prefix else ""
+        return f"s3://{self.bucket}{path}{tail}"
+
+
+def validate_bucket(name: str) -> str:
+    """S3 bucket naming rules (the portable subset MinIO and Ceph also accept)."""
+    if (not isinstance(name, str) or not BUCKET_PATTERN.fullmatch(name) or ".." in name
+            or ".-" in name or "-." in name):
+        raise ValueError(
+            f"invalid S3 bucket name {name!r}: 3-63 characters of a-z, 0-9, '.' and '-', "
+            "starting and ending with a letter or digit")
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return name
+    raise ValueError(f"invalid S3 bucket name {name!r}: must not look like an IP address")
+
+
+def _number(name: str, value: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"s3 url option {name}={value!r} is not a number") from None
+    if not low <= number <= high:
+        raise ValueError(f"s3 url option {name}={value!r} is out of range [{low:g}, {high:g}]")
+    return number
+
+
+def parse_s3_url(url: str, env: Mapping[str, str] | None = None) -> S3Location:
+    """Parse ``s3://bucket[/prefix][?endpoint_url=..&region=..&create_bucket=1&...]``.
+
+    Options: ``endpoint_url`` (else env ``TAILOR_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``,
+    ``AWS_ENDPOINT_URL``; else AWS), ``region``, ``create_bucket`` (tests and the local
+    cluster only), ``addressing_style`` (``path`` by default when an endpoint is set, as
+    MinIO and moto want), ``connect_timeout`` / ``read_timeout`` (seconds, default 2 / 10),
+    ``max_attempts`` (total tries per call, default 2). Pure: touches no network.
+    """
+    if env is None:
+        env = os.environ
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "s3":
+        raise ValueError(f"not an s3:// url: {url!r}")
+    if parts.username or parts.password or "@" in parts.netloc:
+        raise ValueError("s3 url must not carry credentials; use the AWS environment variables")
+    bucket = validate_bucket(parts.netloc)
+    path = unquote(parts.path).strip("/")
+    try:
+        prefix = validate_prefix(path)
+    except InvalidNameError as exc:
+        raise ValueError(f"s3 url {url!r}: {exc.message}") from None
+    opts: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if name in opts:
+            raise ValueError(f"s3 url option {name!r} given twice")
+        opts[name] = value
+    known = {"endpoint_url", "region", "create_bucket", "addressing_style", "connect_timeout",
+             "read_timeout", "max_attempts"}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ValueError(f"unknown s3 url option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    endpoint = (opts.get("endpoint_url") or env.get("TAILOR_S3_ENDPOINT_URL")
+                or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None)
+    if endpoint is not None:
+        ep = urlsplit(endpoint)
+        if ep.scheme not in ("http", "https") or not ep.hostname:
+            raise ValueError(f"s3 endpoint_url {endpoint!r} must be an http(s):// url with a host")
+        endpoint = endpoint.rstrip("/")
+    create = opts.get("create_bucket", "0").lower()
+    if create not in _TRUE + _FALSE:
+        raise ValueError(f"s3 url option create_bucket={opts['create_bucket']!r}: use 1/0 or true/false")
+    style = opts.get("addressing_style") or ("path" if endpoint else None)
+    if style is not None and style not in ADDRESSING_STYLES:
+        raise ValueError(f"s3 url option addressing_style={style!r}: one of {', '.join(ADDRESSING_STYLES)}")
+    return S3Location(
+        bucket=bucket, prefix=prefix, endpoint_url=endpoint, region=opts.get("region") or None,
+        create_bucket=create in _TRUE, addressing_style=style,
+        connect_timeout=_number("connect_timeout", opts.get("connect_timeout", "2"), 0.05, 300),
+        read_timeout=_number("read_timeout", opts.get("read_timeout", "10"), 0.05, 3600),
+        max_attempts=int(_number("max_attempts", opts.get("max_attempts", "2"), 1, 10)),
+    )
+
+
 def open_store(url: str) -> AdapterStore:
-    """Open the store named by ``url``: ``file:///abs/path`` or a plain path; S3 later."""
+    """Open the store named by ``url``: ``file:///abs/path``, a plain path, or ``s3://...``
+    (see ``parse_s3_url``)."""
     if not isinstance(url, str) or not url:
         raise ValueError("store url must be a non-empty string")
     parts = urlsplit(url)
@@ -335,10 +476,9 @@ def open_store(url: str) -> AdapterStore:
             raise ValueError(f"file store url {url!r} has no path")
         return LocalStore(unquote(parts.path))
     if scheme == "s3":
-        raise NotImplementedError(
-            f"cannot open {url!r}: S3 store arrives with the scale-out issue; "
-            "use a local path or file:/// url for now"
-        )
+        from adapters.store_s3 import S3Store  # boto3 is imported only by those who use S3
+
+        return S3Store(parse_s3_url(url))
     if scheme and len(scheme) > 1:  # a one-letter 'scheme' is a Windows drive letter
         raise ValueError(f"unsupported store url scheme {scheme!r} in {url!r}")
     return LocalStore(url)

@@ -76,8 +76,17 @@ class Settings:
         if "://" not in database_url:
             raise SettingsError(f"TAILOR_DATABASE_URL={database_url!r} is not a URL (e.g. sqlite:///path.db)")
         store_url = env.get("TAILOR_STORE_URL") or f"file://{home / 'store'}"
-        if not store_url.startswith("file://"):
-            raise SettingsError(f"TAILOR_STORE_URL={store_url!r}: only file:// stores are supported so far")
+        if store_url.startswith("s3://"):
+            from adapters.store import parse_s3_url  # syntax only: no network at settings time
+
+            try:
+                parse_s3_url(store_url, env)
+            except ValueError as e:
+                shown = store_url.split("//", 1)[1].split("/", 1)[0]
+                shown = store_url.replace(shown, "***@" + shown.rsplit("@", 1)[1]) if "@" in shown else store_url
+                raise SettingsError(f"TAILOR_STORE_URL={shown!r}: {e}") from None
+        elif not store_url.startswith("file://"):
+            raise SettingsError(f"TAILOR_STORE_URL={store_url!r}: only file:// and s3:// stores are supported")
 
         max_batch_size = _int(env, "TAILOR_MAX_BATCH_SIZE", 32, lo=1, hi=4096)
         device_slots = _int(env, "TAILOR_DEVICE_SLOTS", max(257, max_batch_size + 1), lo=2)

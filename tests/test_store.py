@@ -1,10 +1,14 @@
-"""LocalStore: atomic puts, verified gets, key validation before any disk access."""
+"""The store contract, on LocalStore and on S3Store (moto): atomic puts, verified gets, key
+validation before any disk access or request. Tests named ``*_local_*`` are LocalStore's own
+(directories, symlinks, sparse files); every other test runs on both backends."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,10 +21,23 @@ from adapters.errors import (
     NotFoundError,
 )
 from adapters.store import AdapterStore, LocalStore, open_store, validate_key, validate_prefix
+from tests.s3 import moto_endpoint, s3_env, s3_url  # noqa: F401 - fixtures
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AdapterStore]:
+    """A fresh, empty store: a directory, or a fresh prefix of one moto bucket."""
+    if request.param == "local":
+        yield LocalStore(tmp_path / "blobs")
+        return
+    endpoint = request.getfixturevalue("s3_env")
+    s3 = open_store(s3_url(endpoint))
+    yield s3
+    s3.close()  # type: ignore[attr-defined]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
+def local_store(tmp_path: Path) -> LocalStore:
     return LocalStore(tmp_path / "blobs")
 
 
@@ -28,7 +45,33 @@ def files_under(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
 
 
-def test_put_get_round_trip(store: LocalStore) -> None:
+def physical(store: AdapterStore) -> list[str]:
+    """Everything the backend holds for this store, temp files and objects included."""
+    if isinstance(store, LocalStore):
+        return [n for n in files_under(store.root) if (store.root / n).is_file()]
+    pages = store._client.get_paginator("list_objects_v2").paginate(  # type: ignore[attr-defined]
+        Bucket=store.bucket, Prefix=store.prefix)  # type: ignore[attr-defined]
+    return sorted(o["Key"][len(store.prefix):] for p in pages for o in p.get("Contents", []))  # type: ignore[attr-defined]
+
+
+def overwrite_behind_its_back(store: AdapterStore, key: str, data: bytes) -> None:
+    """Change an object without going through put (a person, a script, bit rot)."""
+    if isinstance(store, LocalStore):
+        (store.root / key).write_bytes(data)
+    else:
+        store._client.put_object(Bucket=store.bucket, Key=store.prefix + key, Body=data)  # type: ignore[attr-defined]
+
+
+def count_requests(store: AdapterStore) -> list[str]:
+    """The S3 requests ``store`` sends from now on (an empty list forever for LocalStore)."""
+    sent: list[str] = []
+    if not isinstance(store, LocalStore):
+        store._client.meta.events.register(  # type: ignore[attr-defined]
+            "before-send.s3", lambda request, **_: sent.append(f"{request.method} {request.url}"))
+    return sent
+
+
+def test_put_get_round_trip(store: AdapterStore) -> None:
     data = b"\x00weights\xff" * 1000
     digest = store.put("t1/sentiment/v1/adapter.safetensors", data)
     assert digest == hashlib.sha256(data).hexdigest()
@@ -40,19 +83,43 @@ def test_put_get_round_trip(store: LocalStore) -> None:
     assert isinstance(store, AdapterStore)
 
 
-def test_put_overwrites_whole_object(store: LocalStore) -> None:
+def test_put_overwrites_whole_object(store: AdapterStore) -> None:
     store.put("k", b"a much longer first value")
     store.put("k", b"short")
     assert store.get("k") == b"short"
-    assert files_under(store.root) == ["k"]  # no temp file left behind
+    assert physical(store) == ["k"]  # no temp file left behind
 
 
-def test_empty_object(store: LocalStore) -> None:
+def test_readers_never_see_a_partial_object(store: AdapterStore) -> None:
+    # One writer alternates two large values; every read returns exactly one of them.
+    values = [bytes([i]) * (512 << 10) for i in (1, 2)]
+    store.put("k", values[0])
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(store.get("k"))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(8):
+            store.put("k", values[i % 2])
+            assert store.list() == ["k"]  # temp objects are never listed
+    finally:
+        stop.set()
+        reader.join()
+    assert seen and all(v in values for v in seen)
+    assert physical(store) == ["k"]
+
+
+def test_empty_object(store: AdapterStore) -> None:
     assert store.put("empty", b"") == hashlib.sha256(b"").hexdigest()
     assert store.get("empty", max_bytes=0) == b""
 
 
-def test_missing_key(store: LocalStore) -> None:
+def test_missing_key(store: AdapterStore) -> None:
     with pytest.raises(NotFoundError, match="'nope/x'"):
         store.get("nope/x")
     with pytest.raises(NotFoundError):
@@ -60,7 +127,16 @@ def test_missing_key(store: LocalStore) -> None:
     assert not store.exists("nope/x")
 
 
-def test_directory_is_not_an_object(store: LocalStore) -> None:
+def test_directory_is_not_an_object(store: AdapterStore) -> None:
+    store.put("a/b/c", b"x")
+    assert not store.exists("a/b")
+    with pytest.raises(NotFoundError):
+        store.get("a/b")
+    assert store.list("a/b") == ["a/b/c"]
+
+
+def test_local_directory_and_object_conflict(local_store: LocalStore) -> None:
+    store = local_store
     store.put("a/b/c", b"x")
     assert not store.exists("a/b")
     with pytest.raises(NotFoundError):
@@ -72,7 +148,8 @@ def test_directory_is_not_an_object(store: LocalStore) -> None:
     assert store.get("a/b/c") == b"x"
 
 
-def test_crash_leftover_temp_is_invisible_and_cleaned(store: LocalStore) -> None:
+def test_local_crash_leftover_temp_is_invisible_and_cleaned(local_store: LocalStore) -> None:
+    store = local_store
     store.put("t1/a/v1/w", b"complete")
     # A writer that died before its rename leaves a partial temp file next to the target.
     leftover = store.root / "t1" / "a" / "v1" / ".tmp-dead1234"
@@ -97,9 +174,19 @@ def test_crash_leftover_temp_is_invisible_and_cleaned(store: LocalStore) -> None
     assert store.get("t1/a/v1/w") == b"complete"
 
 
-def test_put_failure_leaves_no_partial_file(store: LocalStore) -> None:
-    with pytest.raises(TypeError):
-        store.put("k", "not bytes")  # type: ignore[arg-type]
+def test_put_of_non_bytes_writes_nothing(store: AdapterStore) -> None:
+    sent = count_requests(store)
+    for bad in ("not bytes", None, 3, [b"x"]):
+        with pytest.raises(TypeError):
+            store.put("k", bad)  # type: ignore[arg-type]
+    assert sent == [] and physical(store) == []
+    store.put("k", bytearray(b"ba"))
+    store.put("m", memoryview(b"mv"))
+    assert store.get("k") == b"ba" and store.get("m") == b"mv"
+
+
+def test_local_put_failure_leaves_no_partial_file(local_store: LocalStore) -> None:
+    store = local_store
     store.put("k", b"old")
     # Make the rename itself fail (the target is a directory): the temp file must go.
     store.put("d/x", b"1")
@@ -109,19 +196,21 @@ def test_put_failure_leaves_no_partial_file(store: LocalStore) -> None:
     assert store.get("k") == b"old"
 
 
-def test_checksum_mismatch_after_tampering(store: LocalStore) -> None:
+def test_checksum_mismatch_after_tampering(store: AdapterStore, caplog: pytest.LogCaptureFixture) -> None:
     digest = store.put("t1/a/v1/w", b"original bytes")
-    (store.root / "t1/a/v1/w").write_bytes(b"original bytez")
+    overwrite_behind_its_back(store, "t1/a/v1/w", b"original bytez")
     actual = hashlib.sha256(b"original bytez").hexdigest()
-    with pytest.raises(ChecksumMismatchError) as info:
-        store.get("t1/a/v1/w", sha256=digest)
+    with caplog.at_level("WARNING", logger="tailor.store"):
+        with pytest.raises(ChecksumMismatchError) as info:
+            store.get("t1/a/v1/w", sha256=digest)
     msg = str(info.value)
     assert "t1/a/v1/w" in msg and digest in msg and actual in msg
     assert info.value.code == "checksum_mismatch"
-    assert store.get("t1/a/v1/w") == b"original bytez"  # without sha256: no check
+    assert any("checksum mismatch" in r.getMessage() and "t1/a/v1/w" in r.getMessage() for r in caplog.records)
+    assert store.get("t1/a/v1/w") == b"original bytez"  # without sha256: no record to check against
 
 
-def test_max_bytes_refused_before_reading(store: LocalStore) -> None:
+def test_max_bytes_refused_before_reading(store: AdapterStore) -> None:
     store.put("big", b"x" * 1000)
     assert store.get("big", max_bytes=1000) == b"x" * 1000
     with pytest.raises(ArtifactError) as info:
@@ -131,7 +220,8 @@ def test_max_bytes_refused_before_reading(store: LocalStore) -> None:
     assert not isinstance(info.value, ChecksumMismatchError)
 
 
-def test_max_bytes_checked_on_size_not_content(store: LocalStore) -> None:
+def test_local_max_bytes_checked_on_size_not_content(local_store: LocalStore) -> None:
+    store = local_store
     # A sparse 1 GiB file: refused from its size alone, so reading it never happens.
     path = store.root / "huge"
     with open(path, "wb") as f:
@@ -170,7 +260,30 @@ BAD_KEYS = [
 
 
 @pytest.mark.parametrize("key", BAD_KEYS)
-def test_bad_keys_rejected_before_touching_disk(tmp_path: Path, key: str) -> None:
+def test_bad_keys_rejected_before_any_request(store: AdapterStore, key: str) -> None:
+    sent = count_requests(store)
+    with pytest.raises(InvalidNameError):
+        validate_key(key)
+    for call in (
+        lambda: store.put(key, b"data"),
+        lambda: store.get(key),
+        lambda: store.get(key, sha256="0" * 64),
+        lambda: store.delete(key),
+        lambda: store.exists(key),
+        lambda: store.size(key),
+    ):
+        with pytest.raises(InvalidNameError):
+            call()
+    for prefix in ("..", "../", "a//", "/a", ".tmp", "a/.tmp/"):
+        with pytest.raises(InvalidNameError):
+            store.list(prefix)
+        with pytest.raises(InvalidNameError):
+            store.delete_prefix(prefix)
+    assert sent == [] and physical(store) == []
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_local_bad_keys_rejected_before_touching_disk(tmp_path: Path, key: str) -> None:
     root = tmp_path / "blobs"
     store = LocalStore(root)
     (tmp_path / "x").write_bytes(b"outside")  # what '../x' would reach
@@ -190,7 +303,7 @@ def test_bad_keys_rejected_before_touching_disk(tmp_path: Path, key: str) -> Non
     assert (tmp_path / "x").read_bytes() == b"outside"
 
 
-def test_non_string_key_rejected(store: LocalStore) -> None:
+def test_non_string_key_rejected(store: AdapterStore) -> None:
     with pytest.raises(InvalidNameError):
         store.get(b"abc")  # type: ignore[arg-type]
     with pytest.raises(InvalidNameError):
@@ -212,7 +325,7 @@ def test_prefixes() -> None:
             validate_prefix(bad)
 
 
-def test_symlink_escape_refused(tmp_path: Path) -> None:
+def test_local_symlink_escape_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(b"secret")
@@ -226,7 +339,7 @@ def test_symlink_escape_refused(tmp_path: Path) -> None:
     assert store.list() == []
 
 
-def test_delete_is_idempotent(store: LocalStore) -> None:
+def test_delete_is_idempotent(store: AdapterStore) -> None:
     store.put("t1/a/v1/w", b"x")
     store.delete("t1/a/v1/w")
     assert not store.exists("t1/a/v1/w")
@@ -237,7 +350,7 @@ def test_delete_is_idempotent(store: LocalStore) -> None:
         store.get("t1/a/v1/w")
 
 
-def test_list_sorted_and_prefix_scoped(store: LocalStore) -> None:
+def test_list_sorted_and_prefix_scoped(store: AdapterStore) -> None:
     keys = ["t1/b/v1/w", "t1/a/v2/w", "t1/a/v1/w", "t1/a/v1/m", "t1/ab/v1/w", "t2/a/v1/w", "top"]
     for k in reversed(keys):
         store.put(k, k.encode())
@@ -249,12 +362,14 @@ def test_list_sorted_and_prefix_scoped(store: LocalStore) -> None:
     assert store.list("top") == []  # an object is not a directory
 
 
-def test_delete_prefix(store: LocalStore) -> None:
+def test_delete_prefix(store: AdapterStore) -> None:
     for k in ["t1/a/v1/w", "t1/a/v2/w", "t1/ab/v1/w", "t2/a/v1/w"]:
         store.put(k, b"x")
     assert store.delete_prefix("t1/a") == 2
     assert store.list() == ["t1/ab/v1/w", "t2/a/v1/w"]
-    assert not (store.root / "t1" / "a").exists()  # empty directories pruned
+    assert physical(store) == ["t1/ab/v1/w", "t2/a/v1/w"]
+    if isinstance(store, LocalStore):
+        assert not (store.root / "t1" / "a").exists()  # empty directories pruned
     assert store.delete_prefix("t1/a") == 0
     store.put("t1/a/v3/w", b"y")  # the pruned path can be used again
     assert store.list("t1/a") == ["t1/a/v3/w"]
@@ -274,8 +389,8 @@ def test_open_store(tmp_path: Path) -> None:
     assert b.get("k") == b"shared"
     spaced = open_store((tmp_path / "with space").as_uri())
     assert isinstance(spaced, LocalStore) and spaced.root.name == "with space"
-    with pytest.raises(NotImplementedError, match="scale-out"):
-        open_store("s3://bucket/prefix")
+    with pytest.raises(ValueError, match="bucket"):
+        open_store("s3://Bad_Bucket/prefix")
     with pytest.raises(ValueError):
         open_store("ftp://host/x")
     with pytest.raises(ValueError):

@@ -23,7 +23,7 @@ from typing import Any
 from adapters.base import BaseModel
 from adapters.catalog import Catalog
 from adapters.datasets import Dataset, check_validation_set, stratified_split
-from adapters.errors import AdapterNotFoundError, TailorError
+from adapters.errors import AdapterNotFoundError, TailorError, UnavailableError
 from adapters.jobs import gate
 from adapters.jobs.files import dataset_from_jsonl
 from adapters.jobs.heartbeat import Heartbeat
@@ -97,6 +97,10 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             return "cancelled"
         except LostJobError:
             log.warning("job %s was taken from worker %s", job.id, ctx.worker_id)
+            return "released"
+        except UnavailableError as e:  # database or store gone for now: not the job's fault
+            log.warning("job %s released: %s; it is requeued when its lease expires and resumes "
+                        "from its checkpoint", job.id, e)
             return "released"
         except TailorError as e:  # dataset problems, divergence, bad hyper-parameters, ...
             m.fail(job.id, ctx.worker_id, e.code, e.message)

@@ -27,6 +27,7 @@ import torch
 
 from adapters.base import load_base
 from adapters.catalog import Catalog
+from adapters.errors import UnavailableError
 from adapters.jobs.manager import JobManager
 from adapters.jobs.runner import WorkerContext, run_job
 from adapters.registry import Registry
@@ -85,13 +86,18 @@ def main(argv: list[str] | None = None) -> None:
     log.info("worker %s ready (base %s)", ctx.worker_id, trainer_base.spec.name)
     next_recover = 0.0
     while not stop.is_set():
-        if time.monotonic() >= next_recover:
-            # Workers on other nodes may have died mid-job: once their lease has expired, any
-            # worker requeues the job (it resumes from its checkpoint where one is shared).
-            for job_id in ctx.manager.recover():
-                log.warning("requeued job %s: its worker's lease expired", job_id)
-            next_recover = time.monotonic() + max(1.0, args.lease_seconds / 4)
-        job = ctx.manager.claim(ctx.worker_id)
+        try:
+            if time.monotonic() >= next_recover:
+                # Workers on other nodes may have died mid-job: once their lease has expired, any
+                # worker requeues the job (it resumes from its checkpoint where one is shared).
+                for job_id in ctx.manager.recover():
+                    log.warning("requeued job %s: its worker's lease expired", job_id)
+                next_recover = time.monotonic() + max(1.0, args.lease_seconds / 4)
+            job = ctx.manager.claim(ctx.worker_id)
+        except UnavailableError as e:  # the database is away: wait for it, do not die
+            log.warning("%s; retrying in %.0f s", e, max(2.0, args.poll_seconds))
+            stop.wait(max(2.0, args.poll_seconds))
+            continue
         if job is None:
             if args.once:
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import logging
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -96,10 +97,22 @@ def test_refuses_a_readable_admin_key_file(tmp_path):
 def test_serving_keeps_the_cores_training_does_not_use(tmp_path, monkeypatch):
     from service.state import serving_threads
 
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("service.state.available_cpus", lambda: 8)
     env = {"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_ADMIN_KEY": "k" * 20}
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "0"})) == 8
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "1"})) == 7
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "2", "TAILOR_TRAIN_THREADS": "3"})) == 2
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "4"})) == 1
+
+
+def test_available_cpus_respects_the_affinity_mask():
+    from service.state import available_cpus
+
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {sorted(before)[0]})
+        assert available_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert 1 <= available_cpus() <= len(before)

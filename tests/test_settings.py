@@ -102,7 +102,7 @@ def test_serving_keeps_the_cores_training_does_not_use(tmp_path, monkeypatch):
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "0"})) == 8
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "1"})) == 7
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "2", "TAILOR_TRAIN_THREADS": "3"})) == 2
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("service.state.available_cpus", lambda: 2)
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "4"})) == 1
 
 

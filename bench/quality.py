@@ -45,6 +45,10 @@ def main() -> None:
     p.add_argument("--dataset", choices=sorted(SIZES), required=True)
     p.add_argument("--methods", default=",".join(METHODS), help="comma list, or 'none' for latency only")
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--include", type=Path, action="append", default=[],
+                   help="an earlier run's JSON (same dataset, sizes and seed): methods not run now are "
+                        "copied from it, marked with where they came from (training is deterministic "
+                        "on CPU for a seed; their train_seconds are from that run's machine load)")
     p.add_argument("--hyperparameters", type=json.loads, default={},
                    help='JSON object of explicit hyper-parameters for every method, e.g. \'{"lora_r": 16}\'')
     args = p.parse_args()
@@ -81,6 +85,16 @@ def main() -> None:
         }
         curves[method] = history
         print(f"{method}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s")
+    for path in args.include:
+        earlier = json.loads(path.read_text())
+        if (earlier["dataset"], earlier["n_train"], earlier["n_test"]) != (args.dataset, len(fit_rows), len(test_rows)):
+            raise SystemExit(f"{path}: a different dataset or split; cannot include it")
+        for method in METHODS:
+            if method in earlier and method not in result:
+                result[method] = {**earlier[method], "from_run": {"file": path.name, "when": earlier["machine"]["when"]}}
+                curves[method] = earlier.get("curves", {}).get(method, [])
+        if "serving_latency_ms" in earlier and args.skip_latency:
+            result["serving_latency_ms"] = {**earlier["serving_latency_ms"], "from_run": path.name}
     if "lora" in result and "full" in result and "head" in result:
         result["lora_minus_full_points"] = 100 * (result["lora"]["accuracy"] - result["full"]["accuracy"])
         result["lora_minus_head_points"] = 100 * (result["lora"]["accuracy"] - result["head"]["accuracy"])

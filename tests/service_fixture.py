@@ -3,6 +3,10 @@
 ``served`` (session-scoped) starts it with its own TAILOR_HOME (SQLite file + store), waits
 for ``/readyz``, yields a ``Served`` and stops it with SIGTERM. Server output goes to
 ``serve.log`` in its home and is printed when the start fails.
+
+``start_served(home, model_dir, overrides)`` / ``stop_served(s)`` (or ``with serving(...)``)
+do the same for tests that need other settings (several workers, training workers) or that
+stop a service and start it again on the same home.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,6 +44,8 @@ class Served:
     model_dir: Path
     admin_key: str = ADMIN_KEY
     env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    log_file: Any = field(default=None, repr=False)
 
     def client(self, key: str | None = None, **kw: object) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -53,54 +62,104 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def save_tiny_base(directory: Path, seed: int = 7) -> Path:
+def save_tiny_base(directory: Path, seed: int = 7, **config: Any) -> Path:
+    """A tiny random base saved as a model folder (``config``: e.g. ``initializer_range=0.3``
+    for one that trains in seconds)."""
     from adapters.base import tiny_base
 
-    b = tiny_base(seed=seed)
+    b = tiny_base(seed=seed, **config)
     b.model.save_pretrained(directory)
     b.tokenizer.save_pretrained(directory)
     return directory
+
+
+def serve_env(home: Path, model_dir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a served process: this one's, the test defaults, then ``overrides``."""
+    return {
+        **os.environ, "TAILOR_HOME": str(home), "TAILOR_BASE_MODEL": str(model_dir),
+        "TAILOR_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false", "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_WAIT_MS": "25",
+        "BENTOML_DO_NOT_TRACK": "True", **LIMITS, **(overrides or {}),
+    }
+
+
+def start_served(home: Path, model_dir: Path, overrides: dict[str, str] | None = None, *,
+                 port: int | None = None, ready_timeout: float = READY_TIMEOUT_S) -> Served:
+    """Start ``bentoml serve .`` on ``home`` (created if missing) and wait for ``/readyz``.
+
+    Fails the test (after stopping the process) when it exits or is not ready in time.
+    ``serve.log`` in ``home`` is appended to, so a restart on the same home keeps both logs.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    env = serve_env(home, model_dir, overrides)
+    exe = Path(sys.executable).parent / "bentoml"
+    bentoml = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
+    log = open(home / "serve.log", "ab")
+    proc = subprocess.Popen([*bentoml, "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    s = Served(url=f"http://127.0.0.1:{port}", home=home, model_dir=model_dir, env=env, proc=proc, log_file=log)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{s.log_tail()}")
+            try:
+                if httpx.get(f"{s.url}/readyz", timeout=2).status_code == 200:
+                    return s
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"service not ready after {ready_timeout:.0f}s:\n{s.log_tail()}")
+            time.sleep(0.25)
+    except BaseException:
+        stop_served(s)
+        raise
+
+
+def stop_served(s: Served, timeout: float = 30.0) -> int | None:
+    """SIGTERM the served process (SIGKILL its whole group after ``timeout``); its exit status."""
+    proc = s.proc
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # its workers (serving and training) leave with it; make sure, before a restart on this home
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        time.sleep(0.05)
+    if s.log_file is not None:
+        s.log_file.close()
+    return proc.returncode
+
+
+@contextmanager
+def serving(home: Path, model_dir: Path, overrides: dict[str, str] | None = None, **kw: Any) -> Iterator[Served]:
+    s = start_served(home, model_dir, overrides, **kw)
+    try:
+        yield s
+    finally:
+        stop_served(s)
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("served")
     model_dir = save_tiny_base(root / "model")
-    home = root / "home"
-    home.mkdir()
-    port = free_port()
-    env = {
-        **os.environ, "TAILOR_HOME": str(home), "TAILOR_BASE_MODEL": str(model_dir),
-        "TAILOR_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false", "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_WAIT_MS": "25",
-        "BENTOML_DO_NOT_TRACK": "True", **LIMITS,
-    }
-    exe = Path(sys.executable).parent / "bentoml"
-    bentoml = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
-    log = open(home / "serve.log", "wb")
-    proc = subprocess.Popen([*bentoml, "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    s = Served(url=f"http://127.0.0.1:{port}", home=home, model_dir=model_dir, env=env)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{s.log_tail()}")
-            try:
-                if httpx.get(f"{s.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"service not ready after {READY_TIMEOUT_S:.0f}s:\n{s.log_tail()}")
-            time.sleep(0.25)
+    with serving(root / "home", model_dir) as s:
         yield s
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()

@@ -357,6 +357,10 @@ def make_engine(url: str | URL) -> Engine:
     if u.get_backend_name() == "sqlite":
         # Threads of one process share the pool; the busy timeout covers other processes.
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        if u.database not in (None, "", ":memory:"):
+            # a serving process has ~16 request threads: keep their connections open rather
+            # than reconnecting (and re-running the PRAGMAs) on every overflow
+            kwargs.update(pool_size=16, max_overflow=16)
     elif u.get_backend_name() == "postgresql":
         # pre_ping: a pooled connection to a restarted server is replaced, not failed.
         kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=15)

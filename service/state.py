@@ -60,6 +60,7 @@ class RateLimiter:
         cached = self._rates.get(tenant)
         if cached is not None and now - cached[1] < self.QUOTA_TTL:
             return cached[0]
+        # fetched outside the bucket lock: a database round trip must not serialise requests
         try:
             quota = TenantQuotas.from_dict(self.registry.get_tenant(tenant).quotas or None).requests_per_second
         except Exception:  # noqa: BLE001 - a bad stored quota must not lock the tenant out
@@ -71,8 +72,8 @@ class RateLimiter:
     def check(self, tenant: str) -> None:
         """Take one token or raise a 429 ApiError with Retry-After."""
         now = time.monotonic()
+        rate = self._rate(tenant, now)
         with self._lock:
-            rate = self._rate(tenant, now)
             if rate <= 0:
                 return
             burst = max(1.0, rate)
@@ -193,8 +194,9 @@ class TailorState:
         self.base, self.engine, self.batcher = base, engine, batcher
         self._ready.set()
         self.metrics.ready.set(1)
-        log.info("base model %s loaded on %s (%s...) in %.1fs; ready",
-                 base.spec.name, base.device, base.fingerprint[:19], time.perf_counter() - t0)
+        log.info("base model %s loaded on %s (%s...) in %.1fs with %d torch threads; ready",
+                 base.spec.name, base.device, base.fingerprint[:19], time.perf_counter() - t0,
+                 torch.get_num_threads())
 
     def start_loading(self) -> threading.Thread:
         t = threading.Thread(target=self.load, name="tailor-load", daemon=True)

@@ -84,7 +84,7 @@ def test_lora_learns_and_its_artifact_is_what_peft_runs(base, tmp_path):
     art = res.artifact
     assert art.manifest.labels == LABELS and art.manifest.base_fingerprint == base.spec.fingerprint
     assert art.manifest.metrics["val_accuracy"] == m["val_accuracy"]
-    assert art.manifest.lora.r == 8 and set(art.manifest.lora.target_modules) == {"query", "value"}
+    assert art.manifest.lora.r == 8 and set(art.manifest.lora.target_modules) == {"query", "key", "value", "dense"}
     # the artifact, loaded by peft into a fresh copy of the base, gives the reported accuracy
     assert peft_accuracy(base, art, tmp_path / "peft") == pytest.approx(m["val_accuracy"])
     assert_untouched(base, snap)
@@ -298,7 +298,7 @@ def test_auto_resolves_for_small_and_large_sets():
     assert (small.epochs, small.batch_size, small.patience) == (30, 16, 7)
     assert (large.epochs, large.batch_size, large.patience) == (2, 32, 2)
     assert small.lora_r == 8 and small.lora_alpha == 16 and small.lora_dropout == 0.1
-    assert small.target_modules == ("query", "value") and small.learning_rate == 1e-3
+    assert small.target_modules == ("query", "key", "value", "dense") and small.learning_rate == 1e-3
     assert (small.max_length, small.warmup_ratio, small.weight_decay) == (128, 0.06, 0.01)
     for n in (50, 500, 5000, 50_000):  # a sane number of optimizer steps at every size
         r = Hyperparameters().resolve(n, "lora")

@@ -11,6 +11,7 @@ machines running this may have no internet).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from service import errors
 from service.errors import error_response
 from service.jobs_routes import router as jobs_router
 from service.routes import router
+from service.schemas import ErrorResponse
 from service.state import TailorState
 
 log = logging.getLogger("tailor.service")
@@ -38,6 +40,11 @@ adapters. Send `Authorization: Bearer <key>`: the admin key for `/v1/tenants`, a
 for everything else. Errors are `{"error": {"code", "message", "param"}}`.
 """
 _UPLOAD_PATHS = re.compile(r"^/v1/(files|adapters/[^/]+/import)/?$")
+# documented on every route (instead of FastAPI's default 422 body, which this API never sends)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "a client error"},
+    "5XX": {"model": ErrorResponse, "description": "not ready (503) or an internal error (500)"},
+}
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
@@ -122,6 +129,24 @@ class MetricsMiddleware:
             m.latency.labels(endpoint, scope["method"]).observe(time.perf_counter() - t0)
 
 
+class WorkerHeaderMiddleware:
+    """``X-Tailor-Worker: <pid>`` on every response: which serving worker answered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-tailor-worker", str(os.getpid()).encode())]
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
 def create_app(state: TailorState | None = None) -> FastAPI:
     app = FastAPI(title="Tailor", version="0.1.0", description=API_DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
@@ -133,9 +158,10 @@ def create_app(state: TailorState | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, get_limits=limits)
     app.add_middleware(MetricsMiddleware, get_state=lambda: app.state.tailor)
+    app.add_middleware(WorkerHeaderMiddleware)
     errors.install(app)
-    app.include_router(router)
-    app.include_router(jobs_router)
+    app.include_router(router, responses=ERROR_RESPONSES)
+    app.include_router(jobs_router, responses=ERROR_RESPONSES)
 
     assets = _swagger_assets()
     if assets is not None:

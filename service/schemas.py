@@ -18,6 +18,18 @@ class Response(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class ErrorDetail(Response):
+    code: str = Field(description="a stable machine-readable code, e.g. adapter_not_found")
+    message: str
+    param: str | None = Field(default=None, description="the request field at fault, when there is one")
+
+
+class ErrorResponse(Response):
+    """Every 4xx and 5xx answer: ``{"error": {"code", "message", "param"?}}``."""
+
+    error: ErrorDetail
+
+
 # -- tenants and keys ---------------------------------------------------------------------------
 
 class TenantCreate(Request):

@@ -3,8 +3,9 @@
     python -m bench.http [--quick] --out bench/results/http-cpu.json
 
 Starts ``bentoml serve .`` on 127.0.0.1 (bundled MiniLM, its own TAILOR_HOME, no training
-workers), creates 100 tenants through the admin API, gives each an adapter (r=8 on
-query/value), then runs closed-loop clients (each sends one single-text predict for a
+workers; serving workers as by default, ``TAILOR_WORKERS=auto``: one single-threaded worker
+per core on CPU; ``--workers`` overrides), creates 100 tenants through the admin API, gives
+each an adapter (r=8 on query/value), then runs closed-loop clients (each sends one single-text predict for a
 random tenant, waits for the answer, sends the next) at concurrency 1, 16 and 64.
 
 Reported per concurrency: requests/s, p50/p95/p99 latency, the server's mean merged batch
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
 from adapters.base import load_base
 from adapters.catalog import Catalog
@@ -58,8 +60,8 @@ def texts(n: int, seed: int = 0) -> list[str]:
 class Server:
     """``bentoml serve .`` in its own process group; stopped with SIGTERM."""
 
-    def __init__(self, home: Path, port: int, max_wait_ms: float) -> None:
-        env = {**os.environ, "TAILOR_HOME": str(home), "TAILOR_ADMIN_KEY": ADMIN_KEY,
+    def __init__(self, home: Path, port: int, max_wait_ms: float, workers: str = "auto") -> None:
+        env = {**os.environ, "TAILOR_HOME": str(home), "TAILOR_ADMIN_KEY": ADMIN_KEY, "TAILOR_WORKERS": workers,
                "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_BATCH_SIZE": str(MAX_BATCH),
                "TAILOR_MAX_WAIT_MS": str(max_wait_ms), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "BENTOML_DO_NOT_TRACK": "True"}
@@ -117,7 +119,8 @@ class RawConnection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes, key: str) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, key: str) -> tuple[int, bytes, bytes]:
+        """(status, body, the X-Tailor-Worker header: which serving worker answered)."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -126,7 +129,7 @@ class RawConnection:
         self.writer.write(head + body)
         status_line = await self.reader.readline()
         status = int(status_line.split()[1])
-        length, close = 0, False
+        length, close, worker = 0, False, b""
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
             name = name.strip().lower()
@@ -134,10 +137,12 @@ class RawConnection:
                 length = int(value)
             elif name == b"connection" and value.strip().lower() == b"close":
                 close = True
+            elif name == b"x-tailor-worker":
+                worker = value.strip()
         data = await self.reader.readexactly(length)
         if close:
             await self.close()
-        return status, data
+        return status, data, worker
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -151,6 +156,7 @@ async def closed_loop(url: str, keys: list[str], corpus: list[str], concurrency:
     host, port = url.split("//", 1)[1].split(":")
     latencies: list[float] = []
     errors: dict[int, int] = {}
+    by_worker: dict[str, int] = {}
     bodies = [json.dumps({"adapter": "clf", "inputs": [t]}).encode() for t in corpus]
     start = time.perf_counter()
     measure_from, end = start + warmup, start + warmup + seconds
@@ -161,8 +167,10 @@ async def closed_loop(url: str, keys: list[str], corpus: list[str], concurrency:
         try:
             while (now := time.perf_counter()) < end:
                 t0 = time.perf_counter()
-                status, _ = await conn.post("/v1/predict", rng.choice(bodies), keys[rng.randrange(len(keys))])
+                status, _, worker = await conn.post("/v1/predict", rng.choice(bodies),
+                                                    keys[rng.randrange(len(keys))])
                 t1 = time.perf_counter()
+                by_worker[worker.decode()] = by_worker.get(worker.decode(), 0) + 1
                 if status != 200:
                     errors[status] = errors.get(status, 0) + 1
                 elif now >= measure_from and t1 <= end:
@@ -175,7 +183,9 @@ async def closed_loop(url: str, keys: list[str], corpus: list[str], concurrency:
     p50, p99 = percentile(ms, 0.5), percentile(ms, 0.99)
     return {"requests": len(ms), "requests_per_s": len(ms) / seconds, "rows_per_s": len(ms) / seconds,
             "p50_ms": p50, "p95_ms": percentile(ms, 0.95), "p99_ms": p99, "p99_over_p50": p99 / p50,
-            "errors": errors}
+            "errors": errors,
+            # keep-alive connections stay with the worker that accepted them: this shows the split
+            "requests_by_worker": sorted(by_worker.values(), reverse=True)}
 
 
 def engine_rows_per_s(engine: Engine, adapters: list[Any], corpus: list[str], seconds: float) -> float:
@@ -194,6 +204,7 @@ def main() -> None:
     p.add_argument("--tenants", type=int, default=100)
     p.add_argument("--port", type=int, default=3917)
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the service's micro-batch wait")
+    p.add_argument("--workers", default="auto", help="the service's TAILOR_WORKERS (default: auto)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seconds, warmup, rounds = (6.0, 2.0, 1) if args.quick else (20.0, 3.0, 3)
@@ -202,7 +213,7 @@ def main() -> None:
         home = Path(tmp)
         base = load_base()
         catalog = Catalog(Registry(f"sqlite:///{home / 'tailor.db'}"), LocalStore(home / "store"))
-        server = Server(home, args.port, args.max_wait_ms)
+        server = Server(home, args.port, args.max_wait_ms, args.workers)
         try:
             server.wait_ready()
             keys = setup_tenants(server.url, catalog, base.spec, args.tenants)
@@ -214,7 +225,8 @@ def main() -> None:
         finally:
             server.stop()
     result = {"machine": machine(), "model": base.spec.name, "tenants": args.tenants, "rows_per_request": 1,
-              "max_batch_size": MAX_BATCH, "max_wait_ms": args.max_wait_ms, "seconds_per_phase": seconds,
+              "max_batch_size": MAX_BATCH, "max_wait_ms": args.max_wait_ms, "workers": args.workers,
+              "torch_threads_engine": torch.get_num_threads(), "seconds_per_phase": seconds,
               "rounds": rounds, **result}
     write(args.out, result)
     plot(args.out.with_suffix(".png"), result)
@@ -249,7 +261,8 @@ def run_phases(url: str, keys: list[str], corpus: list[str], engine: Engine, ada
             per_c[c].append(run)
             print(f"c={c:>3}: {run['requests_per_s']:.1f} req/s, p50 {run['p50_ms']:.1f} ms, "
                   f"p99 {run['p99_ms']:.1f} ms, batch {run['mean_batch_size']:.1f}, "
-                  f"ratio_vs_engine {run['ratio_vs_engine']:.3f}, errors {run['errors']}")
+                  f"ratio_vs_engine {run['ratio_vs_engine']:.3f}, by worker {run['requests_by_worker']}, "
+                  f"errors {run['errors']}")
     summary = {}
     for c, runs in per_c.items():
         summary[str(c)] = {k: median([r[k] for r in runs]) for k in

@@ -15,7 +15,7 @@ import bentoml
 
 from service.app import create_app
 from service.settings import Settings
-from service.state import TailorState
+from service.state import TailorState, serving_workers
 
 logging.getLogger("tailor").setLevel(logging.INFO)
 # Invalid TAILOR_* values stop the start here, naming the variable. The admin key file (when
@@ -27,7 +27,7 @@ app = create_app()
 @bentoml.service(
     name="tailor",
     traffic={"timeout": 300},
-    workers=SETTINGS.workers,
+    workers=serving_workers(SETTINGS),
     threads=SETTINGS.threads,
 )
 @bentoml.asgi_app(app, path="/")

@@ -45,7 +45,7 @@ class Settings:
     max_body_bytes: int = 10 * MIB
     max_upload_bytes: int = 64 * MIB
     rate_limit: float = 0.0
-    workers: int = 1
+    workers: int | None = None  # None: auto (service.state.serving_workers)
     threads: int = 16
     train_workers: int = 1
     train_threads: int | None = None
@@ -111,7 +111,8 @@ class Settings:
             max_body_bytes=_int(env, "TAILOR_MAX_BODY_BYTES", 10 * MIB, lo=1024),
             max_upload_bytes=_int(env, "TAILOR_MAX_UPLOAD_BYTES", 64 * MIB, lo=1024),
             rate_limit=_float(env, "TAILOR_RATE_LIMIT", 0.0, lo=0.0),
-            workers=_int(env, "TAILOR_WORKERS", 1, lo=1, hi=256),
+            workers=None if env.get("TAILOR_WORKERS", "").strip().lower() in ("", "auto")
+            else _int(env, "TAILOR_WORKERS", None, lo=1, hi=256),
             threads=_int(env, "TAILOR_THREADS", 16, lo=1, hi=1024),
             train_workers=_int(env, "TAILOR_TRAIN_WORKERS", 1, lo=0, hi=64),
             train_threads=_int(env, "TAILOR_TRAIN_THREADS", None, lo=1, hi=1024),

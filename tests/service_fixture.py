@@ -78,7 +78,8 @@ def serve_env(home: Path, model_dir: Path, overrides: dict[str, str] | None = No
     return {
         **os.environ, "TAILOR_HOME": str(home), "TAILOR_BASE_MODEL": str(model_dir),
         "TAILOR_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false", "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_WAIT_MS": "25",
+        "TOKENIZERS_PARALLELISM": "false", "TAILOR_TRAIN_WORKERS": "0", "TAILOR_WORKERS": "1",
+        "TAILOR_MAX_WAIT_MS": "25",
         "BENTOML_DO_NOT_TRACK": "True", **LIMITS, **(overrides or {}),
     }
 

@@ -18,7 +18,7 @@ def test_defaults(tmp_path):
     assert s.database_url == f"sqlite:///{s.home}/tailor.db"
     assert s.store_url == f"file://{s.home}/store"
     assert (s.max_inputs, s.max_input_chars, s.max_body_bytes, s.max_upload_bytes) == (64, 10_000, 10 << 20, 64 << 20)
-    assert (s.workers, s.train_workers, s.rate_limit, s.metrics_tenant_labels) == (1, 1, 0.0, False)
+    assert (s.workers, s.train_workers, s.rate_limit, s.metrics_tenant_labels) == (None, 1, 0.0, False)
     assert s.base_model is None and s.device_slots > s.max_batch_size
     assert "k" * 20 not in repr(s)
 
@@ -26,6 +26,7 @@ def test_defaults(tmp_path):
 @pytest.mark.parametrize("name, value, words", [
     ("TAILOR_WORKERS", "two", "not an integer"),
     ("TAILOR_WORKERS", "0", "out of range"),
+    ("TAILOR_WORKERS", "automatic", "not an integer"),
     ("TAILOR_MAX_WAIT_MS", "-1", "out of range"),
     ("TAILOR_RATE_LIMIT", "fast", "not a number"),
     ("TAILOR_METRICS_TENANT_LABELS", "maybe", "1/0"),
@@ -98,12 +99,31 @@ def test_serving_keeps_the_cores_training_does_not_use(tmp_path, monkeypatch):
     from service.state import serving_threads
 
     monkeypatch.setattr("service.state.available_cpus", lambda: 8)
-    env = {"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_ADMIN_KEY": "k" * 20}
+    env = {"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_ADMIN_KEY": "k" * 20, "TAILOR_WORKERS": "1"}
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "0"})) == 8
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "1"})) == 7
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "2", "TAILOR_TRAIN_THREADS": "3"})) == 2
+    assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "0", "TAILOR_WORKERS": "3"})) == 2
     monkeypatch.setattr("service.state.available_cpus", lambda: 2)
     assert serving_threads(Settings.from_env({**env, "TAILOR_TRAIN_WORKERS": "4"})) == 1
+
+
+@pytest.mark.parametrize("cpus, train_workers, given, cuda, workers, threads", [
+    (2, "0", "auto", False, 2, 1),  # one single-threaded worker per core
+    (2, "1", "", False, 1, 1),  # training keeps a core
+    (8, "1", "", False, 7, 1),
+    (32, "0", "auto", False, 8, 4),  # capped: the rest of the cores become threads
+    (8, "0", "auto", True, 1, 8),  # one model copy per GPU
+    (8, "0", "2", True, 2, 4),  # an explicit count always wins
+])
+def test_auto_workers(tmp_path, monkeypatch, cpus, train_workers, given, cuda, workers, threads):
+    from service.state import serving_threads, serving_workers
+
+    monkeypatch.setattr("service.state.available_cpus", lambda: cpus)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
+    s = Settings.from_env({"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_ADMIN_KEY": "k" * 20,
+                           "TAILOR_TRAIN_WORKERS": train_workers, "TAILOR_WORKERS": given})
+    assert (serving_workers(s), serving_threads(s)) == (workers, threads)
 
 
 def test_available_cpus_respects_the_affinity_mask():

@@ -192,7 +192,8 @@ class Cluster:
     def env(self, home: Path) -> dict[str, str]:
         env = {**os.environ, **S3_KEYS, "TAILOR_HOME": str(home), "TAILOR_DATABASE_URL": self.database_url,
                "TAILOR_STORE_URL": self.store_url, "TAILOR_ADMIN_KEY": self.admin_key,
-               "TAILOR_TRAIN_WORKERS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               # one worker per replica, like the Kubernetes pods: one adapter cache per affinity target
+               "TAILOR_TRAIN_WORKERS": "0", "TAILOR_WORKERS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "BENTOML_DO_NOT_TRACK": "True", **self.extra_env}
         if self.base_model:
             env["TAILOR_BASE_MODEL"] = self.base_model

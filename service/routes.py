@@ -7,6 +7,7 @@ micro-batcher's future, so the event loop never waits on a forward pass.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
@@ -14,7 +15,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service import ops
 from service.auth import Principal, get_state, require_admin, require_tenant
-from service.errors import ApiError
 from service.schemas import (
     AdapterDetail, AdapterSummary, AliasChange, ImportedVersion, KeyCreated, KeyOut, PredictRequest,
     PredictResponse, PromoteRequest, TenantCreate, TenantCreated, TenantOut,
@@ -132,11 +132,12 @@ def export_adapter(
 @router.post("/v1/predict", response_model=PredictResponse, tags=["predict"])
 async def predict(body: PredictRequest, tenant: Tenant, state: State) -> dict[str, Any]:
     """Classify ``inputs`` with the tenant's adapter; concurrent requests share forward passes."""
-    ops.check_inputs(state, body.inputs)
-    resolved, loaded = await run_in_threadpool(ops.acquire, state, tenant, body.adapter)
-    if state.batcher is None:  # pragma: no cover - require_engine already said so
-        raise ApiError(503, "not_ready", "the service is not ready")
-    preds = await state.batcher.predict([(loaded, text) for text in body.inputs])
+    batcher = state.require_batcher()
+    with batcher.incoming():  # the batcher holds a forming batch only while requests are on the way
+        ops.check_inputs(state, body.inputs)
+        resolved, loaded = await run_in_threadpool(ops.acquire, state, tenant, body.adapter)
+        future = batcher.submit([(loaded, text) for text in body.inputs])
+    preds = await asyncio.wrap_future(future)
     m = state.metrics
     m.tenant(m.predict_requests, tenant).inc()
     m.tenant(m.predict_rows, tenant).inc(len(preds))

@@ -186,7 +186,8 @@ class TailorState:
             config = EngineConfig(max_resident=s.max_resident, device_slots=s.device_slots,
                                   max_batch_size=s.max_batch_size)
             engine = Engine(base, self.catalog, config, on_load=self.metrics.load_seconds.observe)
-            batcher = MicroBatcher(engine, s.max_batch_size, s.max_wait_ms, on_batch=self.metrics.observe_batch)
+            batcher = MicroBatcher(engine, s.max_batch_size, s.max_wait_ms, on_batch=self.metrics.observe_batch,
+                                   announced_arrivals=True)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the base model failed; the service stays unready")
@@ -209,6 +210,11 @@ class TailorState:
             raise ApiError(503, "not_ready", f"the base model is not loaded yet{why}",
                            headers={"Retry-After": "2"})
         return self.engine
+
+    def require_batcher(self) -> MicroBatcher:
+        self.require_engine()  # built together with the batcher
+        assert self.batcher is not None
+        return self.batcher
 
     def require_jobs(self) -> tuple[Any, Any]:
         if self.jobs is None or self.files is None:

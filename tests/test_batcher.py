@@ -154,3 +154,34 @@ def test_waits_for_more_rows_up_to_max_wait(world):
         second = batcher.submit([(a, "two")])
         first.result(timeout=30), second.result(timeout=30)
         assert batcher.batches == 1 and batcher.recent[-1].requests == 2
+
+
+def test_announced_arrivals_cut_the_wait_short(world):
+    engine, adapters = world
+    a = adapters["t5"]
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=5000, announced_arrivals=True) as batcher:
+        t0 = time.monotonic()
+        with batcher.incoming():
+            lone = batcher.submit([(a, "alone")])
+        lone.result(timeout=30)
+        assert time.monotonic() - t0 < 2.5, "nobody was on the way: the lone request must not wait 5 s"
+
+        # Someone announced: the batcher holds the first row for them and merges both.
+        arriving = batcher.incoming()
+        arriving.__enter__()
+        first = batcher.submit([(a, "first")])
+        time.sleep(0.2)
+        assert not first.done()
+        second = batcher.submit([(a, "second")])
+        arriving.__exit__(None, None, None)
+        first.result(timeout=30), second.result(timeout=30)
+        assert batcher.recent[-1].requests == 2 and batcher.batches == 2
+
+        # An announced request that fails before submitting releases the wait too.
+        t0 = time.monotonic()
+        with pytest.raises(KeyError):
+            with batcher.incoming():
+                waiting = batcher.submit([(a, "waits for the failing one")])
+                raise KeyError("unknown adapter")
+        waiting.result(timeout=30)
+        assert time.monotonic() - t0 < 2.5

@@ -7,6 +7,11 @@ passed since the oldest queued row arrived, and runs **one** ``engine.classify``
 merged rows (different tenants, adapters and label sets mix freely: the engine routes every
 row to its own adapter). Each caller's future gets exactly its own slice.
 
+* With ``announced_arrivals=True`` the wait is cut short when nobody is on the way: callers
+  wrap the work before their ``submit`` (parsing, authentication, adapter lookup) in
+  ``with batcher.incoming():``, and the batcher waits for more rows only while such an
+  announced request is pending. A lone request at low load then runs at once instead of
+  sitting out ``max_wait_ms``; under load, batches fill as before.
 * A request larger than ``max_batch_size`` is split across consecutive batches; its result
   is reassembled in order and resolved when its last row is done.
 * An exception in a batch fails only the requests that had rows in that batch.
@@ -26,7 +31,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +69,7 @@ class MicroBatcher:
     def __init__(
         self, engine: Engine, max_batch_size: int = 32, max_wait_ms: float = 5.0, *,
         on_batch: OnBatch | None = None, history: int = 1024, name: str = "tailor-batcher",
+        announced_arrivals: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -77,6 +84,8 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
+        self.announced_arrivals = announced_arrivals
+        self._incoming = 0  # announced requests that have not submitted yet
         self._queue: deque[list[Any]] = deque()  # [request, next row index], oldest first
         self._queued_rows = 0
         self._cond = threading.Condition()
@@ -108,6 +117,18 @@ class MicroBatcher:
             self._queued_rows += len(rows)
             self._cond.notify()
         return req.future
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request that will ``submit`` before this block ends (or never, if it fails)."""
+        with self._cond:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify()
 
     async def predict(self, rows: list[Row]) -> list[Prediction]:
         return await asyncio.wrap_future(self.submit(rows))
@@ -145,7 +166,8 @@ class MicroBatcher:
                 if self._closed:
                     return None
                 deadline = self._queue[0][0].arrived + self.max_wait
-                while self._queued_rows < self.max_batch_size and not self._closed:
+                while (self._queued_rows < self.max_batch_size and not self._closed
+                       and (self._incoming > 0 or not self.announced_arrivals)):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break

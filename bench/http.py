@@ -40,7 +40,7 @@ from adapters.registry import Registry
 from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from bench.common import machine, median, parser, percentile, plot_lines, write
+from bench.common import machine, median, parser, percentile, save_figure, write
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-0123456789"
@@ -275,13 +275,35 @@ def run_phases(url: str, keys: list[str], corpus: list[str], engine: Engine, ada
 
 
 def plot(png: Path, result: dict[str, Any]) -> None:
+    """Two panels: latency by concurrency, and HTTP rows/s beside the engine's in-process rows/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     conc = result["concurrency"]
-    plot_lines(png, f"HTTP predict, {result['tenants']} tenants ({result['machine']['cpu_count']} cores)",
-               "concurrent clients", "ms  /  rows per s",
-               {"p50 ms": {int(c): v["p50_ms"] for c, v in conc.items()},
-                "p99 ms": {int(c): v["p99_ms"] for c, v in conc.items()},
-                "HTTP rows/s": {int(c): v["rows_per_s"] for c, v in conc.items()},
-                "engine rows/s": {int(c): v["engine_rows_per_s"] for c, v in conc.items()}}, logx=True)
+    cs = sorted(int(c) for c in conc)
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+        lat.plot(cs, [conc[str(c)][key] for c in cs], marker="o", label=label)
+    lat.set_ylabel("latency, ms")
+    thr.plot(cs, [conc[str(c)]["rows_per_s"] for c in cs], marker="o", label="HTTP (bentoml serve)")
+    thr.plot(cs, [conc[str(c)]["engine_rows_per_s"] for c in cs], marker="s", linestyle="--",
+             label="engine in-process, batches of 32")
+    for c in cs:
+        thr.annotate(f"{conc[str(c)]['ratio_vs_engine']:.2f}x", (c, conc[str(c)]["rows_per_s"]),
+                     textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
+    thr.set_ylabel("rows per s")
+    thr.set_ylim(bottom=0)
+    for ax in (lat, thr):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"HTTP predict, {result['tenants']} tenants, {result['machine']['cpu_count']} cores, "
+                 f"workers={result.get('workers', '1')} (medians of {result['rounds']} rounds)")
+    save_figure(fig, png)
 
 
 if __name__ == "__main__":

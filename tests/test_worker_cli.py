@@ -14,6 +14,7 @@ import pytest
 
 from adapters.base import tiny_base
 from adapters.datasets import from_records
+from adapters.jobs import shared_checkpoints
 from adapters.jobs.manager import JobManager
 from adapters.registry import Registry
 from adapters.store import LocalStore
@@ -58,33 +59,41 @@ def test_tailor_worker_trains_a_queued_job(home):
 
 
 def test_a_dead_workers_job_is_picked_up_after_its_lease(home):
+    """The first worker runs on "another node" (its own checkpoint folder) and dies; ``tailor
+    worker`` resumes the job from the checkpoint the first one shared through the store."""
     jm = jobs(home)
     job = jm.submit("acme", "durable", training=from_records(sentiment(120)),
                     hyperparameters={**FAST_HP, "epochs": 8, "batch_size": 4})
+    shared = f"{shared_checkpoints.prefix('acme', job.id)}state.json"
     first = subprocess.Popen(
         [sys.executable, "-m", "adapters.jobs.worker", "--database-url", f"sqlite:///{home / 'tailor.db'}",
-         "--store-url", str(home / "store"), "--checkpoints", str(home / "checkpoints"),
+         "--store-url", str(home / "store"), "--checkpoints", str(home / "node-a-checkpoints"),
          "--base-model", str(home / "model"), "--threads", "1", "--lease-seconds", "2",
          "--heartbeat-seconds", "0.2"],
         cwd=REPO, env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (home / "checkpoints" / job.id / "state.json").exists():
+        while not jm.store.exists(shared):
             assert first.poll() is None, "the first worker exited early"
-            assert time.monotonic() < deadline, "no checkpoint was written"
+            assert time.monotonic() < deadline, "no checkpoint was shared"
             time.sleep(0.05)
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
     assert jm.get("acme", job.id).status == "running"  # nobody knows yet that its worker is gone
+    assert not (home / "checkpoints" / job.id).exists()
     time.sleep(2.5)  # past the dead worker's lease
-    done = tailor_worker(home, "--once")
+    done = tailor_worker(home, "--once")  # checkpoints in $TAILOR_HOME/checkpoints: another "node"
     assert done.returncode == 0, done.stderr[-3000:]
     got = jm.get("acme", job.id)
     assert got.status == "succeeded" and got.attempts == 2, (got.status, done.stderr[-3000:])
     assert "lease expired" in done.stderr
     messages = [e.message for e in jm.events("acme", job.id)]
+    assert any("resuming from checkpoint shared by another worker" in m for m in messages), messages
     assert any("resumed from the checkpoint after epoch" in m for m in messages)
+    # the job is over: its checkpoints are gone, here and in the store
+    assert jm.store.list(shared_checkpoints.prefix("acme", job.id)) == []
+    assert not (home / "checkpoints" / job.id).exists()
 
 
 def test_tailor_worker_refuses_bad_settings(tmp_path):

@@ -24,7 +24,7 @@ from adapters.base import BaseModel
 from adapters.catalog import Catalog
 from adapters.datasets import Dataset, check_validation_set, stratified_split
 from adapters.errors import AdapterNotFoundError, TailorError, UnavailableError
-from adapters.jobs import gate
+from adapters.jobs import gate, shared_checkpoints
 from adapters.jobs.files import dataset_from_jsonl
 from adapters.jobs.heartbeat import Heartbeat
 from adapters.jobs.manager import JobManager, LostJobError
@@ -66,8 +66,10 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             summary = {**job.dataset, "training_examples": len(train_ds), "validation_examples": len(val_ds),
                        "validation_split": job.validation_key is None}
             m.set_running(job.id, ctx.worker_id, resolved.to_dict(), summary)
+            fetched = shared_checkpoints.fetch(m.store, job.tenant, job.id, ckpt)
+            resuming = " (resuming from checkpoint" + (" shared by another worker)" if fetched else ")")
             m.event(job.id, "info", f"training {job.method} on {len(train_ds)} examples, validating on "
-                    f"{len(val_ds)}" + (" (resuming from checkpoint)" if (ckpt / "state.json").exists() else ""))
+                    f"{len(val_ds)}" + (resuming if (ckpt / "state.json").exists() else ""))
             result = train(
                 ctx.trainer_base, train_ds.texts(), train_ds.label_ids(), train_ds.labels,
                 val_ds.texts(), val_ds.label_ids(), method=job.method, hp=resolved,
@@ -84,7 +86,7 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
                       result={"gate": decision.to_dict(), "promoted": decision.promote},
                       message=f"job succeeded: version {record.version} "
                               f"{'is now prod' if decision.promote else 'kept as a candidate'} ({decision.reason})")
-            _cleanup(ckpt)
+            _cleanup(ckpt, job, ctx)
             return "succeeded"
         except TrainingCancelled:
             if hb.lost.is_set():
@@ -93,7 +95,7 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
                 m.event(job.id, "warning", "worker shutting down; the job will resume from its checkpoint")
                 return "released"
             m.mark_cancelled(job.id, ctx.worker_id)
-            _cleanup(ckpt)
+            _cleanup(ckpt, job, ctx)
             return "cancelled"
         except LostJobError:
             log.warning("job %s was taken from worker %s", job.id, ctx.worker_id)
@@ -104,13 +106,13 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             return "released"
         except TailorError as e:  # dataset problems, divergence, bad hyper-parameters, ...
             m.fail(job.id, ctx.worker_id, e.code, e.message)
-            _cleanup(ckpt)
+            _cleanup(ckpt, job, ctx)
             return "failed"
         except Exception as e:
             log.exception("job %s crashed", job.id)
             m.event(job.id, "error", "".join(traceback.format_exception_only(type(e), e)).strip())
             m.fail(job.id, ctx.worker_id, "internal_error", f"training crashed: {type(e).__name__}: {e}")
-            _cleanup(ckpt)
+            _cleanup(ckpt, job, ctx)
             return "failed"
 
 
@@ -154,7 +156,13 @@ def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat) -> TrainCallbacks:
     def on_event(level: str, message: str) -> None:
         m.event(job.id, level, message)
 
-    return TrainCallbacks(on_step=on_step, on_epoch=on_epoch, should_stop=hb.should_stop, on_event=on_event)
+    def on_checkpoint(folder: Path) -> None:
+        if not shared_checkpoints.share(m.store, job.tenant, job.id, folder):
+            m.event(job.id, "warning", "this epoch's checkpoint could not be copied to the store; "
+                    "only this worker can resume the job")
+
+    return TrainCallbacks(on_step=on_step, on_epoch=on_epoch, should_stop=hb.should_stop, on_event=on_event,
+                          on_checkpoint=on_checkpoint)
 
 
 def _gate(job: Job, ctx: WorkerContext, version: int, val_ds: Dataset) -> gate.GateDecision:
@@ -170,5 +178,7 @@ def _gate(job: Job, ctx: WorkerContext, version: int, val_ds: Dataset) -> gate.G
     return gate.decide(job.promote, candidate, prod_score, prod_version, labels)
 
 
-def _cleanup(ckpt: Path) -> None:
+def _cleanup(ckpt: Path, job: Job, ctx: WorkerContext) -> None:
+    """The job has ended: its checkpoints, here and shared, are of no further use."""
     shutil.rmtree(ckpt, ignore_errors=True)
+    shared_checkpoints.discard(ctx.manager.store, job.tenant, job.id)

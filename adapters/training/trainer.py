@@ -63,6 +63,7 @@ class TrainCallbacks:
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_event: Callable[[str, str], None] | None = None  # level, message
+    on_checkpoint: Callable[[Path], None] | None = None  # after each epoch's checkpoint is saved
 
 
 @dataclass
@@ -211,6 +212,8 @@ class _Run:
             stop = bool(self.best_epoch) and bad_epochs >= hp.patience and epoch < hp.epochs
             if ckpt_dir is not None:
                 self._save(ckpt_dir, fingerprint, epoch, bad_epochs, done=stop or epoch == hp.epochs)
+                if self.cb.on_checkpoint:
+                    self.cb.on_checkpoint(ckpt_dir)
             if stop:
                 self._event("info", f"early stop: no better validation accuracy for {bad_epochs} epochs")
                 break

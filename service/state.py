@@ -270,7 +270,9 @@ def training_threads(s: Settings) -> int:
     return s.train_threads or 1
 
 
-MAX_AUTO_WORKERS = 8  # each worker is a full base-model copy with its own adapter cache
+# Each worker is a full base-model copy with its own adapter cache (~450 MB RSS with MiniLM):
+# a default should not take gigabytes; TAILOR_WORKERS sets more.
+MAX_AUTO_WORKERS = 4
 
 
 def serving_cores(s: Settings) -> int:

@@ -111,8 +111,8 @@ def test_serving_keeps_the_cores_training_does_not_use(tmp_path, monkeypatch):
 @pytest.mark.parametrize("cpus, train_workers, given, cuda, workers, threads", [
     (2, "0", "auto", False, 2, 1),  # one single-threaded worker per core
     (2, "1", "", False, 1, 1),  # training keeps a core
-    (8, "1", "", False, 7, 1),
-    (32, "0", "auto", False, 8, 4),  # capped: the rest of the cores become threads
+    (4, "1", "", False, 3, 1),
+    (32, "0", "auto", False, 4, 8),  # capped: the rest of the cores become threads
     (8, "0", "auto", True, 1, 8),  # one model copy per GPU
     (8, "0", "2", True, 2, 4),  # an explicit count always wins
 ])

@@ -3,6 +3,7 @@
     tailor --key $ADMIN tenants create acme            # prints the tenant's key (once)
     export TAILOR_API_KEY=tk-...
     tailor adapters import sentiment ./my-peft-adapter  # a zip or a save_pretrained folder
+    tailor train sentiment reviews.jsonl --wait         # upload, train, watch (progress bar, live loss)
     tailor predict sentiment "great service" "awful food"
     tailor adapters promote sentiment 2 ; tailor adapters rollback sentiment
     tailor adapters export sentiment -o sentiment.zip
@@ -10,7 +11,8 @@
 
 The server is ``--url`` or ``$TAILOR_URL`` (default http://127.0.0.1:3000); the key is
 ``--key`` or ``$TAILOR_API_KEY``. Output is JSON unless a command says otherwise; errors go
-to stderr as ``error: <status> <code>: <message>`` with exit status 1.
+to stderr as ``error: <status> <code>: <message>`` with exit status 1. Progress (bars on a
+terminal, event lines elsewhere) goes to stderr, so stdout stays JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 
 import httpx
 
-from service.client import FINISHED, TailorAPIError, TailorClient
+from service.client import Job, TailorAPIError, TailorClient
+from service.job_progress import JobProgress
 
 
 def _quota(text: str) -> tuple[str, float]:
@@ -38,6 +41,16 @@ def _quota(text: str) -> tuple[str, float]:
     return key, int(number) if number.is_integer() else number
 
 
+def _hyperparameter(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"hyper-parameter {text!r}: use KEY=VALUE, e.g. epochs=3")
+    try:
+        return key, json.loads(value)  # numbers, true/false, lists such as ["query","value"]
+    except ValueError:
+        return key, value  # a plain word, e.g. lr_scheduler=cosine
+
+
 def _labels(text: str) -> list[str]:
     return [x.strip() for x in text.split(",")]
 
@@ -47,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="server URL (default $TAILOR_URL or http://127.0.0.1:3000)")
     p.add_argument("--key", help="API key (default $TAILOR_API_KEY)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars for uploads/downloads")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                      help="no progress bars (job events are printed as lines)")
+    bars.add_argument("--progress", dest="progress", action="store_true",
+                      help="progress bars even when stderr is not a terminal")
     sub = p.add_subparsers(dest="group", required=True)
 
     t = sub.add_parser("tenants", help="manage tenants (admin key)").add_subparsers(dest="cmd", required=True)
@@ -100,18 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_parser("show").add_argument("file_id")
     f.add_parser("delete").add_argument("file_id")
 
-    j = sub.add_parser("jobs", help="fine-tuning jobs (tenant key)").add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a new version of ADAPTER from FILE (tenant key)",
+                        description="Uploads FILE (a local JSONL/CSV file; an uploaded file's id is used as is), "
+                                    "starts a fine-tuning job and prints it. With --wait it shows the job's progress "
+                                    "and live loss until it ends, prints the finished job, and exits 1 unless it "
+                                    "succeeded.")
+    tr.add_argument("adapter")
+    tr.add_argument("file", help="a local JSONL/CSV file, or an uploaded file id (file-...)")
+    tr.add_argument("--validation", help="validation data: a local file or a file id (default: split off FILE)")
+    _job_options(tr)
+    tr.add_argument("--wait", action="store_true", help="follow the job until it finishes")
+
+    jobs = sub.add_parser("jobs", help="fine-tuning jobs (tenant key); alone, lists them")
+    j = jobs.add_subparsers(dest="cmd")
     jc = j.add_parser("create", help="train a new version of ADAPTER")
     jc.add_argument("adapter")
     src = jc.add_mutually_exclusive_group(required=True)
     src.add_argument("--training-file", help="an uploaded file id")
     src.add_argument("--training", type=Path, help="a local JSONL/CSV file (uploaded first)")
     jc.add_argument("--validation-file")
-    jc.add_argument("--method", choices=["lora", "head"], default="lora")
-    jc.add_argument("--promote", choices=["auto", "always", "never"], default="auto")
-    jc.add_argument("--hp", action="append", type=_quota, default=[], metavar="KEY=VALUE",
-                    help="a hyper-parameter, e.g. epochs=3")
-    jc.add_argument("--follow", action="store_true", help="print events until the job finishes")
+    _job_options(jc)
+    jc.add_argument("--follow", action="store_true", help="follow the job until it finishes")
     jl = j.add_parser("list")
     jl.add_argument("--status")
     jl.add_argument("--limit", type=int, default=20)
@@ -128,20 +154,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=["lora", "head"], default="lora")
+    parser.add_argument("--promote", choices=["auto", "always", "never"], default="auto")
+    parser.add_argument("--hp", action="append", type=_hyperparameter, default=[], metavar="KEY=VALUE",
+                        help='a hyper-parameter, e.g. epochs=3 or target_modules=\'["query","value"]\' (repeatable)')
+
+
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
-def _follow(client: TailorClient, job_id: str) -> None:
-    for event in client.follow_job(job_id):
-        print(f"{event['at']}  {event['level']:<7} {event['message']}", flush=True)
+def _follow(client: TailorClient, job_id: str, bar: bool) -> Job:
+    """Show the job's events until it ends (on stderr); the finished job."""
+    with JobProgress(sys.stderr, bar=bar) as view:
+        for event in client.follow_job(job_id):
+            view.show(event)
     job = client.get_job(job_id)
-    print(f"job {job_id}: {job['status']}" + (f" (version {job['version']})" if job.get("version") else ""))
+    version = f" as version {job['version']}" if job.get("version") else ""
+    print(f"job {job_id}: {job['status']}{version}", file=sys.stderr)
+    return job
 
 
-def run(args: argparse.Namespace, client: TailorClient) -> None:
-    progress = not args.no_progress and sys.stderr.isatty()
+def _data_file(client: TailorClient, source: str | Path, progress: bool) -> str:
+    """An uploaded file's id: ``source`` itself when it is one, else the id of ``source`` uploaded."""
+    path = Path(source)
+    if not path.exists() and str(source).startswith("file-"):
+        return str(source)  # the server checks it (404 names it when it is not this tenant's)
+    if not path.is_file():
+        raise OSError(f"{source}: no such file (give a local JSONL/CSV file or an uploaded file id)")
+    return client.upload_file(path, progress=progress)["id"]
+
+
+def _train(client: TailorClient, args: argparse.Namespace, progress: bool) -> Job:
+    """Upload what is local, start the job; a refused job takes its uploads with it."""
+    before = {f["id"] for f in client.list_files()}
+    made: list[str] = []
+    try:
+        training = _data_file(client, args.file, progress)
+        made += [training] if training not in before else []
+        validation = _data_file(client, args.validation, progress) if args.validation else None
+        made += [validation] if validation and validation not in before else []
+        return _create_job(client, args, training, validation)
+    except (TailorAPIError, OSError):
+        for file_id in made:
+            client.delete_file(file_id)
+        raise
+
+
+def _create_job(client: TailorClient, args: argparse.Namespace, training_file: str,
+                validation_file: str | None) -> Job:
+    return client.create_job(args.adapter, training_file=training_file, validation_file=validation_file,
+                             method=args.method, promote=args.promote, hyperparameters=dict(args.hp))
+
+
+def run(args: argparse.Namespace, client: TailorClient) -> int:
+    """Carry out one command; its exit status."""
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
     g, cmd = args.group, getattr(args, "cmd", None)
+    if g == "jobs" and cmd is None:
+        cmd = "list"
+        args.limit, args.status = 20, None
     table: dict[tuple[str, str | None], Callable[[], Any]] = {
         ("tenants", "create"): lambda: client.create_tenant(args.name, dict(args.quota) or None),
         ("tenants", "list"): client.list_tenants,
@@ -182,19 +255,28 @@ def run(args: argparse.Namespace, client: TailorClient) -> None:
             print(f"# {result['adapter']}@{result['version']}")
             for text, p in zip(texts, result["predictions"]):
                 print(f"{p['label']}\t{p['score']:.4f}\t{text}")
+    elif g == "train":
+        job = _train(client, args, progress)
+        if not args.wait:
+            _print(job)
+            return 0
+        print(f"job {job['id']}: {job['status']} (adapter {job['adapter']})", file=sys.stderr)
+        job = _follow(client, job["id"], progress)
+        _print(job)
+        return 0 if job["status"] == "succeeded" else 1
     elif g == "jobs" and cmd == "create":
         training_file = args.training_file
         if args.training is not None:
-            training_file = client.upload_file(args.training, progress=progress)["id"]
-        job = client.create_job(args.adapter, training_file=training_file, validation_file=args.validation_file,
-                                method=args.method, promote=args.promote, hyperparameters=dict(args.hp))
+            training_file = _data_file(client, args.training, progress)
+        job = _create_job(client, args, training_file, args.validation_file)
         _print(job)
-        if args.follow and job["status"] not in FINISHED:
-            _follow(client, job["id"])
+        if args.follow:
+            return 0 if _follow(client, job["id"], progress)["status"] == "succeeded" else 1
     elif g == "jobs" and cmd == "follow":
-        _follow(client, args.job_id)
+        return 0 if _follow(client, args.job_id, progress)["status"] == "succeeded" else 1
     else:  # pragma: no cover - argparse enforces the choices
         raise SystemExit(f"unknown command {g} {cmd}")
+    return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -228,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args)
     try:
         with TailorClient(args.url, args.key, timeout=args.timeout) as client:
-            run(args, client)
+            return run(args, client)
     except TailorAPIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -238,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -369,15 +369,20 @@ class TailorClient:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
 
     def follow_job(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Yield the job's events as they come until it finishes."""
+        """Yield the job's events as they come until it finishes, then every event left."""
         after, deadline = 0, None if timeout is None else time.monotonic() + timeout
-        while True:
-            for event in self.job_events(job_id, after=after):
-                after = max(after, int(event["id"]))
-                yield event
-            if self.get_job(job_id)["status"] in FINISHED:
-                for event in self.job_events(job_id, after=after):
+
+        def drain() -> Iterator[dict[str, Any]]:
+            nonlocal after
+            while page := self.job_events(job_id, after=after):  # a page holds at most 1,000
+                for event in page:
+                    after = max(after, int(event["id"]))
                     yield event
+
+        while True:
+            finished = self.get_job(job_id)["status"] in FINISHED  # asked first: no event is missed
+            yield from drain()
+            if finished:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")

@@ -59,7 +59,7 @@ def status_of(e: TailorError) -> int:
     if isinstance(e, (InvalidNameError, ArtifactError, DatasetError)):
         return 422
     if e.code.endswith("quota_exceeded"):  # e.g. adapters.jobs' JobLimitError
-        return 429
+        return 409  # the tenant's state forbids it until it changes; 429 is for the request rate
     return 422 if isinstance(e, ValueError) else 400
 
 

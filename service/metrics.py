@@ -13,10 +13,13 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from adapters.jobs.model import JobDurations
 from adapters.runtime.cache import CacheStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# training runs take seconds (tiny data) to hours
+JOB_SECONDS_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
 _LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 _lock = threading.Lock()
@@ -50,6 +53,16 @@ class Metrics:
                                       buckets=_LOAD_BUCKETS)
         self.jobs = Gauge("tailor_jobs", "Fine-tuning jobs by status (whole database)", ["status"],
                           multiprocess_mode="mostrecent")
+        # A histogram of the whole database's finished jobs, read from it like tailor_jobs (so a
+        # job is counted once however many workers, replicas or training nodes there are);
+        # exposed as gauges, which histogram_quantile() reads like any _bucket series.
+        self.job_seconds_bucket = Gauge("tailor_job_training_seconds_bucket",
+                                        "Finished jobs that ran at most le seconds, by status", ["status", "le"],
+                                        multiprocess_mode="mostrecent")
+        self.job_seconds_sum = Gauge("tailor_job_training_seconds_sum", "Seconds finished jobs ran, by status",
+                                     ["status"], multiprocess_mode="mostrecent")
+        self.job_seconds_count = Gauge("tailor_job_training_seconds_count", "Finished jobs that ran, by status",
+                                       ["status"], multiprocess_mode="mostrecent")
         self.ready = Gauge("tailor_ready", "1 once the base model is loaded and the engine built",
                            multiprocess_mode="livemin")
         self._seen = CacheStats()
@@ -78,6 +91,14 @@ class Metrics:
     def set_jobs(self, counts: dict[str, int]) -> None:
         for status in ("queued", "validating", "running", "succeeded", "failed", "cancelled", *counts):
             self.jobs.labels(status).set(counts.get(status, 0))
+
+    def set_job_durations(self, durations: list[JobDurations]) -> None:
+        for d in durations:
+            for bound, n in zip(JOB_SECONDS_BUCKETS, d.at_most, strict=True):
+                self.job_seconds_bucket.labels(d.status, str(bound)).set(n)
+            self.job_seconds_bucket.labels(d.status, "+Inf").set(d.count)
+            self.job_seconds_sum.labels(d.status).set(d.total_seconds)
+            self.job_seconds_count.labels(d.status).set(d.count)
 
 
 def get_metrics(tenant_labels: bool = False) -> Metrics:

@@ -133,7 +133,7 @@ def import_adapter(state: TailorState, tenant: str, name: str, data: bytes, labe
         quotas = TenantQuotas.from_dict(state.registry.get_tenant(tenant).quotas or None)
         count = len(state.registry.list_adapters(tenant))
         if count >= quotas.max_adapters:
-            raise ApiError(429, "adapter_quota_exceeded",
+            raise ApiError(409, "adapter_quota_exceeded",
                            f"tenant has {count} adapters; its quota is {quotas.max_adapters}", param="adapter")
     if not data:
         raise ApiError(422, "invalid_artifact", "the uploaded file is empty", param="file")

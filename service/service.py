@@ -14,6 +14,7 @@ import threading
 import bentoml
 
 from service.app import create_app
+from service.metrics import JOB_SECONDS_BUCKETS
 from service.settings import Settings
 from service.state import TailorState, serving_workers
 
@@ -54,6 +55,7 @@ class Tailor:
             if self.state.jobs is not None:
                 try:
                     self.state.metrics.set_jobs(self.state.jobs.count_by_status())
+                    self.state.metrics.set_job_durations(self.state.jobs.durations(JOB_SECONDS_BUCKETS))
                 except Exception:  # noqa: BLE001 - metrics only
                     logging.getLogger("tailor.service").debug("job metrics failed", exc_info=True)
 

@@ -163,3 +163,35 @@ def test_recover_detects_dead_local_process(jm):
     assert local_worker_dead(dead_id) and not local_worker_dead(f"{socket.gethostname()}:1:x")
     assert jm.recover(is_dead=local_worker_dead) == [job.id]
     assert jm.get("acme", job.id).status == "queued"
+
+
+def test_durations_count_finished_jobs_that_ran(jm):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from adapters import schema
+    from adapters.schema import utcnow
+
+    ran = {}
+    for adapter, seconds in (("a", 42.5), ("b", 3.0), ("c", 7200.0)):
+        job = submit(jm, tenant="globex", adapter=adapter)
+        assert jm.claim("w1").id == job.id
+        ran[job.id] = seconds
+        if adapter == "c":
+            jm.fail(job.id, "w1", "boom", "exploded")
+        else:
+            jm.succeed(job.id, "w1", version=1, metrics={}, result={}, message="ok")
+    never_started = submit(jm)
+    jm.cancel("acme", never_started.id)  # cancelled while queued: it never ran, so it is not counted
+    submit(jm)  # still queued: not counted either
+    start = utcnow()
+    with jm.db.begin() as conn:
+        for job_id, seconds in ran.items():
+            conn.execute(update(schema.jobs).where(schema.jobs.c.id == job_id)
+                         .values(started_at=start, finished_at=start + timedelta(seconds=seconds)))
+    by_status = {d.status: d for d in jm.durations([10.0, 60.0, 3600.0])}
+    assert set(by_status) == {"succeeded", "failed"}
+    ok, failed = by_status["succeeded"], by_status["failed"]
+    assert ok.count == 2 and ok.at_most == (1, 2, 2) and ok.total_seconds == pytest.approx(45.5, abs=0.01)
+    assert failed.count == 1 and failed.at_most == (0, 0, 0) and failed.total_seconds == pytest.approx(7200, abs=0.01)

@@ -239,7 +239,7 @@ def test_import_options_and_bad_uploads(served, admin, spec):  # noqa: F811
         assert_error(import_zip(c, "x", adapter_zip(spec, seed=4), promote="maybe"), 422, param="promote")
         r = import_zip(c, "second", adapter_zip(spec, seed=5))
         assert r.status_code == 201
-        assert_error(import_zip(c, "third", adapter_zip(spec, seed=6)), 429, "adapter_quota_exceeded")
+        assert_error(import_zip(c, "third", adapter_zip(spec, seed=6)), 409, "adapter_quota_exceeded")
         assert [a["name"] for a in c.get("/v1/adapters").json()] == ["named", "second"]
 
 

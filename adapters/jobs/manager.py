@@ -24,11 +24,11 @@ meanwhile claimed.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, case, func, insert, or_, select, update
 
 from adapters import schema
 from adapters.datasets import Dataset
@@ -36,7 +36,7 @@ from adapters.errors import ConflictError, NotFoundError, TailorError
 from adapters.jobs.files import dataset_to_jsonl, new_id
 from adapters.jobs.model import (
     ACTIVE, CANCELLED, FAILED, FINISHED, METHODS, PROMOTE_MODES, QUEUED, RUNNING, SUCCEEDED, VALIDATING,
-    Job, JobError, JobEvent,
+    Job, JobDurations, JobError, JobEvent,
 )
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas
@@ -46,6 +46,13 @@ from adapters.training.hyperparams import Hyperparameters
 
 _JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 J = schema.jobs
+
+
+def _run_seconds(dialect: str) -> ColumnElement[float]:
+    if dialect == "postgresql":
+        return func.extract("epoch", J.c.finished_at - J.c.started_at)
+    # SQLite keeps UTC wall times as text (see schema.UTCDateTime)
+    return (func.julianday(J.c.finished_at) - func.julianday(J.c.started_at)) * 86400.0
 
 
 class JobLimitError(TailorError):
@@ -171,6 +178,17 @@ class JobManager:
     def count_by_status(self) -> dict[str, int]:
         with self._read.connect() as conn:
             return {s: n for s, n in conn.execute(select(J.c.status, func.count()).group_by(J.c.status))}
+
+    def durations(self, bounds: Sequence[float]) -> list[JobDurations]:
+        """Run time of every finished job that started, by status, counted in SQL (one query)."""
+        secs = _run_seconds(self._read.dialect.name)
+        query = (select(J.c.status, func.count(), func.coalesce(func.sum(secs), 0.0),
+                        *(func.sum(case((secs <= b, 1), else_=0)) for b in bounds))
+                 .where(J.c.status.in_(FINISHED), J.c.started_at.is_not(None), J.c.finished_at.is_not(None))
+                 .group_by(J.c.status))
+        with self._read.connect() as conn:
+            return [JobDurations(status, int(n), float(total), tuple(int(c or 0) for c in counts))
+                    for status, n, total, *counts in conn.execute(query)]
 
     # -- worker side ----------------------------------------------------------------------
 

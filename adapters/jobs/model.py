@@ -51,6 +51,16 @@ class Job:
 
 
 @dataclass(frozen=True)
+class JobDurations:
+    """How long finished jobs of one status ran (started -> finished), as histogram counts."""
+
+    status: str
+    count: int
+    total_seconds: float
+    at_most: tuple[int, ...]  # jobs that took at most each bound, in the bounds' order
+
+
+@dataclass(frozen=True)
 class JobEvent:
     id: int
     at: datetime

@@ -75,5 +75,6 @@ class JobProgress:
 
     def _refresh(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(self._postfix, refresh=False)
+            shown = {k: self._postfix[k] for k in ("epoch", "loss", "val_acc") if k in self._postfix}
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.refresh()

@@ -18,6 +18,7 @@ terminal, event lines elsewhere) goes to stderr, so stdout stays JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -176,29 +177,29 @@ def _follow(client: TailorClient, job_id: str, bar: bool) -> Job:
     return job
 
 
-def _data_file(client: TailorClient, source: str | Path, progress: bool) -> str:
-    """An uploaded file's id: ``source`` itself when it is one, else the id of ``source`` uploaded."""
+def _data_file(client: TailorClient, source: str | Path, progress: bool, made: list[str]) -> str:
+    """An uploaded file's id: ``source`` itself when it is one, else ``source`` uploaded (its id
+    appended to ``made``)."""
     path = Path(source)
     if not path.exists() and str(source).startswith("file-"):
         return str(source)  # the server checks it (404 names it when it is not this tenant's)
     if not path.is_file():
         raise OSError(f"{source}: no such file (give a local JSONL/CSV file or an uploaded file id)")
-    return client.upload_file(path, progress=progress)["id"]
+    made.append(client.upload_file(path, progress=progress)["id"])
+    return made[-1]
 
 
 def _train(client: TailorClient, args: argparse.Namespace, progress: bool) -> Job:
     """Upload what is local, start the job; a refused job takes its uploads with it."""
-    before = {f["id"] for f in client.list_files()}
     made: list[str] = []
     try:
-        training = _data_file(client, args.file, progress)
-        made += [training] if training not in before else []
-        validation = _data_file(client, args.validation, progress) if args.validation else None
-        made += [validation] if validation and validation not in before else []
+        training = _data_file(client, args.file, progress, made)
+        validation = _data_file(client, args.validation, progress, made) if args.validation else None
         return _create_job(client, args, training, validation)
     except (TailorAPIError, OSError):
         for file_id in made:
-            client.delete_file(file_id)
+            with contextlib.suppress(TailorAPIError, httpx.HTTPError):  # the refusal is the news
+                client.delete_file(file_id)
         raise
 
 
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
     elif g == "jobs" and cmd == "create":
         training_file = args.training_file
         if args.training is not None:
-            training_file = _data_file(client, args.training, progress)
+            training_file = _data_file(client, args.training, progress, [])
         job = _create_job(client, args, training_file, args.validation_file)
         _print(job)
         if args.follow:

@@ -14,7 +14,8 @@ Contract of every ``AdapterStore``:
 * ``get`` raises ``NotFoundError`` for a missing key, ``ArtifactError`` when the object is
   larger than ``max_bytes`` (checked before reading it), ``ChecksumMismatchError`` when
   ``sha256`` is given and differs. Bytes returned with ``sha256`` given are verified.
-* ``delete`` is idempotent; ``list`` is sorted.
+* ``delete`` is idempotent; ``list`` is sorted, and so is ``entries`` (the same keys with
+  their size and last-modified time, for garbage collection).
 * A checksum mismatch is logged (warning, logger ``tailor.store``) as well as raised: it
   means an object changed behind the registry's back.
 * A backend that cannot be reached raises ``StoreUnavailableError`` (HTTP 503, retry);
@@ -84,7 +85,18 @@ class AdapterStore(Protocol):
 
     def list(self, prefix: str = "") -> builtins.list[str]: ...
 
+    def entries(self, prefix: str = "") -> builtins.list[StoreEntry]: ...
+
+    def cleanup_temp(self, older_than_s: float = 3600) -> int: ...
+
     def size(self, key: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch, as the backend reports it
 
 
 def _shown(value: str) -> str:
@@ -323,11 +335,14 @@ class LocalStore:
         return st.st_size
 
     def list(self, prefix: str = "") -> builtins.list[str]:
+        return [e.key for e in self.entries(prefix)]
+
+    def entries(self, prefix: str = "") -> builtins.list[StoreEntry]:
         prefix = validate_prefix(prefix)
         top = self._path(prefix.rstrip("/")) if prefix else self.root
         if not top.is_dir():
             return []
-        keys: builtins.list[str] = []
+        found: builtins.list[StoreEntry] = []
         for dirpath, dirnames, filenames in os.walk(top):
             # Never descend into names that cannot be part of a key (temp or hidden dirs).
             dirnames[:] = [d for d in dirnames if SEGMENT_PATTERN.fullmatch(d)]
@@ -336,12 +351,15 @@ class LocalStore:
                 if not SEGMENT_PATTERN.fullmatch(name):
                     continue  # .tmp-* leftovers and stray files are not keys
                 key = name if rel == "." else f"{rel}/{name}"
-                path = Path(dirpath, name)
+                try:
+                    st = Path(dirpath, name).lstat()
+                except FileNotFoundError:
+                    continue  # deleted while we walked
                 # Symlinks are never written by put; skipping them keeps list inside root.
-                if len(key) <= MAX_KEY_LENGTH and not path.is_symlink() and path.is_file():
-                    keys.append(key)
-        keys.sort()
-        return keys
+                if len(key) <= MAX_KEY_LENGTH and stat.S_ISREG(st.st_mode):
+                    found.append(StoreEntry(key, st.st_size, st.st_mtime))
+        found.sort(key=lambda e: e.key)
+        return found
 
 
 # -- s3:// urls ---------------------------------------------------------------------------

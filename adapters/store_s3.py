@@ -64,6 +64,7 @@ from adapters.store import (
     MAX_KEY_LENGTH,
     SEGMENT_PATTERN,
     S3Location,
+    StoreEntry,
     check_size,
     parse_s3_url,
     validate_key,
@@ -377,8 +378,12 @@ class S3Store:
                 yield from page.get("Contents", [])
 
     def list(self, prefix: str = "") -> builtins.list[str]:
+        return [e.key for e in self.entries(prefix)]
+
+    def entries(self, prefix: str = "") -> builtins.list[StoreEntry]:
         prefix = validate_prefix(prefix)
         start = len(self.prefix)
-        keys = [obj["Key"][start:] for obj in self._objects(self._name(prefix), "list")]
+        found = [StoreEntry(obj["Key"][start:], int(obj["Size"]), obj["LastModified"].timestamp())
+                 for obj in self._objects(self._name(prefix), "list")]
         # Temp objects and anything written around us that is not a valid key stay invisible.
-        return sorted(k for k in keys if _is_key(k))
+        return sorted((e for e in found if _is_key(e.key)), key=lambda e: e.key)

@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     w.add_argument("--once", action="store_true", help="run at most one job, then exit")
     w.add_argument("--nice", type=int, default=0, help="CPU priority offset (10 when sharing cores with serving)")
+    st = sub.add_parser("store", help="maintain the adapter store (reads the TAILOR_* settings, like worker)")
+    gc = st.add_subparsers(dest="cmd", required=True).add_parser(
+        "gc", help="delete objects no database row refers to (left by deletes during a store outage or crashes)")
+    gc.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    gc.add_argument("--grace-hours", type=float, default=6.0,
+                    help="keep unreferenced objects younger than this (default 6: writes in flight)")
     return p
 
 
@@ -305,10 +311,47 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_store_gc(args: argparse.Namespace) -> int:
+    """``tailor store gc``: one garbage-collection round over the configured database and store."""
+    import sqlalchemy
+
+    from adapters import store_gc
+    from adapters.errors import TailorError
+    from adapters.schema import make_engine
+    from adapters.store import open_store
+    from service.settings import Settings, SettingsError
+
+    if args.grace_hours < 0:
+        print("error: --grace-hours must not be negative", file=sys.stderr)
+        return 2
+    try:
+        s = Settings.from_env(admin_key=False)
+        db = make_engine(s.database_url)
+        try:
+            sqlite_missing = db.url.get_backend_name() == "sqlite" and not Path(db.url.database or "").is_file()
+            if sqlite_missing or not sqlalchemy.inspect(db).has_table("tenants"):  # a wrong TAILOR_HOME or URL
+                print(f"error: {db.url.render_as_string()} holds no Tailor registry", file=sys.stderr)
+                return 1
+            report = store_gc.collect(db, open_store(s.store_url), grace_s=args.grace_hours * 3600,
+                                      dry_run=args.dry_run)
+        finally:
+            db.dispose()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TailorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _print(report.as_dict())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.group == "worker":
         return run_worker(args)
+    if args.group == "store":
+        return run_store_gc(args)
     try:
         with TailorClient(args.url, args.key, timeout=args.timeout) as client:
             return run(args, client)

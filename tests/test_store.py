@@ -362,6 +362,19 @@ def test_list_sorted_and_prefix_scoped(store: AdapterStore) -> None:
     assert store.list("top") == []  # an object is not a directory
 
 
+def test_entries_give_size_and_modified_time(store: AdapterStore) -> None:
+    before = time.time()
+    for k, data in (("t1/b/w", b"12345"), ("t1/a/w", b""), ("t2/x", b"x" * 70)):
+        store.put(k, data)
+    after = time.time()
+    entries = store.entries("t1")
+    assert [(e.key, e.size) for e in entries] == [("t1/a/w", 0), ("t1/b/w", 5)]
+    # S3 keeps whole seconds: allow for that and a little clock difference from the server
+    assert all(before - 5 <= e.modified <= after + 5 for e in entries), (before, entries, after)
+    assert [e.key for e in store.entries()] == store.list() == ["t1/a/w", "t1/b/w", "t2/x"]
+    assert store.entries("t3") == []
+
+
 def test_delete_prefix(store: AdapterStore) -> None:
     for k in ["t1/a/v1/w", "t1/a/v2/w", "t1/ab/v1/w", "t2/a/v1/w"]:
         store.put(k, b"x")

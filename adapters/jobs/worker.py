@@ -7,7 +7,9 @@ an exception or an out-of-memory kill here never takes serving down. SIGTERM sto
 gracefully: a running job is left to resume from its checkpoint. Every lease/4 seconds it
 also requeues jobs whose worker's lease expired (a worker on another node that died), so any
 number of workers on any nodes share one queue; ``tailor worker`` runs this with the
-service's ``TAILOR_*`` settings.
+service's ``TAILOR_*`` settings. When idle, every ``--gc-hours`` (first at a random point of
+the first interval, so workers spread out) it collects the store's garbage
+(``adapters.store_gc``): what deletions during a store outage or crashed writes left behind.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import copy
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -23,17 +26,19 @@ import threading
 import time
 from pathlib import Path
 
+import sqlalchemy
 import torch
 
 from adapters.base import load_base
 from adapters.catalog import Catalog
-from adapters.errors import UnavailableError
+from adapters import store_gc
+from adapters.errors import TailorError, UnavailableError
 from adapters.jobs.manager import JobManager
 from adapters.jobs.runner import WorkerContext, run_job
 from adapters.registry import Registry
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.schema import create_schema, make_engine
-from adapters.store import open_store
+from adapters.store import AdapterStore, open_store
 
 log = logging.getLogger("tailor.worker")
 
@@ -56,7 +61,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat-seconds", type=float, default=1.0)
     p.add_argument("--lease-seconds", type=float, default=60.0)
     p.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    p.add_argument("--gc-hours", type=float, default=6.0,
+                   help="collect the store's garbage this often, when idle (0: never)")
+    p.add_argument("--gc-grace-hours", type=float, default=store_gc.DEFAULT_GRACE_S / 3600,
+                   help="only objects unreferenced for longer than this are deleted")
     return p.parse_args(argv)
+
+
+def collect_garbage(db: sqlalchemy.Engine, store: AdapterStore, grace_s: float) -> None:
+    """One store GC round; never fatal: training matters more, and the next round catches up."""
+    try:
+        report = store_gc.collect(db, store, grace_s=grace_s)
+    except TailorError as e:  # the database or the store is away
+        log.warning("store gc skipped: %s", e)
+    except Exception:  # noqa: BLE001 - a GC bug must not stop training
+        log.exception("store gc failed")
+    else:
+        log.info("store gc: %d objects examined, %d deleted (%d bytes), %d temp objects removed",
+                 report.examined, len(report.deleted), report.bytes_freed, report.temp_removed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     log.info("worker %s ready (base %s)", ctx.worker_id, trainer_base.spec.name)
     next_recover = 0.0
+    gc_every = args.gc_hours * 3600
+    next_gc = time.monotonic() + random.uniform(0.1, 1.0) * gc_every
     while not stop.is_set():
         try:
             if time.monotonic() >= next_recover:
@@ -99,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             stop.wait(max(2.0, args.poll_seconds))
             continue
         if job is None:
+            if gc_every > 0 and time.monotonic() >= next_gc:
+                next_gc = time.monotonic() + gc_every
+                collect_garbage(db, store, args.gc_grace_hours * 3600)
             if args.once:
                 break
             stop.wait(args.poll_seconds)

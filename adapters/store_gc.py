@@ -18,8 +18,9 @@ has not finished. An object is deleted only when all of these hold:
   commits within seconds of its bytes) is never taken for garbage.
 
 The writers' temp objects a crash left behind (never keys, invisible to readers) go too, once
-older than the grace period. Deletes are idempotent, so several workers collecting at once only repeat each other's work.
-One store belongs to one database: two deployments sharing a bucket prefix must not share it.
+older than the grace period. Deletes are idempotent, so several workers collecting at once
+only repeat each other's work. One store belongs to one database: two deployments must not
+share a bucket prefix.
 """
 
 from __future__ import annotations

@@ -183,6 +183,10 @@ def _follow(client: TailorClient, job_id: str, bar: bool) -> Job:
     return job
 
 
+def _exit_status(job: Job) -> int:
+    return 0 if job["status"] == "succeeded" else 1
+
+
 def _data_file(client: TailorClient, source: str | Path, progress: bool, made: list[str]) -> str:
     """An uploaded file's id: ``source`` itself when it is one, else ``source`` uploaded (its id
     appended to ``made``)."""
@@ -270,7 +274,7 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
         print(f"job {job['id']}: {job['status']} (adapter {job['adapter']})", file=sys.stderr)
         job = _follow(client, job["id"], progress)
         _print(job)
-        return 0 if job["status"] == "succeeded" else 1
+        return _exit_status(job)
     elif g == "jobs" and cmd == "create":
         training_file = args.training_file
         if args.training is not None:
@@ -278,9 +282,9 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
         job = _create_job(client, args, training_file, args.validation_file)
         _print(job)
         if args.follow:
-            return 0 if _follow(client, job["id"], progress)["status"] == "succeeded" else 1
+            return _exit_status(_follow(client, job["id"], progress))
     elif g == "jobs" and cmd == "follow":
-        return 0 if _follow(client, args.job_id, progress)["status"] == "succeeded" else 1
+        return _exit_status(_follow(client, args.job_id, progress))
     else:  # pragma: no cover - argparse enforces the choices
         raise SystemExit(f"unknown command {g} {cmd}")
     return 0

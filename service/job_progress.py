@@ -2,9 +2,9 @@
 
 ``JobProgress(stream, bar=True)`` draws one progress bar over the job's training steps with the
 live train loss and the last epoch's validation accuracy in its postfix; the other events
-(each epoch's summary, warnings, errors, the outcome) are printed above the bar as they arrive. With ``bar=False`` (a pipe, a
-log file, ``--no-progress``) every event is one line instead, step losses included, so a log
-keeps the whole learning curve. Events are the dicts of ``GET /v1/jobs/{id}/events``; the
+(each epoch's summary, warnings, errors, the outcome) are printed above the bar as they
+arrive. With ``bar=False`` (a pipe, a log file, ``--no-progress``) every event is one line
+instead, step losses included, so a log keeps the whole learning curve. Events are the dicts of ``GET /v1/jobs/{id}/events``; the
 display only reads them and never fails on a shape it does not know.
 """
 

@@ -20,7 +20,9 @@ has not finished. An object is deleted only when all of these hold:
 The writers' temp objects a crash left behind (never keys, invisible to readers) go too, once
 older than the grace period. Deletes are idempotent, so several workers collecting at once
 only repeat each other's work. One store belongs to one database: two deployments must not
-share a bucket prefix.
+share a bucket prefix. A database restored from a backup does not know the versions written since:
+collecting then deletes them, which is why workers can be told not to (``--gc-hours 0``,
+``TAILOR_STORE_GC_HOURS=0``).
 """
 
 from __future__ import annotations

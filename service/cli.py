@@ -301,7 +301,8 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     argv = ["--database-url", s.database_url, "--store-url", s.store_url,
-            "--checkpoints", str(s.home / "checkpoints"), "--nice", str(args.nice)]
+            "--checkpoints", str(s.home / "checkpoints"), "--nice", str(args.nice),
+            "--gc-hours", str(s.store_gc_hours)]
     if s.base_model:
         argv += ["--base-model", s.base_model]
     threads = args.threads or s.train_threads

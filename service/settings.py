@@ -50,6 +50,7 @@ class Settings:
     train_workers: int = 1
     train_threads: int | None = None
     metrics_tenant_labels: bool = False
+    store_gc_hours: float = 6.0  # idle training workers collect the store's garbage this often; 0: never
     admin_key_generated: bool = False
 
     @classmethod
@@ -117,6 +118,7 @@ class Settings:
             train_workers=_int(env, "TAILOR_TRAIN_WORKERS", 1, lo=0, hi=64),
             train_threads=_int(env, "TAILOR_TRAIN_THREADS", None, lo=1, hi=1024),
             metrics_tenant_labels=_bool(env, "TAILOR_METRICS_TENANT_LABELS", False),
+            store_gc_hours=_float(env, "TAILOR_STORE_GC_HOURS", 6.0, lo=0.0, hi=24 * 365),
         )
         return settings.with_admin_key() if admin_key else settings
 

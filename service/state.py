@@ -249,7 +249,7 @@ class TailorState:
             return
         cmd = worker_command(database_url=s.database_url, store_url=s.store_url,
                              checkpoints=s.home / "checkpoints", base_model=s.base_model,
-                             threads=training_threads(s))
+                             threads=training_threads(s), gc_hours=s.store_gc_hours)
         pool = WorkerPool(self.jobs, cmd, size=s.train_workers, lock_path=s.home / "workers.lock",
                           log_path=s.home / "workers.log")
         if pool.start():  # only one serving process per TAILOR_HOME runs the pool

@@ -19,8 +19,10 @@ def test_defaults(tmp_path):
     assert s.store_url == f"file://{s.home}/store"
     assert (s.max_inputs, s.max_input_chars, s.max_body_bytes, s.max_upload_bytes) == (64, 10_000, 10 << 20, 64 << 20)
     assert (s.workers, s.train_workers, s.rate_limit, s.metrics_tenant_labels) == (None, 1, 0.0, False)
-    assert s.base_model is None and s.device_slots > s.max_batch_size
+    assert s.base_model is None and s.device_slots > s.max_batch_size and s.store_gc_hours == 6.0
     assert "k" * 20 not in repr(s)
+    off = Settings.from_env({"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_STORE_GC_HOURS": "0"}, admin_key=False)
+    assert off.store_gc_hours == 0.0
 
 
 @pytest.mark.parametrize("name, value, words", [
@@ -40,6 +42,8 @@ def test_defaults(tmp_path):
     ("TAILOR_STORE_URL", "s3://bucket/x?endpoint_url=ftp://h", "http(s)://"),
     ("TAILOR_STORE_URL", "s3://key:secret@bucket/x", "credentials"),
     ("TAILOR_DATABASE_URL", "tailor.db", "not a URL"),
+    ("TAILOR_STORE_GC_HOURS", "-1", "out of range"),
+    ("TAILOR_STORE_GC_HOURS", "daily", "not a number"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, words):
     env = {"TAILOR_HOME": str(tmp_path), name: value}

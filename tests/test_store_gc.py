@@ -5,6 +5,7 @@ row refers to, nothing young and nothing under a tenant the database never knew 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -192,3 +193,31 @@ def test_an_idle_worker_collects_the_garbage(tmp_path):
         p.wait(30)
     text = log.read_text()
     assert "store gc: 4 objects examined, 2 deleted" in text and "store gc: 2 objects examined, 0 deleted" in text
+
+
+def test_tailor_worker_takes_its_gc_interval_from_the_settings(tmp_path):
+    home = tmp_path / "home"
+    _, store, orphans = home_with_leftovers(home)
+    model = tmp_path / "model"
+    b = tiny_base(seed=3)
+    b.model.save_pretrained(model)
+    b.tokenizer.save_pretrained(model)
+    env = {**os.environ, "TAILOR_HOME": str(home), "TAILOR_BASE_MODEL": str(model), "TAILOR_TRAIN_THREADS": "1",
+           "TAILOR_STORE_GC_HOURS": "0.0005", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for var in ("TAILOR_DATABASE_URL", "TAILOR_STORE_URL"):
+        env.pop(var, None)
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([str(Path(sys.executable).parent / "tailor"), "worker"], cwd=REPO, env=env,
+                             stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "store gc:" not in log.read_text():
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    # its rounds ran, with the default grace period: the orphans, written just now, are kept
+    assert "store gc: 4 objects examined, 0 deleted" in log.read_text()
+    assert all(store.exists(k) for k in orphans)

@@ -114,9 +114,11 @@ class WorkerPool:
 
 
 def worker_command(*, database_url: str, store_url: str, checkpoints: Path, base_model: str | None,
-                   threads: int | None, device: str | None = None) -> list[str]:
+                   threads: int | None, device: str | None = None, gc_hours: float | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "adapters.jobs.worker", "--database-url", database_url,
            "--store-url", store_url, "--checkpoints", str(checkpoints)]
+    if gc_hours is not None:
+        cmd += ["--gc-hours", str(gc_hours)]
     if base_model:
         cmd += ["--base-model", base_model]
     if threads:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from adapters.registry import Registry
 from adapters.store import LocalStore
 from adapters.store_gc import collect
 from adapters.synthetic import random_artifact
+from tests.service_fixture import save_tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [{"text": f"good {i}", "label": "pos"} for i in range(4)] + [
@@ -142,6 +144,13 @@ def home_with_leftovers(home: Path) -> tuple[Registry, LocalStore, list[str]]:
     return registry, store, [orphan.manifest_key, orphan.weights_key]
 
 
+def running_until(p: subprocess.Popen[bytes], log: Path, deadline: float, done: Callable[[], bool]) -> None:
+    """Wait for ``done()`` while the worker ``p`` stays alive; its log tail on failure."""
+    while not done():
+        assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def test_tailor_store_gc(tmp_path, monkeypatch, capsys):
     from service.cli import main
 
@@ -169,10 +178,7 @@ def test_tailor_store_gc(tmp_path, monkeypatch, capsys):
 def test_an_idle_worker_collects_the_garbage(tmp_path):
     home = tmp_path / "home"
     registry, store, orphans = home_with_leftovers(home)
-    model = tmp_path / "model"
-    b = tiny_base(seed=3)
-    b.model.save_pretrained(model)
-    b.tokenizer.save_pretrained(model)
+    model = save_tiny_base(tmp_path / "model", seed=3)
     log = tmp_path / "worker.log"
     cmd = [sys.executable, "-m", "adapters.jobs.worker", "--database-url", f"sqlite:///{home / 'tailor.db'}",
            "--store-url", str(home / "store"), "--checkpoints", str(tmp_path / "ckpt"), "--base-model", str(model),
@@ -181,13 +187,8 @@ def test_an_idle_worker_collects_the_garbage(tmp_path):
         p = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while any(store.exists(k) for k in orphans):
-            assert p.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        while "store gc: 2 objects examined, 0 deleted" not in log.read_text():  # the next round
-            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        running_until(p, log, deadline, lambda: not any(store.exists(k) for k in orphans))
+        running_until(p, log, deadline, lambda: "store gc: 2 objects examined, 0 deleted" in log.read_text())
         assert p.poll() is None, log.read_text()[-3000:]  # still alive, the live version untouched
         assert registry.resolve("acme", "kept").version == 1 and len(store.list()) == 2
     finally:
@@ -199,10 +200,7 @@ def test_an_idle_worker_collects_the_garbage(tmp_path):
 def test_tailor_worker_takes_its_gc_interval_from_the_settings(tmp_path):
     home = tmp_path / "home"
     _, store, orphans = home_with_leftovers(home)
-    model = tmp_path / "model"
-    b = tiny_base(seed=3)
-    b.model.save_pretrained(model)
-    b.tokenizer.save_pretrained(model)
+    model = save_tiny_base(tmp_path / "model", seed=3)
     env = {**os.environ, "TAILOR_HOME": str(home), "TAILOR_BASE_MODEL": str(model), "TAILOR_TRAIN_THREADS": "1",
            "TAILOR_STORE_GC_HOURS": "0.0005", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for var in ("TAILOR_DATABASE_URL", "TAILOR_STORE_URL"):
@@ -212,10 +210,7 @@ def test_tailor_worker_takes_its_gc_interval_from_the_settings(tmp_path):
         p = subprocess.Popen([str(Path(sys.executable).parent / "tailor"), "worker"], cwd=REPO, env=env,
                              stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while "store gc:" not in log.read_text():
-            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        running_until(p, log, time.monotonic() + 120, lambda: "store gc:" in log.read_text())
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)

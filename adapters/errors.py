@@ -93,3 +93,31 @@ class DatasetError(TailorError, ValueError):
     def __init__(self, message: str, *, param: str | None = None, line: int | None = None) -> None:
         super().__init__(message, param=param)
         self.line = line
+
+
+class InvalidInputError(TailorError, ValueError):
+    """An input row cannot be served as given (e.g. text that is not valid Unicode).
+
+    ``param`` names the row (``inputs[3]``); the request fails before it is queued.
+    """
+
+    code = "invalid_input"
+
+
+class AdapterOutputError(ConflictError):
+    """An adapter version produces non-finite outputs: its rows fail, no other row does."""
+
+    code = "adapter_output_not_finite"
+
+
+class TenantBusyError(TailorError):
+    """A tenant already has as many rows waiting as it may: refused before queueing.
+
+    ``retry_after`` is a hint in seconds (HTTP 429 with Retry-After).
+    """
+
+    code = "tenant_queue_full"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

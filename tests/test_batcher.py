@@ -111,10 +111,10 @@ class FlakyEngine:
     def __init__(self, engine):
         self.engine, self.config = engine, engine.config
 
-    def classify(self, texts, rows):
+    def classify_rows(self, texts, rows):
         if "boom" in texts:
             raise RuntimeError("boom")
-        return self.engine.classify(texts, rows)
+        return self.engine.classify_rows(texts, rows)
 
 
 def test_a_failed_batch_fails_only_its_requests(world):
@@ -145,15 +145,32 @@ def test_empty_bad_rows_and_close(world):
         batcher.submit([(adapters["t0"], "late")])
 
 
-def test_waits_for_more_rows_up_to_max_wait(world):
+def wait_until(check, timeout: float = 30.0) -> None:
+    """Wait for a condition of the batcher's thread (a deadline, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
+def test_waits_for_more_rows_and_merges_them(world):
     engine, adapters = world
     a = adapters["t4"]
-    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=200) as batcher:
+    with MicroBatcher(engine, max_batch_size=2, max_wait_ms=60_000) as batcher:
         first = batcher.submit([(a, "one")])
-        time.sleep(0.05)
-        second = batcher.submit([(a, "two")])
+        wait_until(lambda: batcher.waiting)  # the thread holds the batch open for more rows
+        assert not first.done()
+        second = batcher.submit([(a, "two")])  # fills the batch: it runs at once
         first.result(timeout=30), second.result(timeout=30)
         assert batcher.batches == 1 and batcher.recent[-1].requests == 2
+
+
+def test_a_lone_request_runs_after_max_wait(world):
+    engine, adapters = world
+    a = adapters["t4"]
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=10) as batcher:
+        assert batcher.submit([(a, "alone")]).result(timeout=30)[0].label in a.labels
+        assert batcher.batches == 1 and batcher.recent[-1].size == 1
 
 
 def test_announced_arrivals_cut_the_wait_short(world):
@@ -170,7 +187,7 @@ def test_announced_arrivals_cut_the_wait_short(world):
         arriving = batcher.incoming()
         arriving.__enter__()
         first = batcher.submit([(a, "first")])
-        time.sleep(0.2)
+        wait_until(lambda: batcher.waiting)
         assert not first.done()
         second = batcher.submit([(a, "second")])
         arriving.__exit__(None, None, None)

@@ -1,25 +1,47 @@
 """Micro-batching: concurrent requests of many tenants share one forward pass.
 
 ``MicroBatcher.submit(rows)`` queues a request's ``(adapter, text)`` rows and returns a
-``concurrent.futures.Future`` of its predictions, in order. One background thread takes rows
-from the queue, oldest first, until it holds ``max_batch_size`` rows or ``max_wait_ms`` have
-passed since the oldest queued row arrived, and runs **one** ``engine.classify`` over the
-merged rows (different tenants, adapters and label sets mix freely: the engine routes every
-row to its own adapter). Each caller's future gets exactly its own slice.
+``concurrent.futures.Future`` of its predictions, in order. One background thread forms
+batches of up to ``max_batch_size`` rows, waiting at most ``max_wait_ms`` after the oldest
+queued row arrived, and runs **one** ``engine.classify_rows`` over the merged rows (different
+tenants, adapters and label sets mix freely: the engine routes every row to its own adapter).
+Each caller's future gets exactly its own slice.
+
+Fairness (``adapters.runtime.fair_queue``):
+
+* Rows wait in one line per tenant, and batches are formed round robin over the tenants with
+  rows waiting, so one tenant's flood cannot starve another: a quiet tenant's request joins
+  one of the next batches (the next one while fewer tenants than ``max_batch_size`` wait).
+* ``max_queued_rows_per_tenant`` bounds one tenant's waiting rows; ``submit`` refuses more
+  with ``TenantBusyError`` before queueing anything.
+
+Fault isolation (one tenant's bad row or bad adapter never fails another tenant's request):
+
+* ``submit`` refuses rows whose text is not valid Unicode (``InvalidInputError`` naming the
+  row) before they are queued.
+* When a merged forward pass raises anyway, the batch is split in halves by request and each
+  half retried, recursively, so only the requests whose rows make it raise fail (with that
+  exception); every other request gets its answer. ``errors`` counts merged passes that
+  raised, ``isolated`` the requests failed by a split.
+* A row whose adapter gives non-finite outputs fails its own request with the engine's
+  ``AdapterOutputError``; the forward pass is not repeated (rows are independent).
+
+Other behaviour:
 
 * With ``announced_arrivals=True`` the wait is cut short when nobody is on the way: callers
   wrap the work before their ``submit`` (parsing, authentication, adapter lookup) in
   ``with batcher.incoming():``, and the batcher waits for more rows only while such an
   announced request is pending. A lone request at low load then runs at once instead of
   sitting out ``max_wait_ms``; under load, batches fill as before.
-* A request larger than ``max_batch_size`` is split across consecutive batches; its result
+* A request larger than its share of a batch is split across consecutive batches; its result
   is reassembled in order and resolved when its last row is done.
-* An exception in a batch fails only the requests that had rows in that batch.
 * A caller that cancels its future (e.g. a client that went away) has its remaining rows
   skipped.
 * ``close()`` stops the thread; requests still queued fail with ``RuntimeError``.
-* Counters: ``batches``, ``rows``, ``errors``, ``recent`` (the last batches' sizes and distinct
-  adapter counts) and an ``on_batch(size, n_adapters, seconds)`` callback for metrics.
+* Counters: ``batches``, ``rows``, ``errors``, ``isolated``, ``recent`` (the last batches'
+  sizes, distinct adapters and requests) and an ``on_batch(size, n_adapters, seconds)``
+  callback for metrics. ``waiting`` is true while the thread holds a forming batch open for
+  more rows (tests and diagnostics).
 
 ``predict(rows)`` is the asyncio face: it awaits the same future without blocking the loop.
 """
@@ -32,18 +54,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
+from adapters.errors import AdapterOutputError
 from adapters.runtime.engine import Engine, Prediction
+from adapters.runtime.fair_queue import FairQueue
+from adapters.runtime.inputs import check_text
 from adapters.runtime.loaded import LoadedAdapter
 
 log = logging.getLogger("tailor.batcher")
 
 Row = tuple[LoadedAdapter, str]
 OnBatch = Callable[[int, int, float], None]
+Slice = tuple["_Request", int, int]  # a request's rows [start, stop) in one batch
+Outcome = list["Prediction | AdapterOutputError | None"] | Exception
 
 
 @dataclass(frozen=True)
@@ -64,12 +90,19 @@ class _Request:
         self.remaining = len(rows)
         self.arrived = arrived
 
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def abandoned(self) -> bool:
+        return self.future.done()
+
 
 class MicroBatcher:
     def __init__(
         self, engine: Engine, max_batch_size: int = 32, max_wait_ms: float = 5.0, *,
         on_batch: OnBatch | None = None, history: int = 1024, name: str = "tailor-batcher",
-        announced_arrivals: bool = False,
+        announced_arrivals: bool = False, max_queued_rows_per_tenant: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -86,35 +119,42 @@ class MicroBatcher:
         self.on_batch = on_batch
         self.announced_arrivals = announced_arrivals
         self._incoming = 0  # announced requests that have not submitted yet
-        self._queue: deque[list[Any]] = deque()  # [request, next row index], oldest first
-        self._queued_rows = 0
+        self._queue: FairQueue[_Request] = FairQueue(max_queued_rows_per_tenant)
         self._cond = threading.Condition()
         self._closed = False
+        self.waiting = False
         self.batches = 0
         self.rows = 0
         self.errors = 0
+        self.isolated = 0
         self.recent: deque[BatchRecord] = deque(maxlen=history)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     # -- callers ----------------------------------------------------------------------------
 
-    def submit(self, rows: list[Row]) -> Future[list[Prediction]]:
-        """Queue ``rows``; the future resolves to one Prediction per row, in order."""
+    def submit(self, rows: list[Row], tenant: str | None = None) -> Future[list[Prediction]]:
+        """Queue ``rows``; the future resolves to one Prediction per row, in order.
+
+        ``tenant`` is whose line the request waits in (default: the first row's adapter's
+        tenant). Raises ``InvalidInputError`` for a text that is not valid Unicode and
+        ``TenantBusyError`` when the tenant already has too many rows waiting.
+        """
         rows = list(rows)
         for i, row in enumerate(rows):
             if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], LoadedAdapter)
                     and isinstance(row[1], str)):
                 raise TypeError(f"row {i} must be a (LoadedAdapter, str) tuple")
+            check_text(row[1], f"inputs[{i}]")
         req = _Request(rows, time.monotonic())
         if not rows:
             req.future.set_result([])
             return req.future
+        owner = tenant if tenant is not None else rows[0][0].key.tenant
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            self._queue.append([req, 0])
-            self._queued_rows += len(rows)
+            self._queue.push(owner, req)
             self._cond.notify()
         return req.future
 
@@ -130,12 +170,15 @@ class MicroBatcher:
                 self._incoming -= 1
                 self._cond.notify()
 
-    async def predict(self, rows: list[Row]) -> list[Prediction]:
-        return await asyncio.wrap_future(self.submit(rows))
+    async def predict(self, rows: list[Row], tenant: str | None = None) -> list[Prediction]:
+        return await asyncio.wrap_future(self.submit(rows, tenant))
 
     @property
     def queued_rows(self) -> int:
-        return self._queued_rows
+        return self._queue.rows
+
+    def queued_rows_of(self, tenant: str) -> int:
+        return self._queue.waiting(tenant)
 
     def close(self, timeout: float | None = 10.0) -> None:
         with self._cond:
@@ -143,9 +186,7 @@ class MicroBatcher:
             self._cond.notify_all()
         self._thread.join(timeout)
         with self._cond:
-            pending = [seg[0] for seg in self._queue]
-            self._queue.clear()
-            self._queued_rows = 0
+            pending = self._queue.drain()
         for req in pending:
             _fail(req, RuntimeError("the batcher was closed before this request ran"))
 
@@ -157,41 +198,27 @@ class MicroBatcher:
 
     # -- the batching thread ------------------------------------------------------------------
 
-    def _take(self) -> list[tuple[_Request, int, int]] | None:
-        """Wait for rows, then take up to max_batch_size of them; None once closed."""
+    def _take(self) -> list[Slice] | None:
+        """Wait for rows, then take up to max_batch_size of them fairly; None once closed."""
         with self._cond:
             while True:
-                while not self._queue and not self._closed:
+                while not self._queue.rows and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return None
-                deadline = self._queue[0][0].arrived + self.max_wait
-                while (self._queued_rows < self.max_batch_size and not self._closed
+                oldest = self._queue.oldest_arrival()
+                deadline = (oldest if oldest is not None else time.monotonic()) + self.max_wait
+                self.waiting = True
+                while (self._queue.rows < self.max_batch_size and not self._closed
                        and (self._incoming > 0 or not self.announced_arrivals)):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
+                self.waiting = False
                 if self._closed:
                     return None
-                taken: list[tuple[_Request, int, int]] = []
-                room = self.max_batch_size
-                while self._queue and room > 0:
-                    seg = self._queue[0]
-                    req, start = seg
-                    left_rows = len(req.rows) - start
-                    if req.future.done():  # cancelled or failed earlier: skip what is left
-                        self._queue.popleft()
-                        self._queued_rows -= left_rows
-                        continue
-                    n = min(room, left_rows)
-                    taken.append((req, start, start + n))
-                    room -= n
-                    self._queued_rows -= n
-                    if n == left_rows:
-                        self._queue.popleft()
-                    else:
-                        seg[1] = start + n  # the rest stays first in line
+                taken = self._queue.take(self.max_batch_size)
                 if taken:
                     return taken
                 # everything queued was cancelled: wait again
@@ -201,37 +228,68 @@ class MicroBatcher:
             taken = self._take()
             if taken is None:
                 return
-            rows = [row for req, a, b in taken for row in req.rows[a:b]]
             t0 = time.perf_counter()
-            try:
-                preds = self.engine.classify([t for _, t in rows], [a for a, _ in rows])
-            except BaseException as e:  # fail this batch's requests only
-                self.errors += 1
-                log.warning("batch of %d rows failed: %s", len(rows), e)
-                for req, _, _ in taken:
-                    _fail(req, e)
-                continue
+            outcomes = self._forward(taken, top=True)
             elapsed = time.perf_counter() - t0
-            pos = 0
-            for req, a, b in taken:
-                for i in range(a, b):
-                    req.results[i] = preds[pos]
-                    pos += 1
-                req.remaining -= b - a
-                if req.remaining == 0 and not req.future.done():
-                    try:
-                        req.future.set_result(req.results)  # type: ignore[arg-type]
-                    except InvalidStateError:  # cancelled meanwhile
-                        pass
-            n_adapters = len({a.key for a, _ in rows})
+            for (req, a, b), outcome in zip(taken, outcomes):
+                _deliver(req, a, b, outcome)
+            n_rows = sum(b - a for _, a, b in taken)
+            n_adapters = len({row[0].key for req, a, b in taken for row in req.rows[a:b]})
             self.batches += 1
-            self.rows += len(rows)
-            self.recent.append(BatchRecord(len(rows), n_adapters, len({id(r) for r, _, _ in taken}), elapsed))
+            self.rows += n_rows
+            self.recent.append(BatchRecord(n_rows, n_adapters, len({id(r) for r, _, _ in taken}), elapsed))
             if self.on_batch is not None:
                 try:
-                    self.on_batch(len(rows), n_adapters, elapsed)
+                    self.on_batch(n_rows, n_adapters, elapsed)
                 except Exception:  # metrics must never break serving
                     log.exception("on_batch callback failed")
+
+    def _forward(self, part: list[Slice], top: bool = False) -> list[Outcome]:
+        """One outcome per slice: its rows' results, or the exception that fails its request.
+
+        A merged pass that raises is split in halves by request and each half retried, until
+        the requests that make it raise stand alone.
+        """
+        rows = [row for req, a, b in part for row in req.rows[a:b]]
+        try:
+            results = self.engine.classify_rows([t for _, t in rows], [a for a, _ in rows])
+        except Exception as e:  # noqa: BLE001 - isolated below, then given to the culprit only
+            if top:
+                self.errors += 1
+            if len(part) == 1:
+                if not top:
+                    self.isolated += 1
+                    log.warning("request with %d rows (adapter %s) failed alone: %s: %s", part[0][2] - part[0][1],
+                                part[0][0].rows[part[0][1]][0].key, type(e).__name__, e)
+                return [e]
+            if top:
+                log.warning("merged batch of %d rows from %d requests failed (%s: %s); isolating the culprit",
+                            len(rows), len(part), type(e).__name__, e)
+            mid = len(part) // 2
+            return self._forward(part[:mid]) + self._forward(part[mid:])
+        outcomes: list[Outcome] = []
+        pos = 0
+        for _, a, b in part:
+            outcomes.append(results[pos : pos + b - a])
+            pos += b - a
+        return outcomes
+
+
+def _deliver(req: _Request, a: int, b: int, outcome: Outcome) -> None:
+    if isinstance(outcome, Exception):
+        _fail(req, outcome)
+        return
+    for i, result in zip(range(a, b), outcome):
+        if isinstance(result, AdapterOutputError):
+            _fail(req, result)
+            return
+        req.results[i] = result
+    req.remaining -= b - a
+    if req.remaining == 0 and not req.future.done():
+        try:
+            req.future.set_result(req.results)  # type: ignore[arg-type]
+        except InvalidStateError:  # cancelled meanwhile
+            pass
 
 
 def _fail(req: _Request, error: BaseException) -> None:

@@ -12,12 +12,19 @@ Contract:
   store on a miss; bad bytes raise an ``ArtifactError`` for that adapter only.
 * ``forward`` runs **one** forward pass of the base model for a batch whose rows each name an
   adapter (or ``None`` for the plain base model); ``classify`` adds tokenisation and labels.
+* Rows are independent: every row's LoRA delta, attention and head are its own, so one row
+  cannot change another's answer. ``classify_rows`` reports a row whose adapter gives
+  non-finite logits as an ``AdapterOutputError`` *in that row's place* (the other rows keep
+  their predictions); the first time a version does so, ``on_nonfinite(key)`` is called
+  (metrics, logs). ``classify`` raises that error instead. Texts must be valid Unicode
+  (``adapters.runtime.inputs``); callers check them before they merge rows.
 * Thread-safe: concurrent callers each get their own batch plan; the base weights are never
   written after start.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +32,7 @@ import torch
 
 from adapters.base import BaseModel
 from adapters.catalog import Catalog
+from adapters.errors import AdapterOutputError
 from adapters.names import parse_ref, validate_name
 from adapters.registry import VersionRecord
 from adapters.runtime.cache import ResidentCache
@@ -68,15 +76,21 @@ class Prediction:
 class BatchOutput:
     logits: list[torch.Tensor | None]  # per row, over that row's own labels; None for base rows
     features: torch.Tensor  # pooled features of every row [B, H]
+    finite: list[bool]  # per row: every logit is finite (a base row: its features are)
 
 
 class Engine:
     def __init__(
         self, base: BaseModel, catalog: Catalog, config: EngineConfig | None = None, *,
         on_load: Callable[[float], None] | None = None,
+        on_nonfinite: Callable[[VersionKey], None] | None = None,
     ) -> None:
-        """``on_load(seconds)`` is called after each adapter load into the resident cache (metrics)."""
+        """``on_load(seconds)`` is called after each adapter load into the resident cache (metrics);
+        ``on_nonfinite(key)`` once per version the first time its outputs are not finite."""
         self.base = base
+        self.on_nonfinite = on_nonfinite
+        self._nonfinite: set[VersionKey] = set()
+        self._nonfinite_lock = threading.Lock()
         self.catalog = catalog
         self.config = config or EngineConfig()
         if self.config.device_slots - 1 < self.config.max_batch_size:
@@ -124,6 +138,8 @@ class Engine:
         self.resolver.invalidate(tenant, adapter)
         self.cache.discard(match)
         self.slots.drop(match)
+        with self._nonfinite_lock:
+            self._nonfinite = {k for k in self._nonfinite if not match(k)}
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -139,18 +155,52 @@ class Engine:
             logits = self.base.model(**inputs).logits
         assert plan.features is not None
         out = [None if a is None else logits[i, : a.n_labels] for i, a in enumerate(rows)]
-        return BatchOutput(logits=out, features=plan.features)
+        # padded head columns are 0 for a row with finite features: checking whole rows is exact
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        return BatchOutput(logits=out, features=plan.features, finite=finite)
 
-    def classify(self, texts: list[str], rows: list[LoadedAdapter | None]) -> list[Prediction | None]:
-        """Tokenise, run one mixed batch (chunked by max_batch_size) and name the labels."""
-        preds: list[Prediction | None] = []
+    def classify_rows(
+        self, texts: list[str], rows: list[LoadedAdapter | None],
+    ) -> list[Prediction | AdapterOutputError | None]:
+        """Tokenise, run one mixed batch (chunked by max_batch_size) and name the labels.
+
+        One entry per row: its ``Prediction``, ``None`` for a base-model row, or an
+        ``AdapterOutputError`` where that row's adapter gave non-finite logits.
+        """
+        preds: list[Prediction | AdapterOutputError | None] = []
         step = self.config.max_batch_size
         for i in range(0, len(texts), step):
             chunk = rows[i : i + step]
             out = self.forward(self.base.tokenize(texts[i : i + step]), chunk)
-            for adapter, logits in zip(chunk, out.logits):
-                preds.append(None if adapter is None or logits is None else _prediction(adapter, logits))
+            for adapter, logits, finite in zip(chunk, out.logits, out.finite):
+                if adapter is None or logits is None:
+                    preds.append(None)
+                elif not finite:
+                    preds.append(self._nonfinite_error(adapter.key))
+                else:
+                    preds.append(_prediction(adapter, logits))
         return preds
+
+    def classify(self, texts: list[str], rows: list[LoadedAdapter | None]) -> list[Prediction | None]:
+        """``classify_rows`` for callers of one adapter: raises the first row's error instead."""
+        preds = self.classify_rows(texts, rows)
+        for p in preds:
+            if isinstance(p, AdapterOutputError):
+                raise p
+        return preds  # type: ignore[return-value]
+
+    def _nonfinite_error(self, key: VersionKey) -> AdapterOutputError:
+        with self._nonfinite_lock:
+            first = key not in self._nonfinite
+            self._nonfinite.add(key)
+        if first and self.on_nonfinite is not None:
+            try:
+                self.on_nonfinite(key)
+            except Exception:  # noqa: BLE001 - reporting must never fail a request
+                pass
+        return AdapterOutputError(
+            f"adapter {key.adapter!r} version {key.version} produced non-finite outputs (NaN or infinity); "
+            "its weights or scale are unusable: promote or train another version", param="adapter")
 
 
 def _prediction(adapter: LoadedAdapter, logits: torch.Tensor) -> Prediction:

@@ -51,6 +51,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -264,6 +265,10 @@ jobs = Table(
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
     Column("updated_at", UTCDateTime, nullable=False),
+    # when the job last left a worker (yielded, requeued, finished): the fair-share clock
+    Column("released_at", UTCDateTime, nullable=True),
+    Index("ix_jobs_status", "status"),
+    Index("ix_jobs_tenant_released", "tenant_id", "released_at"),
 )
 
 job_events = Table(

@@ -17,7 +17,7 @@ from sqlalchemy import func, insert, inspect, select, text
 
 from adapters.registry import Registry
 from adapters.schema import (
-    INITIAL_REVISION, MIGRATIONS_DIR, alembic_config, create_schema, current_revision, head_revision,
+    MIGRATIONS_DIR, alembic_config, create_schema, current_revision, head_revision,
     make_engine, metadata, tenants,
 )
 
@@ -157,7 +157,7 @@ def test_downgrade_and_upgrade_again(tmp_path: Path) -> None:
             command.downgrade(alembic_config(conn), "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         with engine.begin() as conn:
-            command.upgrade(alembic_config(conn), INITIAL_REVISION)
+            command.upgrade(alembic_config(conn), "head")
         assert differences(engine) == []
     finally:
         engine.dispose()

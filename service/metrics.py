@@ -9,6 +9,7 @@ histograms from every worker are summed on scrape; gauges say how they combine
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -22,6 +23,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 JOB_SECONDS_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
 _LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
+log = logging.getLogger("tailor.service")
 _lock = threading.Lock()
 _metrics: Metrics | None = None
 
@@ -63,6 +65,10 @@ class Metrics:
                                      ["status"], multiprocess_mode="mostrecent")
         self.job_seconds_count = Gauge("tailor_job_training_seconds_count", "Finished jobs that ran, by status",
                                        ["status"], multiprocess_mode="mostrecent")
+        self.nonfinite_adapters = Counter("tailor_adapter_nonfinite_outputs",
+                                          "Adapter versions found giving non-finite outputs (each once per worker)")
+        self.refused_rows = Counter("tailor_predict_refused", "Predict requests refused before queueing",
+                                    ["reason"])
         self.ready = Gauge("tailor_ready", "1 once the base model is loaded and the engine built",
                            multiprocess_mode="livemin")
         self._seen = CacheStats()
@@ -75,6 +81,12 @@ class Metrics:
         self.batch_size.observe(size)
         self.batch_adapters.observe(n_adapters)
         self.batch_seconds.observe(seconds)
+
+    def report_nonfinite(self, key: object) -> None:
+        """An adapter version's outputs were not finite: its rows failed, no other row did."""
+        self.nonfinite_adapters.inc()
+        log.warning("adapter %s produced non-finite outputs; its requests fail with 409 until "
+                    "another version is promoted", key)
 
     def sync_cache(self, stats: CacheStats) -> None:
         """Turn the cache's cumulative counts into counter increments (cheap; call often)."""

@@ -16,6 +16,7 @@ from adapters.peft_format import TAILOR_FILE, export_peft, import_peft, unzip_fi
 from adapters.quotas import TenantQuotas
 from adapters.registry import AdapterInfo, Tenant, VersionRecord
 from adapters.runtime.engine import ResolvedAdapter
+from adapters.runtime.inputs import check_texts
 from adapters.runtime.loaded import LoadedAdapter
 from service.errors import ApiError
 from service.state import TailorState
@@ -210,3 +211,4 @@ def check_inputs(state: TailorState, inputs: list[str]) -> None:
             raise ApiError(422, "input_too_long",
                            f"inputs[{i}] has {len(text)} characters; at most {s.max_input_chars} allowed",
                            param=f"inputs[{i}]")
+    check_texts(inputs)  # InvalidInputError (422) naming the first row that is not valid Unicode

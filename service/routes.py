@@ -13,8 +13,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from adapters.errors import TenantBusyError
 from service import ops
 from service.auth import Principal, get_state, require_admin, require_tenant
+from service.errors import ApiError
 from service.schemas import (
     AdapterDetail, AdapterSummary, AliasChange, ImportedVersion, KeyCreated, KeyOut, PredictRequest,
     PredictResponse, PromoteRequest, TenantCreate, TenantCreated, TenantOut,
@@ -131,12 +133,21 @@ def export_adapter(
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["predict"])
 async def predict(body: PredictRequest, tenant: Tenant, state: State) -> dict[str, Any]:
-    """Classify ``inputs`` with the tenant's adapter; concurrent requests share forward passes."""
+    """Classify ``inputs`` with the tenant's adapter; concurrent requests share forward passes.
+
+    A bad input (422 naming it), an unknown adapter (404) or an adapter whose outputs are not
+    finite (409) fails this request only, never another tenant's rows in the same batch.
+    """
     batcher = state.require_batcher()
     with batcher.incoming():  # the batcher holds a forming batch only while requests are on the way
         ops.check_inputs(state, body.inputs)
         resolved, loaded = await run_in_threadpool(ops.acquire, state, tenant, body.adapter)
-        future = batcher.submit([(loaded, text) for text in body.inputs])
+        try:
+            future = batcher.submit([(loaded, text) for text in body.inputs], tenant)
+        except TenantBusyError as e:
+            state.metrics.refused_rows.labels("queue_full").inc()
+            raise ApiError(429, "tenant_queue_full", e.message,
+                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
     preds = await asyncio.wrap_future(future)
     m = state.metrics
     m.tenant(m.predict_requests, tenant).inc()

@@ -44,7 +44,8 @@ class Settings:
     max_input_chars: int = 10_000
     max_body_bytes: int = 10 * MIB
     max_upload_bytes: int = 64 * MIB
-    rate_limit: float = 0.0
+    rate_limit: float = 50.0  # requests/s per tenant and serving worker; 0 = none
+    max_queued_rows: int = 256  # rows one tenant may have waiting for a batch, per serving worker
     workers: int | None = None  # None: auto (service.state.serving_workers)
     threads: int = 16
     train_workers: int = 1
@@ -111,7 +112,8 @@ class Settings:
             max_input_chars=_int(env, "TAILOR_MAX_INPUT_CHARS", 10_000, lo=1),
             max_body_bytes=_int(env, "TAILOR_MAX_BODY_BYTES", 10 * MIB, lo=1024),
             max_upload_bytes=_int(env, "TAILOR_MAX_UPLOAD_BYTES", 64 * MIB, lo=1024),
-            rate_limit=_float(env, "TAILOR_RATE_LIMIT", 0.0, lo=0.0),
+            rate_limit=_float(env, "TAILOR_RATE_LIMIT", 50.0, lo=0.0, hi=1e6),
+            max_queued_rows=_int(env, "TAILOR_MAX_QUEUED_ROWS", 256, lo=1, hi=10_000_000),
             workers=None if env.get("TAILOR_WORKERS", "").strip().lower() in ("", "auto")
             else _int(env, "TAILOR_WORKERS", None, lo=1, hi=256),
             threads=_int(env, "TAILOR_THREADS", 16, lo=1, hi=1024),

@@ -16,6 +16,7 @@ database answer 503 ``database_unavailable``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -44,10 +45,13 @@ class RateLimiter:
     """Per-tenant token buckets: ``rate`` requests/s with a burst of one second's worth.
 
     The rate is the tenant's ``requests_per_second`` quota when set, else the service-wide
-    ``TAILOR_RATE_LIMIT``; 0 means unlimited. Buckets live in each worker process.
+    ``TAILOR_RATE_LIMIT`` (default 50); 0 means unlimited. Buckets live in each worker process.
+    A refusal is a 429 whose Retry-After (whole seconds, 1..``MAX_RETRY_AFTER``) is when the
+    next token is due. Checked right after the key, before the body is read or queued.
     """
 
     QUOTA_TTL = 5.0
+    MAX_RETRY_AFTER = 3600
 
     def __init__(self, default_rate: float, registry: Registry) -> None:
         self.default_rate = default_rate
@@ -74,7 +78,7 @@ class RateLimiter:
         now = time.monotonic()
         rate = self._rate(tenant, now)
         with self._lock:
-            if rate <= 0:
+            if not rate > 0:
                 return
             burst = max(1.0, rate)
             tokens, last = self._buckets.get(tenant, (burst, now))
@@ -84,8 +88,9 @@ class RateLimiter:
                 return
             self._buckets[tenant] = (tokens, now)
             wait = (1.0 - tokens) / rate
+        retry = min(self.MAX_RETRY_AFTER, max(1, math.ceil(wait)))
         raise ApiError(429, "rate_limited", f"too many requests: this tenant may make {rate:g} per second",
-                       headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+                       headers={"Retry-After": str(retry)})
 
 
 @dataclass
@@ -185,9 +190,10 @@ class TailorState:
             base = load_base(s.base_model)
             config = EngineConfig(max_resident=s.max_resident, device_slots=s.device_slots,
                                   max_batch_size=s.max_batch_size)
-            engine = Engine(base, self.catalog, config, on_load=self.metrics.load_seconds.observe)
+            engine = Engine(base, self.catalog, config, on_load=self.metrics.load_seconds.observe,
+                            on_nonfinite=self.metrics.report_nonfinite)
             batcher = MicroBatcher(engine, s.max_batch_size, s.max_wait_ms, on_batch=self.metrics.observe_batch,
-                                   announced_arrivals=True)
+                                   announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the base model failed; the service stays unready")

@@ -18,7 +18,8 @@ def test_defaults(tmp_path):
     assert s.database_url == f"sqlite:///{s.home}/tailor.db"
     assert s.store_url == f"file://{s.home}/store"
     assert (s.max_inputs, s.max_input_chars, s.max_body_bytes, s.max_upload_bytes) == (64, 10_000, 10 << 20, 64 << 20)
-    assert (s.workers, s.train_workers, s.rate_limit, s.metrics_tenant_labels) == (None, 1, 0.0, False)
+    assert (s.workers, s.train_workers, s.rate_limit, s.metrics_tenant_labels) == (None, 1, 50.0, False)
+    assert s.max_queued_rows == 256
     assert s.base_model is None and s.device_slots > s.max_batch_size and s.store_gc_hours == 6.0
     assert "k" * 20 not in repr(s)
     off = Settings.from_env({"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_STORE_GC_HOURS": "0"}, admin_key=False)

@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_parser("events").add_argument("job_id")
     j.add_parser("cancel").add_argument("job_id")
     j.add_parser("follow", help="print events until the job finishes").add_argument("job_id")
+    sv = sub.add_parser("serve", help="start the service (bentoml serve) with its own metrics folder",
+                        description="Runs 'bentoml serve service.service:Tailor' on --host/--port with "
+                                    "BENTOML_HOME set to $TAILOR_HOME/instances/<host>-<port>, so this "
+                                    "instance's /metrics are its own (see service/instance.py). Any further "
+                                    "arguments go to bentoml serve.")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000)")
     w = sub.add_parser("worker", help="run a training worker: pull queued jobs from the registry and train them "
                                       "(reads TAILOR_DATABASE_URL, TAILOR_STORE_URL, TAILOR_BASE_MODEL, TAILOR_HOME)")
     w.add_argument("--threads", type=int, default=None, help="torch threads (default $TAILOR_TRAIN_THREADS or all)")
@@ -290,6 +297,28 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace, extra: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``tailor serve``: the ``bentoml serve`` command line and its environment."""
+    import os
+
+    from service.instance import instance_env
+
+    exe = Path(sys.executable).parent / "bentoml"
+    bentoml = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
+    argv = [*bentoml, "serve", "service.service:Tailor", "--host", args.host, "--port", str(args.port), *extra]
+    return argv, instance_env(os.environ, args.port)
+
+
+def run_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    """Replace this process with ``bentoml serve`` (signals reach it directly)."""
+    import os
+
+    argv, env = serve_command(args, extra)
+    print(f"tailor serve: http://{args.host}:{args.port} (metrics folder {env['BENTOML_HOME']})", file=sys.stderr)
+    os.execve(argv[0], argv, env)
+    return 1  # pragma: no cover - execve does not return
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """``tailor worker``: the training worker process, configured like the service."""
     from adapters.jobs import worker
@@ -352,7 +381,12 @@ def run_store_gc(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.group == "serve":
+        return run_serve(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.group == "worker":
         return run_worker(args)
     if args.group == "store":

@@ -4,16 +4,23 @@ The HTTP API is the FastAPI app of ``service.app`` mounted at ``/`` (routes ``/v
 ``/docs``); BentoML adds ``/healthz``, ``/readyz`` and ``/metrics``. Each worker opens the
 database at once and loads the base model in the background: ``/readyz`` is 503 until the
 engine is built, then 200.
+
+Logging: the ``tailor`` loggers at INFO; BentoML's access log (one INFO line per request) only
+with ``TAILOR_ACCESS_LOG=1``. Metrics: each instance should have its own BentoML home (our
+launchers see to it, ``service.instance``); a worker that finds itself on the per-user
+shared folder logs a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import bentoml
 
 from service.app import create_app
+from service.instance import shares_default_dir
 from service.metrics import JOB_SECONDS_BUCKETS
 from service.settings import Settings
 from service.state import TailorState, serving_workers
@@ -30,10 +37,16 @@ app = create_app()
     traffic={"timeout": 300},
     workers=serving_workers(SETTINGS),
     threads=SETTINGS.threads,
+    logging={"access": {"enabled": SETTINGS.access_log}},
 )
 @bentoml.asgi_app(app, path="/")
 class Tailor:
     def __init__(self) -> None:
+        if shares_default_dir():
+            logging.getLogger("tailor.service").warning(
+                "metrics go to BentoML's per-user default folder %s, which every other bentoml serve of "
+                "this user shares and wipes at start: start with 'tailor serve' or scripts/serve.sh, or "
+                "give this instance its own BENTOML_HOME", os.environ["PROMETHEUS_MULTIPROC_DIR"])
         self.state = TailorState.open(SETTINGS.with_admin_key())
         app.state.tailor = self.state
         self.state.start_loading()

@@ -52,6 +52,7 @@ class Settings:
     train_threads: int | None = None
     metrics_tenant_labels: bool = False
     store_gc_hours: float = 6.0  # idle training workers collect the store's garbage this often; 0: never
+    access_log: bool = False  # BentoML's one INFO line per request (TAILOR_ACCESS_LOG=1)
     admin_key_generated: bool = False
 
     @classmethod
@@ -121,6 +122,7 @@ class Settings:
             train_threads=_int(env, "TAILOR_TRAIN_THREADS", None, lo=1, hi=1024),
             metrics_tenant_labels=_bool(env, "TAILOR_METRICS_TENANT_LABELS", False),
             store_gc_hours=_float(env, "TAILOR_STORE_GC_HOURS", 6.0, lo=0.0, hi=24 * 365),
+            access_log=_bool(env, "TAILOR_ACCESS_LOG", False),
         )
         return settings.with_admin_key() if admin_key else settings
 

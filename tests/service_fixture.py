@@ -6,7 +6,9 @@ for ``/readyz``, yields a ``Served`` and stops it with SIGTERM. Server output go
 
 ``start_served(home, model_dir, overrides)`` / ``stop_served(s)`` (or ``with serving(...)``)
 do the same for tests that need other settings (several workers, training workers) or that
-stop a service and start it again on the same home.
+stop a service and start it again on the same home. Each instance gets its own BentoML home
+(``service.instance``), so its ``/metrics`` are its own: none is shared with another test's
+server or a service running beside the suite.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from service.instance import instance_env
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -84,20 +88,26 @@ def serve_env(home: Path, model_dir: Path, overrides: dict[str, str] | None = No
     }
 
 
+def bentoml_serve() -> list[str]:
+    """The command line that serves this checkout: ``bentoml serve .``."""
+    exe = Path(sys.executable).parent / "bentoml"
+    return [*([str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]), "serve", "."]
+
+
 def start_served(home: Path, model_dir: Path, overrides: dict[str, str] | None = None, *,
-                 port: int | None = None, ready_timeout: float = READY_TIMEOUT_S) -> Served:
-    """Start ``bentoml serve .`` on ``home`` (created if missing) and wait for ``/readyz``.
+                 port: int | None = None, ready_timeout: float = READY_TIMEOUT_S,
+                 command: list[str] | None = None) -> Served:
+    """Start ``bentoml serve .`` (or ``command``, given ``--host``/``--port``) on ``home``
+    (created if missing) with its own BentoML home, and wait for ``/readyz``.
 
     Fails the test (after stopping the process) when it exits or is not ready in time.
     ``serve.log`` in ``home`` is appended to, so a restart on the same home keeps both logs.
     """
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    env = serve_env(home, model_dir, overrides)
-    exe = Path(sys.executable).parent / "bentoml"
-    bentoml = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
+    env = instance_env(serve_env(home, model_dir, overrides), port)
     log = open(home / "serve.log", "ab")
-    proc = subprocess.Popen([*bentoml, "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([*(command or bentoml_serve()), "--host", "127.0.0.1", "--port", str(port)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     s = Served(url=f"http://127.0.0.1:{port}", home=home, model_dir=model_dir, env=env, proc=proc, log_file=log)
     try:

@@ -37,6 +37,7 @@ import httpx
 
 from deploy.local.nginx import Router
 from deploy.local.postgres import PostgresServer
+from service.instance import instance_env
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "tailor"
@@ -199,19 +200,24 @@ class Cluster:
             env["TAILOR_BASE_MODEL"] = self.base_model
         return env
 
-    def _spawn(self, args: list[str], name: str, *, tailor_cli: bool = False) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], name: str, *, tailor_cli: bool = False,
+               port: int | None = None) -> subprocess.Popen[bytes]:
+        """``tailor ARGS`` or ``bentoml ARGS`` with ``name``'s home; a serving ``port`` gets its own
+        BentoML home (``service.instance``), so each replica's /metrics are its own."""
         home = self.directory / name
         home.mkdir(parents=True, exist_ok=True)
         bindir = Path(sys.executable).parent
         exe = bindir / ("tailor" if tailor_cli else "bentoml")
         cmd = [str(exe), *args] if exe.is_file() else [sys.executable, "-m", "service.cli" if tailor_cli
                                                        else "bentoml", *args]
-        return subprocess.Popen(cmd, cwd=REPO, env=self.env(home), stdout=open(home / "out.log", "ab"),
+        env = self.env(home) if port is None else instance_env(self.env(home), port)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(home / "out.log", "ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_replica(self, i: int, *, wait: bool = True) -> None:
         port = self.replica_ports[i]
-        self.serving[i] = self._spawn(["serve", ".", "--host", "127.0.0.1", "--port", str(port)], f"replica-{i}")
+        self.serving[i] = self._spawn(["serve", ".", "--host", "127.0.0.1", "--port", str(port)], f"replica-{i}",
+                                      port=port)
         if wait:
             self.wait_replica(i)
 

@@ -4,11 +4,17 @@ Library errors map by class (``adapters.errors`` codes stay the wire codes); Fas
 validation errors become 422 naming the field path (malformed JSON: 400); HTTP exceptions
 keep their status; anything unexpected is a logged 500 ``internal_error``. A client mistake
 never comes back as a 5xx.
+
+An error body is always serialisable, whatever the client sent: text echoed from a request
+(a message, a ``param`` naming a field the client made up) may hold lone UTF-16 surrogates,
+which UTF-8 cannot encode; they are written as ``\\udXXX`` escapes, non-finite numbers as
+text, and header values are made Latin-1 without line breaks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,17 +41,53 @@ class ApiError(Exception):
         self.extra = extra or {}
 
 
+def printable(text: str) -> str:
+    """``text`` unchanged if UTF-8 can encode it, else with each character it cannot (a lone
+    surrogate such as ``"\\ud800"`` sent as a JSON escape) written as its ``\\udXXX`` escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON that always encodes: strings (and keys) through ``printable``,
+    non-finite floats as text (JSON has no NaN), anything else unknown as its ``str``."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return printable(str(value))
+
+
+def header_safe(value: str) -> str:
+    """A header value that HTTP can carry: Latin-1 (others escaped), no control characters."""
+    text = value.encode("latin-1", "backslashreplace").decode("latin-1")
+    return "".join(c if c >= " " and c != "\x7f" else " " for c in text)
+
+
 def body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The error body ``{"error": {"code", "message", "param"?, **extra}}``; always encodable
+    (see ``json_safe``); ``extra`` entries that are None are left out."""
     err: dict[str, Any] = {"code": code, "message": message}
     if param is not None:
         err["param"] = param
     err.update({k: v for k, v in extra.items() if v is not None})
-    return {"error": err}
+    return {"error": json_safe(err)}
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse(body(code, message, param, **extra), status_code=status, headers=headers)
+    """A JSON error response that renders whatever the texts in it hold (see ``body``)."""
+    safe_headers = {header_safe(k): header_safe(v) for k, v in headers.items()} if headers else None
+    return JSONResponse(body(code, message, param, **extra), status_code=status, headers=safe_headers)
 
 
 def status_of(e: TailorError) -> int:
@@ -107,6 +149,9 @@ def install(app: FastAPI) -> None:
         msg = first.get("msg", "invalid request")
         if kind == "extra_forbidden":
             msg = f"unknown field {param!r}"
+        elif kind == "string_unicode":  # e.g. a lone surrogate: a value, or a key (loc is then the object)
+            msg = (f"{param or 'a field name in the request body'}: text must be valid Unicode "
+                   "(it holds an unpaired UTF-16 surrogate)")
         elif kind == "missing":
             msg = f"field {param!r} is required" if param else "a request body is required"
         elif param:

@@ -17,7 +17,7 @@ from adapters.errors import DatasetError
 from adapters.quotas import TenantQuotas
 from service.auth import get_state, require_tenant
 from service.errors import ApiError
-from service.schemas import FileOut, JobCreate, JobEventOut, JobOut
+from service.schemas import DB_INT_MAX, FileOut, JobCreate, JobEventOut, JobOut
 from service.state import TailorState
 
 State = Annotated[TailorState, Depends(get_state)]
@@ -137,7 +137,7 @@ def get_job(job_id: str, tenant: Tenant, state: State) -> dict[str, Any]:
 
 @router.get("/v1/jobs/{job_id}/events", response_model=list[JobEventOut])
 def job_events(job_id: str, tenant: Tenant, state: State,
-               after: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
+               after: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="only events with a larger id")] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> list[dict[str, Any]]:
     _, jobs = state.require_jobs()
     return [dataclasses.asdict(e) for e in jobs.events(tenant, job_id, after=after, limit=limit)]

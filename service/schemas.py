@@ -7,7 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-Version = Annotated[int, Field(strict=True, ge=1, le=2**31 - 1, description="an adapter version number")]
+# The largest integer an INTEGER column holds on every database we run on (32 bits on
+# PostgreSQL): versions, job event ids. An integer past it in a request is a 422 here, never an
+# overflow in the database driver (a 500).
+DB_INT_MAX = 2**31 - 1
+
+Version = Annotated[int, Field(strict=True, ge=1, le=DB_INT_MAX, description="an adapter version number")]
 
 
 class Request(BaseModel):

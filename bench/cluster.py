@@ -59,6 +59,9 @@ def phase(cluster: Cluster, url: str, keys: list[str], corpus: list[str], concur
     hits, misses = h1 - h0, m1 - m0
     run["cache_hits"], run["cache_misses"] = hits, misses
     run["cache_hit_rate"] = hits / max(1.0, hits + misses)
+    # ~1 when each replica's /metrics are its own; replicas sharing one metrics folder counted
+    # each other's lookups (and wiped them at start): a sanity check on the hit rate's inputs
+    run["cache_lookups_per_request"] = (hits + misses) / max(1, run["requests"])
     return run
 
 
@@ -118,10 +121,11 @@ def main() -> None:
                           f"p99 {run['p99_ms']:.1f} ms, cache hit rate {run['cache_hit_rate']:.3f}", flush=True)
             delays = promotion_delay(cluster, keys[0], catalog, base.spec, 5 if args.quick else 20)
     summary = {mode: {k: median([r[k] for r in rs]) for k in
-                      ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "cache_hit_rate")}
+                      ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "cache_hit_rate",
+                                "cache_lookups_per_request")}
                for mode, rs in runs.items()}
     result = {
-        "machine": machine(), "model": base.spec.name, "replicas": 2, "tenants": args.tenants,
+        "machine": machine(), "quick": args.quick, "model": base.spec.name, "replicas": 2, "tenants": args.tenants,
         "resident_per_replica": args.resident, "concurrency": args.concurrency, "seconds_per_phase": seconds,
         "rounds": rounds, "modes": summary, "runs": runs,
         "affinity_vs_round_robin": {

@@ -1,11 +1,16 @@
 """The job lifecycle, kept entirely in the registry database so it survives restarts.
 
 API side: ``submit`` (the dataset was validated before; the job starts ``queued``), ``get``,
-``list``, ``events``, ``cancel``. Worker side: ``claim`` hands the oldest runnable queued job
-to exactly one worker (one transaction; ``FOR UPDATE SKIP LOCKED`` where the database has it)
-under a lease, honouring each tenant's ``max_concurrent_jobs``; the worker then reports
-progress and events, renews its lease with ``heartbeat`` (which also tells it whether a
-cancel was requested) and ends the job with ``succeed``, ``fail`` or ``mark_cancelled``.
+``list``, ``events``, ``cancel``. Worker side: ``claim`` hands one runnable queued job to
+exactly one worker (one transaction; ``FOR UPDATE SKIP LOCKED`` where the database has it)
+under a lease, honouring each tenant's ``max_concurrent_jobs``; which job is the fair-share
+rule of ``adapters.jobs.fair_share`` (tenants take turns by how recently they last had a
+worker; a tenant's jobs in submit order). The worker then reports progress and events, renews
+its lease with ``heartbeat`` (which also tells it whether a cancel was requested), asks
+``contender`` at its checkpoints whether another tenant is waiting for a worker, gives the
+worker back with ``release`` (the job is ``queued`` again and resumes from its checkpoint) and
+ends the job with ``succeed``, ``fail`` or ``mark_cancelled``. A queued job shows its
+``queue_position`` (1: taken next), and every entry into the queue records it in an event.
 Every worker-side write names the worker and is ignored if the job is no longer its own, so a
 worker that lost its lease can never overwrite the job's fate.
 
@@ -23,9 +28,10 @@ meanwhile claimed.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, case, func, insert, or_, select, update
@@ -33,6 +39,8 @@ from sqlalchemy import ColumnElement, Engine, and_, case, func, insert, or_, sel
 from adapters import schema
 from adapters.datasets import Dataset
 from adapters.errors import ConflictError, NotFoundError, TailorError
+from adapters.jobs import fair_share
+from adapters.jobs.fair_share import Contender, QueuedJob, TenantClock
 from adapters.jobs.files import dataset_to_jsonl, new_id
 from adapters.jobs.model import (
     ACTIVE, CANCELLED, FAILED, FINISHED, METHODS, PROMOTE_MODES, QUEUED, RUNNING, SUCCEEDED, VALIDATING,
@@ -45,6 +53,7 @@ from adapters.store import AdapterStore
 from adapters.training.hyperparams import Hyperparameters
 
 _JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
+log = logging.getLogger(__name__)
 J = schema.jobs
 
 
@@ -129,15 +138,17 @@ class JobManager:
         except BaseException:
             self.store.delete_prefix(prefix + "/")
             raise
+        self._note_queued(job_id)
         return self.get(tenant, job_id)
 
     def get(self, tenant: str, job_id: str) -> Job:
         validate_name(tenant, "tenant")
         with self._read.connect() as conn:
             row = conn.execute(select(J).where(J.c.id == _job_id(job_id), J.c.tenant == tenant)).mappings().first()
-        if row is None:
-            raise NotFoundError(f"job {job_id!r} not found", param="job")
-        return _job(row)
+            if row is None:
+                raise NotFoundError(f"job {job_id!r} not found", param="job")
+            positions = _positions(conn) if row["status"] == QUEUED else {}
+        return _job(row, positions.get(row["id"]))
 
     def list(self, tenant: str, *, limit: int = 20, status: str | None = None) -> list[Job]:
         validate_name(tenant, "tenant")
@@ -145,8 +156,9 @@ class JobManager:
         if status is not None:
             q = q.where(J.c.status == status)
         with self._read.connect() as conn:
-            rows = conn.execute(q.order_by(J.c.created_at.desc(), J.c.id).limit(max(1, min(limit, 100)))).mappings()
-            return [_job(r) for r in rows]
+            rows = conn.execute(q.order_by(J.c.created_at.desc(), J.c.id).limit(max(1, min(limit, 100)))).mappings().all()
+            positions = _positions(conn) if any(r["status"] == QUEUED for r in rows) else {}
+            return [_job(r, positions.get(r["id"])) for r in rows]
 
     def events(self, tenant: str, job_id: str, *, after: int = 0, limit: int = 1000) -> list[JobEvent]:
         self.get(tenant, job_id)  # ownership check
@@ -193,35 +205,39 @@ class JobManager:
     # -- worker side ----------------------------------------------------------------------
 
     def claim(self, worker_id: str) -> Job | None:
-        """Hand the oldest runnable queued job to ``worker_id`` (status ``validating``), or None."""
+        """Hand ``worker_id`` a queued job (status ``validating``), or None when none may run.
+
+        The job is the oldest queued job of the tenant first in ``fair_share.tenant_order``
+        (least recently on a worker) that is under its ``max_concurrent_jobs``."""
         now = utcnow()
         T = schema.tenants
         with self.db.begin() as conn:
-            candidates = conn.execute(
-                select(J.c.id, J.c.tenant_id, T.c.quotas).join(T, T.c.id == J.c.tenant_id)
-                .where(J.c.status == QUEUED).order_by(J.c.created_at, J.c.id).limit(50)
-                .with_for_update(skip_locked=True, of=J)
-            ).all()
-            running: dict[int, int] = {}
-            busy: set[int] = set()
-            for cand in candidates:
-                if cand.tenant_id in busy:
+            clocks = _clocks(conn)
+            quotas = dict(conn.execute(select(T.c.id, T.c.quotas).where(T.c.id.in_(list(clocks)))).all()) \
+                if clocks else {}
+            for clock in fair_share.tenant_order(clocks.values()):
+                limit = max(1, TenantQuotas.from_dict(quotas.get(clock.tenant_id) or None).max_concurrent_jobs)
+                if clock.on_worker >= limit:
                     continue
-                if cand.tenant_id not in running:
-                    # Claims of one tenant count its running jobs in turn, so two workers cannot
-                    # both take its last free slot (PostgreSQL). A tenant another claimer holds is
-                    # left to that claimer this round: SKIP LOCKED, so claims never deadlock.
-                    if conn.execute(
-                        select(T.c.id).where(T.c.id == cand.tenant_id)
-                        .with_for_update(key_share=True, skip_locked=True)
-                    ).first() is None:
-                        busy.add(cand.tenant_id)
-                        continue
-                    running[cand.tenant_id] = conn.execute(
-                        select(func.count()).select_from(J)
-                        .where(J.c.tenant_id == cand.tenant_id, J.c.status.in_((VALIDATING, RUNNING)))
-                    ).scalar_one()
-                if running[cand.tenant_id] >= max(1, TenantQuotas.from_dict(cand.quotas or None).max_concurrent_jobs):
+                # Claims of one tenant count its running jobs in turn, so two workers cannot both
+                # take its last free slot (PostgreSQL). A tenant another claimer holds is left to
+                # that claimer this round (SKIP LOCKED, so claims never deadlock): this claimer
+                # serves the next tenant in fair order.
+                if conn.execute(
+                    select(T.c.id).where(T.c.id == clock.tenant_id).with_for_update(key_share=True, skip_locked=True)
+                ).first() is None:
+                    continue
+                running = conn.execute(
+                    select(func.count()).select_from(J)
+                    .where(J.c.tenant_id == clock.tenant_id, J.c.status.in_((VALIDATING, RUNNING)))
+                ).scalar_one()
+                if running >= limit:
+                    continue
+                cand = conn.execute(
+                    select(J.c.id).where(J.c.tenant_id == clock.tenant_id, J.c.status == QUEUED)
+                    .order_by(J.c.created_at, J.c.id).limit(1).with_for_update(skip_locked=True)
+                ).first()
+                if cand is None:
                     continue
                 done = conn.execute(update(J).where(J.c.id == cand.id, J.c.status == QUEUED).values(
                     status=VALIDATING, worker_id=worker_id, lease_expires_at=now + self.lease,
@@ -232,6 +248,36 @@ class JobManager:
                     row = conn.execute(select(J).where(J.c.id == cand.id)).mappings().one()
                     return _job(row)
         return None
+
+    def contender(self, job_id: str, *, grace_seconds: float = 0.0) -> Contender | None:
+        """Whether ``job_id`` should give its worker back: the waiting tenant it would go to
+        (another tenant with no job on a worker and a job queued for ``grace_seconds``), or None."""
+        with self._read.connect() as conn:
+            tenant_id = conn.execute(select(J.c.tenant_id).where(J.c.id == job_id)).scalar_one_or_none()
+            if tenant_id is None:
+                return None
+            return fair_share.contender(_clocks(conn).values(), tenant_id, utcnow(), grace_seconds)
+
+    def release(self, job_id: str, worker_id: str, *, message: str) -> bool:
+        """Give the worker back at a checkpoint: the job is ``queued`` again (same job, not
+        failed; the claim it had is not counted as an attempt) and resumes from that checkpoint
+        on whichever worker claims it next. ``message`` (the reason) and the job's new queue
+        position go to its events. False, with nothing changed, when a cancel was requested
+        meanwhile: the caller cancels the job instead. Raises ``LostJobError`` if not ours."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            cancel = conn.execute(select(J.c.cancel_requested).where(_mine(job_id, worker_id)).with_for_update()) \
+                .scalar_one_or_none()
+            if cancel is None:
+                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
+            if cancel:
+                return False
+            conn.execute(update(J).where(_mine(job_id, worker_id)).values(
+                status=QUEUED, worker_id=None, lease_expires_at=None, released_at=now, updated_at=now,
+                attempts=J.c.attempts - 1))
+            _event(conn, job_id, "info", message)
+            _note_position(conn, job_id)
+        return True
 
     def heartbeat(self, job_id: str, worker_id: str) -> bool:
         """Renew the lease; returns True if a cancel was requested. Raises if the job is lost."""
@@ -298,14 +344,24 @@ class JobManager:
                 res = conn.execute(update(J).where(
                     J.c.id == row["id"], J.c.status == row["status"], J.c.worker_id == row["worker_id"],
                     J.c.attempts == row["attempts"],
-                ).values(worker_id=None, lease_expires_at=None, updated_at=now, **values))
+                ).values(worker_id=None, lease_expires_at=None, released_at=now, updated_at=now, **values))
                 if res.rowcount != 1:
                     continue
                 touched.append(row["id"])
                 _event(conn, row["id"], level, msg)
+                if values["status"] == QUEUED:
+                    _note_position(conn, row["id"])
         return touched
 
     # -- internals --------------------------------------------------------------------------
+
+    def _note_queued(self, job_id: str) -> None:
+        """Record a new job's queue position; the job exists already, so a failure here is logged."""
+        try:
+            with self.db.begin() as conn:
+                _note_position(conn, job_id)
+        except TailorError as e:
+            log.warning("job %s: queue position not recorded (%s)", job_id, e)
 
     def _update(self, job_id: str, worker_id: str, **values: Any) -> None:
         with self.db.begin() as conn:
@@ -318,7 +374,7 @@ class JobManager:
         now = utcnow()
         with self.db.begin() as conn:
             res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(
-                status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values))
+                status=status, finished_at=now, released_at=now, updated_at=now, lease_expires_at=None, **values))
             if res.rowcount != 1:
                 raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
             _event(conn, job_id, level, message)
@@ -340,13 +396,64 @@ def _event(conn: Any, job_id: str, level: str, message: str, *, data: dict[str, 
                                                   message=message, data=data))
 
 
+def _clocks(conn: Any) -> dict[int, TenantClock]:
+    """Every tenant with queued jobs, with its fair-share clock (two grouped reads)."""
+    heads = conn.execute(
+        select(J.c.tenant_id, func.min(J.c.tenant), func.min(J.c.created_at),
+               func.min(func.coalesce(J.c.released_at, J.c.created_at)))
+        .where(J.c.status == QUEUED).group_by(J.c.tenant_id)
+    ).all()
+    if not heads:
+        return {}
+    on_worker = case((J.c.status.in_((VALIDATING, RUNNING)), 1), else_=0)
+    usage = {tid: (int(n or 0), last) for tid, n, last in conn.execute(
+        select(J.c.tenant_id, func.sum(on_worker), func.max(J.c.released_at))
+        .where(J.c.tenant_id.in_([h[0] for h in heads])).group_by(J.c.tenant_id)
+    )}
+    return {
+        tid: TenantClock(tenant_id=tid, tenant=name, on_worker=usage[tid][0], last_released=_utc(usage[tid][1]),
+                         first_queued=_utc(first), waiting_since=_utc(since))
+        for tid, name, first, since in heads
+    }
+
+
+def _utc(value: Any) -> Any:
+    """Aggregates (min, max, coalesce) lose the column type on some backends: SQLite gives the
+    stored text back, PostgreSQL an aware datetime; both become aware UTC datetimes."""
+    if value is None or isinstance(value, datetime):
+        return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc)
+
+
+def _queue(conn: Any) -> list[QueuedJob]:
+    clocks = _clocks(conn)
+    if not clocks:
+        return []
+    jobs = [QueuedJob(id=i, tenant_id=t, created_at=_utc(c)) for i, t, c in conn.execute(
+        select(J.c.id, J.c.tenant_id, J.c.created_at).where(J.c.status == QUEUED))]
+    return fair_share.queue_order(jobs, clocks)
+
+
+def _positions(conn: Any) -> dict[str, int]:
+    return {job.id: i for i, job in enumerate(_queue(conn), start=1)}
+
+
+def _note_position(conn: Any, job_id: str) -> None:
+    queue = _queue(conn)
+    index = next((i for i, j in enumerate(queue) if j.id == job_id), None)
+    if index is None:
+        return
+    line = fair_share.describe_position(index + 1, queue[:index], queue[index].tenant_id)
+    _event(conn, job_id, "info", line, data={"queue_position": index + 1})
+
+
 def _job_id(value: object) -> str:
     if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
         raise NotFoundError(f"job {str(value)[:60]!r} not found", param="job")
     return value
 
 
-def _job(row: Any) -> Job:
+def _job(row: Any, queue_position: int | None = None) -> Job:
     error = JobError(row["error_code"], row["error_message"] or "") if row["error_code"] else None
     return Job(
         id=row["id"], tenant=row["tenant"], adapter=row["adapter"], status=row["status"], method=row["method"],
@@ -357,4 +464,5 @@ def _job(row: Any) -> Job:
         attempts=row["attempts"], cancel_requested=bool(row["cancel_requested"]), created_at=row["created_at"],
         started_at=row["started_at"], finished_at=row["finished_at"], updated_at=row["updated_at"],
         training_key=row["training_key"], validation_key=row["validation_key"], worker_id=row["worker_id"],
+        queue_position=queue_position if row["status"] == QUEUED else None,
     )

@@ -48,6 +48,8 @@ class Job:
     training_key: str = field(repr=False, default="")
     validation_key: str | None = field(repr=False, default=None)
     worker_id: str | None = field(repr=False, default=None)
+    # while queued: where the job stands in the fair-share order (1: the next a free worker takes)
+    queue_position: int | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ adapter as a new *candidate* version, scores it against the current ``prod`` on 
 validation data and lets the gate decide whether it becomes ``prod``. Cancellation is honoured
 until the adapter is published; a cancelled or failed job registers nothing. Whatever
 happens, the job ends in a final state with a reason -- unless the worker is shutting down or
-lost the job, in which case it is left for ``recover`` to requeue from its checkpoint.
+lost the job, in which case it is left for ``recover`` to requeue from its checkpoint, or the
+job yields the worker to another tenant (``adapters.jobs.fair_share``): then it is ``queued``
+again with its checkpoint in the store, and whichever worker claims it next resumes from there.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,14 @@ from adapters.catalog import Catalog
 from adapters.datasets import Dataset, check_validation_set, stratified_split
 from adapters.errors import AdapterNotFoundError, TailorError, UnavailableError
 from adapters.jobs import gate, shared_checkpoints
+from adapters.jobs.fair_share import Contender, FairShare, YieldCheck
 from adapters.jobs.files import dataset_from_jsonl
 from adapters.jobs.heartbeat import Heartbeat
 from adapters.jobs.manager import JobManager, LostJobError
 from adapters.jobs.model import Job
 from adapters.runtime.engine import Engine
 from adapters.training import Hyperparameters, TrainCallbacks, TrainingCancelled, train
+from adapters.training.trainer import TrainingYielded
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class WorkerContext:
     threads: int | None = None
     heartbeat_seconds: float = 1.0
     progress_seconds: float = 1.0
+    fair_share: FairShare = field(default_factory=FairShare)
 
 
 class ShuttingDown(Exception):
@@ -53,9 +58,12 @@ class ShuttingDown(Exception):
 
 
 def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
-    """Run ``job``; returns its final status (or ``"released"`` when left for recovery)."""
+    """Run ``job``; returns its final status, ``"released"`` when left for recovery, or
+    ``"yielded"`` when it gave the worker to another tenant and is queued again."""
     m = ctx.manager
     ckpt = ctx.checkpoint_root / job.id
+    turn = YieldCheck(ctx.fair_share, lambda: _contender(job, ctx))
+    shared = _Shared()
     with Heartbeat(m, job.id, ctx.worker_id, ctx.heartbeat_seconds) as hb:
         if shutdown is not None:
             hb.shutdown = shutdown
@@ -73,7 +81,7 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             result = train(
                 ctx.trainer_base, train_ds.texts(), train_ds.label_ids(), train_ds.labels,
                 val_ds.texts(), val_ds.label_ids(), method=job.method, hp=resolved,
-                callbacks=_callbacks(job, ctx, hb), checkpoint_dir=ckpt, threads=ctx.threads,
+                callbacks=_callbacks(job, ctx, hb, turn, shared), checkpoint_dir=ckpt, threads=ctx.threads,
             )
             if hb.should_stop():
                 raise TrainingCancelled("cancelled")
@@ -97,6 +105,8 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             m.mark_cancelled(job.id, ctx.worker_id)
             _cleanup(ckpt, job, ctx)
             return "cancelled"
+        except TrainingYielded as y:
+            return _give_way(job, ctx, ckpt, turn, shared, y)
         except LostJobError:
             log.warning("job %s was taken from worker %s", job.id, ctx.worker_id)
             return "released"
@@ -116,6 +126,28 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             return "failed"
 
 
+def _give_way(job: Job, ctx: WorkerContext, ckpt: Path, turn: YieldCheck, shared: _Shared,
+              y: TrainingYielded) -> str:
+    """The trainer stopped at a checkpoint for another tenant: queue the job again."""
+    m = ctx.manager
+    where = f"at step {y.step}, inside epoch {y.epoch}" if y.mid_epoch else f"after epoch {y.epoch - 1}"
+    try:
+        if not m.release(job.id, ctx.worker_id, message="yielded the worker to another tenant's waiting job "
+                         f"(fair share); it resumes from its checkpoint {where}"):
+            m.mark_cancelled(job.id, ctx.worker_id)  # a cancel came in meanwhile
+            _cleanup(ckpt, job, ctx)
+            return "cancelled"
+    except (LostJobError, UnavailableError) as e:  # recovery requeues it; the checkpoint stays
+        log.warning("job %s: could not give the worker back (%s); left for recovery", job.id, e)
+        return "released"
+    found = turn.found
+    log.info("job %s of tenant %s yields the worker to tenant %s (waiting %.1f s); checkpoint %s",
+             job.id, job.tenant, found.tenant if found else "?", found.waited_seconds if found else 0.0, where)
+    if shared.ok:  # the store has it: whichever worker runs the job next fetches the newest
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return "yielded"
+
+
 def _datasets(job: Job, ctx: WorkerContext) -> tuple[Dataset, Dataset]:
     store = ctx.manager.store
     train_ds = dataset_from_jsonl(store.get(job.training_key))
@@ -132,17 +164,33 @@ def _datasets(job: Job, ctx: WorkerContext) -> tuple[Dataset, Dataset]:
     return train_ds, val_ds
 
 
-def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat) -> TrainCallbacks:
+@dataclass
+class _Shared:
+    ok: bool = True  # the last checkpoint reached the store
+
+
+def _contender(job: Job, ctx: WorkerContext) -> Contender | None:
+    try:
+        return ctx.manager.contender(job.id, grace_seconds=ctx.fair_share.grace_seconds)
+    except UnavailableError as e:  # the database is away: keep the worker, ask again later
+        log.warning("job %s: could not look for waiting tenants (%s)", job.id, e)
+        return None
+
+
+def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat, turn: YieldCheck, shared: _Shared) -> TrainCallbacks:
     m, last = ctx.manager, [0.0]
     started = time.monotonic()
+    ref: list[tuple[float, int]] = []  # (time, steps done) the ETA's rate counts from: this turn only
 
     def on_step(step: int, total: int, epoch: int, loss: float) -> None:
         now = time.monotonic()
         m.event(job.id, "info", f"step {step}/{total}: train loss {loss:.4f}", type="metrics",
                 data={"step": step, "total_steps": total, "epoch": epoch, "train_loss": loss})
+        if not ref:  # a fresh run counts from its start, a resumed one from its first report here
+            ref.append((started, 0) if step <= 10 else (now, step))
         if now - last[0] >= ctx.progress_seconds or step == total:
             last[0] = now
-            rate = step / max(now - started, 1e-6)
+            rate = (step - ref[0][1]) / max(now - ref[0][0], 1e-6)
             m.progress(job.id, ctx.worker_id, {
                 "step": step, "total_steps": total, "epoch": epoch, "fraction": step / max(total, 1),
                 "eta_seconds": round((total - step) / rate, 1) if rate > 0 else None,
@@ -157,12 +205,16 @@ def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat) -> TrainCallbacks:
         m.event(job.id, level, message)
 
     def on_checkpoint(folder: Path) -> None:
-        if not shared_checkpoints.share(m.store, job.tenant, job.id, folder):
-            m.event(job.id, "warning", "this epoch's checkpoint could not be copied to the store; "
+        shared.ok = shared_checkpoints.share(m.store, job.tenant, job.id, folder)
+        if not shared.ok:
+            m.event(job.id, "warning", "this checkpoint could not be copied to the store; "
                     "only this worker can resume the job")
 
+    def should_yield(at_epoch_end: bool) -> bool:
+        return not hb.should_stop() and turn(at_epoch_end)
+
     return TrainCallbacks(on_step=on_step, on_epoch=on_epoch, should_stop=hb.should_stop, on_event=on_event,
-                          on_checkpoint=on_checkpoint)
+                          on_checkpoint=on_checkpoint, should_yield=should_yield)
 
 
 def _gate(job: Job, ctx: WorkerContext, version: int, val_ds: Dataset) -> gate.GateDecision:

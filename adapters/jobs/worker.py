@@ -1,15 +1,17 @@
 """The training worker process: ``python -m adapters.jobs.worker --database-url ... --store-url ...``.
 
 Loads the base model once (one pristine copy for training, one wrapped by an engine for the
-promotion gate), then loops: claim the oldest runnable job, run it, repeat; sleeps when the
-queue is empty. It shares nothing with serving but the database and the store, so a crash,
-an exception or an out-of-memory kill here never takes serving down. SIGTERM stops it
-gracefully: a running job is left to resume from its checkpoint. Every lease/4 seconds it
-also requeues jobs whose worker's lease expired (a worker on another node that died), so any
-number of workers on any nodes share one queue; ``tailor worker`` runs this with the
-service's ``TAILOR_*`` settings. When idle, every ``--gc-hours`` (first at a random point of
-the first interval, so workers spread out) it collects the store's garbage
-(``adapters.store_gc``): what deletions during a store outage or crashed writes left behind.
+promotion gate), then loops: claim the next job in fair-share order (``adapters.jobs.fair_share``:
+tenants take turns), run it until it ends or yields the worker to a waiting tenant at a
+checkpoint, repeat; sleeps when the queue is empty. It shares nothing with serving but the
+database and the store, so a crash, an exception or an out-of-memory kill here never takes
+serving down. SIGTERM stops it gracefully: a running job is left to resume from its
+checkpoint. Every lease/4 seconds it also requeues jobs whose worker's lease expired (a worker
+on another node that died), so any number of workers on any nodes share one queue; ``tailor
+worker`` runs this with the service's ``TAILOR_*`` settings. When idle, every ``--gc-hours``
+(first at a random point of the first interval, so workers spread out) it collects the store's
+garbage (``adapters.store_gc``): what deletions during a store outage or crashed writes left
+behind.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from adapters.base import load_base
 from adapters.catalog import Catalog
 from adapters import store_gc
 from adapters.errors import TailorError, UnavailableError
+from adapters.jobs.fair_share import FairShare
 from adapters.jobs.manager import JobManager
 from adapters.jobs.runner import WorkerContext, run_job
 from adapters.registry import Registry
@@ -61,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat-seconds", type=float, default=1.0)
     p.add_argument("--lease-seconds", type=float, default=60.0)
     p.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    p.add_argument("--no-yield", action="store_true",
+                   help="never give a running job's worker to another tenant (the claim order stays fair)")
+    p.add_argument("--yield-slice-seconds", type=float, default=FairShare.slice_seconds,
+                   help="a job's turn this long may end mid-epoch when another tenant waits "
+                        "(otherwise at the next epoch end)")
+    p.add_argument("--yield-grace-seconds", type=float, default=FairShare.grace_seconds,
+                   help="another tenant's job must have waited this long before a running job yields to it")
     p.add_argument("--gc-hours", type=float, default=6.0,
                    help="collect the store's garbage this often, when idle (0: never)")
     p.add_argument("--gc-grace-hours", type=float, default=store_gc.DEFAULT_GRACE_S / 3600,
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         manager=JobManager(db, store, lease_seconds=args.lease_seconds), catalog=catalog,
         trainer_base=trainer_base, engine=engine, worker_id=worker_id(), checkpoint_root=args.checkpoints,
         threads=args.threads, heartbeat_seconds=args.heartbeat_seconds,
+        fair_share=FairShare(yield_worker=not args.no_yield, slice_seconds=args.yield_slice_seconds,
+                             grace_seconds=args.yield_grace_seconds),
     )
     log.info("worker %s ready (base %s)", ctx.worker_id, trainer_base.spec.name)
     next_recover = 0.0

@@ -4,9 +4,10 @@ A checkpoint is ``state.safetensors`` (trainable parameters, AdamW moments, the 
 parameters) plus ``state.json`` (epoch, step, best score, history and a fingerprint of the
 run's settings). Both are written to temporary names and renamed, the JSON last, so a crash
 mid-write leaves the previous checkpoint intact. The tensor file's own metadata repeats the
-JSON's fingerprint and epoch: a crash between the two renames leaves a pair that disagrees,
-which is ignored (train from scratch) rather than resumed with another epoch's tensors. A
-checkpoint whose fingerprint does not match the run asking for it is ignored too.
+JSON's fingerprint and epoch (and step, for a mid-epoch checkpoint): a crash between the two
+renames leaves a pair that disagrees, which is ignored (train from scratch) rather than resumed
+with another epoch's tensors. A checkpoint whose fingerprint does not match the run asking for
+it is ignored too.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def load(folder: Path | None, fingerprint: str) -> Checkpoint | None:
 
 
 def _stamp(meta: dict[str, Any]) -> dict[str, str]:
-    return {"fingerprint": str(meta.get("fingerprint")), "epoch": str(meta.get("epoch"))}
+    stamp = {"fingerprint": str(meta.get("fingerprint")), "epoch": str(meta.get("epoch"))}
+    if "resume_at" in meta:  # a mid-epoch checkpoint: its step tells it from the epoch-end one
+        stamp["step"] = str(meta.get("step"))
+    return stamp
 
 
 def _fsync(path: Path) -> None:

@@ -22,6 +22,13 @@ one, else ``TrainingDiverged`` is raised with the reason and what to change.
 Checkpoints (``checkpoint_dir``) are written after every epoch; a run asked to train again with
 the same settings and data resumes after the last saved epoch, and a run that had already
 finished (early stop included) is not trained further.
+
+Yielding (``TrainCallbacks.should_yield``, for fair sharing of workers): asked after every
+epoch's checkpoint but the last (``at_epoch_end=True``) and before every step but the first of
+this run (``False``); when it answers True the run saves a checkpoint there -- mid-epoch, with
+the position in the epoch, the epoch's losses so far and the random state -- and raises
+``TrainingYielded``. Trained again, it resumes exactly there: the weights it ends with are the
+ones an uninterrupted run ends with (CPU).
 """
 
 from __future__ import annotations
@@ -54,7 +61,18 @@ from adapters.training.errors import TrainingCancelled, TrainingDiverged
 from adapters.training.metrics import classification_metrics
 
 METHODS = ("lora", "head", "full")
-__all__ = ["METHODS", "TrainCallbacks", "TrainResult", "TrainingCancelled", "TrainingDiverged", "train"]
+__all__ = ["METHODS", "TrainCallbacks", "TrainResult", "TrainingCancelled", "TrainingDiverged", "TrainingYielded",
+           "train"]
+
+
+class TrainingYielded(Exception):
+    """``should_yield`` said yes: a checkpoint is saved; training again resumes at ``epoch``
+    after ``step`` optimizer steps (``mid_epoch``: inside that epoch, else at its start)."""
+
+    def __init__(self, epoch: int, step: int, mid_epoch: bool) -> None:
+        where = f"step {step}, inside epoch {epoch}" if mid_epoch else f"the start of epoch {epoch}"
+        super().__init__(f"training yielded; it resumes at {where}")
+        self.epoch, self.step, self.mid_epoch = epoch, step, mid_epoch
 
 
 @dataclass
@@ -63,7 +81,9 @@ class TrainCallbacks:
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_event: Callable[[str, str], None] | None = None  # level, message
-    on_checkpoint: Callable[[Path], None] | None = None  # after each epoch's checkpoint is saved
+    on_checkpoint: Callable[[Path], None] | None = None  # after each checkpoint is saved
+    # give the worker back now? (argument: at an epoch end); see "Yielding" above
+    should_yield: Callable[[bool], bool] | None = None
 
 
 @dataclass
@@ -148,6 +168,7 @@ class _Run:
         self.best_epoch, self.best_acc = 0, -1.0
         self.best_state: dict[str, torch.Tensor] = {}
         self.step = 0
+        self.resume_rng: dict[str, torch.Tensor] = {}  # random state of a mid-epoch checkpoint
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -161,20 +182,35 @@ class _Run:
         watch = Watch.for_data(ys, vys, hp.epochs, hp.patience)
         fingerprint = self._fingerprint(xs, ys, vxs, vys)
         start_epoch, bad_epochs = 1, 0
+        resume_at: dict[str, Any] | None = None  # a mid-epoch checkpoint's place in its epoch
         state = checkpoint.load(ckpt_dir, fingerprint)
         if state is not None:
             start_epoch, bad_epochs = self._restore(state)
-            self._event("info", f"resumed from the checkpoint after epoch {start_epoch - 1}")
+            resume_at = state.meta.get("resume_at")
+            inside = f" and {self.step - resume_at['epoch_step']} steps of epoch {start_epoch}" if resume_at else ""
+            self._event("info", f"resumed from the checkpoint after epoch {start_epoch - 1}{inside}")
             if state.meta.get("done"):
                 start_epoch = hp.epochs + 1  # it had finished (e.g. stopped early): nothing left to train
+        first_step = self.step  # each run trains at least one step before it may yield
         for epoch in range(start_epoch, hp.epochs + 1):
             torch.manual_seed(hp.seed * 100_003 + epoch)  # dropout and order depend on (seed, epoch) only
             order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(hp.seed * 7919 + epoch))
             first = self.history[0]["train_loss"] if self.history else None
             self.model.train()
             losses: list[float] = []
-            for i in range(0, len(xs), hp.batch_size):
+            begin, epoch_step = 0, self.step
+            if resume_at is not None and resume_at["epoch"] == epoch:
+                begin, epoch_step, losses = resume_at["position"], resume_at["epoch_step"], list(resume_at["losses"])
+                self._set_rng()
+            resume_at = None
+            for i in range(begin, len(xs), hp.batch_size):
                 self._poll()
+                if self.step > first_step and ckpt_dir is not None and self._wants_yield(False):
+                    self._save(ckpt_dir, fingerprint, epoch - 1, bad_epochs, done=False, resume_at={
+                        "epoch": epoch, "position": i, "epoch_step": epoch_step, "losses": losses})
+                    if self.cb.on_checkpoint:
+                        self.cb.on_checkpoint(ckpt_dir)
+                    raise TrainingYielded(epoch, self.step, mid_epoch=True)
                 idx = order[i : i + hp.batch_size].to(self.device)
                 lr = hp.learning_rate * _schedule(self.step, warmup, total)
                 for group in self.opt.param_groups:
@@ -217,6 +253,8 @@ class _Run:
             if stop:
                 self._event("info", f"early stop: no better validation accuracy for {bad_epochs} epochs")
                 break
+            if ckpt_dir is not None and epoch < hp.epochs and self._wants_yield(True):
+                raise TrainingYielded(epoch + 1, self.step, mid_epoch=False)
         if self.best_epoch == 0:
             raise watch.never_healthy(self.history, steps_per_epoch, hp.learning_rate)
         self._load_best()
@@ -233,6 +271,16 @@ class _Run:
     def _poll(self) -> None:
         if self.cb.should_stop and self.cb.should_stop():
             raise TrainingCancelled("training cancelled")
+
+    def _wants_yield(self, at_epoch_end: bool) -> bool:
+        return bool(self.cb.should_yield and self.cb.should_yield(at_epoch_end))
+
+    def _set_rng(self) -> None:
+        """Dropout continues where the mid-epoch checkpoint left it."""
+        if "cpu" in self.resume_rng:
+            torch.set_rng_state(self.resume_rng["cpu"])
+        if "cuda" in self.resume_rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.resume_rng["cuda"], self.device)
 
     def _diverged(self, why: str) -> None:
         if self.best_epoch == 0:
@@ -301,8 +349,14 @@ class _Run:
             h.update(json.dumps(part).encode())
         return h.hexdigest()
 
-    def _save(self, folder: Path, fingerprint: str, epoch: int, bad: int, *, done: bool) -> None:
+    def _save(self, folder: Path, fingerprint: str, epoch: int, bad: int, *, done: bool,
+              resume_at: dict[str, Any] | None = None) -> None:
+        """``epoch``: epochs completed; ``resume_at``: where inside the next one (mid-epoch)."""
         tensors: dict[str, torch.Tensor] = {}
+        if resume_at is not None:
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if self.device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         opt_step = 0.0
         for i, (n, p) in enumerate(self.params):
             tensors[f"param.{n}"] = p.detach()
@@ -315,6 +369,8 @@ class _Run:
         meta = {"fingerprint": fingerprint, "epoch": epoch, "step": self.step, "opt_step": opt_step,
                 "best_epoch": self.best_epoch, "best_acc": self.best_acc, "bad_epochs": bad,
                 "done": done, "history": self.history}
+        if resume_at is not None:
+            meta["resume_at"] = resume_at
         checkpoint.save(folder, meta, tensors)
 
     def _restore(self, state: checkpoint.Checkpoint) -> tuple[int, int]:
@@ -328,6 +384,7 @@ class _Run:
                 if f"best.{n}" in t:
                     self.best_state[n] = t[f"best.{n}"].clone()
         self.step, self.best_epoch, self.best_acc = meta["step"], meta["best_epoch"], meta["best_acc"]
+        self.resume_rng = {k.removeprefix("rng."): v for k, v in t.items() if k.startswith("rng.")}
         self.history = meta["history"]
         return meta["epoch"] + 1, meta["bad_epochs"]
 

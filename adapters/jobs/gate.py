@@ -5,6 +5,9 @@ Candidate and current ``prod`` are scored by the serving engine on the same vali
 the most common label (a collapsed, chance-level adapter is refused) and its accuracy is at
 least prod's; ``always`` promotes regardless; ``never`` keeps every new version a candidate.
 The decision and both scores are recorded on the job so the tenant can see why.
+
+``GateDecision.reason`` says why, never what follows (the job's message adds "is now prod" or
+"kept as a candidate" itself, so the outcome is said once).
 """
 
 from __future__ import annotations
@@ -51,14 +54,14 @@ def decide(mode: str, candidate: dict[str, Any], prod: dict[str, Any] | None, pr
     if mode == "always":
         return verdict(True, "promote=always")
     if mode == "never":
-        return verdict(False, "promote=never: kept as a candidate")
+        return verdict(False, "promote=never")
     if acc <= majority:
         return verdict(False, f"validation accuracy {acc:.3f} is no better than always predicting the most "
-                              f"common label ({majority:.3f}); kept as a candidate")
+                              f"common label ({majority:.3f})")
     if prod is None:
         return verdict(True, f"first version (validation accuracy {acc:.3f})")
     if acc < prod["accuracy"]:
         return verdict(False, f"validation accuracy {acc:.3f} is below prod v{prod_version}'s "
-                              f"{prod['accuracy']:.3f} on the same data; kept as a candidate")
+                              f"{prod['accuracy']:.3f} on the same data")
     return verdict(True, f"validation accuracy {acc:.3f} is not worse than prod v{prod_version}'s "
                          f"{prod['accuracy']:.3f}")

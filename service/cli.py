@@ -184,7 +184,8 @@ def _follow(client: TailorClient, job_id: str, bar: bool) -> Job:
     with JobProgress(sys.stderr, bar=bar) as view:
         for event in client.follow_job(job_id):
             view.show(event)
-    job = client.get_job(job_id)
+        job = client.get_job(job_id)
+        view.finish(job["status"])
     version = f" as version {job['version']}" if job.get("version") else ""
     print(f"job {job_id}: {job['status']}{version}", file=sys.stderr)
     return job

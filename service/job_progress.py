@@ -4,8 +4,14 @@
 live train loss and the last epoch's validation accuracy in its postfix; the other events
 (each epoch's summary, warnings, errors, the outcome) are printed above the bar as they
 arrive. With ``bar=False`` (a pipe, a log file, ``--no-progress``) every event is one line
-instead, step losses included, so a log keeps the whole learning curve. Events are the dicts of ``GET /v1/jobs/{id}/events``; the
-display only reads them and never fails on a shape it does not know.
+instead, step losses included, so a log keeps the whole learning curve; an epoch's metrics
+event is not printed there, since the trainer's own line for that epoch says the same (it was
+printed twice). Events are the dicts of ``GET /v1/jobs/{id}/events``; the display only reads
+them and never fails on a shape it does not know.
+
+A job that stops before its planned steps (early stopping) reports a last step with the plan
+shrunk to the steps it ran, so the bar ends full; ``finish(status)`` also fills a bar a
+succeeded job left short (a server that does not report it).
 """
 
 from __future__ import annotations
@@ -45,10 +51,11 @@ class JobProgress:
             self._bar = None
 
     def show(self, event: dict[str, Any]) -> None:
-        if self._tqdm is None:
-            print(event_line(event), file=self.stream, flush=True)
-            return
         data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        if self._tqdm is None:
+            if not (event.get("type") == "metrics" and "val_accuracy" in data):
+                print(event_line(event), file=self.stream, flush=True)
+            return
         if event.get("type") == "metrics":  # the bar shows these; the trainer says each epoch in words too
             if isinstance(data.get("val_accuracy"), (int, float)):
                 self._postfix["val_acc"] = f"{data['val_accuracy']:.3f}"
@@ -57,6 +64,13 @@ class JobProgress:
                 self._step(data)
             return
         self._tqdm.write(event_line(event), file=self.stream)
+
+    def finish(self, status: str) -> None:
+        """The job ended with ``status``: a succeeded job's bar ends full (at the steps it ran)."""
+        bar = self._bar
+        if bar is not None and status == "succeeded" and bar.total and bar.n < bar.total:
+            bar.total = bar.n
+            self._refresh()
 
     def _step(self, data: dict[str, Any]) -> None:
         total = data.get("total_steps")

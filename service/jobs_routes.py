@@ -44,7 +44,7 @@ def job_out(j: Any) -> dict[str, Any]:
         "error": None if j.error is None else {"code": j.error.code, "message": j.error.message},
         "version": j.version, "training_file": j.training_file, "validation_file": j.validation_file,
         "attempts": j.attempts, "cancel_requested": j.cancel_requested, "created_at": j.created_at,
-        "started_at": j.started_at, "finished_at": j.finished_at,
+        "started_at": j.started_at, "finished_at": j.finished_at, "queue_position": j.queue_position,
     }
 
 

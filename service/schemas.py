@@ -183,6 +183,9 @@ class JobOut(Response):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    queue_position: int | None = Field(
+        default=None, description="while queued: its place in the fair-share queue (1: the next a free "
+                                  "training worker takes); null otherwise")
 
 
 class JobEventOut(Response):

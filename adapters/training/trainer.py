@@ -123,6 +123,9 @@ def train(
         run = _Run(base, labels, method, rhp, cb)
         run.fit(train_texts, train_label_ids, val_texts, val_label_ids, checkpoint_dir)
     seconds = time.perf_counter() - t0
+    planned = math.ceil(len(train_texts) / rhp.batch_size) * rhp.epochs
+    if cb.on_step and 0 < run.step < planned:  # stopped early: the plan shrinks to the steps run (100%)
+        cb.on_step(run.step, run.step, run.history[-1]["epoch"], run.history[-1]["train_loss"])
     best = run.history[run.best_epoch - 1]
     metrics = {
         "method": method, "labels": list(labels), "n_train": len(train_texts), "n_validation": len(val_texts),

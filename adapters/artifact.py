@@ -68,8 +68,9 @@ class AdapterManifest:
     weights_bytes: int = 0
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     metrics: dict[str, Any] = field(default_factory=dict)
-    source: str = "tailor"
+    source: str = "tailor"  # tailor: trained here (job_id names the job); peft: imported; synthetic
     format_version: int = FORMAT_VERSION
+    job_id: str = ""  # the Tailor training job that made it ("" for anything else)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,6 +108,7 @@ class AdapterManifest:
                 metrics=_dict(d.get("metrics") or {}, "metrics"),
                 source=_str(d.get("source", "tailor"), "source"),
                 format_version=_int(d.get("format_version", FORMAT_VERSION), "format_version", 1, 1000),
+                job_id=_str(d.get("job_id", ""), "job_id"),
             )
         except KeyError as e:
             raise ArtifactError(f"manifest is missing field {e.args[0]!r}") from None
@@ -220,6 +222,10 @@ class AdapterArtifact:
     @property
     def rank(self) -> int:
         return max(a.shape[0] for a, _ in self.weights.lora.values())
+
+    def made_by_job(self, job_id: str) -> AdapterArtifact:
+        """This artifact as the work of Tailor's training job ``job_id``: source ``tailor``."""
+        return replace(self, manifest=replace(self.manifest, source="tailor", job_id=job_id))
 
     def encode(self) -> tuple[bytes, bytes, AdapterManifest]:
         """Serialise: returns (weights bytes, manifest bytes, manifest with sha256 and size)."""

@@ -638,6 +638,20 @@ class Registry:
             ).all()
         return {alias: version for alias, version in rows}
 
+    def alias_versions(self, tenant: str, adapter: str, alias: str = DEFAULT_ALIAS) -> set[int]:
+        """Every version ``alias`` has pointed at, now or before (its history; deleted versions
+        included): what tells a retired ``prod`` from a version that never was one."""
+        validate_name(tenant, "tenant")
+        validate_name(adapter, "adapter")
+        _validate_alias(alias)
+        with self._reader.connect() as conn:
+            aid = self._adapter_row(conn, tenant, adapter).id
+            return set(conn.scalars(
+                select(alias_history.c.version)
+                .where(alias_history.c.adapter_id == aid, alias_history.c.alias == alias)
+                .distinct()
+            ))
+
     def rollback(self, tenant: str, adapter: str, alias: str = DEFAULT_ALIAS) -> int:
         """Point ``alias`` back at the version it had before its latest change.
 

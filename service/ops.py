@@ -7,6 +7,7 @@ called) without HTTP.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any
 
 from adapters.errors import ArtifactError, FingerprintMismatchError, NotFoundError
@@ -15,6 +16,7 @@ from adapters.names import validate_name
 from adapters.peft_format import TAILOR_FILE, export_peft, import_peft, unzip_files, zip_files
 from adapters.quotas import TenantQuotas
 from adapters.registry import AdapterInfo, Tenant, VersionRecord
+from adapters.version_status import version_status
 from adapters.runtime.engine import ResolvedAdapter
 from adapters.runtime.inputs import check_texts
 from adapters.runtime.loaded import LoadedAdapter
@@ -36,12 +38,18 @@ def key_out(k: Any) -> dict[str, Any]:
             "active": k.revoked_at is None}
 
 
-def version_out(r: VersionRecord, aliases: dict[str, int]) -> dict[str, Any]:
+def version_out(r: VersionRecord, aliases: dict[str, int], ever_prod: Collection[int] = ()) -> dict[str, Any]:
+    """A version as the API shows it. ``status`` is ``prod``, ``retired`` (was prod) or
+    ``candidate`` (``adapters.version_status``; ``ever_prod``: every version prod has pointed at);
+    ``source`` is ``tailor`` for a version a training job made (``job_id`` names the job),
+    ``peft`` for an imported one."""
     m = r.manifest
     return {
-        "version": r.version, "status": r.status, "created_at": r.created_at, "metrics": r.metrics,
+        "version": r.version, "status": version_status(r.version, aliases.get("prod"), ever_prod),
+        "created_at": r.created_at, "metrics": r.metrics,
         "labels": list(m.get("labels") or []), "aliases": sorted(a for a, v in aliases.items() if v == r.version),
-        "sha256": r.sha256, "nbytes": r.nbytes, "source": m.get("source"), "lora": m.get("lora"),
+        "sha256": r.sha256, "nbytes": r.nbytes, "source": m.get("source"), "job_id": m.get("job_id") or None,
+        "lora": m.get("lora"),
     }
 
 
@@ -53,8 +61,9 @@ def adapter_summary(a: AdapterInfo) -> dict[str, Any]:
 def adapter_detail(state: TailorState, tenant: str, name: str) -> dict[str, Any]:
     info = state.registry.get_adapter(tenant, name)
     versions = state.registry.list_versions(tenant, name)
+    ever_prod = state.registry.alias_versions(tenant, name, "prod")
     return {"name": info.name, "created_at": info.created_at, "aliases": info.aliases,
-            "prod": info.aliases.get("prod"), "versions": [version_out(v, info.aliases) for v in versions]}
+            "prod": info.aliases.get("prod"), "versions": [version_out(v, info.aliases, ever_prod) for v in versions]}
 
 
 # -- tenants ---------------------------------------------------------------------------------------

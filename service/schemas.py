@@ -75,14 +75,17 @@ class Deleted(Response):
 
 class VersionOut(Response):
     version: int
-    status: str
+    status: str = Field(description="prod (what the prod alias serves now), retired (was prod before) or "
+                                    "candidate (never prod so far)")
     created_at: datetime
     metrics: dict[str, Any]
     labels: list[str]
     aliases: list[str]
     sha256: str
     nbytes: int
-    source: str | None = None
+    source: str | None = Field(default=None, description="tailor: trained by a Tailor job (job_id); peft: "
+                                                         "imported")
+    job_id: str | None = Field(default=None, description="the training job that made this version")
     lora: dict[str, Any] | None = None
 
 

@@ -184,6 +184,8 @@ def test_gate_keeps_a_worse_candidate_out_and_rollback_restores_exactly(world):
     assert second.status == "succeeded" and second.version == 2
     assert not second.result["promoted"] and "candidate" not in second.result["gate"]["reason"]
     final = [e.message for e in world.jobs.events("acme", v2.id)][-1]
+    made = world.registry.get_version("acme", "s", 2).manifest  # trained here: says so, and by which job
+    assert (made["source"], made["job_id"]) == ("tailor", v2.id)
     assert final.count("kept as a candidate") == 1 and second.result["gate"]["reason"] in final, final
     assert world.registry.get_aliases("acme", "s")["prod"] == 1
 

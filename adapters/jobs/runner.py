@@ -86,7 +86,8 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             if hb.should_stop():
                 raise TrainingCancelled("cancelled")
             assert result.artifact is not None
-            record = ctx.catalog.publish(job.tenant, job.adapter, result.artifact, spec=ctx.engine.base.spec)
+            record = ctx.catalog.publish(job.tenant, job.adapter, result.artifact.made_by_job(job.id),
+                                         spec=ctx.engine.base.spec)
             decision = _gate(job, ctx, record.version, val_ds)
             if decision.promote:
                 ctx.catalog.registry.set_alias(job.tenant, job.adapter, "prod", record.version)

@@ -7,7 +7,9 @@ add nothing but latency to every request; the hash being deterministic also lets
 ``authenticate`` find the key with one indexed lookup. (A timing-safe compare is not needed
 either: the lookup is by hash, so timing reveals nothing about the secret.)
 
-Revocation takes effect at once: every ``authenticate`` asks the database. The one exception
+Revocation takes effect at once: every ``authenticate`` asks the database, and ``revoke``
+appends a ``key_revoked`` entry to the registry's change log so that processes that cache
+verified keys (``adapters.key_cache``) drop the tenant's keys at their next poll. The one exception
 is a database outage: then a key this process verified within the last ``offline_grace_s``
 seconds is still accepted (so predictions for resident adapters keep working while the
 database is down); any other key gets ``DatabaseUnavailableError`` (503: we cannot tell), never
@@ -32,7 +34,9 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from adapters.errors import DatabaseUnavailableError, NotFoundError
 from adapters.names import validate_name
-from adapters.schema import api_keys, configure_engine, create_schema, read_only, tenants, utcnow
+from adapters.schema import (
+    api_keys, changes, configure_engine, create_schema, lock_change_log, read_only, tenants, utcnow,
+)
 
 SECRET_PREFIX = "tk-"
 SECRET_RANDOM_CHARS = 40  # token_urlsafe(30) gives exactly 40 characters
@@ -129,6 +133,8 @@ class KeyStore:
             row = self._row(conn, tenant, key_id)
             if row.revoked_at is None:
                 conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(revoked_at=utcnow()))
+                lock_change_log(conn)  # seqs commit in order (see adapters.schema)
+                conn.execute(insert(changes).values(tenant=tenant, adapter=None, kind="key_revoked", at=utcnow()))
                 row = self._row(conn, tenant, key_id)
         with self._verified_lock:
             self._verified.pop(row.key_hash, None)

@@ -83,6 +83,7 @@ def delete_tenant(state: TailorState, name: str) -> dict[str, Any]:
     # tenant's prefix; a crash in between leaves orphan files, never rows without files.
     removed = state.catalog.delete_tenant(name)
     removed += state.store.delete_prefix(f"tenants/{name}/")
+    state.key_cache.forget_tenant(name)
     if state.engine is not None:
         state.engine.forget(name)
     return {"name": name, "deleted": True, "files_removed": removed}
@@ -208,6 +209,14 @@ def acquire(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter,
     finally:
         state.metrics.sync_cache(engine.cache.stats)
     return resolved, loaded
+
+
+def acquire_resident(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter] | None:
+    """``acquire`` when memory alone can answer (no I/O: safe on the event loop), else None."""
+    hit = state.require_engine().resident(tenant, ref)
+    if hit is not None:
+        state.metrics.sync_cache(state.require_engine().cache.stats)
+    return hit
 
 
 def check_inputs(state: TailorState, inputs: list[str]) -> None:

@@ -69,7 +69,9 @@ def list_keys(name: str, _: Admin, state: State) -> list[dict[str, Any]]:
 @router.delete("/v1/tenants/{name}/keys/{key_id}", response_model=KeyOut, tags=["admin"])
 def revoke_key(name: str, key_id: str, _: Admin, state: State) -> dict[str, Any]:
     """Revoke a key; the next request made with it is refused."""
-    return ops.key_out(state.keys.revoke(name, key_id))
+    key = state.keys.revoke(name, key_id)
+    state.key_cache.forget_tenant(name)  # this worker at once; the others at their next poll
+    return ops.key_out(key)
 
 
 # -- adapters (tenant key) --------------------------------------------------------------------------
@@ -141,7 +143,9 @@ async def predict(body: PredictRequest, tenant: Tenant, state: State) -> dict[st
     batcher = state.require_batcher()
     with batcher.incoming():  # the batcher holds a forming batch only while requests are on the way
         ops.check_inputs(state, body.inputs)
-        resolved, loaded = await run_in_threadpool(ops.acquire, state, tenant, body.adapter)
+        # resident and resolved in memory: no thread hop; else the registry/store, off the loop
+        hit = ops.acquire_resident(state, tenant, body.adapter)
+        resolved, loaded = hit or await run_in_threadpool(ops.acquire, state, tenant, body.adapter)
         try:
             future = batcher.submit([(loaded, text) for text in body.inputs], tenant)
         except TenantBusyError as e:

@@ -46,6 +46,7 @@ class Settings:
     max_upload_bytes: int = 64 * MIB
     rate_limit: float = 50.0  # requests/s per tenant and serving worker; 0 = none
     max_queued_rows: int = 256  # rows one tenant may have waiting for a batch, per serving worker
+    tracing: bool = False  # OpenTelemetry spans for /v1 routes (TAILOR_TRACING=1; ~15% of a small request's CPU)
     workers: int | None = None  # None: auto (service.state.serving_workers)
     threads: int = 16
     train_workers: int = 1
@@ -115,6 +116,7 @@ class Settings:
             max_upload_bytes=_int(env, "TAILOR_MAX_UPLOAD_BYTES", 64 * MIB, lo=1024),
             rate_limit=_float(env, "TAILOR_RATE_LIMIT", 50.0, lo=0.0, hi=1e6),
             max_queued_rows=_int(env, "TAILOR_MAX_QUEUED_ROWS", 256, lo=1, hi=10_000_000),
+            tracing=_bool(env, "TAILOR_TRACING", False),
             workers=None if env.get("TAILOR_WORKERS", "").strip().lower() in ("", "auto")
             else _int(env, "TAILOR_WORKERS", None, lo=1, hi=256),
             threads=_int(env, "TAILOR_THREADS", 16, lo=1, hi=1024),

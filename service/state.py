@@ -27,6 +27,7 @@ import torch
 
 from adapters.base import BaseModel, load_base
 from adapters.catalog import Catalog
+from adapters.key_cache import KeyCache
 from adapters.keys import KeyStore
 from adapters.quotas import TenantQuotas
 from adapters.registry import Registry
@@ -60,9 +61,18 @@ class RateLimiter:
         self._rates: dict[str, tuple[float, float]] = {}  # tenant -> (rate, fetched at)
         self._lock = threading.Lock()
 
-    def _rate(self, tenant: str, now: float) -> float:
+    def needs_refresh(self, tenant: str) -> bool:
+        """True when ``check`` would read the tenant's quota from the database (call
+        ``refresh`` first, off the event loop, to keep ``check`` free of I/O)."""
         cached = self._rates.get(tenant)
-        if cached is not None and now - cached[1] < self.QUOTA_TTL:
+        return cached is None or time.monotonic() - cached[1] >= self.QUOTA_TTL
+
+    def refresh(self, tenant: str) -> None:
+        self._rate(tenant, time.monotonic(), force=True)
+
+    def _rate(self, tenant: str, now: float, force: bool = False) -> float:
+        cached = self._rates.get(tenant)
+        if not force and cached is not None and now - cached[1] < self.QUOTA_TTL:
             return cached[0]
         # fetched outside the bucket lock: a database round trip must not serialise requests
         try:
@@ -101,6 +111,7 @@ class TailorState:
     store: AdapterStore
     catalog: Catalog
     keys: KeyStore
+    key_cache: KeyCache
     limiter: RateLimiter
     files: Any = None  # adapters.jobs.files.Files when the jobs package imports
     jobs: Any = None  # adapters.jobs.manager.JobManager
@@ -122,9 +133,10 @@ class TailorState:
         # No connection yet: the schema is migrated by connect_database, which may retry.
         registry = Registry(settings.database_url, migrate=False)
         store = open_store(settings.store_url)
+        keys = KeyStore(registry.engine, migrate=False)
         state = cls(settings=settings, metrics=get_metrics(settings.metrics_tenant_labels), registry=registry,
-                    store=store, catalog=Catalog(registry, store), keys=KeyStore(registry.engine, migrate=False),
-                    limiter=RateLimiter(settings.rate_limit, registry))
+                    store=store, catalog=Catalog(registry, store), keys=keys,
+                    key_cache=KeyCache(keys, registry), limiter=RateLimiter(settings.rate_limit, registry))
         state.metrics.ready.set(0)
         state.connect_database(retry=False)
         try:

@@ -63,6 +63,15 @@ class ResidentCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    def peek(self, key: VersionKey) -> LoadedAdapter | None:
+        """The resident copy of ``key`` (a hit, made most recent) or None; never loads or waits."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                self.stats.hits += 1
+            return hit
+
     def get(self, key: VersionKey, load: Callable[[], LoadedAdapter]) -> LoadedAdapter:
         """The resident copy of ``key``; on a miss ``load()`` builds it (once, however many ask)."""
         with self._lock:

@@ -115,6 +115,19 @@ class Engine:
         key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
         return ResolvedAdapter(key=key, record=record)
 
+    def resident(self, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter] | None:
+        """``resolve`` + ``acquire`` answered from memory alone, or None when that needs the
+        registry or the store (then call those). Never blocks on I/O: an async caller may use it
+        on its event loop. Names are validated exactly as ``resolve`` does."""
+        validate_name(tenant, "tenant")
+        name, selector = parse_ref(ref)
+        record = self.resolver.cached(tenant, name, selector)
+        if record is None:
+            return None
+        key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
+        loaded = self.cache.peek(key)
+        return None if loaded is None else (ResolvedAdapter(key=key, record=record), loaded)
+
     def acquire(self, resolved: ResolvedAdapter) -> LoadedAdapter:
         return self.cache.get(resolved.key, lambda: self._load(resolved))
 

@@ -54,6 +54,19 @@ class Resolver:
         """True while the last poll of the registry failed."""
         return self._failures > 0
 
+    def cached(self, tenant: str, adapter: str, selector: int | str | None) -> VersionRecord | None:
+        """The cached resolution while no poll is due, else None; never touches the registry.
+
+        A caller that gets None calls ``resolve`` (which may query); one that gets a record
+        sees exactly what ``resolve`` would have answered from memory.
+        """
+        if time.monotonic() >= self._next_poll:
+            return None
+        record = self._cache.get((tenant, adapter, selector))
+        if record is not None:
+            self.hits += 1
+        return record
+
     def resolve(self, tenant: str, adapter: str, selector: int | str | None) -> VersionRecord:
         self._refresh()
         key = (tenant, adapter, selector)

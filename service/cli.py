@@ -10,9 +10,11 @@
     tailor worker                                       # a training worker (TAILOR_* settings)
 
 The server is ``--url`` or ``$TAILOR_URL`` (default http://127.0.0.1:3000); the key is
-``--key`` or ``$TAILOR_API_KEY``. Output is JSON unless a command says otherwise; errors go
-to stderr as ``error: <status> <code>: <message>`` with exit status 1. Progress (bars on a
-terminal, event lines elsewhere) goes to stderr, so stdout stays JSON.
+``--key`` or ``$TAILOR_API_KEY``. What a command prints on stdout is JSON (``predict --tsv``
+prints ``label<TAB>score<TAB>text`` lines instead, when asked); errors go to stderr as
+``error: <status> <code>: <message>`` with exit status 1. Progress (bars on a terminal, event
+lines elsewhere) goes to stderr. A group given alone lists: ``tailor files``, ``tailor jobs``,
+``tailor adapters``, ``tailor tenants``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import httpx
 
 from service.client import Job, TailorAPIError, TailorClient
 from service.job_progress import JobProgress
+
+
+LISTS_WHEN_ALONE = ("tenants", "adapters", "files", "jobs")  # a group given alone lists
 
 
 def _quota(text: str) -> tuple[str, float]:
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="progress bars even when stderr is not a terminal")
     sub = p.add_subparsers(dest="group", required=True)
 
-    t = sub.add_parser("tenants", help="manage tenants (admin key)").add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tenants", help="manage tenants (admin key); alone, lists them").add_subparsers(dest="cmd")
     c = t.add_parser("create", help="create a tenant; prints its first API key (shown once)")
     c.add_argument("name")
     c.add_argument("--quota", action="append", type=_quota, default=[], metavar="KEY=VALUE")
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("tenant")
     r.add_argument("key_id")
 
-    a = sub.add_parser("adapters", help="manage adapters (tenant key)").add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("adapters", help="manage adapters (tenant key); alone, lists them").add_subparsers(dest="cmd")
     a.add_parser("list")
     a.add_parser("show").add_argument("name")
     pr = a.add_parser("promote", help="point prod (or --alias) at a version")
@@ -108,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("predict", help="classify texts (tenant key); '-' reads lines from stdin")
     pd.add_argument("adapter", help='"name", "name@3" or "name@prod"')
     pd.add_argument("texts", nargs="+")
-    pd.add_argument("--json", action="store_true", help="print the full JSON answer")
+    pd.add_argument("--tsv", action="store_true",
+                    help="print '# ADAPTER@VERSION', then one 'label<TAB>score<TAB>text' line per text")
+    pd.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the default; older scripts pass it
 
-    f = sub.add_parser("files", help="training data files (tenant key)").add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("files", help="training data files (tenant key); alone, lists them").add_subparsers(dest="cmd")
     up = f.add_parser("upload")
     up.add_argument("path", type=Path)
     up.add_argument("--format", choices=["jsonl", "csv"])
@@ -231,7 +238,7 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
     """Carry out one command; its exit status."""
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     g, cmd = args.group, getattr(args, "cmd", None)
-    if g == "jobs" and cmd is None:
+    if cmd is None and g in LISTS_WHEN_ALONE:
         cmd = "list"
         args.limit, args.status = 20, None
     table: dict[tuple[str, str | None], Callable[[], Any]] = {
@@ -264,16 +271,16 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
         version = args.version or "prod"
         out = args.output or Path(f"{args.name}-v{version}.zip")
         out.write_bytes(data)
-        print(f"wrote {out} ({len(data)} bytes)")
+        _print({"adapter": args.name, "version": version, "path": str(out), "bytes": len(data)})
     elif g == "predict":
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
         result = client.predict(args.adapter, texts)
-        if args.json:
-            _print(result)
-        else:
+        if args.tsv:
             print(f"# {result['adapter']}@{result['version']}")
             for text, p in zip(texts, result["predictions"]):
                 print(f"{p['label']}\t{p['score']:.4f}\t{text}")
+        else:
+            _print(result)
     elif g == "train":
         job = _train(client, args, progress)
         if not args.wait:

@@ -476,7 +476,7 @@ def test_cli(served, spec, tmp_path, capsys, monkeypatch):  # noqa: F811
     zpath.write_bytes(adapter_zip(spec, seed=40, n_labels=2))
     assert main(["adapters", "import", "mood", str(zpath), "--labels", "sad,happy"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 1
-    assert main(["predict", "mood", "what a day", "oh no"]) == 0
+    assert main(["predict", "mood", "what a day", "oh no", "--tsv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "# mood@1" and len(lines) == 3
     assert lines[1].split("\t")[0] in ("sad", "happy") and lines[1].endswith("what a day")

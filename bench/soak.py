@@ -48,11 +48,11 @@ from bench.soak_server import ADMIN_KEY, SoakServer, free_port
 from bench.soak_tenants import HOSTILE, Tenant, create_tenants, import_versions, new_tenant
 
 # small and quick, yet enough steps to learn the job's two-word-list set (no divergence stop)
-JOB_HYPERPARAMETERS = {"epochs": 8, "batch_size": 8, "learning_rate": 0.005, "max_length": 32, "lora_r": 4,
+JOB_HYPERPARAMETERS = {"epochs": 6, "batch_size": 8, "learning_rate": 0.005, "max_length": 32, "lora_r": 4,
                        "target_modules": ["query", "value"]}
 QUICK = {"tenants": 12, "versions": 3, "seconds": 60.0, "warmup": 15.0, "clients": 6, "hostile_clients": 2,
-         "churn_every": 2.0, "job_every": 6.0}
-FULL = {"tenants": 100, "versions": 4, "seconds": 600.0, "warmup": 60.0, "clients": 16, "hostile_clients": 3,
+         "churn_every": 2.0, "job_every": 12.0}
+FULL = {"tenants": 100, "versions": 3, "seconds": 600.0, "warmup": 60.0, "clients": 16, "hostile_clients": 3,
         "churn_every": 3.0, "job_every": 20.0}
 
 
@@ -66,7 +66,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-kill", action="store_true", help="do not kill a serving worker")
     p.add_argument("--kill-pool-holder", action="store_true",
                    help="kill the serving worker that runs the training pool (default: another one)")
-    p.add_argument("--job-grace", type=float, default=120.0, help="seconds after the run for jobs to finish")
+    p.add_argument("--job-grace", type=float, default=240.0, help="seconds after the run for jobs to finish")
     p.add_argument("--respawn-timeout", type=float, default=120.0,
                    help="the run goes on until the killed worker is back, at most this long after the kill")
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +89,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 kill_pool_holder=args.kill_pool_holder, max_requests=1_000_000, job_rows=32,
                 job_hyperparameters=JOB_HYPERPARAMETERS, workers=args.workers, job_grace=args.job_grace,
                 respawn_timeout=args.respawn_timeout, seed=args.seed)
-    t_begin = time.monotonic()
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        phases[name] = round(time.monotonic() - mark, 1)
+        mark = time.monotonic()
+
     with tempfile.TemporaryDirectory(prefix="tailor-soak-") as tmp:
         server = SoakServer(Path(tmp) / "home", free_port(), workers=args.workers, train_workers=1,
                             base_model=args.base_model)
@@ -97,24 +104,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.wait_ready(timeout=300)
             hostile = new_tenant(server.url, ADMIN_KEY, HOSTILE)
             asyncio.run(every_worker_ready(server, hostile, args.workers, timeout=300))
+            phase("start")
             import_versions(server.url, hostile, spec, args.tenants, 1)
             tenants = create_tenants(server.url, ADMIN_KEY, spec, args.tenants, args.versions)
-            setup_s = time.monotonic() - t_begin
+            phase("tenants")
             asyncio.run(prime(server, tenants))
+            phase("prime")
             timeline = Timeline(initial={t.name: 1 for t in tenants})
             soak = Soak(server, tenants, hostile, texts(64, seed=args.seed), plan, timeline)
             rec = asyncio.run(soak.run())
             finished = time.monotonic()
+            phases["run"] = round(rec.end - rec.start, 1)
+            phases["jobs_after_run"] = round(finished - rec.end, 1)
             orphans = server.orphans()
         finally:
+            mark = time.monotonic()
             left_behind = server.stop()
+            phase("stop")
             log_tail = server.log_tail(40)
     result = summarise(rec, plan, timeline, tenants, finished, orphans, left_behind)
     if not result["ok"]:
         result["server_log_tail"] = log_tail.splitlines()
     result = {"machine": machine(), "model": spec.name or args.base_model, "quick": args.quick,
               "config": {**{k: v for k, v in asdict(plan).items() if k != "max_requests"}, "tenants": args.tenants,
-                         "versions": args.versions, "warmup_s": args.warmup, "setup_s": round(setup_s, 1)},
+                         "versions": args.versions, "warmup_s": args.warmup}, "phases_s": phases,
               **result}
     write(args.out, result)
     plot(args.out.with_suffix(".png"), result)

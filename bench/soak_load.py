@@ -14,6 +14,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from bench.soak_checks import ADAPTER, JOB_ADAPTER, Answer, Change, Timeline, job_labels
@@ -68,6 +69,8 @@ class JobRecord:
     finished_at: float | None = None
     version: int | None = None
     error: str | None = None
+    server_wait_s: float | None = None  # the service's started_at - created_at (queued, validating)
+    server_run_s: float | None = None  # finished_at - started_at
 
 
 @dataclass
@@ -88,6 +91,16 @@ class Recorder:
     rss: list[RssSample] = field(default_factory=list)
     kill: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def _when(value: str | None) -> float | None:
+    """A timestamp of the API (ISO 8601) as seconds since the epoch."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 class Soak:
@@ -357,6 +370,12 @@ class Soak:
                     job.finished_at = time.monotonic()
                     job.version = body.get("version")
                     job.error = (body.get("error") or {}).get("message")
+                    created, started, finished = (_when(body.get(k)) for k in ("created_at", "started_at",
+                                                                                "finished_at"))
+                    if created is not None and started is not None:
+                        job.server_wait_s = started - created
+                    if started is not None and finished is not None:
+                        job.server_run_s = finished - started
             if job.status == "succeeded" and job.version is not None:
                 await self.predict(conn, "job", t, f"{JOB_ADAPTER}@{job.version}", ["a good day"])
         finally:

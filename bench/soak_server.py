@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from service.instance import instance_env
+
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "soak-admin-key-0123456789"
 TRAINING_WORKER = "adapters.jobs.worker"  # in a training worker's command line
@@ -38,6 +40,7 @@ class RssSample:
     serving: int  # bytes, the tree less its training workers
     processes: int
     per_pid: dict[int, int]  # pid -> bytes
+    load_average: float  # the machine's 1-minute load average (other processes share the cores)
 
 
 class SoakServer:
@@ -52,6 +55,7 @@ class SoakServer:
                "BENTOML_DO_NOT_TRACK": "True", **(extra_env or {})}
         if base_model:
             env["TAILOR_BASE_MODEL"] = base_model
+        env = instance_env(env, port)  # its own BentoML home: metrics nobody else reads or wipes
         exe = Path(sys.executable).parent / "bentoml"
         cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
         self.home = home
@@ -105,7 +109,7 @@ class SoakServer:
             serving += 0 if training else rss
             n += 1
             per_pid[p.pid] = rss
-        return RssSample(time.monotonic(), total, serving, n, per_pid)
+        return RssSample(time.monotonic(), total, serving, n, per_pid, os.getloadavg()[0])
 
     def runs_training_pool(self, pid: int) -> bool:
         """Whether serving worker ``pid`` is the parent of the training workers."""

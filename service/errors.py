@@ -125,6 +125,22 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
     return out or None
 
 
+def unparsable_body(e: StarletteHTTPException) -> tuple[str, str] | None:
+    """``(code, message)`` naming why FastAPI could not parse a body (its own 400 says only
+    "There was an error parsing the body"), from the exception behind it; None for other errors."""
+    cause = e.__cause__
+    if e.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, RecursionError):
+        return "invalid_json", "request body is not valid JSON: it is nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "invalid_json", f"request body is not valid UTF-8 (byte {cause.start}); send JSON as UTF-8"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # int() refuses over 4300 digits
+        return "invalid_json", "request body has a number with too many digits (at most 4300)"
+    detail = printable(str(cause))[:200]
+    return "bad_request", f"request body could not be parsed: {detail}" if detail else "request body could not be parsed"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, e: ApiError) -> JSONResponse:
@@ -161,6 +177,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        unparsable = unparsable_body(e)
+        if unparsable is not None:
+            return error_response(400, *unparsable)
         code = _REASONS.get(e.status_code, "http_error")
         message = e.detail if isinstance(e.detail, str) else str(e.detail)
         return error_response(e.status_code, code, message, None, dict(e.headers or {}) or None)

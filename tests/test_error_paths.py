@@ -159,3 +159,25 @@ def test_the_error_builder_renders_whatever_it_is_given():
     assert "x-injected" not in response.headers
     assert response.headers["x-name"] == "caf\u00e9 \\u540d"
     assert body("c", "plain é 名", "p") == {"error": {"code": "c", "message": "plain é 名", "param": "p"}}
+
+
+# -- bodies FastAPI cannot parse -------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, says", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"adapter": "a", "inputs": ["x"], "n": 1' + "0" * 5000 + "}", "too many digits"),
+    (b'{"adapter": "a\xff", "inputs": ["x"]}', "not valid UTF-8"),
+])
+def test_an_unparsable_body_is_a_400_that_says_why(tenant, raw, says):
+    c, _ = tenant
+    r = c.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    err = client_error(r, 400, "invalid_json")
+    assert says in err["message"], err
+
+
+def test_raw_surrogate_bytes_in_a_body_are_a_422_naming_the_field(tenant):
+    c, _ = tenant
+    r = c.post("/v1/predict", content=b'{"adapter": "a\xed\xa0\x80", "inputs": ["x"]}',
+               headers={"content-type": "application/json"})
+    err = client_error(r, 422, "invalid_request")
+    assert err.get("param") == "adapter" and "unpaired UTF-16 surrogate" in err["message"], err

@@ -38,16 +38,22 @@ class Connection:
         self._last_used = 0.0
 
     async def request(self, method: str, path: str, body: bytes = b"", *, key: str | None = None,
-                      close: bool = False, content_type: str = "application/json") -> Reply:
-        """Send one request and read its response; ``TransportError`` when there is none."""
+                      close: bool = False, content_type: str = "application/json",
+                      expect_continue: bool = False) -> Reply:
+        """Send one request and read its response; ``TransportError`` when there is none.
+
+        ``expect_continue``: send the headers with ``Expect: 100-continue`` and the body only
+        once the server says ``100 Continue`` (it may answer at once instead, e.g. 413 by
+        Content-Length, as a large upload's client would hope)."""
         try:
-            return await asyncio.wait_for(self._request(method, path, body, key, close, content_type), self.timeout)
+            return await asyncio.wait_for(self._request(method, path, body, key, close, content_type,
+                                                        expect_continue), self.timeout)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as e:
             await self.close()
             raise TransportError(f"{type(e).__name__}: {e}") from None
 
     async def _request(self, method: str, path: str, body: bytes, key: str | None, close: bool,
-                       content_type: str) -> Reply:
+                       content_type: str, expect_continue: bool) -> Reply:
         loop = asyncio.get_running_loop()
         if self._writer is not None and loop.time() - self._last_used > IDLE_REOPEN_S:
             await self.close()
@@ -62,15 +68,17 @@ class Connection:
             head.append(f"Content-Type: {content_type}")
         if close:
             head.append("Connection: close")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        try:
+        if expect_continue:
+            head.append("Expect: 100-continue")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (b"" if expect_continue else body))
+        await writer.drain()
+        status = await _status(reader)
+        if expect_continue and status == 100:
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            writer.write(body)
             await writer.drain()
-        except ConnectionError:
-            pass  # the server may answer (413) and close before reading a large body: read on
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionResetError("connection closed before a response")
-        status = int(status_line.split()[1])
+            status = await _status(reader)
         length, chunked, closing, worker = 0, False, close, ""
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
@@ -97,6 +105,13 @@ class Connection:
                 await writer.wait_closed()
             except (OSError, asyncio.CancelledError):
                 pass
+
+
+async def _status(reader: asyncio.StreamReader) -> int:
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("connection closed before a response")
+    return int(status_line.split()[1])
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

@@ -192,7 +192,7 @@ class Soak:
 
     async def hostile_client(self, i: int) -> None:
         """As fast as the server answers: the requests above in turn, and every 40th one a body
-        over the default 10 MiB limit."""
+        over the default 10 MiB limit (sent after ``100 Continue``, if the server asks for it)."""
         conn = self.conn()
         kinds = self.hostile_requests()
         oversize = ("oversize_body", json.dumps({"adapter": ADAPTER, "inputs": ["y" * (11 << 20)]}).encode(),
@@ -204,7 +204,8 @@ class Soak:
                 kind, body, key = oversize if n % 40 == 39 else kinds[(n + i) % len(kinds)]
                 sent = time.monotonic()
                 try:
-                    reply = await conn.request("POST", "/v1/predict", body, key=key, close=kind == "oversize_body")
+                    big = kind == "oversize_body"
+                    reply = await conn.request("POST", "/v1/predict", body, key=key, close=big, expect_continue=big)
                     status = reply.status
                 except TransportError:
                     status = 0

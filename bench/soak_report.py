@@ -10,7 +10,7 @@ Checks (each ``{"value", "target", "ok"}``; the run passes when all hold):
   dropped connections (requests in flight on the killed worker) are allowed; a 500 never is.
 * ``well_formed_unexpected_4xx``: 0 -- 4xx other than 429 for a well-formed call.
 * ``hostile_5xx_outside_window``: 0 -- each hostile request deserves a 4xx; a 5xx or a dropped
-  connection (but for the oversized body, which the server may refuse by closing) fails.
+  connection fails.
 * ``rss_growth_after_warmup``: < 5% -- median RSS of the process tree over the last tenth of
   the run against the median over the tenth after warm-up; and the same for the processes
   alive in both (``rss_growth_of_surviving_processes``: the killed worker's successor starts
@@ -112,8 +112,7 @@ def summarise(rec: Recorder, plan: Plan, timeline: Timeline, tenants: list[Tenan
     hostile_bad: list[dict[str, Any]] = []
     for kind, sent, received, status in rec.hostile:
         hostile_by_kind[kind][str(status)] += 1
-        dropped_ok = status == 0 and kind == "oversize_body"
-        if (status == 0 or status >= 500) and not dropped_ok and not in_window(sent, received, window):
+        if (status == 0 or status >= 500) and not in_window(sent, received, window):
             hostile_bad.append({"kind": kind, "sent_s": rel(sent), "status": status})
 
     t503 = [a.received for a in rec.answers if a.status == 503]

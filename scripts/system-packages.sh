@@ -1,22 +1,50 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the scale-out tests and the local cluster use, where missing:
-# PostgreSQL (registry), NGINX (tenant-affinity router), kubectl (renders deploy/k8s).
-# Best effort: without root or apt the tests that need a missing program skip and say why.
+# Installs the Debian packages the scale-out tests and the local cluster use, where missing,
+# and says which and why, one line each, before anything is installed:
+#   postgresql         the registry on PostgreSQL (tests/test_postgres.py, tests/test_cluster.py, deploy/local)
+#   nginx              the local cluster's tenant-affinity router (tests/test_cluster.py, bench.cluster)
+#   kubernetes-client  kubectl, to render deploy/k8s (tests/test_k8s.py)
+# Best effort: without root or apt-get the tests that need a missing program skip and say why.
+# --dry-run (or TAILOR_SYSTEM_PACKAGES=skip): say what is present and what is missing, install nothing.
 set -uo pipefail
+say() { echo "system-packages: $*" >&2; }
+dry=0
+[ "${1:-}" = "--dry-run" ] || [ "${TAILOR_SYSTEM_PACKAGES:-}" = "skip" ] && dry=1
+
+have_postgresql() { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
+have_nginx() { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }
+have_kubernetes-client() { command -v kubectl >/dev/null 2>&1; }
+declare -A why=(
+  [postgresql]="the registry on PostgreSQL: tests/test_postgres.py, tests/test_cluster.py, deploy/local"
+  [nginx]="the local cluster's tenant-affinity router: tests/test_cluster.py, bench.cluster"
+  [kubernetes-client]="kubectl, which renders deploy/k8s: tests/test_k8s.py"
+)
 need=()
-command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
-command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
+for pkg in postgresql nginx kubernetes-client; do
+  if "have_$pkg"; then
+    say "$pkg: present (for ${why[$pkg]})"
+  else
+    say "$pkg: missing, needed for ${why[$pkg]}"
+    need+=("$pkg")
+  fi
+done
 [ ${#need[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "system-packages: missing ${need[*]} (not root or no apt-get); tests needing them will skip" >&2
+if [ "$dry" = 1 ]; then
+  say "not installing ${need[*]} (dry run); tests needing them will skip"
   exit 0
 fi
-echo "system-packages: installing ${need[*]}" >&2
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  say "cannot install ${need[*]} (not root or no apt-get); tests needing them will skip"
+  exit 0
+fi
+say "installing ${need[*]} with apt-get (TAILOR_SYSTEM_PACKAGES=skip to skip this)"
 export DEBIAN_FRONTEND=noninteractive
-{ apt-get install -y -q --no-install-recommends "${need[@]}" \
-  || { apt-get update -q && apt-get install -y -q --no-install-recommends "${need[@]}"; }; } >/dev/null 2>&1 \
-  || echo "system-packages: could not install ${need[*]}; tests needing them will skip" >&2
+apt-get install -y -q --no-install-recommends "${need[@]}" \
+  || { apt-get update -q && apt-get install -y -q --no-install-recommends "${need[@]}"; } \
+  || say "could not install ${need[*]}; tests needing them will skip"
 # The Debian nginx package starts a system-wide server on port 80; we run our own instances.
-command -v service >/dev/null 2>&1 && service nginx stop >/dev/null 2>&1 || true
+if [[ " ${need[*]} " == *" nginx "* ]] && command -v service >/dev/null 2>&1; then
+  say "stopping the system-wide nginx the package started (the cluster runs its own)"
+  service nginx stop >/dev/null 2>&1 || true
+fi
 exit 0

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
+echo "test.sh: Debian packages some tests use (scripts/system-packages.sh; TAILOR_SYSTEM_PACKAGES=skip: check only):" >&2
 scripts/system-packages.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"

@@ -318,7 +318,7 @@ def plot(png: Path, result: dict[str, Any]) -> None:
     checks = ", ".join(f"{k}={'ok' if v['ok'] else 'FAIL'}" for k, v in result["checks"].items()
                        if k in ("wrong_adapter_answers", "well_formed_failures_outside_window",
                                 "rss_growth_after_warmup", "stuck_jobs", "promotion_served_max_s"))
-    fig.suptitle(f"soak: {result['config']['tenants']} tenants, {result['config']['seconds']:.0f} s, "
-                 f"{result['promotions']['count']} prod changes (green)"
-                 f"{', 1 serving worker SIGKILLed' if result['kill']['at_s'] is not None else ''}\n{checks}", fontsize=9)
+    killed = ", 1 serving worker SIGKILLed" if result["kill"]["at_s"] is not None else ""
+    fig.suptitle(f"soak: {result['config']['tenants']} tenants, {result['ran_s']:.0f} s, "
+                 f"{result['promotions']['count']} prod changes (green){killed}\n{checks}", fontsize=9)
     save_figure(fig, png)

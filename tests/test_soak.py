@@ -52,7 +52,8 @@ def test_judge_flags_every_kind_of_wrong_answer():
     assert verdict(answer("t000", "clf", 2, v2, 1.0, 2.0)) == (False, False)  # not prod yet
     assert verdict(answer("t000", "clf@2", 2, v2, 1.0, 2.0)) == (True, False)  # pinned
     assert verdict(answer("t000", "clf@2", 1, v1, 1.0, 2.0)) == (False, False)  # pinned, other version
-    assert verdict(answer("t000", "clf", 1, version_labels("t001", 1, 2), 1.0, 2.0)) == (False, False)  # another tenant's
+    other_tenants = version_labels("t001", 1, 2)
+    assert verdict(answer("t000", "clf", 1, other_tenants, 1.0, 2.0)) == (False, False)
     assert verdict(answer("t000", "clf", 1, v2[:2], 1.0, 2.0)) == (False, False)  # labels of another version
     assert verdict(answer("t000", "clf", 2, v2[:2], 12.0, 13.0)) == (False, False)  # a head missing a label
     assert verdict(answer("t000", "clf", 7, version_labels("t000", 7, 2), 1.0, 2.0)) == (False, False)

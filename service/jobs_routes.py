@@ -7,7 +7,7 @@ jobs then run in separate training worker processes, never in the serving proces
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +24,8 @@ State = Annotated[TailorState, Depends(get_state)]
 Tenant = Annotated[str, Depends(require_tenant)]
 
 router = APIRouter(tags=["fine-tuning"])
+# adapters.jobs.model's ACTIVE + FINISHED: an unknown status is a 422 listing these, not an empty list
+JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _limits(state: TailorState, tenant: str) -> DatasetLimits:
@@ -116,14 +118,15 @@ def create_job(body: JobCreate, tenant: Tenant, state: State) -> dict[str, Any]:
     validation = _dataset(state, tenant, body.validation_file, body.validation_data, "validation", limits, False)
     job = jobs.submit(tenant, body.adapter, training=training, validation=validation, method=body.method,
                       hyperparameters=body.hyperparameters, promote=body.promote,
-                      training_file=body.training_file, validation_file=body.validation_file)
+                      training_file=body.training_file, validation_file=body.validation_file,
+                      spec=state.engine.base.spec if state.engine is not None else None)
     return job_out(job)
 
 
 @router.get("/v1/jobs", response_model=list[JobOut])
 def list_jobs(tenant: Tenant, state: State,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              status: Annotated[str | None, Query(description="only jobs in this status")] = None,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
               ) -> list[dict[str, Any]]:
     _, jobs = state.require_jobs()
     return [job_out(j) for j in jobs.list(tenant, limit=limit, status=status)]

@@ -181,3 +181,16 @@ def test_raw_surrogate_bytes_in_a_body_are_a_422_naming_the_field(tenant):
                headers={"content-type": "application/json"})
     err = client_error(r, 422, "invalid_request")
     assert err.get("param") == "adapter" and "unpaired UTF-16 surrogate" in err["message"], err
+
+
+def test_an_unknown_job_status_filter_is_a_422_listing_the_statuses(served, admin, tenant):  # noqa: F811
+    from adapters.jobs.model import ACTIVE, FINISHED
+
+    c, job_id = tenant
+    err = client_error(c.get("/v1/jobs", params={"status": "done"}), 422, "invalid_request")
+    assert err.get("param") == "status" and "'queued'" in err["message"], err
+    (param,) = [p for p in admin.get("/openapi.json").json()["paths"]["/v1/jobs"]["get"]["parameters"]
+                if p["name"] == "status"]
+    documented = next(s["enum"] for s in param["schema"]["anyOf"] if "enum" in s)
+    assert set(documented) == {*ACTIVE, *FINISHED}  # the library's statuses, no more, no fewer
+    assert [j["id"] for j in c.get("/v1/jobs", params={"status": "queued"}).json()] == [job_id]

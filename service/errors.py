@@ -177,6 +177,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if isinstance(e.__cause__, StarletteHTTPException):  # e.g. a body limit hit while parsing
+            e = e.__cause__
         unparsable = unparsable_body(e)
         if unparsable is not None:
             return error_response(400, *unparsable)

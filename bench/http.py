@@ -41,6 +41,7 @@ from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 from bench.common import machine, median, parser, percentile, save_figure, write
+from service.instance import instance_env
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-0123456789"
@@ -65,6 +66,7 @@ class Server:
                "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_BATCH_SIZE": str(MAX_BATCH),
                "TAILOR_MAX_WAIT_MS": str(max_wait_ms), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "BENTOML_DO_NOT_TRACK": "True"}
+        env = instance_env(env, port)  # its own metrics folder (BentoML's default is shared per user)
         exe = Path(sys.executable).parent / "bentoml"
         cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
         self.log_path = home / "serve.log"

@@ -6,7 +6,10 @@ Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC
 900; 128 tokens; --quick: a few hundred), scores on the held-out test set, and writes
 ``{method: {accuracy, macro_f1, train_seconds, trainable_params, ...}}`` plus a PNG of the
 learning curves. It also measures serving latency (p50/p99 of single-row predictions through
-the engine) with no training running and while a training worker process runs a job.
+the engine) with no training running and while a training worker process runs a job: the
+measurement starts once that job is ``running`` and has taken a training step, and the JSON
+records whether it was running throughout (same status and attempt at both ends) and how many
+training steps it took during the measurement (``serving_latency_ms.training_job``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 
 from adapters.base import load_base
 from adapters.catalog import Catalog
+from adapters.jobs.manager import JobManager
+from adapters.jobs.model import JobEvent
 from adapters.registry import Registry
 from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
@@ -38,6 +43,8 @@ SIZES = {"imdb": (2000, 1000), "bbc": (1225, 900)}
 QUICK_SIZES = {"imdb": (300, 200), "bbc": (300, 200)}
 METHODS = ("lora", "head", "full")
 TRAIN_THREADS = 1
+TRAINING_START_TIMEOUT_S = 300.0  # the worker process loads the base model, then the job starts
+WARMUP_REQUESTS = 10
 
 
 def main() -> None:
@@ -150,33 +157,102 @@ def serving_latency(base, rows: list[dict[str, str]], *, quick: bool) -> dict[st
                 ms.append((time.perf_counter() - t) * 1e3)
             return ms
 
+        for i in range(WARMUP_REQUESTS):  # untimed: the first calls are slow, and would count as idle
+            engine.classify([texts[i % len(texts)]], [adapter])
         idle = measure()
-        worker = start_training_worker(tmpdir, db_url, rows)
+        jm, job_id = submit_training_job(tmpdir, db_url, rows)
+        log_path = tmpdir / "worker.log"
+        worker = start_training_worker(tmpdir, db_url, log_path)
         try:
-            time.sleep(12)  # let the worker load and start training
+            start = wait_until_training(jm, job_id, worker, log_path, TRAINING_START_TIMEOUT_S)
+            t0 = time.perf_counter()
             busy = measure()
+            window = {**training_window(jm, job_id, start), "measurement_s": round(time.perf_counter() - t0, 2)}
         finally:
             worker.terminate()
-            worker.wait(30)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
             torch.set_num_threads(threads_before)
+    if not window["running_throughout"]:
+        print(f"warning: the training job did not run throughout the measurement: {window}", flush=True)
+    elif not window["steps_during_measurement"]:
+        print(f"warning: the training job was running but took no step during the measurement (serving "
+              f"had the cores; the trainer runs at nice 10): {window}", flush=True)
     p99_idle, p99_busy = percentile(idle, 0.99), percentile(busy, 0.99)
     return {"idle": {"p50": percentile(idle, 0.5), "p99": p99_idle},
             "training": {"p50": percentile(busy, 0.5), "p99": p99_busy},
-            "p99_ratio": p99_busy / p99_idle, "requests": n,
+            "p99_ratio": p99_busy / p99_idle, "requests": n, "training_job": window,
             "setup": f"serving in this process with {serve_threads} torch thread(s); one training worker "
-                     f"process (--threads {TRAIN_THREADS}, nice 10) training a LoRA job"}
+                     f"process (--threads {TRAIN_THREADS}, nice 10) training a LoRA job, measured once "
+                     "the job was running and had taken a step"}
 
 
-def start_training_worker(tmpdir: Path, db_url: str, rows: list[dict[str, str]]) -> subprocess.Popen[bytes]:
+def submit_training_job(tmpdir: Path, db_url: str, rows: list[dict[str, str]]) -> tuple[JobManager, str]:
+    """A LoRA job long enough to outlast the measurement (no early stop)."""
     from adapters.datasets import from_records
-    from adapters.jobs.manager import JobManager
     from adapters.schema import make_engine
 
     jm = JobManager(make_engine(db_url), LocalStore(tmpdir / "store"))
-    jm.submit("bench", "trainee", training=from_records(rows[:400]), hyperparameters={"epochs": 20})
+    job = jm.submit("bench", "trainee", training=from_records(rows[:400]),
+                    hyperparameters={"epochs": 20, "patience": 20})
+    return jm, job.id
+
+
+def start_training_worker(tmpdir: Path, db_url: str, log_path: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "adapters.jobs.worker", "--database-url", db_url, "--store-url",
            str(tmpdir / "store"), "--checkpoints", str(tmpdir / "ckpt"), "--threads", str(TRAIN_THREADS)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def job_events(jm: JobManager, job_id: str, after: int = 0) -> list[JobEvent]:
+    """Every event of the job after event ``after`` (all pages)."""
+    out: list[JobEvent] = []
+    while page := jm.events("bench", job_id, after=out[-1].id if out else after):
+        out += page
+    return out
+
+
+def training_steps(events: list[JobEvent]) -> int:
+    """Optimizer steps among ``events`` (the worker records each one)."""
+    return sum(1 for e in events if e.type == "metrics" and e.data and "total_steps" in e.data)
+
+
+def wait_until_training(jm: JobManager, job_id: str, worker: subprocess.Popen[bytes], log_path: Path,
+                        timeout: float) -> dict[str, Any]:
+    """Wait (at most ``timeout`` s) until the job is ``running`` and has taken a training step;
+    the job's state then: status, attempts and the id of its last event so far."""
+    t0 = time.monotonic()
+    while True:
+        job = jm.get("bench", job_id)
+        events = job_events(jm, job_id)
+        if job.status == "running" and training_steps(events):
+            return {"status": job.status, "attempts": job.attempts, "event_id": events[-1].id,
+                    "waited_s": round(time.monotonic() - t0, 1)}
+        if job.status in ("succeeded", "failed", "cancelled") or worker.poll() is not None \
+                or time.monotonic() - t0 > timeout:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the training job never started training (job {job.status}, worker exit "
+                             f"{worker.poll()}, waited {timeout:.0f}s):\n{tail}")
+        time.sleep(0.2)
+
+
+def training_window(jm: JobManager, job_id: str, start: dict[str, Any]) -> dict[str, Any]:
+    """The job during the measurement that began at ``start``: ``running_throughout`` when it
+    was running at both ends, on the same attempt, and never handed to a worker again
+    meanwhile; ``steps_during_measurement``: the training steps it took."""
+    job = jm.get("bench", job_id)
+    during = job_events(jm, job_id, after=start["event_id"])
+    reclaimed = any(e.message.startswith("picked up by worker") for e in during)
+    return {
+        "status_at_start": start["status"], "status_at_end": job.status,
+        "running_throughout": start["status"] == job.status == "running" and job.attempts == start["attempts"]
+        and not reclaimed,
+        "steps_during_measurement": training_steps(during), "waited_for_running_s": start["waited_s"],
+    }
 
 
 def plot_curves(png: Path, curves: dict[str, list[dict[str, Any]]], dataset: str) -> None:

@@ -14,20 +14,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+# Our own modules are imported plainly: an import error in them fails the run, never skips.
+from deploy.local.cluster import Cluster
+from deploy.local.nginx import find_nginx
+from deploy.local.postgres import PostgresUnavailable, find_bin_dir
 from tests.service_fixture import free_port, save_tiny_base
 from tests.training_data import FAST_HP, sentiment
 
-pytest.importorskip("moto")
-nginx = pytest.importorskip("deploy.local.nginx")
-try:
-    nginx.find_nginx()
-    from deploy.local.postgres import find_bin_dir
-
+pytest.importorskip("moto", reason="moto (a PyPI test tool) stands in for S3")
+try:  # the system programs the cluster runs: without one, skip and say which
+    find_nginx()
     find_bin_dir()
-except (FileNotFoundError, RuntimeError) as e:  # PostgresUnavailable is a RuntimeError
+except (FileNotFoundError, PostgresUnavailable) as e:
     pytest.skip(str(e), allow_module_level=True)
-
-from deploy.local.cluster import Cluster  # noqa: E402
 
 
 def trainable_model(directory: Path) -> Path:

@@ -179,45 +179,103 @@ def test_forget_deleted_adapter(world):
         engine.resolve("acme", "gone")
 
 
+class ProdHistory:
+    """What prod was when: step k set prod to ``versions[k]``. ``announced`` counts alias
+    changes begun, ``committed`` those done and made visible here (``refresh``)."""
+
+    def __init__(self, first: int) -> None:
+        self.versions = [first]
+        self.announced = self.committed = 0
+        self.lock = threading.Lock()
+
+    def begin(self, version: int) -> None:
+        with self.lock:
+            self.versions.append(version)
+            self.announced += 1
+
+    def commit(self) -> int:
+        with self.lock:
+            self.committed = self.announced
+            return self.committed
+
+    def last_committed(self) -> int:
+        with self.lock:
+            return self.committed
+
+    def last_announced(self) -> int:
+        with self.lock:
+            return self.announced
+
+    def prod_between(self, first_step: int, last_step: int) -> set[int]:
+        """Every version that was prod from step ``first_step`` to ``last_step``."""
+        with self.lock:
+            return set(self.versions[first_step : last_step + 1])
+
+
 def test_replacing_prod_under_concurrent_reads(world):
-    """Threads hammer predict while prod moves: every row matches the version it resolved."""
+    """Threads hammer predict while prod moves. Whatever the interleaving: every request gets
+    a version that was prod at some moment during it (never one replaced before it began),
+    and every row is answered by exactly the version it resolved."""
     engine, catalog, base, _ = world
     n_versions = 6
     for v in range(n_versions):
         publish(catalog, base, "acme", "live", seed=100 + v, promote=(v == 0))
     expected = {v: logits_of(engine, "acme", f"live@{v}") for v in range(1, n_versions + 1)}
     inputs = base.tokenize(TEXTS)
+    history = ProdHistory(first=1)
     errors: list[str] = []
-    seen: set[int] = set()
+    started_after: list[int] = []  # per finished request: the last step committed before it began
+    done = threading.Condition()
     stop = threading.Event()
 
+    def request() -> None:
+        first = history.last_committed()
+        resolved = engine.resolve("acme", "live")
+        mine = engine.acquire(resolved)
+        pinned = 1 + resolved.key.version % n_versions
+        other = engine.acquire(engine.resolve("acme", f"live@{pinned}"))
+        out = engine.forward(inputs, [mine, other, mine, other, mine])
+        last = history.last_announced()
+        v = resolved.key.version
+        if v not in history.prod_between(first, last):
+            errors.append(f"got version {v}; prod during the request was {sorted(history.prod_between(first, last))}")
+        for row, want in ((0, v), (1, pinned), (2, v), (3, pinned), (4, v)):
+            if not torch.allclose(out.logits[row], expected[want][row], atol=1e-5):
+                errors.append(f"row {row} answered by something other than version {want}")
+        with done:
+            started_after.append(first)
+            done.notify_all()
+
     def reader() -> None:
-        while not stop.is_set():
-            resolved = engine.resolve("acme", "live")
-            mine = engine.acquire(resolved)
-            other = engine.acquire(engine.resolve("acme", f"live@{1 + resolved.key.version % n_versions}"))
-            out = engine.forward(inputs, [mine, other, mine, other, mine])
-            v = resolved.key.version
-            seen.add(v)
-            for row in (0, 2, 4):
-                if not torch.allclose(out.logits[row], expected[v][row], atol=1e-5):
-                    errors.append(f"row {row} answered by something other than version {v}")
+        try:
+            while not stop.is_set():
+                request()
+        except BaseException as e:  # noqa: BLE001 - reported by the test, not lost with the thread
+            errors.append(f"reader failed: {e!r}")
+            with done:
+                done.notify_all()
 
     threads = [threading.Thread(target=reader) for _ in range(4)]
     for t in threads:
         t.start()
     try:
         for _ in range(3):
-            for v in range(1, n_versions + 1):
+            for v in [*range(2, n_versions + 1), 1]:
+                history.begin(v)
                 catalog.registry.set_alias("acme", "live", "prod", v)
                 engine.refresh("acme", "live")  # what the service does after its own writes
-                threading.Event().wait(0.02)
+                step = history.commit()
+                # prod stays put until a request that began after this change has finished: it
+                # can only have been answered by v, so every version is served, whatever the timing
+                with done:
+                    assert done.wait_for(lambda: bool(errors) or max(started_after, default=-1) >= step, timeout=60), \
+                        f"no request finished after prod became version {v}"
+                assert not errors, errors[:3]
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert not errors, errors[:3]
-    assert len(seen) >= 3  # the readers really saw prod move
 
 
 def test_changes_from_another_process_are_seen_within_the_poll(world, tmp_path):

@@ -389,10 +389,19 @@ def test_service_starts_without_its_database_and_rides_out_an_outage(
             assert before["version"] == 1
 
             own_server.stop("fast")
-            for _ in range(3):  # also once the resolver's poll has failed
+            resolver = state.engine.resolver
+            failed_polls = resolver.poll_failures
+
+            def answered_from_memory() -> bool:
+                """Predict (it must still be answered, as before); True once a poll has failed."""
                 r = predict()
                 assert r.status_code == 200 and r.json() == before, r.text
-                time.sleep(0.3)
+                return resolver.poll_failures > failed_polls
+
+            # answered from the resident adapter until the resolver's poll (triggered by a predict
+            # past the poll interval) has failed, and after that
+            wait_until(answered_from_memory, timeout=30, interval=0.05)
+            assert resolver.offline and answered_from_memory()
             r = http.post("/v1/adapters/clf/promote", json={"version": 2}, headers=tenant)
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "database_unavailable" and "Retry-After" in r.headers

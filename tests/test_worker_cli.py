@@ -11,13 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from adapters import schema
 from adapters.base import tiny_base
 from adapters.datasets import from_records
 from adapters.jobs import shared_checkpoints
 from adapters.jobs.manager import JobManager
 from adapters.registry import Registry
+from adapters.schema import utcnow
 from adapters.store import LocalStore
+from tests.postgres import wait_until
 from tests.training_data import FAST_HP, sentiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +50,13 @@ def tailor_worker(home: Path, *args: str, timeout: float = 300) -> subprocess.Co
 
 def jobs(home: Path) -> JobManager:
     return JobManager(Registry(f"sqlite:///{home / 'tailor.db'}").engine, LocalStore(home / "store"))
+
+
+def lease_expired(jm: JobManager, job_id: str) -> bool:
+    """What a worker's recovery checks: the job's lease, as the database holds it, has passed."""
+    with jm.db.connect() as conn:
+        expires = conn.execute(select(schema.jobs.c.lease_expires_at).where(schema.jobs.c.id == job_id)).scalar_one()
+    return expires is not None and expires < utcnow()
 
 
 def test_tailor_worker_trains_a_queued_job(home):
@@ -82,7 +93,7 @@ def test_a_dead_workers_job_is_picked_up_after_its_lease(home):
         first.wait()
     assert jm.get("acme", job.id).status == "running"  # nobody knows yet that its worker is gone
     assert not (home / "checkpoints" / job.id).exists()
-    time.sleep(2.5)  # past the dead worker's lease
+    wait_until(lambda: lease_expired(jm, job.id), timeout=30, interval=0.05)  # the lease was 2 s
     done = tailor_worker(home, "--once")  # checkpoints in $TAILOR_HOME/checkpoints: another "node"
     assert done.returncode == 0, done.stderr[-3000:]
     got = jm.get("acme", job.id)

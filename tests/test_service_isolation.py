@@ -27,7 +27,7 @@ def test_a_poisoned_flood_costs_the_victim_nothing(served, admin, spec):  # noqa
                            422, "invalid_input", "inputs[1]")
         assert "U+D800" in err["message"]
 
-    done = threading.Event()
+    done, attacking = threading.Event(), threading.Event()
     attacker_codes: list[int] = []
 
     def attack() -> None:
@@ -37,12 +37,14 @@ def test_a_poisoned_flood_costs_the_victim_nothing(served, admin, spec):  # noqa
                     return
                 r = c.post("/v1/predict", content=POISON, headers={"content-type": "application/json"})
                 attacker_codes.append(r.status_code)
+                attacking.set()
 
     threads = [threading.Thread(target=attack) for _ in range(3)]
     for t in threads:
         t.start()
     victim_codes: list[int] = []
     try:
+        assert attacking.wait(60), "the attack never got an answer"
         with served.client(victim_key) as v:
             for i in range(60):
                 r = v.post("/v1/predict", json={"adapter": "clf", "inputs": [TEXTS[i % len(TEXTS)], "and more"]})

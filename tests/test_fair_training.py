@@ -90,7 +90,7 @@ def test_position_lines_never_name_another_tenant():
     assert "t2" not in line and "t3" not in line
 
 
-def test_yield_check_asks_at_epoch_ends_and_mid_epoch_only_after_a_slice():
+def test_yield_check_asks_after_the_minimum_turn_and_mid_epoch_only_after_a_slice():
     now = [0.0]
     asked: list[float] = []
     answer: list[object] = [None]
@@ -99,18 +99,21 @@ def test_yield_check_asks_at_epoch_ends_and_mid_epoch_only_after_a_slice():
         asked.append(now[0])
         return answer[0]
 
-    check = YieldCheck(FairShare(slice_seconds=60, check_seconds=1), find, clock=lambda: now[0])
-    assert check(True) is False and asked == [0.0]  # every epoch end asks
+    check = YieldCheck(FairShare(min_turn_seconds=10, slice_seconds=60, check_seconds=1), find,
+                       clock=lambda: now[0])
+    assert check(True) is False and asked == []  # the turn is too young to end
+    now[0] = 10.0
+    assert check(True) is False and asked == [10.0]  # from then on every epoch end asks
     now[0] = 59.0
-    assert check(False) is False and asked == [0.0]  # mid-epoch: not before the slice is over
+    assert check(False) is False and asked == [10.0]  # mid-epoch: not before the slice is over
     answer[0] = contender([clock(2, since=0)], 1, at(100), 2.0)
     now[0] = 60.0
-    assert check(False) is True and asked == [0.0, 60.0]
+    assert check(False) is True and asked == [10.0, 60.0]
     now[0] = 60.5
-    assert check(False) is True and asked == [0.0, 60.0]  # at most one read per check_seconds
+    assert check(False) is True and asked == [10.0, 60.0]  # at most one read per check_seconds
     assert check.found is not None and check.found.tenant == "t2"
     off = YieldCheck(FairShare(yield_worker=False), find, clock=lambda: now[0])
-    assert off(True) is False and asked == [0.0, 60.0]
+    assert off(True) is False and asked == [10.0, 60.0]
 
 
 # -- claim order and yielding in the database (SQLite and PostgreSQL) -------------------------
@@ -317,7 +320,8 @@ def worker(home: Path) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "adapters.jobs.worker", "--database-url", f"sqlite:///{home / 'tailor.db'}",
          "--store-url", str(home / "store"), "--checkpoints", str(home / "checkpoints"),
-         "--base-model", str(home / "model"), "--threads", "1", "--poll-seconds", "0.1", "--nice", "0"],
+         "--base-model", str(home / "model"), "--threads", "1", "--poll-seconds", "0.1", "--nice", "0",
+         "--yield-min-turn-seconds", "0.5", "--yield-grace-seconds", "0.5"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     yield proc
     proc.send_signal(signal.SIGTERM)
@@ -332,8 +336,11 @@ def worker(home: Path) -> Iterator[subprocess.Popen[bytes]]:
 def test_a_small_job_runs_before_another_tenants_long_job_ends(home, worker):
     jm = JobManager(Registry(f"sqlite:///{home / 'tailor.db'}").engine, LocalStore(home / "store"))
     log = home / "worker.log"
-    long_hp = {**FAST_HP, "epochs": 12, "patience": 12, "batch_size": 8}  # 15 steps an epoch
-    long = jm.submit("acme", "big", training=from_records(sentiment(150)), hyperparameters=long_hp)
+    # 40 steps an epoch, 30 epochs: the small job's wait (grace, minimum turn, one epoch, a poll)
+    # is a small part of what is left of the long job when it is submitted, on a fast machine or
+    # a slow one alike
+    long_hp = {**FAST_HP, "epochs": 30, "patience": 30, "batch_size": 4}
+    long = jm.submit("acme", "big", training=from_records(sentiment(200)), hyperparameters=long_hp)
     wait_until(lambda: jm.get("acme", long.id).progress.get("epoch", 0) >= 2, 300)
     small = jm.submit("globex", "small", training=from_records(sentiment(36)), hyperparameters=FAST_HP)
     seen = {"small_ran": False}
@@ -350,7 +357,7 @@ def test_a_small_job_runs_before_another_tenants_long_job_ends(home, worker):
     assert done_small.status == "succeeded", done_small.error
     assert done_long.status == "succeeded", (done_long.error, log.read_text()[-3000:])
     assert done_long.attempts == 1  # the yield was not counted as a failed attempt
-    assert done_long.metrics["epochs_run"] == 12 and done_long.metrics["val_accuracy"] >= 0.9
+    assert done_long.metrics["epochs_run"] == 30 and done_long.metrics["val_accuracy"] >= 0.9
     messages = [e.message for e in jm.events("acme", long.id)]
     yielded = [m for m in messages if m.startswith("yielded the worker")]
     assert yielded and "globex" not in " ".join(messages)
@@ -360,7 +367,7 @@ def test_a_small_job_runs_before_another_tenants_long_job_ends(home, worker):
     # every epoch trained exactly once: the resumed run continued where the yield left it
     epochs = [e.data["epoch"] for e in jm.events("acme", long.id) if e.type == "metrics" and e.data
               and "val_accuracy" in e.data]
-    assert epochs == list(range(1, 13))
+    assert epochs == list(range(1, 31))
     assert "yields the worker to tenant globex" in log.read_text()
 
 

@@ -12,12 +12,16 @@ The rule -- round robin over tenants, by how recently each last had a worker:
   keeps its place ahead of the tenant's newer jobs).
 * **Yield**: a running job gives its worker back at its next checkpoint when some *other* tenant
   holds no worker and has a job that has waited at least ``FairShare.grace_seconds`` (longer
-  than an idle worker's poll, so a job an idle worker is about to take causes no yield).
-  Checkpoints are every epoch end and, once the job's turn has lasted ``slice_seconds``, any
-  step boundary (a mid-epoch checkpoint), so a long epoch delays another tenant by about one
-  slice at most. A job trains at least one step per turn, so work always advances. The job goes
-  back to ``queued`` -- not failed, not a new job, and a yield is not counted as an attempt --
-  and later resumes from that checkpoint with its progress intact.
+  than an idle worker's poll, so a job an idle worker is about to take causes no yield), once
+  its turn (the time since it was claimed) has lasted ``min_turn_seconds``. Checkpoints are
+  every epoch end and, once the turn has lasted ``slice_seconds``, any step boundary (a
+  mid-epoch checkpoint), so a long epoch delays another tenant by about one slice at most. The
+  minimum turn keeps jobs from trading the worker at every checkpoint: a small job finishes in
+  one turn instead of handing the worker back to the long job it interrupted, and two long jobs
+  switch at most once a turn, so the cost of a switch (reloading data and checkpoint: seconds)
+  stays a small share. The job goes back to ``queued`` -- not failed, not a new job, and a yield
+  is not counted as an attempt -- and later resumes from that checkpoint with its progress
+  intact; it trains at least one step per turn, so work always advances.
 * **Queue position**: the order in which free workers would take the queued jobs if nothing else
   changed: round robin over the tenants in clock order, each tenant's jobs in submit order.
   Position 1 is taken next.
@@ -69,6 +73,7 @@ class FairShare:
     """When a running job yields its worker (the claim order is always fair)."""
 
     yield_worker: bool = True  # False: jobs keep their worker until they end
+    min_turn_seconds: float = 30.0  # no yield before a turn has lasted this long
     slice_seconds: float = 60.0  # a turn this long may also end mid-epoch, at a step boundary
     grace_seconds: float = 2.0  # a contender must have waited this long
     check_seconds: float = 1.0  # mid-epoch, ask the database at most this often
@@ -124,8 +129,9 @@ def describe_position(position: int, ahead: Sequence[QueuedJob], tenant_id: int)
 class YieldCheck:
     """The trainer's ``should_yield`` hook for one turn of one job (see the module docstring).
 
-    ``find`` looks for a contender (a database read); it is asked at every epoch end and, once
-    the turn is ``slice_seconds`` old, at most every ``check_seconds`` between steps.
+    ``find`` looks for a contender (a database read); once the turn is ``min_turn_seconds`` old
+    it is asked at every epoch end and, once the turn is ``slice_seconds`` old, at most every
+    ``check_seconds`` between steps.
     ``found`` keeps the answer that made the job yield. ``clock`` is injectable for tests.
     """
 
@@ -144,6 +150,8 @@ class YieldCheck:
         if not self.policy.yield_worker:
             return False
         now = self.clock()
+        if now - self.started < self.policy.min_turn_seconds:
+            return False
         if not at_epoch_end:
             if now - self.started < self.policy.slice_seconds:
                 return False

@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--once", action="store_true", help="run at most one job, then exit")
     p.add_argument("--no-yield", action="store_true",
                    help="never give a running job's worker to another tenant (the claim order stays fair)")
+    p.add_argument("--yield-min-turn-seconds", type=float, default=FairShare.min_turn_seconds,
+                   help="a job keeps its worker at least this long before it yields to another tenant")
     p.add_argument("--yield-slice-seconds", type=float, default=FairShare.slice_seconds,
                    help="a job's turn this long may end mid-epoch when another tenant waits "
                         "(otherwise at the next epoch end)")
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         manager=JobManager(db, store, lease_seconds=args.lease_seconds), catalog=catalog,
         trainer_base=trainer_base, engine=engine, worker_id=worker_id(), checkpoint_root=args.checkpoints,
         threads=args.threads, heartbeat_seconds=args.heartbeat_seconds,
-        fair_share=FairShare(yield_worker=not args.no_yield, slice_seconds=args.yield_slice_seconds,
-                             grace_seconds=args.yield_grace_seconds),
+        fair_share=FairShare(yield_worker=not args.no_yield, min_turn_seconds=args.yield_min_turn_seconds,
+                             slice_seconds=args.yield_slice_seconds, grace_seconds=args.yield_grace_seconds),
     )
     log.info("worker %s ready (base %s)", ctx.worker_id, trainer_base.spec.name)
     next_recover = 0.0

@@ -2,6 +2,8 @@
 
 An artifact is published in two steps: its files are written to the store under a fresh,
 never-reused key prefix (atomic per file), then one registry row makes the version exist.
+The registry enforces the tenant's quotas (``adapters.quotas``) on that row, so every path
+that creates an adapter or a version -- an import, a trained version -- is held to them.
 Until that row commits nobody can resolve the version, so a crash between the steps leaves
 at most unreferenced files (``sweep_orphans`` removes them), never a half-visible adapter.
 Reading goes the other way: the registry row gives the key and the sha256, the store verifies
@@ -43,6 +45,9 @@ class Catalog:
             raise ArtifactError(
                 f"adapter weights are {len(weights)} bytes, over the {self.max_adapter_bytes} byte limit"
             )
+        # Quotas (adapters, versions, storage): refused here before any byte is written; the
+        # registry checks again when it inserts the row, in the same transaction.
+        self.registry.check_quotas(tenant, adapter, len(weights))
         prefix = f"tenants/{tenant}/adapters/{adapter}/{uuid.uuid4().hex}"
         weights_key, manifest_key = f"{prefix}/{WEIGHTS_FILE}", f"{prefix}/{MANIFEST_FILE}"
         sha = self.store.put(weights_key, weights)

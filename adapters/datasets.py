@@ -188,6 +188,31 @@ def from_records(
     return collector.finish()
 
 
+def label_problem(label: str) -> str | None:
+    """What is wrong with one label name (already stripped), or None: the rule uploads, jobs and
+    adapter imports share. Reads after "'label' ", e.g. "is empty"."""
+    if not label:
+        return "is empty"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"is {len(label):,} characters; the limit is {MAX_LABEL_CHARS}"
+    if _CONTROL.search(label) or _SURROGATE.search(label):
+        # Labels come back in responses, metrics and logs: keep them printable.
+        return f"{_show(label)} contains a control character"
+    return None
+
+
+def label_count_problem(labels: tuple[str, ...] | list[str], limits: DatasetLimits) -> str | None:
+    """What is wrong with a classifier's set of (distinct) labels under ``limits``, or None.
+    Reads after the thing's name, e.g. "has 4 labels; the limit is 3"."""
+    if not labels:
+        return "has no labels; a classifier needs at least 2"
+    if len(labels) < 2:
+        return f"has only one label ({_show(labels[0])}); a classifier needs at least 2"
+    if len(labels) > limits.max_labels:
+        return f"has {len(labels):,} labels; the limit is {limits.max_labels:,}"
+    return None
+
+
 def stratified_split(
     ds: Dataset, *, fraction: float = 0.1, seed: int = 0, min_per_label: int = 1
 ) -> tuple[Dataset, Dataset]:
@@ -320,13 +345,9 @@ class _Collector:
             self.fail(where, "'text' contains an unpaired UTF-16 surrogate")
 
         label = label.strip()
-        if not label:
-            self.fail(where, "'label' is empty")
-        if len(label) > MAX_LABEL_CHARS:
-            self.fail(where, f"'label' is {len(label):,} characters; the limit is {MAX_LABEL_CHARS}")
-        if _CONTROL.search(label) or _SURROGATE.search(label):
-            # Labels come back in responses, metrics and logs: keep them printable.
-            self.fail(where, f"'label' {_show(label)} contains a control character")
+        problem = label_problem(label)
+        if problem:
+            self.fail(where, f"'label' {problem}")
 
         seen = self.first_seen.get(text)
         if seen is not None:
@@ -348,12 +369,9 @@ class _Collector:
             self.fail_whole("has no examples")
         counts = Counter(example.label for example in self.examples)
         labels = tuple(sorted(counts))
-        if len(labels) < 2:
-            self.fail_whole(
-                f"has only one label ({_show(labels[0])}); a classifier needs at least 2"
-            )
-        if len(labels) > self.limits.max_labels:
-            self.fail_whole(f"has {len(labels):,} labels; the limit is {self.limits.max_labels:,}")
+        problem = label_count_problem(labels, self.limits)
+        if problem:
+            self.fail_whole(problem)
         need = self.limits.min_examples_per_label
         short = sorted((count, label) for label, count in counts.items() if count < need)
         if short:

@@ -6,6 +6,8 @@ label names and metrics peft has no place for. ``import_peft`` takes such files 
 or by anyone's peft training -- and returns a checked ``AdapterArtifact`` for a given base.
 Only plain LoRA is accepted: DoRA, bias training and fan-in-fan-out layouts are refused with a
 message naming the field; per-module rank/alpha patterns are folded into ``B``.
+Imports meet the bar training sets (``adapters.import_checks``): label names follow the dataset
+rules, listed ``target_modules`` must name linear layers of the base.
 ``zip_files``/``unzip_files`` pack them for HTTP with limits on member count, names and inflated
 size (no zip bombs, no paths).
 """
@@ -27,14 +29,17 @@ from safetensors.torch import save as st_save
 from adapters.artifact import (
     MAX_RANK, AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings, check_tensor,
 )
+from adapters.datasets import DatasetLimits
 from adapters.errors import ArtifactError
 from adapters.fingerprint import BaseSpec
+from adapters.import_checks import ARTIFACT_LABEL_LIMITS, check_target_modules, clean_labels
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TAILOR_FILE = "tailor_manifest.json"
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"base_model\.model\.([A-Za-z0-9_.]+)\.lora_(A|B)\.weight")
+MAX_TARGETS = 256  # names in target_modules (a base has a few dozen distinct ones)
 _REFUSED = {  # field -> value that we can honour
     "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
     "layers_to_transform": None, "target_parameters": None,
@@ -77,9 +82,14 @@ def export_peft(artifact: AdapterArtifact, spec: BaseSpec) -> dict[str, bytes]:
 
 def import_peft(
     files: dict[str, bytes], spec: BaseSpec, *, labels: list[str] | None = None,
-    metrics: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None, limits: DatasetLimits | None = None,
 ) -> AdapterArtifact:
-    """Build a checked artifact for ``spec`` from peft files (labels: given > tailor file > LABEL_i)."""
+    """Build a checked artifact for ``spec`` from peft files (labels: given > tailor file > LABEL_i).
+
+    Label names pass the dataset rules (``import_checks.clean_labels``; ``limits``: the tenant's,
+    else the artifact format's bounds) and listed ``target_modules`` must name linear layers of
+    the base (``import_checks.check_target_modules``). Whether the weights give finite logits is
+    ``import_checks.probe_logits``'s question: it needs the engine."""
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
             raise ArtifactError(f"peft adapter lacks {name}")
@@ -152,12 +162,13 @@ def import_peft(
 
     tailor = _tailor_manifest(files.get(TAILOR_FILE))
     n = head_w.shape[0]
-    names = labels or (list(tailor.labels) if tailor else [f"LABEL_{i}" for i in range(n)])
+    names = clean_labels(labels or (list(tailor.labels) if tailor else [f"LABEL_{i}" for i in range(n)]),
+                         limits or ARTIFACT_LABEL_LIMITS)
     if len(names) != n:
         raise ArtifactError(f"{len(names)} label names given for a head with {n} outputs")
     manifest = AdapterManifest(
         base_fingerprint=spec.fingerprint, labels=tuple(names),
-        lora=LoraSettings(r=r, alpha=alpha, target_modules=tuple(sorted(_targets(config, lora))),
+        lora=LoraSettings(r=r, alpha=alpha, target_modules=_targets(config, lora, spec),
                           dropout=float(config.get("lora_dropout") or 0.0), use_rslora=use_rslora),
         head_in_features=head_w.shape[1],
         metrics=metrics if metrics is not None else (dict(tailor.metrics) if tailor else {}),
@@ -177,11 +188,19 @@ def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
     return default
 
 
-def _targets(config: dict[str, Any], lora: dict[str, Any]) -> list[str]:
+def _targets(config: dict[str, Any], lora: dict[str, Any], spec: BaseSpec) -> tuple[str, ...]:
+    """The listed target modules, each checked against the base; a regex string (or nothing) is
+    replaced by the names of the modules the weights adapt."""
     t = config.get("target_modules")
-    if isinstance(t, list) and all(isinstance(x, str) for x in t) and t:
-        return t
-    return sorted({p.rsplit(".", 1)[-1] for p in lora})
+    if isinstance(t, list) and t:
+        if len(t) > MAX_TARGETS:
+            raise ArtifactError(f"{CONFIG_FILE}: target_modules lists {len(t)} names; at most {MAX_TARGETS}",
+                                param="target_modules")
+        check_target_modules(spec, t, param="target_modules")
+        return tuple(sorted(set(t)))
+    if t is not None and not isinstance(t, (str, list)):
+        raise ArtifactError(f"{CONFIG_FILE}: target_modules must be a list of module names", param="target_modules")
+    return tuple(sorted({p.rsplit(".", 1)[-1] for p in lora}))
 
 
 def _tailor_manifest(data: bytes | None) -> AdapterManifest | None:

@@ -15,6 +15,9 @@ The same code runs on ``sqlite:///path.db`` and ``postgresql://...``; tables liv
 * ``delete_*`` return the store keys no remaining version references; the caller deletes
   those files after the rows are gone (a crash in between leaves orphan files, never rows
   pointing at missing files).
+* ``add_version`` enforces the tenant's footprint quotas (``adapters.quotas``: adapters,
+  versions per adapter, storage bytes) in its own transaction, raising ``QuotaExceededError``
+  (a ``ConflictError``) before anything is written.
 * Every mutation appends to the ``changes`` log; other processes poll ``change_seq`` and
   read ``changes_since`` to notice promotions and deletions. Sequence numbers become visible
   in order on both backends: once ``change_seq()`` returns n, every change up to n can be read
@@ -38,6 +41,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from adapters.errors import AdapterNotFoundError, ConflictError, InvalidNameError, NotFoundError
 from adapters.names import validate_name
+from adapters.quotas import TenantQuotas, enforce_new_version, lock_tenant
 from adapters.schema import (
     adapter_aliases,
     adapter_versions,
@@ -395,7 +399,10 @@ class Registry:
             )
 
         def run(conn: Connection) -> VersionRecord:
-            tid = self._tenant_id(conn, tenant)
+            # The tenant row stays locked to the end: its footprint quotas are counted and the
+            # version inserted in one step (concurrent creators of this tenant wait their turn).
+            tid, quotas = lock_tenant(conn, tenant)
+            enforce_new_version(conn, tid, quotas, adapter, nbytes)
             now = utcnow()
             try:
                 row = self._adapter_row(conn, tenant, adapter, lock=True)
@@ -449,6 +456,18 @@ class Registry:
             )
 
         return self._write(run, retry=True)
+
+    def check_quotas(self, tenant: str, adapter: str, nbytes: int = 0) -> None:
+        """Would a new version of ``adapter`` of ``nbytes`` pass the tenant's footprint quotas now?
+        A cheap early answer (``QuotaExceededError`` if not) before costly work; ``add_version``
+        decides for good, in its own transaction."""
+        validate_name(tenant, "tenant")
+        validate_name(adapter, "adapter")
+        with self._reader.connect() as conn:
+            row = conn.execute(select(tenants.c.id, tenants.c.quotas).where(tenants.c.name == tenant)).first()
+            if row is None:
+                raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
+            enforce_new_version(conn, int(row.id), TenantQuotas.stored(row.quotas), adapter, nbytes)
 
     def get_version(self, tenant: str, adapter: str, version: int) -> VersionRecord:
         validate_name(tenant, "tenant")

@@ -63,8 +63,8 @@ def run(tmp: Path, *, rounds: int, n_registered: int) -> dict[str, Any]:
     pristine = copy.deepcopy(base.model)  # the engine wraps base.model in place
     catalog = Catalog(Registry(f"sqlite:///{tmp}/registry.db"), LocalStore(tmp / "store"))
     engine = Engine(base, catalog, EngineConfig(device_slots=129, max_batch_size=128))
-    for tenant in ["bench", "mem", *(f"t{i}" for i in range(100))]:
-        catalog.registry.create_tenant(tenant)
+    for tenant in ["bench", "mem", *(f"t{i}" for i in range(100))]:  # "mem" holds 400 adapters
+        catalog.registry.create_tenant(tenant, quotas={"max_adapters": 100_000})
 
     arts = [random_artifact(base.spec, r=8, targets=("query", "value"), n_labels=2, seed=i)
             for i in range(max(COUNTS))]

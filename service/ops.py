@@ -12,6 +12,7 @@ from typing import Any
 
 from adapters.errors import ArtifactError, FingerprintMismatchError, NotFoundError
 from adapters.artifact import AdapterManifest
+from adapters.import_checks import probe_logits
 from adapters.names import validate_name
 from adapters.peft_format import TAILOR_FILE, export_peft, import_peft, unzip_files, zip_files
 from adapters.quotas import TenantQuotas
@@ -30,7 +31,7 @@ ZIP_OVERHEAD = 4 << 20  # config + manifest next to the weights
 
 def tenant_out(t: Tenant) -> dict[str, Any]:
     return {"name": t.name, "created_at": t.created_at,
-            "quotas": TenantQuotas.from_dict(t.quotas or None).to_dict()}
+            "quotas": TenantQuotas.stored(t.quotas).to_dict()}
 
 
 def key_out(k: Any) -> dict[str, Any]:
@@ -99,18 +100,13 @@ def parse_labels(raw: str | None) -> list[str] | None:
     if text.startswith("["):
         try:
             labels = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(422, "invalid_request", "labels: not a valid JSON list", param="labels") from None
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise ApiError(422, "invalid_request", "labels: must be a list of strings", param="labels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ApiError(422, "invalid_request", "labels: must be a non-empty list of strings", param="labels")
     else:
         labels = text.split(",")
-    labels = [x.strip() for x in labels]
-    if not labels or any(not x for x in labels):
-        raise ApiError(422, "invalid_request", "labels: empty label name", param="labels")
-    if len(set(labels)) != len(labels):
-        raise ApiError(422, "invalid_request", "labels: names must be unique", param="labels")
-    return labels
+    return labels  # checked by the library with the dataset rules (import_checks.clean_labels)
 
 
 def check_manifest_base(files: dict[str, bytes], fingerprint: str) -> None:
@@ -137,20 +133,21 @@ def import_adapter(state: TailorState, tenant: str, name: str, data: bytes, labe
     engine = state.require_engine()
     validate_name(name, "adapter")
     spec = engine.base.spec
+    # Quotas (adapters, versions, storage): an early answer before the costly checks below; the
+    # registry decides for good when the version is added, in one transaction.
+    state.registry.check_quotas(tenant, name)
     try:
         existing = state.registry.get_adapter(tenant, name)
     except NotFoundError:
         existing = None
-        quotas = TenantQuotas.from_dict(state.registry.get_tenant(tenant).quotas or None)
-        count = len(state.registry.list_adapters(tenant))
-        if count >= quotas.max_adapters:
-            raise ApiError(409, "adapter_quota_exceeded",
-                           f"tenant has {count} adapters; its quota is {quotas.max_adapters}", param="adapter")
     if not data:
         raise ApiError(422, "invalid_artifact", "the uploaded file is empty", param="file")
     files = unzip_files(data, max_bytes=state.catalog.max_adapter_bytes + ZIP_OVERHEAD)
     check_manifest_base(files, spec.fingerprint)
-    artifact = import_peft(files, spec, labels=labels)
+    quotas = TenantQuotas.stored(state.registry.get_tenant(tenant).quotas)
+    # The bar training sets: labels as for datasets, targets against the base, finite logits.
+    artifact = import_peft(files, spec, labels=labels, limits=quotas.dataset_limits())
+    probe_logits(engine, artifact)
     if promote is None:
         promote = existing is None or "prod" not in existing.aliases
     record = state.catalog.publish(tenant, name, artifact, promote=promote, spec=spec)

@@ -163,13 +163,20 @@ def test_train_refuses_bad_data_before_any_job_exists(server, tmp_path, monkeypa
 
 def test_wait_exits_1_when_the_job_does_not_succeed(server, tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "g.jsonl", sentiment(40, seed=2))
+    # target modules the base lacks are refused when the job is submitted (no job is created) ...
     bad_targets = {**FAST_HP, "target_modules": ["attention.nonexistent"]}
     rc, out, err = cli(monkeypatch, capsys, server, "globex", "train", "broken", str(data), "--wait",
                        *hp_flags(bad_targets))
+    assert rc == 1 and "matches no linear layer" in err, (out, err)
+    with TailorClient(server.url, server.keys["globex"]) as g:
+        assert "broken" not in [j["adapter"] for j in g.list_jobs()]
+    # ... while a job that fails once it runs (a learning rate that diverges) ends --wait with 1
+    rc, out, err = cli(monkeypatch, capsys, server, "globex", "train", "broken", str(data), "--wait",
+                       *hp_flags({**FAST_HP, "learning_rate": 1.0}))
     assert rc == 1
     job = json.loads(out)
-    assert job["status"] == "failed" and job["error"]["code"] == "invalid_hyperparameters", job
-    assert "matches no linear layer" in job["error"]["message"] and f"job {job['id']}: failed" in err
+    assert job["status"] == "failed" and job["error"]["code"] == "training_diverged", job
+    assert f"job {job['id']}: failed" in err
     with TailorClient(server.url, server.keys["globex"]) as g:
         assert "broken" not in [a["name"] for a in g.list_adapters()]  # a failed job registers nothing
         slow = g.create_job("slow", training_file=g.upload_file(data)["id"],

@@ -2,7 +2,9 @@
 
 ``Files.upload`` parses and validates the bytes (``adapters.datasets``) before anything is
 written; only a valid dataset is stored, as normalised JSON Lines under a fresh store key,
-and then recorded in the ``files`` table. A file id is only ever visible to its tenant:
+and then recorded in the ``files`` table. An upload whose bytes would take the tenant past its
+storage quota (``max_storage_bytes``: uploaded files plus adapter versions) is refused
+(``StorageQuotaError``, 409) before it is parsed, and again, atomically, when it is recorded. A file id is only ever visible to its tenant:
 another tenant's id is "not found". Deleting a file leaves jobs that already copied it alone.
 """
 
@@ -19,6 +21,7 @@ from adapters.datasets import Dataset, DatasetLimits, parse_dataset
 from adapters.errors import InvalidNameError, NotFoundError
 from adapters.jobs.model import FileRecord
 from adapters.names import validate_name
+from adapters.quotas import TenantQuotas, enforce_storage, lock_tenant
 from adapters.schema import read_only, utcnow
 from adapters.store import AdapterStore
 
@@ -52,6 +55,10 @@ class Files:
         filename = _clean_filename(filename)
         if format is None and filename.lower().endswith((".csv", ".jsonl", ".json")):
             format = "csv" if filename.lower().endswith(".csv") else "jsonl"
+        with self._read.connect() as conn:  # early answer before parsing; decided again below
+            tid = _tenant_id(conn, tenant)
+            quotas = TenantQuotas.stored(conn.scalar(select(schema.tenants.c.quotas).where(schema.tenants.c.id == tid)))
+            enforce_storage(conn, tid, quotas, len(data), what=f"file {filename!r}", param="file")
         ds = parse_dataset(data, format=format, limits=limits, what=filename)
         file_id = new_id("file")
         key = f"tenants/{tenant}/files/{file_id}.jsonl"
@@ -59,7 +66,9 @@ class Files:
         sha = self.store.put(key, body)
         try:
             with self.db.begin() as conn:
-                tid = _tenant_id(conn, tenant)
+                # The tenant row stays locked to the insert: concurrent uploads count in turn.
+                tid, quotas = lock_tenant(conn, tenant)
+                enforce_storage(conn, tid, quotas, len(data), what=f"file {filename!r}", param="file")
                 row = {
                     "id": file_id, "tenant_id": tid, "filename": filename,
                     "format": format or ("jsonl" if data.lstrip()[:1] == b"{" else "csv"),

@@ -39,6 +39,8 @@ from sqlalchemy import ColumnElement, Engine, and_, case, func, insert, or_, sel
 from adapters import schema
 from adapters.datasets import Dataset
 from adapters.errors import ConflictError, NotFoundError, TailorError
+from adapters.fingerprint import BaseSpec
+from adapters.import_checks import check_target_modules
 from adapters.jobs import fair_share
 from adapters.jobs.fair_share import Contender, QueuedJob, TenantClock
 from adapters.jobs.files import dataset_to_jsonl, new_id
@@ -47,10 +49,10 @@ from adapters.jobs.model import (
     Job, JobDurations, JobError, JobEvent,
 )
 from adapters.names import validate_name
-from adapters.quotas import TenantQuotas
+from adapters.quotas import TenantQuotas, enforce_job
 from adapters.schema import read_only, utcnow
 from adapters.store import AdapterStore
-from adapters.training.hyperparams import Hyperparameters
+from adapters.training.hyperparams import HyperparameterError, Hyperparameters
 
 _JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 log = logging.getLogger(__name__)
@@ -85,8 +87,10 @@ class JobManager:
     def submit(
         self, tenant: str, adapter: str, *, training: Dataset, validation: Dataset | None = None,
         method: str = "lora", hyperparameters: dict[str, Any] | None = None, promote: str = "auto",
-        training_file: str | None = None, validation_file: str | None = None,
+        training_file: str | None = None, validation_file: str | None = None, spec: BaseSpec | None = None,
     ) -> Job:
+        """``spec``: the base model the job will train on, when the caller has it loaded; LoRA
+        ``target_modules`` are then checked against it now instead of failing the job later."""
         validate_name(tenant, "tenant")
         validate_name(adapter, "adapter")
         if method not in METHODS:
@@ -95,7 +99,10 @@ class JobManager:
             raise InvalidJobError(f"promote must be one of {', '.join(PROMOTE_MODES)}, got {promote!r}",
                                   param="promote")
         hp = dict(hyperparameters or {})
-        Hyperparameters.from_dict(hp)  # a bad value is a client error now, not a failed job later
+        # a bad value is a client error now, not a failed job later
+        targets = Hyperparameters.from_dict(hp).target_modules
+        if spec is not None and isinstance(targets, tuple):
+            check_target_modules(spec, targets, param="hyperparameters.target_modules", error=HyperparameterError)
         job_id = new_id("ftjob")
         prefix = f"tenants/{tenant}/jobs/{job_id}"
         train_key, val_key = f"{prefix}/train.jsonl", f"{prefix}/validation.jsonl" if validation else None
@@ -118,7 +125,7 @@ class JobManager:
                 ).first()
                 if tenant_row is None:
                     raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
-                quotas = TenantQuotas.from_dict(tenant_row.quotas or None)
+                quotas = TenantQuotas.stored(tenant_row.quotas)
                 active = conn.execute(
                     select(func.count()).select_from(J).where(J.c.tenant_id == tenant_row.id, J.c.status.in_(ACTIVE))
                 ).scalar_one()
@@ -126,6 +133,7 @@ class JobManager:
                     raise JobLimitError(
                         f"tenant already has {active} active jobs; the quota is {quotas.max_active_jobs}. "
                         "Wait for one to finish or cancel one.", param="adapter")
+                enforce_job(conn, tenant_row.id, quotas, adapter)  # adapters, versions, storage
                 conn.execute(insert(J).values(
                     id=job_id, tenant_id=tenant_row.id, tenant=tenant, adapter=adapter, status=QUEUED,
                     method=method, promote=promote, hyperparameters=hp, resolved_hyperparameters=None,

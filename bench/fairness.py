@@ -12,9 +12,9 @@ with ``--no-yield`` (first come, first served, as before fair sharing): the smal
 the long job to end. The long job must still succeed with every epoch trained once.
 
 Targets: every wait within one epoch of the long job and under 2 minutes. Quick mode uses a
-smaller long job, a 10 s minimum turn and a 15 s slice (so yields show up within a few
-minutes); the full run uses an 1,800-row long job, as in the report that asked for this, and
-the defaults (30 s, 60 s). Also reported: how often the long job yielded and what each switch
+300-row long job and a 30 s slice (mid-epoch yields show up within a few minutes); the full run
+uses an 1,800-row long job, as in the report that asked for this, and the defaults (a 30 s
+minimum turn, a 60 s slice). Also reported: how often the long job yielded and what each switch
 back cost (claim to training resumed).
 Texts are synthetic reviews of realistic length (the data's content does not matter here, its
 size does). A PNG shows both runs as timelines.
@@ -60,7 +60,7 @@ class Setup:
     threads: int = 1
 
 
-QUICK = Setup(long_rows=300, long_epochs=3, min_turn_seconds=10.0, slice_seconds=15.0, submit_at=(0.1, 0.45, 0.8))
+QUICK = Setup(long_rows=300, long_epochs=3, min_turn_seconds=30.0, slice_seconds=30.0, submit_at=(0.1, 0.45, 0.8))
 FULL = Setup(long_rows=1800, long_epochs=3, min_turn_seconds=30.0, slice_seconds=60.0,
              submit_at=(0.05, 0.3, 0.55, 0.8))
 
@@ -178,19 +178,16 @@ def describe(run: Run, jm: JobManager, long_id: str) -> None:
     for i, ((t_a, kind_a), (t_b, kind_b)) in enumerate(zip(marks, marks[1:])):
         if kind_b == "epoch" and (kind_a == "epoch" or (kind_a == "start" and i == 0)):
             pieces.append(t_b - t_a)
-    epoch_s = statistics.median(pieces) if pieces else float("nan")
     run.long_job = {
         "status": long.status, "epochs_run": long.metrics.get("epochs_run"),
         "epochs_trained": [n for n, _ in epoch_ends], "val_accuracy": long.metrics.get("val_accuracy"),
-        "epoch_seconds": round(epoch_s, 2), "epoch_seconds_all": [round(x, 2) for x in pieces],
+        "epoch_seconds_uninterrupted": [round(x, 2) for x in pieces],
         "wall_seconds": round((long.finished_at - long.created_at).total_seconds(), 1) if long.finished_at else None,
         "yields": [e.message.split("; it resumes from its checkpoint ")[-1] for e in yields],
         "resumes": [e.message for e in events if e.message.startswith("resumed from the checkpoint")],
         "resume_seconds": resume_costs(events),
         "attempts": long.attempts,
     }
-    for sample in run.samples:
-        sample["wait_epochs"] = round(sample["wait_seconds"] / epoch_s, 3) if pieces else None
     for tenant in ("big", "small"):
         for job in jm.list(tenant, limit=100):
             segs, start = [], None
@@ -246,13 +243,22 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     args = p.parse_args()
     setup = QUICK if args.quick else FULL
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="tailor-fairness-") as tmp:
         fair = scenario(Path(tmp) / "fair", setup, fair=True, submit_at=setup.submit_at)
         fcfs = scenario(Path(tmp) / "fcfs", setup, fair=False, submit_at=setup.submit_at[:1])
+    # the long job's epoch: every epoch either run trained in one piece (the first-come run's are
+    # never interrupted), validation included
+    epoch_s = statistics.median(fair.long_job["epoch_seconds_uninterrupted"]
+                                + fcfs.long_job["epoch_seconds_uninterrupted"])
+    for sample in fair.samples + fcfs.samples:
+        sample["wait_epochs"] = round(sample["wait_seconds"] / epoch_s, 3)
     waits = [s["wait_seconds"] for s in fair.samples]
-    in_epochs = [s["wait_epochs"] for s in fair.samples if s["wait_epochs"] is not None]
+    in_epochs = [s["wait_epochs"] for s in fair.samples]
     result = {
-        "machine": machine(), "quick": args.quick,
+        "machine": {**machine(), "load_average_1_5_15_min": {"start": [round(x, 2) for x in load_before],
+                                                             "end": [round(x, 2) for x in os.getloadavg()]}},
+        "quick": args.quick,
         "setup": {"workers": 1, "torch_threads": setup.threads, "base": "bundled all-MiniLM-L6-v2, LoRA defaults",
                   "long_job_rows": setup.long_rows, "long_job_epochs": setup.long_epochs,
                   "small_job_rows": SMALL_ROWS, "max_length": setup.max_length, "batch_size": setup.batch_size,
@@ -263,16 +269,16 @@ def main() -> None:
         "first_come_first_served": {"samples": fcfs.samples, "long_job": fcfs.long_job},
         "summary": {
             "max_wait_seconds": max(waits), "median_wait_seconds": statistics.median(waits),
-            "max_wait_epochs": max(in_epochs) if in_epochs else None,
+            "max_wait_epochs": max(in_epochs),
             "fcfs_wait_seconds": fcfs.samples[0]["wait_seconds"] if fcfs.samples else None,
-            "long_job_epoch_seconds": fair.long_job["epoch_seconds"],
+            "long_job_epoch_seconds": round(epoch_s, 2),
             "long_job_wall_seconds": {"fair": fair.long_job["wall_seconds"], "fcfs": fcfs.long_job["wall_seconds"]},
             "long_job_yields": len(fair.long_job["yields"]),
             "median_resume_seconds": statistics.median(fair.long_job["resume_seconds"])
             if fair.long_job["resume_seconds"] else None,
         },
         "targets": {
-            "wait_within_one_epoch": bool(in_epochs) and max(in_epochs) <= 1.0,
+            "wait_within_one_epoch": max(in_epochs) <= 1.0,
             "wait_under_2_minutes": max(waits) < TARGET_WAIT_S,
             "long_job_succeeded_every_epoch_once": fair.long_job["status"] == "succeeded"
             and fair.long_job["epochs_trained"] == list(range(1, (fair.long_job["epochs_run"] or 0) + 1)),

@@ -9,7 +9,10 @@ and imports ``--versions`` versions of adapter ``clf`` for each, whose label nam
 and version (``t007-v2-a``), so every prediction shows which adapter answered. Then, for
 ``--seconds`` (warm-up included):
 
-* closed-loop clients predict for random tenants: ``clf`` (prod) or a pinned ``clf@N``;
+* ``--clients`` clients predict for random tenants, ``clf`` (prod) or a pinned ``clf@N``, one
+  request in flight each, thinking between requests so that together they offer about
+  ``--rate`` requests/s (0: no thinking, as fast as answered: the server saturated, where
+  latency is mostly queueing);
 * every ``churn_every`` seconds a random tenant's prod is promoted to another version or
   rolled back, then probed on new connections until every worker serves the change;
 * every ``job_every`` seconds a tenant submits a small training job (adapter ``job``);
@@ -50,16 +53,17 @@ from bench.soak_tenants import HOSTILE, Tenant, create_tenants, import_versions,
 # small and quick, yet enough steps to learn the job's two-word-list set (no divergence stop)
 JOB_HYPERPARAMETERS = {"epochs": 6, "batch_size": 8, "learning_rate": 0.005, "max_length": 32, "lora_r": 4,
                        "target_modules": ["query", "value"]}
-QUICK = {"tenants": 12, "versions": 3, "seconds": 60.0, "warmup": 15.0, "clients": 6, "hostile_clients": 2,
-         "churn_every": 2.0, "job_every": 12.0}
-FULL = {"tenants": 100, "versions": 3, "seconds": 600.0, "warmup": 60.0, "clients": 16, "hostile_clients": 3,
-        "churn_every": 3.0, "job_every": 20.0}
+QUICK = {"tenants": 12, "versions": 3, "seconds": 60.0, "warmup": 15.0, "clients": 6, "rate": 15.0,
+         "hostile_clients": 2, "churn_every": 2.0, "job_every": 12.0}
+FULL = {"tenants": 100, "versions": 3, "seconds": 600.0, "warmup": 60.0, "clients": 16, "rate": 10.0,
+        "hostile_clients": 3, "churn_every": 3.0, "job_every": 20.0}
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__.splitlines()[0])
     for name, kind in (("tenants", int), ("versions", int), ("seconds", float), ("warmup", float),
-                       ("clients", int), ("hostile-clients", int), ("churn-every", float), ("job-every", float)):
+                       ("clients", int), ("rate", float), ("hostile-clients", int), ("churn-every", float),
+                       ("job-every", float)):
         p.add_argument(f"--{name}", type=kind, default=None, help="overrides the mode's value")
     p.add_argument("--workers", type=int, default=2, help="serving workers (>= 2: one is killed)")
     p.add_argument("--base-model", default=None, help="a local model folder (default: the bundled MiniLM)")
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole soak; returns the result (also written to ``args.out`` with a PNG beside it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = load_base(args.base_model).spec
-    plan = Plan(seconds=args.seconds, warmup=args.warmup, clients=args.clients, hostile_clients=args.hostile_clients,
+    plan = Plan(seconds=args.seconds, warmup=args.warmup, clients=args.clients, rate=args.rate,
+                hostile_clients=args.hostile_clients,
                 churn_every=args.churn_every, job_every=args.job_every,
                 kill_at=None if args.no_kill else args.warmup + 0.25 * (args.seconds - args.warmup),
                 kill_pool_holder=args.kill_pool_holder, max_requests=1_000_000, job_rows=32,

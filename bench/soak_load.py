@@ -33,7 +33,8 @@ BAD_KEY = "tk-forged-0000000000000000000000000000"
 class Plan:
     seconds: float  # the whole run, warm-up included
     warmup: float  # latency and RSS baselines start after this
-    clients: int  # closed-loop predict clients of the well-behaved tenants
+    clients: int  # predict clients of the well-behaved tenants, one request in flight each
+    rate: float  # their offered requests/s in all (think times between requests); 0: none, as fast as answered
     hostile_clients: int
     churn_every: float  # a promote or rollback this often
     job_every: float  # a training job submitted this often
@@ -89,6 +90,7 @@ class Recorder:
     probes: list[Probe] = field(default_factory=list)
     jobs: list[JobRecord] = field(default_factory=list)
     rss: list[RssSample] = field(default_factory=list)
+    roles: dict[int, str] = field(default_factory=dict)  # pid -> its role in the server's tree
     kill: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -109,7 +111,7 @@ class Soak:
         self.server, self.tenants, self.hostile, self.corpus, self.plan = server, tenants, hostile, corpus, plan
         self.timeline = timeline
         self.prod = dict(timeline.initial)
-        self.rec = Recorder(start=time.monotonic())
+        self.rec = Recorder(start=time.monotonic(), roles=server.roles)
         self.end = self.rec.start + plan.seconds
         self._workers_seen: set[str] = set()
 
@@ -148,12 +150,17 @@ class Soak:
         return answer
 
     async def client(self, i: int) -> None:
-        """A closed-loop client: a random tenant's prod (80%) or a pinned version, 1-3 texts;
-        a new connection every 25 requests so load spreads over workers, respawned ones too."""
+        """A client with one request in flight: a random tenant's prod (80%) or a pinned version,
+        1-3 texts; a new connection every 25 requests so load spreads over workers, respawned
+        ones too. Between requests it thinks (exponential, mean clients / rate), so the offered
+        load stays near ``rate`` while the server keeps up and falls when it does not."""
         rng = random.Random(self.plan.seed * 1000 + i)
+        think = self.plan.clients / self.plan.rate if self.plan.rate > 0 else 0.0
         conn = self.conn()
         try:
             for n in range(self.plan.max_requests):
+                if think:
+                    await asyncio.sleep(min(rng.expovariate(1 / think), max(0.0, self.end - time.monotonic())))
                 if not self.running():
                     break
                 t = rng.choice(self.tenants)

@@ -227,9 +227,28 @@ def rss_summary(rec: Recorder, warm_end: float) -> dict[str, Any]:
     out["survivors_after_warmup_mb"] = round(first / 2**20, 1)
     out["survivors_growth"] = round(last / first - 1, 4) if first else None
     out["growth"] = out["total_growth"]
+    # the trend, beside the two windows: serving processes that lived through the run
+    serving = [p for p in survivors if rec.roles.get(p) != "training"]
+    ys = [sum(s.per_pid.get(p, 0) for p in serving) / 2**20 for s in after]
+    out["serving_survivors_slope_mb_per_min"] = round(60 * _slope([s.t for s in after], ys), 2)
+    every = max(1, len(rec.rss) // 120)
+    out["per_process"] = {str(pid): {"role": rec.roles.get(pid, "?"),
+                                     "t_s": [round(s.t - rec.start, 1) for s in rec.rss[::every] if pid in s.per_pid],
+                                     "mb": [round(s.per_pid[pid] / 2**20, 1) for s in rec.rss[::every]
+                                            if pid in s.per_pid]}
+                          for pid in sorted({p for s in rec.rss for p in s.per_pid})}
     out["max_total_mb"] = round(max(s.total for s in rec.rss) / 2**20, 1)
     out["window_samples"] = k
     return out
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (0 for fewer than two points)."""
+    if len(xs) < 2:
+        return 0.0
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
 def promotion_summary(rec: Recorder, timeline: Timeline, rel: Any, workers: int) -> dict[str, Any]:
@@ -291,14 +310,14 @@ def job_summary(rec: Recorder, rel: Any) -> dict[str, Any]:
 
 
 def plot(png: Path, result: dict[str, Any]) -> None:
-    """Latency (p50/p99 per bin), request rates, and process-tree RSS over the run."""
+    """Latency (p50/p99 per bin), the process tree's RSS, and each process's RSS over the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lat, rss = result["latency"]["series"], result["rss"]["series"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True)
     ax1.plot(lat["t_s"], lat["p50_ms"], label="p50")
     ax1.plot(lat["t_s"], lat["p99_ms"], label="p99")
     ax1.set_yscale("log")
@@ -306,15 +325,18 @@ def plot(png: Path, result: dict[str, Any]) -> None:
     ax2.plot(rss["t_s"], rss["total_mb"], label="process tree")
     ax2.plot(rss["t_s"], rss["serving_mb"], label="serving processes")
     ax2.set_ylabel("RSS, MB")
-    ax2.set_xlabel("seconds into the run")
-    for ax in (ax1, ax2):
+    for pid, proc in result["rss"].get("per_process", {}).items():
+        ax3.plot(proc["t_s"], proc["mb"], linewidth=1, label=f"{proc['role']} {pid}")
+    ax3.set_ylabel("RSS per process, MB")
+    ax3.set_xlabel("seconds into the run")
+    for ax in (ax1, ax2, ax3):
         ax.axvspan(0, result["config"]["warmup_s"], color="0.85", label="warm-up")
         if result["kill"]["window_s"]:
             ax.axvspan(*result["kill"]["window_s"], color="tab:red", alpha=0.2, label="kill window")
         for c in result["promotions"]["changes"]:
             ax.axvline(c["at_s"], color="tab:green", alpha=0.15, linewidth=0.8)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=7, ncol=2)
     checks = ", ".join(f"{k}={'ok' if v['ok'] else 'FAIL'}" for k, v in result["checks"].items()
                        if k in ("wrong_adapter_answers", "well_formed_failures_outside_window",
                                 "rss_growth_after_warmup", "stuck_jobs", "promotion_served_max_s"))

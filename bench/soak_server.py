@@ -67,6 +67,7 @@ class SoakServer:
                                      cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self._seen: dict[int, psutil.Process] = {}  # every process of the tree ever seen
+        self.roles: dict[int, str] = {}  # pid -> "arbiter" | "serving" | "training"
 
     def log_tail(self, n: int = 60) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
@@ -109,6 +110,8 @@ class SoakServer:
             serving += 0 if training else rss
             n += 1
             per_pid[p.pid] = rss
+            self.roles.setdefault(p.pid, "arbiter" if p.pid == self.proc.pid else
+                                  "training" if training else "serving")
         return RssSample(time.monotonic(), total, serving, n, per_pid, os.getloadavg()[0])
 
     def runs_training_pool(self, pid: int) -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from adapters.base import tiny_base
 from adapters.datasets import from_records
+from adapters.jobs import shared_checkpoints
 from adapters.jobs.fair_share import (
     FairShare, QueuedJob, TenantClock, YieldCheck, contender, describe_position, queue_order, tenant_order,
 )
@@ -364,6 +365,10 @@ def test_a_small_job_runs_before_another_tenants_long_job_ends(home, worker):
     assert any(m.startswith("queued: position") for m in messages)
     resumed = [m for m in messages if m.startswith("resumed from the checkpoint after epoch")]
     assert resumed and not any(m.endswith("after epoch 0") for m in resumed)
+    # the worker dropped its local copy when it yielded: the newest one came through the store
+    assert any("resuming from its checkpoint in the store" in m for m in messages)
+    assert jm.store.list(shared_checkpoints.prefix("acme", long.id)) == []  # removed once the job ended
+    assert not (home / "checkpoints" / long.id).exists()
     # every epoch trained exactly once: the resumed run continued where the yield left it
     epochs = [e.data["epoch"] for e in jm.events("acme", long.id) if e.type == "metrics" and e.data
               and "val_accuracy" in e.data]

@@ -100,7 +100,7 @@ def test_a_dead_workers_job_is_picked_up_after_its_lease(home):
     assert got.status == "succeeded" and got.attempts == 2, (got.status, done.stderr[-3000:])
     assert "lease expired" in done.stderr
     messages = [e.message for e in jm.events("acme", job.id)]
-    assert any("resuming from checkpoint shared by another worker" in m for m in messages), messages
+    assert any("resuming from its checkpoint in the store" in m for m in messages), messages
     assert any("resumed from the checkpoint after epoch" in m for m in messages)
     # the job is over: its checkpoints are gone, here and in the store
     assert jm.store.list(shared_checkpoints.prefix("acme", job.id)) == []

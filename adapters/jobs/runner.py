@@ -75,7 +75,9 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
                        "validation_split": job.validation_key is None}
             m.set_running(job.id, ctx.worker_id, resolved.to_dict(), summary)
             fetched = shared_checkpoints.fetch(m.store, job.tenant, job.id, ckpt)
-            resuming = " (resuming from checkpoint" + (" shared by another worker)" if fetched else ")")
+            # fetched: the checkpoint came through the store (another worker's, or this one's after
+            # it yielded the job and dropped its local copy)
+            resuming = " (resuming from " + ("its checkpoint in the store)" if fetched else "checkpoint)")
             m.event(job.id, "info", f"training {job.method} on {len(train_ds)} examples, validating on "
                     f"{len(val_ds)}" + (resuming if (ckpt / "state.json").exists() else ""))
             result = train(
@@ -212,7 +214,8 @@ def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat, turn: YieldCheck, sh
                     "only this worker can resume the job")
 
     def should_yield(at_epoch_end: bool) -> bool:
-        return not hb.should_stop() and turn(at_epoch_end)
+        # not while the store is away: another worker resuming the job could not fetch its progress
+        return shared.ok and not hb.should_stop() and turn(at_epoch_end)
 
     return TrainCallbacks(on_step=on_step, on_epoch=on_epoch, should_stop=hb.should_stop, on_event=on_event,
                           on_checkpoint=on_checkpoint, should_yield=should_yield)

@@ -29,7 +29,7 @@ JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "c
 
 
 def _limits(state: TailorState, tenant: str) -> DatasetLimits:
-    quotas = TenantQuotas.from_dict(state.registry.get_tenant(tenant).quotas or None)
+    quotas = TenantQuotas.stored(state.registry.get_tenant(tenant).quotas)
     return dataclasses.replace(quotas.dataset_limits(), max_bytes=state.settings.max_upload_bytes)
 
 

@@ -76,7 +76,7 @@ class RateLimiter:
             return cached[0]
         # fetched outside the bucket lock: a database round trip must not serialise requests
         try:
-            quota = TenantQuotas.from_dict(self.registry.get_tenant(tenant).quotas or None).requests_per_second
+            quota = TenantQuotas.stored(self.registry.get_tenant(tenant).quotas).requests_per_second
         except Exception:  # noqa: BLE001 - a bad stored quota must not lock the tenant out
             quota = 0.0
         rate = quota or self.default_rate

@@ -5,7 +5,7 @@ Every test runs on SQLite and on PostgreSQL (the ``database_url`` fixture)."""
 from __future__ import annotations
 
 import threading
-import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -14,6 +14,7 @@ from adapters.errors import ConflictError, NotFoundError
 from adapters.jobs.manager import JobLimitError, JobManager, LostJobError
 from adapters.jobs.supervisor import local_worker_dead
 from adapters.registry import Registry
+from adapters.schema import utcnow
 from adapters.store import LocalStore
 
 DATA = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [
@@ -21,12 +22,38 @@ DATA = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [
 ]
 
 
+LEASE_S = 60.0
+
+
+class Clock:
+    """The manager's clock, moved by the test: leases run out without waiting. Each reading is
+    one microsecond after the last, so jobs keep their submit order."""
+
+    def __init__(self) -> None:
+        self._now = utcnow()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            self._now += timedelta(microseconds=1)
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += timedelta(seconds=seconds)
+
+
 @pytest.fixture()
-def jm(tmp_path, database_url):
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture()
+def jm(tmp_path, database_url, clock):
     reg = Registry(database_url)
     reg.create_tenant("acme", quotas={"max_concurrent_jobs": 1, "max_active_jobs": 3})
     reg.create_tenant("globex")
-    return JobManager(reg.engine, LocalStore(tmp_path / "store"), lease_seconds=0.5)
+    return JobManager(reg.engine, LocalStore(tmp_path / "store"), lease_seconds=LEASE_S, clock=clock)
 
 
 def submit(jm, tenant="acme", adapter="sent", **kw):
@@ -122,12 +149,14 @@ def test_cancel_queued_is_immediate_and_running_is_flagged(jm):
     assert jm.get("acme", running.id).status == "cancelled"
 
 
-def test_recover_requeues_then_fails_after_max_attempts(jm):
+def test_recover_requeues_then_fails_after_max_attempts(jm, clock):
     job = submit(jm)
     for attempt in (1, 2, 3):
         claimed = jm.claim(f"w{attempt}")
         assert claimed.id == job.id and claimed.attempts == attempt
-        time.sleep(0.6)  # the lease (0.5 s) runs out: the worker is presumed dead
+        clock.advance(LEASE_S - 1)
+        assert jm.recover(max_attempts=3) == []  # the lease still holds
+        clock.advance(2)  # the lease runs out: the worker is presumed dead
         assert jm.recover(max_attempts=3) == [job.id]
     final = jm.get("acme", job.id)
     assert final.status == "failed" and final.error.code == "worker_lost"
@@ -135,11 +164,27 @@ def test_recover_requeues_then_fails_after_max_attempts(jm):
     assert sum("requeued" in m for m in messages) == 2
 
 
-def test_a_worker_that_lost_its_job_cannot_write(jm):
+def test_heartbeat_renews_the_lease(jm, clock):
+    job = submit(jm)
+    jm.claim("w1")
+    for _ in range(3):  # three leases' worth of time, each renewed before it ran out
+        clock.advance(LEASE_S - 1)
+        assert jm.heartbeat(job.id, "w1") is False
+        assert jm.recover() == []
+    clock.advance(LEASE_S - 1)
+    assert jm.recover() == []
+    clock.advance(2)  # no heartbeat for longer than the lease
+    assert jm.recover() == [job.id]
+    assert jm.get("acme", job.id).status == "queued"
+    with pytest.raises(LostJobError):
+        jm.heartbeat(job.id, "w1")
+
+
+def test_a_worker_that_lost_its_job_cannot_write(jm, clock):
     job = submit(jm)
     jm.claim("old")
-    time.sleep(0.6)
-    jm.recover()
+    clock.advance(LEASE_S + 1)
+    assert jm.recover() == [job.id]
     assert jm.claim("new").id == job.id
     with pytest.raises(LostJobError):
         jm.heartbeat(job.id, "old")

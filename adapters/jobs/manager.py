@@ -77,8 +77,12 @@ class InvalidJobError(TailorError, ValueError):
 
 
 class JobManager:
-    def __init__(self, db: Engine, store: AdapterStore, *, lease_seconds: float = 60.0) -> None:
+    def __init__(self, db: Engine, store: AdapterStore, *, lease_seconds: float = 60.0,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        """``clock``: the aware UTC time the manager stamps jobs with and judges leases by
+        (tests inject one to let a lease run out without waiting)."""
         self.db, self.store = db, store
+        self.now = clock
         self._read = read_only(db)
         self.lease = timedelta(seconds=lease_seconds)
 
@@ -110,7 +114,7 @@ class JobManager:
         self.store.put(train_key, dataset_to_jsonl(training))
         if validation is not None and val_key:
             self.store.put(val_key, dataset_to_jsonl(validation))
-        now = utcnow()
+        now = self.now()
         summary = {
             "training_examples": len(training), "validation_examples": len(validation) if validation else None,
             "labels": list(training.labels), "duplicates_dropped": training.duplicates_dropped,
@@ -181,7 +185,7 @@ class JobManager:
     def cancel(self, tenant: str, job_id: str) -> Job:
         job = self.get(tenant, job_id)
         with self.db.begin() as conn:
-            now = utcnow()
+            now = self.now()
             # Locked so a worker's claim and this cancel cannot interleave (PostgreSQL).
             status = conn.execute(select(J.c.status).where(J.c.id == job.id).with_for_update()).scalar_one()
             if status in FINISHED:
@@ -217,14 +221,14 @@ class JobManager:
 
         The job is the oldest queued job of the tenant first in ``fair_share.tenant_order``
         (least recently on a worker) that is under its ``max_concurrent_jobs``."""
-        now = utcnow()
+        now = self.now()
         T = schema.tenants
         with self.db.begin() as conn:
             clocks = _clocks(conn)
             quotas = dict(conn.execute(select(T.c.id, T.c.quotas).where(T.c.id.in_(list(clocks)))).all()) \
                 if clocks else {}
             for clock in fair_share.tenant_order(clocks.values()):
-                limit = max(1, TenantQuotas.from_dict(quotas.get(clock.tenant_id) or None).max_concurrent_jobs)
+                limit = max(1, TenantQuotas.stored(quotas.get(clock.tenant_id)).max_concurrent_jobs)
                 if clock.on_worker >= limit:
                     continue
                 # Claims of one tenant count its running jobs in turn, so two workers cannot both
@@ -264,7 +268,7 @@ class JobManager:
             tenant_id = conn.execute(select(J.c.tenant_id).where(J.c.id == job_id)).scalar_one_or_none()
             if tenant_id is None:
                 return None
-            return fair_share.contender(_clocks(conn).values(), tenant_id, utcnow(), grace_seconds)
+            return fair_share.contender(_clocks(conn).values(), tenant_id, self.now(), grace_seconds)
 
     def release(self, job_id: str, worker_id: str, *, message: str) -> bool:
         """Give the worker back at a checkpoint: the job is ``queued`` again (same job, not
@@ -272,7 +276,7 @@ class JobManager:
         on whichever worker claims it next. ``message`` (the reason) and the job's new queue
         position go to its events. False, with nothing changed, when a cancel was requested
         meanwhile: the caller cancels the job instead. Raises ``LostJobError`` if not ours."""
-        now = utcnow()
+        now = self.now()
         with self.db.begin() as conn:
             cancel = conn.execute(select(J.c.cancel_requested).where(_mine(job_id, worker_id)).with_for_update()) \
                 .scalar_one_or_none()
@@ -291,7 +295,7 @@ class JobManager:
         """Renew the lease; returns True if a cancel was requested. Raises if the job is lost."""
         with self.db.begin() as conn:
             res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(
-                lease_expires_at=utcnow() + self.lease))
+                lease_expires_at=self.now() + self.lease))
             if res.rowcount != 1:
                 raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
             return bool(conn.execute(select(J.c.cancel_requested).where(J.c.id == job_id)).scalar_one())
@@ -325,7 +329,7 @@ class JobManager:
 
     def recover(self, *, is_dead: Callable[[str], bool] | None = None, max_attempts: int = 3) -> list[str]:
         """Requeue (or fail) jobs whose worker is gone; returns their ids."""
-        now = utcnow()
+        now = self.now()
         touched = []
         with self.db.begin() as conn:
             # SKIP LOCKED: a job another supervisor is recovering (or a worker is updating right
@@ -373,13 +377,13 @@ class JobManager:
 
     def _update(self, job_id: str, worker_id: str, **values: Any) -> None:
         with self.db.begin() as conn:
-            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(updated_at=utcnow(), **values))
+            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(updated_at=self.now(), **values))
             if res.rowcount != 1:
                 raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
 
     def _finish(self, job_id: str, worker_id: str, status: str, message: str, level: str = "info",
                 **values: Any) -> None:
-        now = utcnow()
+        now = self.now()
         with self.db.begin() as conn:
             res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(
                 status=status, finished_at=now, released_at=now, updated_at=now, lease_expires_at=None, **values))

@@ -14,7 +14,8 @@ Checks (each ``{"value", "target", "ok"}``; the run passes when all hold):
 * ``rss_growth_after_warmup``: < 5% -- median RSS of the process tree over the last tenth of
   the run against the median over the tenth after warm-up; and the same for the processes
   alive in both (``rss_growth_of_surviving_processes``: the killed worker's successor starts
-  cold, which hides a leak in the tree's sum).
+  cold, which hides a leak in the tree's sum), and for each serving worker alive in both
+  (``rss_growth_of_each_serving_worker``, the largest: a sum dilutes one worker's growth).
 * ``stuck_jobs``: 0 -- every submitted job reached a terminal state (``job_grace`` after the run);
   ``job_submit_to_running_max_s`` <= 120 s: no tenant's small job waits long behind others'.
 * ``promotion_served_max_s``: <= 1 s -- from each change's response to the first answer, to a
@@ -118,6 +119,7 @@ def summarise(rec: Recorder, plan: Plan, timeline: Timeline, tenants: list[Tenan
     t503 = [a.received for a in rec.answers if a.status == 503]
     latency = latency_summary([a for a in rec.answers if a.source == "load"], warm_end, window)
     rss = rss_summary(rec, warm_end)
+    worker_growth = max(rss.get("serving_worker_growth", {}).values(), default=None)
     promotions = promotion_summary(rec, timeline, rel, plan.workers)
     jobs = job_summary(rec, rel)
     served = [p["served_s"] for p in promotions["changes"]]
@@ -133,6 +135,8 @@ def summarise(rec: Recorder, plan: Plan, timeline: Timeline, tenants: list[Tenan
         "rss_growth_of_surviving_processes": check(
             rss.get("survivors_growth"), f"< {RSS_LIMIT}",
             rss.get("survivors_growth") is not None and rss["survivors_growth"] < RSS_LIMIT),
+        "rss_growth_of_each_serving_worker": check(
+            worker_growth, f"< {RSS_LIMIT}", worker_growth is not None and worker_growth < RSS_LIMIT),
         "stuck_jobs": check(jobs["stuck"], "== 0", jobs["stuck"] == 0),
         "promotion_served_max_s": check(None if math.isinf(served_max) else served_max,
                                         f"<= {PROMOTION_LIMIT_S}", served_max <= PROMOTION_LIMIT_S),
@@ -231,6 +235,11 @@ def rss_summary(rec: Recorder, warm_end: float) -> dict[str, Any]:
     serving = [p for p in survivors if rec.roles.get(p) != "training"]
     ys = [sum(s.per_pid.get(p, 0) for p in serving) / 2**20 for s in after]
     out["serving_survivors_slope_mb_per_min"] = round(60 * _slope([s.t for s in after], ys), 2)
+    # each serving worker on its own: a sum over processes can hide one that grows
+    out["serving_worker_growth"] = {
+        str(p): round(statistics.median(s.per_pid[p] for s in after[-k:])
+                      / statistics.median(s.per_pid[p] for s in after[:k]) - 1, 4)
+        for p in serving if rec.roles.get(p) == "serving"}
     every = max(1, len(rec.rss) // 120)
     out["per_process"] = {str(pid): {"role": rec.roles.get(pid, "?"),
                                      "t_s": [round(s.t - rec.start, 1) for s in rec.rss[::every] if pid in s.per_pid],

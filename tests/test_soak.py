@@ -92,6 +92,7 @@ def test_soak_quick(tmp_path: Path):
     rss = {k: v for k, v in result["rss"].items() if k not in ("series", "per_process")}
     assert checks["rss_growth_after_warmup"]["ok"], rss
     assert checks["rss_growth_of_surviving_processes"]["ok"], rss
+    assert checks["rss_growth_of_each_serving_worker"]["ok"], rss
     assert result["ok"], checks
     assert not result["notes"], result["notes"]  # e.g. a change whose answer disagreed with the client's model
     assert not result["kill"]["left_behind_after_stop"], result["kill"]

@@ -72,6 +72,7 @@ def test_soak_quick(tmp_path: Path):
     assert json.loads(out.read_text())["checks"] == result["checks"]
     assert out.with_suffix(".png").stat().st_size > 0
     checks, examples = result["checks"], result["examples"]
+    print(json.dumps({k: v["value"] for k, v in checks.items()}))  # shown with -rA or on failure
 
     def value(name: str) -> object:
         return checks[name]["value"]

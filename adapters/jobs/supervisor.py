@@ -5,7 +5,8 @@ longer exists: a ``kill -9``, a crash, an OOM kill, a restart), then starts ``si
 processes and a monitor thread that restarts any that exit. Only one pool runs per
 ``TAILOR_HOME``: with several serving workers, the first to take the lock file runs it and
 the others do nothing. ``stop`` sends SIGTERM (running jobs resume from their checkpoints
-later) and kills what does not exit in time.
+later) and kills what does not exit in time. A worker whose serving process dies without
+stopping the pool stops by itself (``parent_watch``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from adapters.jobs.manager import JobManager
+from adapters.jobs.parent_watch import ENV as PARENT_ENV
 
 log = logging.getLogger("tailor.supervisor")
 
@@ -99,7 +101,7 @@ class WorkerPool:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, **(self.env or {}), PARENT_ENV: str(os.getpid())}  # see parent_watch
         return subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
 

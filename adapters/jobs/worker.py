@@ -37,6 +37,7 @@ from adapters import store_gc
 from adapters.errors import TailorError, UnavailableError
 from adapters.jobs.fair_share import FairShare
 from adapters.jobs.manager import JobManager
+from adapters.jobs.parent_watch import watch_parent
 from adapters.jobs.runner import WorkerContext, run_job
 from adapters.registry import Registry
 from adapters.runtime.engine import Engine, EngineConfig
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    watch_parent(stop)  # started by a serving process's pool: stop when it is gone
 
     db = make_engine(args.database_url)
     create_schema(db)

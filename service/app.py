@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
 from service.errors import error_response
+from service.gate import TenantGate
 from service.jobs_routes import router as jobs_router
 from service.routes import router
 from service.schemas import ErrorResponse
@@ -157,6 +158,7 @@ def create_app(state: TailorState | None = None) -> FastAPI:
         return (s.max_body_bytes, s.max_upload_bytes) if s else (10 << 20, 64 << 20)
 
     app.add_middleware(BodyLimitMiddleware, get_limits=limits)
+    app.add_middleware(TenantGate, get_state=lambda: app.state.tailor)  # before the body is read
     app.add_middleware(MetricsMiddleware, get_state=lambda: app.state.tailor)
     app.add_middleware(WorkerHeaderMiddleware)
     errors.install(app)

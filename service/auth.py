@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from adapters.key_cache import UNKNOWN
 
 from service.errors import ApiError
+from service.gate import RATE_CHECKED
 from service.state import TailorState
 
 bearer = HTTPBearer(auto_error=False, description="the admin key, or a tenant's API key (tk-...)")
@@ -70,9 +71,12 @@ async def require_admin(p: Principal = Depends(principal)) -> Principal:
     return p
 
 
-async def require_tenant(p: Principal = Depends(principal), state: TailorState = Depends(get_state)) -> str:
+async def require_tenant(request: Request, p: Principal = Depends(principal),
+                         state: TailorState = Depends(get_state)) -> str:
     if p.admin or p.tenant is None:
         raise ApiError(403, "forbidden", "this route needs a tenant's API key (the admin key acts on no tenant)")
+    if getattr(request.state, RATE_CHECKED, None) == p.tenant:
+        return p.tenant  # service.gate took this request's token before the body was read
     if state.limiter.needs_refresh(p.tenant):
         await run_in_threadpool(state.limiter.refresh, p.tenant)
     state.limiter.check(p.tenant)

@@ -57,3 +57,22 @@ def test_a_poisoned_flood_costs_the_victim_nothing(served, admin, spec):  # noqa
             t.join(60)
     assert victim_codes == [200] * 60, victim_codes
     assert attacker_codes and set(attacker_codes) <= {422, 429}, sorted(set(attacker_codes))
+
+
+def test_a_flood_of_unparsable_bodies_meets_the_rate_limit(served, admin):  # noqa: F811
+    """FastAPI parses a body before the route's dependencies run: the gate limits the tenant first."""
+    _, key = new_tenant(admin, "garbler", quotas={"requests_per_second": 2})
+    with served.client(key) as c:
+        assert c.get("/v1/adapters").status_code == 200  # the key is now known to this worker
+        codes = [c.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}).status_code
+                 for _ in range(8)]
+    assert 400 in codes and 429 in codes, codes  # parsed while tokens last, then refused unread
+    assert set(codes) <= {400, 429}
+
+
+def test_a_known_bad_key_is_refused_at_the_door(served):  # noqa: F811
+    bad = "tk-" + "b" * 40
+    with served.client(bad) as c:
+        for _ in range(3):
+            assert_error(c.post("/v1/predict", json={"adapter": "clf", "inputs": ["x"]}), 401, "invalid_api_key")
+            assert_error(c.get("/v1/adapters"), 401, "invalid_api_key")

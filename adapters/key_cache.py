@@ -30,6 +30,7 @@ from typing import Final
 
 from adapters.keys import MAX_SECRET_CHARS, SECRET_PREFIX, KeyStore
 from adapters.registry import Registry
+from adapters.runtime.resolver import CHANGES_PAGE
 
 UNKNOWN: Final = object()  # peek: memory cannot answer; call authenticate
 
@@ -90,6 +91,8 @@ class KeyCache:
         if self._clock() < self._next_poll or not self._poll_lock.acquire(blocking=False):
             return
         try:
+            if self._clock() < self._next_poll:  # another thread polled while we waited
+                return
             self._poll()
         finally:
             self._poll_lock.release()
@@ -97,13 +100,13 @@ class KeyCache:
     def _poll(self) -> None:
         try:
             seq = self.registry.change_seq()
-            changes = (self.registry.changes_since(self._seq, limit=1000)
+            changes = (self.registry.changes_since(self._seq, limit=CHANGES_PAGE)
                        if self._seq is not None and seq != self._seq else [])
         except Exception:  # noqa: BLE001 - an outage: keep cached answers until their ttl
             self._next_poll = self._clock() + self.poll_seconds
             return
         with self._lock:
-            if self._seq is None or (len(changes) == 1000 and changes[-1].seq < seq):
+            if self._seq is None or (len(changes) == CHANGES_PAGE and changes[-1].seq < seq):
                 if self._seq is not None:
                     self._known.clear()  # too far behind to replay
             else:

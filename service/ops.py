@@ -210,9 +210,10 @@ def acquire(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter,
 
 def acquire_resident(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter] | None:
     """``acquire`` when memory alone can answer (no I/O: safe on the event loop), else None."""
-    hit = state.require_engine().resident(tenant, ref)
+    engine = state.require_engine()
+    hit = engine.resident(tenant, ref)
     if hit is not None:
-        state.metrics.sync_cache(state.require_engine().cache.stats)
+        state.metrics.sync_cache(engine.cache.stats)
     return hit
 
 

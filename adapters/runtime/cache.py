@@ -66,19 +66,13 @@ class ResidentCache:
     def peek(self, key: VersionKey) -> LoadedAdapter | None:
         """The resident copy of ``key`` (a hit, made most recent) or None; never loads or waits."""
         with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-            return hit
+            return self._hit(key)
 
     def get(self, key: VersionKey, load: Callable[[], LoadedAdapter]) -> LoadedAdapter:
         """The resident copy of ``key``; on a miss ``load()`` builds it (once, however many ask)."""
         with self._lock:
-            hit = self._entries.get(key)
+            hit = self._hit(key)
             if hit is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
                 return hit
             self.stats.misses += 1
             flight = self._flights.get(key)
@@ -113,6 +107,14 @@ class ResidentCache:
         if self._on_load is not None:
             self._on_load(elapsed)
         return value
+
+    def _hit(self, key: VersionKey) -> LoadedAdapter | None:
+        """Under the lock: the entry, made most recent and counted as a hit, or None."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+        return hit
 
     def discard(self, predicate: Callable[[VersionKey], bool]) -> int:
         """Drop every entry whose key matches (e.g. a deleted adapter); returns how many."""

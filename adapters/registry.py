@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, up
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from adapters.errors import AdapterNotFoundError, ConflictError, InvalidNameError, NotFoundError
-from adapters.names import validate_name
+from adapters.names import validate_key, validate_name
 from adapters.quotas import TenantQuotas, enforce_new_version, lock_tenant
 from adapters.schema import (
     adapter_aliases,
@@ -56,7 +56,6 @@ from adapters.schema import (
     tenants,
     utcnow,
 )
-from adapters.store import validate_key
 
 DEFAULT_ALIAS = "prod"
 DEFAULT_STATUS = "candidate"

@@ -56,9 +56,8 @@ from adapters.errors import (
     InvalidNameError,
     NotFoundError,
 )
+from adapters.names import MAX_KEY_LENGTH, SEGMENT_PATTERN, validate_key, validate_prefix  # noqa: F401 (re-exported)
 
-MAX_KEY_LENGTH = 512
-SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMP_PREFIX = ".tmp-"
 
 log = logging.getLogger("tailor.store")
@@ -97,51 +96,6 @@ class StoreEntry:
     key: str
     size: int
     modified: float  # seconds since the epoch, as the backend reports it
-
-
-def _shown(value: str) -> str:
-    return repr(value if len(value) <= 80 else value[:77] + "...")
-
-
-def validate_key(key: object) -> str:
-    """Return ``key`` unchanged if it is a valid store key, else raise InvalidNameError."""
-    if not isinstance(key, str):
-        raise InvalidNameError(f"store key must be a string, got {type(key).__name__}", param="key")
-    if not key:
-        raise InvalidNameError("store key must not be empty", param="key")
-    if len(key) > MAX_KEY_LENGTH:
-        raise InvalidNameError(
-            f"store key {_shown(key)} is {len(key)} characters; the limit is {MAX_KEY_LENGTH}",
-            param="key",
-        )
-    for segment in key.split("/"):
-        # fullmatch, not match+$: '$' would accept a trailing newline.
-        if not SEGMENT_PATTERN.fullmatch(segment):
-            raise InvalidNameError(
-                f"invalid store key {_shown(key)}: segment {_shown(segment)} must be 1-128 "
-                "characters of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or "
-                "digit (no empty segments, no leading or trailing '/')",
-                param="key",
-            )
-    return key
-
-
-def validate_prefix(prefix: object) -> str:
-    """Return the normalised prefix: ``""`` or a valid key followed by ``/``."""
-    if not isinstance(prefix, str):
-        raise InvalidNameError(
-            f"store prefix must be a string, got {type(prefix).__name__}", param="prefix"
-        )
-    if prefix == "":
-        return ""
-    stem = prefix[:-1] if prefix.endswith("/") else prefix
-    try:
-        validate_key(stem)
-    except InvalidNameError as exc:
-        raise InvalidNameError(
-            f"invalid store prefix {_shown(prefix)}: {exc.message}", param="prefix"
-        ) from None
-    return stem + "/"
 
 
 def check_size(key: str, size: int, max_bytes: int | None) -> None:

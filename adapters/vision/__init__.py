@@ -1,0 +1,1 @@
+"""Image tasks: the frozen vision backbone, image decoding, augmentation and datasets."""

@@ -1,20 +1,23 @@
-"""The work behind the routes: plain blocking functions over ``TailorState`` (run in threads).
+"""The HTTP side of the routes: plain blocking functions over ``TailorState`` (run in threads).
 
-Kept apart from ``app.py`` so routes stay one screen each and the logic can be read (and
-called) without HTTP.
+Every rule of the product lives in the library (``adapters.tenancy``, ``adapters.adapter_import``,
+``adapters.adapter_admin``, the registry and the catalog); these functions only call it with
+this worker's objects (``caches``: the engine once loaded, the key cache), shape its answers
+as the API shows them (``*_out``) and turn what only HTTP knows into library calls and errors
+(form fields, request limits, the base model not loaded yet: ``require_engine``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from dataclasses import asdict
 from typing import Any
 
-from adapters.errors import ArtifactError, FingerprintMismatchError, NotFoundError
-from adapters.artifact import AdapterManifest
-from adapters.import_checks import probe_logits
-from adapters.names import validate_name
-from adapters.peft_format import TAILOR_FILE, export_peft, import_peft, unzip_files, zip_files
+from adapters import adapter_admin, adapter_import, tenancy
+from adapters.change_listener import ProcessCaches
+from adapters.errors import ArtifactError
+from adapters.peft_format import export_peft, zip_files
 from adapters.quotas import TenantQuotas
 from adapters.registry import AdapterInfo, Tenant, VersionRecord
 from adapters.version_status import version_status
@@ -24,7 +27,10 @@ from adapters.runtime.loaded import LoadedAdapter
 from service.errors import ApiError
 from service.state import TailorState
 
-ZIP_OVERHEAD = 4 << 20  # config + manifest next to the weights
+
+def caches(state: TailorState) -> ProcessCaches:
+    """This worker's engine (once loaded) and key cache: what a write here tells at once."""
+    return ProcessCaches(engine=state.engine, key_cache=state.key_cache)
 
 
 # -- shapes of what the API returns ---------------------------------------------------------------
@@ -70,23 +76,12 @@ def adapter_detail(state: TailorState, tenant: str, name: str) -> dict[str, Any]
 # -- tenants ---------------------------------------------------------------------------------------
 
 def create_tenant(state: TailorState, name: str, quotas: dict[str, Any] | None) -> dict[str, Any]:
-    validate_name(name, "name")
-    TenantQuotas.from_dict(quotas)  # refuses unknown keys and bad values, naming them
-    tenant = state.registry.create_tenant(name, quotas=quotas or {})
-    key_id, secret = state.keys.create(name)
-    return {**tenant_out(tenant), "api_key": secret, "key_id": key_id}
+    new = tenancy.create_tenant(state.registry, state.keys, name, quotas)
+    return {**tenant_out(new.tenant), "api_key": new.api_key, "key_id": new.key_id}
 
 
 def delete_tenant(state: TailorState, name: str) -> dict[str, Any]:
-    validate_name(name, "name")
-    state.registry.get_tenant(name)  # 404 before anything is touched
-    # Rows first (adapters, versions, keys, files and jobs cascade), then every byte under the
-    # tenant's prefix; a crash in between leaves orphan files, never rows without files.
-    removed = state.catalog.delete_tenant(name)
-    removed += state.store.delete_prefix(f"tenants/{name}/")
-    state.key_cache.forget_tenant(name)
-    if state.engine is not None:
-        state.engine.forget(name)
+    removed = tenancy.delete_tenant(state.catalog, name, listener=caches(state))
     return {"name": name, "deleted": True, "files_removed": removed}
 
 
@@ -109,51 +104,12 @@ def parse_labels(raw: str | None) -> list[str] | None:
     return labels  # checked by the library with the dataset rules (import_checks.clean_labels)
 
 
-def check_manifest_base(files: dict[str, bytes], fingerprint: str) -> None:
-    """A Tailor export names the base it was trained on: refuse it for any other base.
-
-    (A plain peft adapter carries no fingerprint; ``import_peft`` still checks its shapes.)
-    """
-    raw = files.get(TAILOR_FILE)
-    if raw is None:
-        return
-    try:
-        manifest = AdapterManifest.from_json(raw)
-    except ArtifactError as e:
-        raise ArtifactError(f"{TAILOR_FILE}: {e.message}") from None
-    if manifest.base_fingerprint != fingerprint:
-        raise FingerprintMismatchError(
-            f"base model mismatch: this adapter was trained on base {manifest.base_fingerprint[:23]}..., "
-            f"but this service runs base {fingerprint[:23]}...; adapters only work on the base they were "
-            "trained on", param="file")
-
-
 def import_adapter(state: TailorState, tenant: str, name: str, data: bytes, labels: list[str] | None,
                    promote: bool | None) -> dict[str, Any]:
     engine = state.require_engine()
-    validate_name(name, "adapter")
-    spec = engine.base.spec
-    # Quotas (adapters, versions, storage): an early answer before the costly checks below; the
-    # registry decides for good when the version is added, in one transaction.
-    state.registry.check_quotas(tenant, name)
-    try:
-        existing = state.registry.get_adapter(tenant, name)
-    except NotFoundError:
-        existing = None
-    if not data:
-        raise ApiError(422, "invalid_artifact", "the uploaded file is empty", param="file")
-    files = unzip_files(data, max_bytes=state.catalog.max_adapter_bytes + ZIP_OVERHEAD)
-    check_manifest_base(files, spec.fingerprint)
-    quotas = TenantQuotas.stored(state.registry.get_tenant(tenant).quotas)
-    # The bar training sets: labels as for datasets, targets against the base, finite logits.
-    artifact = import_peft(files, spec, labels=labels, limits=quotas.dataset_limits())
-    probe_logits(engine, artifact)
-    if promote is None:
-        promote = existing is None or "prod" not in existing.aliases
-    record = state.catalog.publish(tenant, name, artifact, promote=promote, spec=spec)
-    engine.refresh(tenant, name)
-    aliases = state.registry.get_aliases(tenant, name)
-    return {"adapter": name, "promoted": promote, **version_out(record, aliases)}
+    done = adapter_import.import_adapter(state.catalog, engine, tenant, name, data, labels=labels,
+                                         promote=promote, listener=caches(state))
+    return {"adapter": name, "promoted": done.promoted, **version_out(done.record, done.aliases)}
 
 
 def export_adapter(state: TailorState, tenant: str, name: str, version: str | None) -> tuple[VersionRecord, bytes]:
@@ -168,27 +124,15 @@ def export_adapter(state: TailorState, tenant: str, name: str, version: str | No
 
 
 def set_alias(state: TailorState, tenant: str, name: str, alias: str, version: int) -> dict[str, Any]:
-    before = state.registry.get_aliases(tenant, name)
-    state.registry.set_alias(tenant, name, alias, version)
-    if state.engine is not None:
-        state.engine.refresh(tenant, name)
-    return {"adapter": name, "alias": alias, "version": version, "previous": before.get(alias),
-            "aliases": state.registry.get_aliases(tenant, name)}
+    return asdict(adapter_admin.set_alias(state.registry, tenant, name, alias, version, listener=caches(state)))
 
 
 def rollback(state: TailorState, tenant: str, name: str, alias: str) -> dict[str, Any]:
-    before = state.registry.get_aliases(tenant, name)
-    version = state.registry.rollback(tenant, name, alias)
-    if state.engine is not None:
-        state.engine.refresh(tenant, name)
-    return {"adapter": name, "alias": alias, "version": version, "previous": before.get(alias),
-            "aliases": state.registry.get_aliases(tenant, name)}
+    return asdict(adapter_admin.rollback(state.registry, tenant, name, alias, listener=caches(state)))
 
 
 def delete_adapter(state: TailorState, tenant: str, name: str) -> dict[str, Any]:
-    removed = state.catalog.delete_adapter(tenant, name)
-    if state.engine is not None:
-        state.engine.forget(tenant, name)
+    removed = adapter_admin.delete_adapter(state.catalog, tenant, name, listener=caches(state))
     return {"adapter": name, "deleted": True, "files_removed": removed}
 
 

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection ``adapters.schema.create_schema`` hands over.
+"""Alembic environment: runs on the connection ``adapters.schema.migrate.create_schema`` hands over.
 
 There is no alembic.ini at runtime: the caller puts an open connection (already inside the
 transaction that holds the migration lock) in ``config.attributes["connection"]``. Without one
@@ -12,7 +12,8 @@ import os
 
 from alembic import context
 
-from adapters.schema import make_engine, metadata
+from adapters.schema.engine import make_engine
+from adapters.schema.tables import metadata
 
 config = context.config
 

@@ -35,6 +35,7 @@ from sqlalchemy import Connection, func, select
 from adapters import schema
 from adapters.datasets import DatasetLimits
 from adapters.errors import ConflictError, NotFoundError, TailorError
+from adapters.strict import is_number, is_whole, known_items
 
 # Every job status in which a job may still publish a version (adapters.jobs.model.ACTIVE; not
 # imported from there so this module stays below adapters.jobs).
@@ -80,16 +81,9 @@ class TenantQuotas:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TenantQuotas:
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise QuotaError("quotas must be an object", param="quotas")
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in d.items():
-            if key not in known:
-                raise QuotaError(f"unknown quota {_shown(key)}; known: {', '.join(known)}", param=_param(key))
-            values[key] = _check(key, value, float if known[key].type in ("float", float) else int)
+        kinds = {f.name: float if f.type in ("float", float) else int for f in fields(cls)}
+        values = {key: _check(key, value, kinds[key])
+                  for key, value in known_items(d, cls, what="quotas", noun="quota", error=QuotaError)}
         for key in ("max_training_rows", "max_labels", "min_examples_per_label"):
             if values.get(key, 1) < 1:
                 raise QuotaError(f"quota {key!r} must be at least 1", param=f"quotas.{key}")
@@ -117,14 +111,14 @@ class TenantQuotas:
 
 def _check(key: str, value: Any, want: type) -> int | float:
     param = f"quotas.{key}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise QuotaError(f"quota {key!r} must be a non-negative {want.__name__}, got {_kind(value)}", param=param)
     if isinstance(value, float) and not math.isfinite(value):
         raise QuotaError(f"quota {key!r} must be a finite number, got {value!r}", param=param)
     if value < 0:
         raise QuotaError(f"quota {key!r} must be a non-negative {want.__name__}, got {value!r}", param=param)
     if want is int:
-        if int(value) != value:
+        if not is_whole(value):
             raise QuotaError(f"quota {key!r} must be a whole number, got {value!r}", param=param)
         if value > MAX_COUNT:
             raise QuotaError(f"quota {key!r} must be at most {MAX_COUNT}", param=param)
@@ -143,16 +137,6 @@ def _kind(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
-
-
-def _shown(key: Any) -> str:
-    # ascii(): a lone surrogate or a control character in a key must not reach the error body raw
-    return ascii(key)[:80]
-
-
-def _param(key: Any) -> str:
-    text = str(key)
-    return f"quotas.{text}" if text.isprintable() and text.isascii() and len(text) <= 64 else "quotas"
 
 
 # -- enforcement, inside the caller's write transaction ---------------------------------------------

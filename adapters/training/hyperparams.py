@@ -6,7 +6,7 @@ parameters, 1.4 MB per adapter). On BBC News it matched full fine-tuning (0.971 
 query/value alone (0.33%, 0.3 MB) reached 0.958 at lr 1e-3 and 0.967 at 2e-3; on IMDB it was
 0.815 against full's 0.812 (bench/results/quality-*.json). Tenants who need the smallest
 adapters ask for ``target_modules: ["query", "value"]``. r=16 on all of them at lr 2e-3
-collapsed to one label (NOTES.md): divergence detection guards the auto values. Full
+collapsed to one label in an unrecorded run: divergence detection guards the auto values. Full
 fine-tuning wants ~5e-5; a head on frozen features wants a larger rate (5e-3). Epochs aim at
 ~600 optimizer steps, clamped to 2..30 (5..30 for the cheap head-only method), which covers
 50 to 50,000 examples: tiny sets get many passes, large ones two. The cap is 30, not 10,
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from adapters.errors import TailorError
+from adapters.strict import is_number, is_whole, known_items
 
 AUTO = "auto"
 LR = {"lora": 1e-3, "head": 5e-3, "full": 5e-5}
@@ -95,16 +96,8 @@ class Hyperparameters:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Hyperparameters:
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise HyperparameterError("hyperparameters must be an object", param="hyperparameters")
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise HyperparameterError(f"unknown hyperparameter {key!r}; known: {', '.join(sorted(known))}",
-                                          param=f"hyperparameters.{key}")
-        return cls(**d)
+        return cls(**dict(known_items(d, cls, what="hyperparameters", noun="hyperparameter",
+                                      error=HyperparameterError, sort_known=True)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,7 +142,7 @@ def _check(key: str, value: Any) -> Any:
                                       "such as [\"query\", \"value\"]", param="hyperparameters.target_modules")
         return tuple(value)
     kind, lo, hi = _RULES[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+    if not is_number(value) or (kind is int and not is_whole(value)):
         raise HyperparameterError(f"{key} must be \"auto\" or {'an integer' if kind is int else 'a number'}, "
                                   f"got {value!r}", param=f"hyperparameters.{key}")
     if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):

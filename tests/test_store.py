@@ -4,8 +4,11 @@ validation before any disk access or request. Tests named ``*_local_*`` are Loca
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import adapters.store
 from adapters.errors import (
     ArtifactError,
     ChecksumMismatchError,
@@ -408,3 +412,38 @@ def test_open_store(tmp_path: Path) -> None:
         open_store("ftp://host/x")
     with pytest.raises(ValueError):
         open_store("file://otherhost/x")
+
+
+# -- the package: submodules import each other directly, only the S3 ones load boto3 ---------
+
+STORE_DIR = Path(adapters.store.__file__).parent
+STORE_MODULES = sorted(p.stem for p in STORE_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter at the repository root; its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=STORE_DIR.parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("module", STORE_MODULES)
+def test_each_store_module_imports_alone(module: str) -> None:
+    loaded = fresh_python(f"import sys, adapters.store.{module}; print('boto3' in sys.modules)")
+    assert loaded == str(module in ("s3", "s3_client"))
+
+
+def test_store_modules_never_import_their_package() -> None:
+    assert {"protocol", "local", "s3_url", "s3_client", "s3", "factory"} <= set(STORE_MODULES)
+    for path in STORE_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert "adapters.store" not in names, f"{path.name} imports the package, not a module"
+
+
+def test_a_local_store_never_loads_boto3(tmp_path: Path) -> None:
+    code = (f"import sys; from adapters.store import open_store; s = open_store({str(tmp_path)!r}); "
+            "s.put('k', b'v'); print(type(s).__name__, 'boto3' in sys.modules)")
+    assert fresh_python(code) == "LocalStore False"

@@ -30,8 +30,9 @@ from adapters.peft_format import export_peft, zip_files  # noqa: E402
 from adapters.registry import Registry  # noqa: E402
 from adapters.runtime.engine import Engine, EngineConfig  # noqa: E402
 from adapters.store import S3Location, open_store, parse_s3_url  # noqa: E402
-from adapters.store_s3 import S3Store, StoreConfigError  # noqa: E402
+from adapters.store.s3 import S3Store, StoreConfigError  # noqa: E402
 from adapters.synthetic import random_artifact  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from tests.s3 import S3_TEST_ENV, TcpProxy, free_port, moto_endpoint, s3_env, s3_url  # noqa: E402,F401 - fixtures
 from tests.training_data import FAST_HP, sentiment  # noqa: E402
 
@@ -335,8 +336,8 @@ def test_uploaded_files_live_in_s3(world) -> None:
 
 def test_worker_command_passes_the_s3_url_intact() -> None:
     url = "s3://tailor-test/p/q?endpoint_url=http://127.0.0.1:9000&region=eu-west-1&read_timeout=30"
-    cmd = worker_command(database_url="sqlite:///x.db", store_url=url, checkpoints=Path("ck"),
-                         base_model=None, threads=1)
+    settings = Settings(home=Path("h"), admin_key="", base_model=None, database_url="sqlite:///x.db", store_url=url)
+    cmd = worker_command(settings, threads=1)
     assert cmd[cmd.index("--store-url") + 1] == url  # one argv element: no shell ever splits it
     assert parse_args(cmd[3:]).store_url == url
 

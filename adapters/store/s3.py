@@ -1,11 +1,11 @@
 """``S3Store``: the adapter store on S3-compatible object storage (AWS S3, MinIO, Ceph, moto).
 
 Selected by ``open_store("s3://bucket/prefix?endpoint_url=...&region=...")``; the url grammar
-and its options are ``adapters.store.parse_s3_url``. Credentials never appear in the url: they
-come from the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles,
-instance roles) or from an explicit ``boto3`` session.
+and its options are ``adapters.store.s3_url.parse_s3_url``; the client, the bucket check at
+opening and the translation of faults are ``adapters.store.s3_client``'s (credentials come
+from the AWS environment, never from the url).
 
-Contract: the one of ``adapters.store.AdapterStore`` (same key grammar, same errors), on S3.
+Contract: the one of ``adapters.store.protocol.AdapterStore`` (same key grammar, same errors), on S3.
 
 * **Validated first.** Every key and prefix goes through ``validate_key``/``validate_prefix``
   before any request is made; object names are ``<prefix>/<key>``.
@@ -25,17 +25,10 @@ Contract: the one of ``adapters.store.AdapterStore`` (same key grammar, same err
   bytes are hashed and a mismatch -- the object changed behind the registry's back -- is
   refused with ``ChecksumMismatchError`` and logged. Without it, the sha256 that ``put``
   recorded in the metadata is checked when present.
-* **Faults.** A server that cannot be reached (refused, reset, timed out), answers 5xx or
-  throttles, refuses the credentials, or has lost the bucket raises ``StoreUnavailableError``
-  (HTTP 503 with Retry-After): the request may work later, nothing was published. Its message
-  names no endpoint (it reaches API clients); the details are logged. A missing object raises
-  ``NotFoundError``, like ``LocalStore``. Timeouts are short (connect 2 s, read 10 s) and a
-  call is tried at most twice, so an unreachable endpoint fails in seconds, not minutes.
-* **Opening.** The bucket is checked once (HEAD bucket). A bucket that does not exist is a
-  configuration error (``StoreConfigError``, a ``ValueError``) unless the url says
-  ``create_bucket=1`` (tests, the local cluster). A server that cannot be reached at that
-  moment is only logged: the store opens, every call raises ``StoreUnavailableError`` until
-  the server is back, so a replica can start (and serve resident adapters) during an outage.
+* **Faults and opening** as ``adapters.store.s3_client`` states: an unreachable or failing
+  server raises ``StoreUnavailableError`` (503, nothing published), a missing object
+  ``NotFoundError``; a missing bucket is a ``StoreConfigError`` at opening unless the url says
+  ``create_bucket=1``, an unreachable one is only logged.
 * Unlike a directory tree, S3 can hold both ``a/b`` and ``a/b/c``; no caller needs that and
   ``LocalStore`` refuses it (``ConflictError``). ``delete`` is idempotent; ``list`` is sorted.
 """
@@ -46,62 +39,31 @@ import base64
 import builtins
 import hashlib
 import logging
-import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import boto3
-import botocore.loaders
-import botocore.session
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from adapters.errors import InvalidNameError, NotFoundError, StoreUnavailableError
-from adapters.store import (
-    MAX_KEY_LENGTH,
-    SEGMENT_PATTERN,
-    S3Location,
-    StoreEntry,
-    check_size,
-    parse_s3_url,
-    validate_key,
-    validate_prefix,
-    verify_sha256,
-)
+from adapters.names import MAX_KEY_LENGTH, SEGMENT_PATTERN, validate_key, validate_prefix
+from adapters.store.protocol import StoreEntry, check_size, verify_sha256
+from adapters.store.s3_client import Faults, StoreConfigError, connect, open_bucket
+from adapters.store.s3_url import S3Location, parse_s3_url
+
+__all__ = ["S3Store", "StoreConfigError"]
 
 log = logging.getLogger("tailor.store")
 
 TEMP_DIR = ".tmp"  # never a valid key segment: temp objects are invisible as keys
 READ_CHUNK = 1 << 20
 DELETE_BATCH = 1000  # the DeleteObjects limit
-WARN_EVERY_S = 5.0  # an outage hits every request; one log line per few seconds is enough
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
-_MISSING_BUCKET_CODES = {"NoSuchBucket", "404", "NotFound"}
-
-
-class StoreConfigError(ValueError):
-    """The store url names something that cannot work (a missing bucket, refused credentials)."""
 
 
 class _NotVerified(StoreUnavailableError):
     """The server answered, but what it stored is not what we sent (nothing was published)."""
-
-
-_loader: botocore.loaders.Loader | None = None
-
-
-def _new_session() -> boto3.session.Session:
-    """A fresh session (credentials resolved anew) that shares one model loader: parsing the
-    S3 service model is most of the cost of a client, and it never changes."""
-    global _loader
-    if _loader is None:
-        _loader = botocore.loaders.create_loader()
-    core = botocore.session.get_session()
-    core.register_component("data_loader", _loader)
-    return boto3.session.Session(botocore_session=core)
 
 
 def _is_key(name: str) -> bool:
@@ -114,27 +76,11 @@ class S3Store:
     def __init__(self, location: S3Location | str, *, session: boto3.session.Session | None = None,
                  check_bucket: bool = True) -> None:
         self.location = parse_s3_url(location) if isinstance(location, str) else location
-        loc = self.location
-        self.bucket, self.prefix = loc.bucket, loc.prefix
-        session = session or _new_session()
-        # A custom endpoint (MinIO, moto) still needs some region to sign requests with.
-        region = loc.region or session.region_name or ("us-east-1" if loc.endpoint_url else None)
-        config = Config(
-            connect_timeout=loc.connect_timeout, read_timeout=loc.read_timeout,
-            retries={"total_max_attempts": loc.max_attempts, "mode": "standard"},
-            s3={"addressing_style": loc.addressing_style} if loc.addressing_style else None,
-            max_pool_connections=32,
-            # botocore's default CRC32 trailers trip older S3-compatible servers; we send and
-            # check our own SHA-256 instead.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        self._client: Any = session.client("s3", endpoint_url=loc.endpoint_url, region_name=region,
-                                           config=config)
-        self.region = region
-        self._last_warning = 0.0
+        self.bucket, self.prefix = self.location.bucket, self.location.prefix
+        self._client, self.region = connect(self.location, session)
+        self._faults = Faults(self.location)
         if check_bucket:
-            self._check_bucket()
+            open_bucket(self._client, self.location, self.region, self._faults.where)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r})"
@@ -146,86 +92,11 @@ class S3Store:
     def close(self) -> None:
         self._client.close()
 
-    # -- names and errors ---------------------------------------------------------------
-
     def _name(self, key: str) -> str:
         return self.prefix + key
 
     def _temp_name(self) -> str:
         return f"{self.prefix}{TEMP_DIR}/{uuid.uuid4().hex}"
-
-    def _where(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.location.endpoint_url}"
-                                                      if self.location.endpoint_url else "")
-
-    def _unavailable(self, op: str, reason: str,
-                     cls: type[StoreUnavailableError] = StoreUnavailableError) -> StoreUnavailableError:
-        now = time.monotonic()
-        if now - self._last_warning >= WARN_EVERY_S:
-            self._last_warning = now
-            log.warning("object store %s unavailable during %s: %s", self._where(), op, reason)
-        else:
-            log.debug("object store %s unavailable during %s: %s", self._where(), op, reason)
-        # No endpoint or bucket in the message: it is shown to API clients.
-        return cls(f"the adapter store is unavailable ({op}: {reason.split(':')[0]}); retry shortly")
-
-    @contextmanager
-    def _s3(self, op: str, key: str | None = None) -> Iterator[None]:
-        """Translate boto3's errors: missing object -> NotFoundError, the rest -> 503."""
-        try:
-            yield
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if key is not None and code in _NOT_FOUND_CODES:
-                raise NotFoundError(f"object {key!r} not found", param="key") from None
-            reason = "bucket does not exist" if code == "NoSuchBucket" else f"{code or status} {err.get('Message', '')}"
-            raise self._unavailable(op, reason.strip()) from e
-        except ParamValidationError:
-            raise  # a bug here, not an outage
-        except (BotoCoreError, OSError) as e:
-            # Connection refused/reset, timeouts, truncated bodies, missing credentials.
-            raise self._unavailable(op, f"{type(e).__name__}: {e}") from e
-
-    def _check_bucket(self) -> None:
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-            return
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in _MISSING_BUCKET_CODES:
-                if self.location.create_bucket:
-                    self._create_bucket()
-                    return
-                raise StoreConfigError(
-                    f"S3 bucket {self.bucket!r} does not exist{' at ' + self.location.endpoint_url if self.location.endpoint_url else ''}; "
-                    "create it first (buckets are only created with create_bucket=1 in the store url)"
-                ) from None
-            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise StoreConfigError(
-                    f"S3 bucket {self.bucket!r}: access denied ({code}); check the AWS credentials "
-                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or profile) and the bucket policy"
-                ) from None
-            reason = f"{code} {e.response.get('Error', {}).get('Message', '')}".strip()
-        except ParamValidationError:
-            raise
-        except (BotoCoreError, OSError) as e:
-            reason = f"{type(e).__name__}: {e}"
-        # Unreachable now: open anyway, so serving resident adapters does not wait for S3.
-        log.warning("object store %s unreachable at start (%s); calls fail with 503 until it answers",
-                    self._where(), reason)
-
-    def _create_bucket(self) -> None:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket}
-        if self.region and self.region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-        try:
-            self._client.create_bucket(**kwargs)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise StoreConfigError(f"cannot create S3 bucket {self.bucket!r}: {e}") from None
-        log.info("created S3 bucket %s", self.bucket)
 
     # -- writes -------------------------------------------------------------------------
 
@@ -239,7 +110,7 @@ class S3Store:
         temp = self._temp_name()
         reachable = True
         try:
-            with self._s3("put"):
+            with self._faults.during("put"):
                 self._client.put_object(
                     Bucket=self.bucket, Key=temp, Body=body, Metadata={"sha256": digest},
                     ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
@@ -247,7 +118,7 @@ class S3Store:
                 )
                 head = self._client.head_object(Bucket=self.bucket, Key=temp, ChecksumMode="ENABLED")
             self._verify_written(key, head, len(body), digest, checksum)
-            with self._s3("put"):
+            with self._faults.during("put"):
                 copied = self._client.copy_object(
                     Bucket=self.bucket, Key=self._name(key),
                     CopySource={"Bucket": self.bucket, "Key": temp},
@@ -257,7 +128,7 @@ class S3Store:
             if server_sum and server_sum != checksum:
                 # The final key already holds bad bytes: take them away again.
                 self._delete_quietly(self._name(key))
-                raise self._unavailable("put", f"copy of {key!r} came out with checksum {server_sum}", _NotVerified)
+                raise self._faults.unavailable("put", f"copy of {key!r} came out with checksum {server_sum}", _NotVerified)
         except StoreUnavailableError as e:
             # A server that just failed to answer would make the clean-up wait out the same
             # timeouts again; the temp object (if any) is left to cleanup_temp instead.
@@ -278,7 +149,7 @@ class S3Store:
         if server_sum and server_sum != checksum:  # servers without SHA-256 support omit it
             problems.append(f"server checksum {server_sum} != {checksum}")
         if problems:
-            raise self._unavailable("put", f"upload of {key!r} did not verify: {'; '.join(problems)}", _NotVerified)
+            raise self._faults.unavailable("put", f"upload of {key!r} did not verify: {'; '.join(problems)}", _NotVerified)
 
     def _delete_quietly(self, name: str) -> None:
         try:
@@ -289,7 +160,7 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         validate_key(key)
-        with self._s3("delete"):
+        with self._faults.during("delete"):
             self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
 
     def delete_prefix(self, prefix: str) -> int:
@@ -303,14 +174,14 @@ class S3Store:
         deleted = 0
         for i in range(0, len(names), DELETE_BATCH):
             batch = names[i:i + DELETE_BATCH]
-            with self._s3(op):
+            with self._faults.during(op):
                 out = self._client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": [{"Key": n} for n in batch], "Quiet": True})
             errors = out.get("Errors") or []
             deleted += len(batch) - len(errors)
             if errors:
                 first = errors[0]
-                raise self._unavailable(op, f"{len(errors)} objects not deleted, e.g. {first.get('Key')!r}: "
+                raise self._faults.unavailable(op, f"{len(errors)} objects not deleted, e.g. {first.get('Key')!r}: "
                                             f"{first.get('Code')} {first.get('Message', '')}")
         return deleted
 
@@ -325,13 +196,13 @@ class S3Store:
 
     def get(self, key: str, *, sha256: str | None = None, max_bytes: int | None = None) -> bytes:
         validate_key(key)
-        with self._s3("get", key):
+        with self._faults.during("get", key):
             response = self._client.get_object(Bucket=self.bucket, Key=self._name(key))
         body = response["Body"]
         try:
             # Refused from the size alone: a huge object is never downloaded.
             check_size(key, int(response.get("ContentLength", 0)), max_bytes)
-            with self._s3("get", key):
+            with self._faults.during("get", key):
                 data = self._read(body, max_bytes)
         finally:
             body.close()
@@ -358,7 +229,7 @@ class S3Store:
 
     def _head(self, key: str, op: str) -> dict[str, Any]:
         validate_key(key)
-        with self._s3(op, key):
+        with self._faults.during(op, key):
             return dict(self._client.head_object(Bucket=self.bucket, Key=self._name(key)))
 
     def exists(self, key: str) -> bool:
@@ -373,7 +244,7 @@ class S3Store:
 
     def _objects(self, name_prefix: str, op: str) -> Iterator[dict[str, Any]]:
         pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=name_prefix)
-        with self._s3(op):
+        with self._faults.during(op):
             for page in pages:
                 yield from page.get("Contents", [])
 

@@ -8,7 +8,9 @@ Layout of ``adapter.safetensors`` (no pickle anywhere, so untrusted bytes are sa
 
 Module paths are the base model's own ``named_modules`` paths (e.g.
 ``bert.encoder.layer.0.attention.self.query``). The manifest records the base fingerprint,
-labels, LoRA settings, the sha256 and size of the weights file, creation time and metrics.
+labels, LoRA settings, the pooling the head was trained on (``adapters.pooling``; a manifest
+without the field was trained on the model's own pooler and is served with it), the sha256 and
+size of the weights file, creation time and metrics.
 ``decode`` verifies everything a hostile or corrupt file could get wrong -- size, checksum,
 key grammar, dtypes, shapes against the manifest -- and ``check_base`` refuses an artifact
 built for another base model; callers may assume a decoded, checked artifact is usable.
@@ -31,6 +33,7 @@ from safetensors.torch import save as st_save
 
 from adapters.errors import ArtifactError, ChecksumMismatchError, FingerprintMismatchError
 from adapters.fingerprint import BaseSpec
+from adapters.pooling import POOLER, Pooling
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
@@ -71,6 +74,7 @@ class AdapterManifest:
     source: str = "tailor"  # tailor: trained here (job_id names the job); peft: imported; synthetic
     format_version: int = FORMAT_VERSION
     job_id: str = ""  # the Tailor training job that made it ("" for anything else)
+    pooling: Pooling = POOLER  # the features its head reads; absent from older manifests: pooler
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,6 +113,7 @@ class AdapterManifest:
                 source=_str(d.get("source", "tailor"), "source"),
                 format_version=_int(d.get("format_version", FORMAT_VERSION), "format_version", 1, 1000),
                 job_id=_str(d.get("job_id", ""), "job_id"),
+                pooling=_pooling(d.get("pooling")),
             )
         except KeyError as e:
             raise ArtifactError(f"manifest is missing field {e.args[0]!r}") from None
@@ -293,6 +298,8 @@ class AdapterArtifact:
                 f"adapter was built for base {m.base_fingerprint[:23]}..., "
                 f"but the loaded base is {spec.fingerprint[:23]}..."
             )
+        if m.pooling.uses_tokens and not spec.pools_tokens:
+            raise ArtifactError(f"adapter pools tokens ({m.pooling}), which this base model cannot give its heads")
         if m.head_in_features != spec.head_in_features:
             raise ArtifactError(
                 f"head reads {m.head_in_features} features, the base gives {spec.head_in_features}"
@@ -330,6 +337,15 @@ def _dict(v: Any, name: str) -> dict:
     if not isinstance(v, dict):
         raise ArtifactError(f"manifest field {name!r} must be an object")
     return dict(v)
+
+
+def _pooling(v: Any) -> Pooling:
+    if v is None:
+        return POOLER
+    try:
+        return Pooling.from_dict(v)
+    except ValueError as e:
+        raise ArtifactError(f"manifest field 'pooling': {e}") from None
 
 
 def _int(v: Any, name: str, lo: int, hi: int) -> int:

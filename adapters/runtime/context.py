@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.pooling import Pooling
+
 
 @dataclass
 class GroupPlan:
@@ -55,6 +57,9 @@ class BatchPlan:
     head_bias: torch.Tensor  # [B, L] or [L]
     single: bool
     features: torch.Tensor | None = field(default=None)  # pooled features, set by the head
+    # each row's pooling, or None when every row reads the model's own pooled output
+    poolings: tuple[Pooling, ...] | None = None
+    tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # (last hidden state, mask) when needed
 
 
 _current: ContextVar[BatchPlan | None] = ContextVar("tailor_batch_plan", default=None)

@@ -12,8 +12,11 @@ Contract:
   store on a miss; bad bytes raise an ``ArtifactError`` for that adapter only.
 * ``forward`` runs **one** forward pass of the base model for a batch whose rows each name an
   adapter (or ``None`` for the plain base model); ``classify`` adds tokenisation and labels.
-* Rows are independent: every row's LoRA delta, attention and head are its own, so one row
-  cannot change another's answer. ``classify_rows`` reports a row whose adapter gives
+* Each row's head reads the features its adapter was trained on (``manifest.pooling``; a base
+  row: the base's ``spec.pooling``), rows of different poolings in one forward pass
+  (``runtime.head``). Adapters without a recorded pooling read the model's own pooled output.
+* Rows are independent: every row's LoRA delta, attention, pooling and head are their own, so
+  one row cannot change another's answer. ``classify_rows`` reports a row whose adapter gives
   non-finite logits as an ``AdapterOutputError`` *in that row's place* (the other rows keep
   their predictions); the first time a version does so, ``on_nonfinite(key)`` is called
   (metrics, logs). ``classify`` raises that error instead. Texts must be valid Unicode
@@ -34,10 +37,11 @@ from adapters.base import BaseModel
 from adapters.catalog import Catalog
 from adapters.errors import AdapterOutputError
 from adapters.names import parse_ref, validate_name
+from adapters.pooling import POOLER, Pooling, tap_tokens
 from adapters.registry import VersionRecord
 from adapters.runtime.cache import ResidentCache
 from adapters.runtime.context import use_plan
-from adapters.runtime.head import MixedHead
+from adapters.runtime.head import MixedHead, keep_tokens
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.lora_layer import wrap_linears
 from adapters.runtime.memory import tune_allocator
@@ -100,6 +104,9 @@ class Engine:
         model = base.model
         wrap_linears(model, list(base.spec.linear_shapes))
         setattr(model, base.head_name, MixedHead(base.spec.head_in_features))
+        if base.spec.pools_tokens and not getattr(model, "_tailor_tokens_tapped", False):
+            tap_tokens(model, keep_tokens)
+            model._tailor_tokens_tapped = True  # one tap per model, however many engines wrap it
         self.slots = SlotBank(base.spec.linear_shapes, base.spec.head_in_features,
                               self.config.device_slots, base.device, base.dtype)
         self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds)
@@ -164,6 +171,7 @@ class Engine:
         if n > self.config.max_batch_size:
             raise ValueError(f"batch of {n} rows exceeds max_batch_size {self.config.max_batch_size}")
         plan = self.slots.plan(rows)
+        plan.poolings = self._poolings(rows)
         with use_plan(plan):
             logits = self.base.model(**inputs).logits
         assert plan.features is not None
@@ -171,6 +179,11 @@ class Engine:
         # padded head columns are 0 for a row with finite features: checking whole rows is exact
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         return BatchOutput(logits=out, features=plan.features, finite=finite)
+
+    def _poolings(self, rows: list[LoadedAdapter | None]) -> tuple[Pooling, ...] | None:
+        """Each row's pooling, or None when every row reads the model's own pooled output."""
+        kinds = tuple(self.base.spec.pooling if a is None else a.pooling for a in rows)
+        return None if all(k == POOLER for k in kinds) else kinds
 
     def classify_rows(
         self, texts: list[str], rows: list[LoadedAdapter | None],

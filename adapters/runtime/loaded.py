@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.artifact import AdapterArtifact, AdapterManifest
+from adapters.pooling import Pooling
 from adapters.runtime.memory import pack
 
 
@@ -40,6 +41,10 @@ class LoadedAdapter:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.manifest.labels
+
+    @property
+    def pooling(self) -> Pooling:
+        return self.manifest.pooling
 
     @property
     def nbytes(self) -> int:

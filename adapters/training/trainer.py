@@ -9,6 +9,10 @@ tenant's labels and trains one of three ways:
   artifact carries a rank-1 pair with B = 0 -- an exact no-op -- on the first linear layer;
 * ``full`` -- every weight (the quality anchor for benchmarks; it produces no adapter).
 
+The head reads the base's pooling (``base.spec.pooling``, from its own configuration: see
+``adapters.pooling``) in every method, and the artifact's manifest records it, so the engine
+serves the adapter with the features it was trained on; ``TrainResult.model`` keeps it too.
+
 AdamW with linear warmup and decay, gradient clipping at 1.0, validation after every epoch
 (loss, accuracy, macro-F1, confusion matrix), early stopping on validation accuracy, and the
 best epoch's weights restored at the end. Shuffling and dropout are seeded per epoch from
@@ -42,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,6 +58,7 @@ from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, 
 from adapters.base import BaseModel
 from adapters.errors import DatasetError
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, import_peft
+from adapters.pooling import POOLER, attach
 from adapters.training import checkpoint
 from adapters.training.hyperparams import HyperparameterError, Hyperparameters, ResolvedHyperparameters
 from adapters.training.divergence import Watch
@@ -143,9 +148,9 @@ class _Run:
     def __init__(self, base: BaseModel, labels: tuple[str, ...], method: str, hp: ResolvedHyperparameters,
                  cb: TrainCallbacks) -> None:
         self.base, self.labels, self.method, self.hp, self.cb = base, labels, method, hp, cb
-        self.device = base.device
+        self.device, self.pooling = base.device, base.spec.pooling
         torch.manual_seed(hp.seed)
-        model = copy.deepcopy(base.model).float()
+        model = hf = copy.deepcopy(base.model).float()
         setattr(model, base.head_name, nn.Linear(base.spec.head_in_features, len(labels)))
         if method == "lora":
             from peft import LoraConfig, get_peft_model
@@ -161,6 +166,7 @@ class _Run:
         else:
             for name, p in model.named_parameters():
                 p.requires_grad_(method == "full" or name.startswith(base.head_name + "."))
+        attach(hf, base.head_name, self.pooling)  # after peft: the head is then peft's wrapper
         self.model = model.to(self.device)
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for _, p in self.params)
@@ -346,8 +352,10 @@ class _Run:
 
     def _fingerprint(self, xs: list[str], ys: list[int], vxs: list[str], vys: list[int]) -> str:
         """What a checkpoint must match to be resumed: method, labels, settings, base and data."""
-        h = hashlib.sha256(json.dumps([self.method, list(self.labels), self.hp.to_dict(),
-                                       self.base.spec.fingerprint], sort_keys=True).encode())
+        what = [self.method, list(self.labels), self.hp.to_dict(), self.base.spec.fingerprint]
+        if self.pooling != POOLER:  # (pooler runs keep the checkpoints they had before pooling was recorded)
+            what.append(self.pooling.to_dict())
+        h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
         for part in (xs, ys, vxs, vys):
             h.update(json.dumps(part).encode())
         return h.hexdigest()
@@ -399,7 +407,8 @@ class _Run:
             with tempfile.TemporaryDirectory(prefix="tailor-train-") as tmp:
                 self.model.save_pretrained(tmp)
                 files = {name: (Path(tmp) / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
-            return import_peft(files, spec, labels=list(self.labels), metrics=metrics)
+            art = import_peft(files, spec, labels=list(self.labels), metrics=metrics)
+            return replace(art, manifest=replace(art.manifest, pooling=self.pooling))
         # head-only: our format needs one LoRA pair, so it carries a rank-1 pair with B = 0, an
         # exact no-op on the base, on the first adaptable layer
         head: nn.Linear = getattr(self.model, self.base.head_name)
@@ -411,7 +420,7 @@ class _Run:
         manifest = AdapterManifest(
             base_fingerprint=spec.fingerprint, labels=self.labels,
             lora=LoraSettings(r=1, alpha=1.0, target_modules=(path.rsplit(".", 1)[-1],)),
-            head_in_features=spec.head_in_features, metrics=metrics, source="tailor-head",
+            head_in_features=spec.head_in_features, metrics=metrics, source="tailor-head", pooling=self.pooling,
         )
         art = AdapterArtifact(manifest=manifest, weights=weights)
         art.validate()

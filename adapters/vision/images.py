@@ -171,7 +171,8 @@ def _open(data: bytes, param: str, limits: ImageLimits) -> Image.Image:
     except Exception as error:
         other = _other_format(data)
         if other:
-            raise InvalidImageError(param, f"is in {other} format; allowed formats are {ALLOWED_NAMES}") from None
+            raise InvalidImageError(
+                param, f"is in {other} format; allowed formats are {ALLOWED_NAMES}") from None
         if isinstance(error, Image.UnidentifiedImageError):
             raise InvalidImageError(
                 param, f"is not an image in an allowed format ({ALLOWED_NAMES})") from None

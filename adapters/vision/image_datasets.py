@@ -47,7 +47,7 @@ from typing import Any
 from PIL import Image
 
 from adapters.datasets import (
-    Dataset, DatasetLimits, _Collector, _decode, _DuplicateKey, _kind, _pairs_without_repeats, _s,
+    BOM, Dataset, DatasetLimits, _Collector, _decode, _DuplicateKey, _kind, _pairs_without_repeats, _s,
     _show, label_problem, stratified_split,
 )
 from adapters.errors import DatasetError
@@ -56,7 +56,6 @@ from adapters.vision.zip_upload import ZipLimits, ZipProblem, ZipUpload
 
 FORMATS = ("zip", "jsonl")
 FIELDS = ("image", "label")
-BOM = b"\xef\xbb\xbf"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _DATA_URL = re.compile(r"^data:[\w.+/-]*;base64,")
 _NAME_SHOWN = 200  # characters of a member name shown in messages

@@ -29,7 +29,9 @@ from typing import Any
 
 import httpx
 
-from service.client import Job, TailorAPIError, TailorClient
+from adapters.jobs.model import METHODS, PROMOTE_MODES
+from service.api_types import JobOut
+from service.client import TailorAPIError, TailorClient
 from service.job_progress import JobProgress
 
 
@@ -176,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=["lora", "head"], default="lora")
-    parser.add_argument("--promote", choices=["auto", "always", "never"], default="auto")
+    parser.add_argument("--method", choices=METHODS, default="lora")
+    parser.add_argument("--promote", choices=PROMOTE_MODES, default="auto")
     parser.add_argument("--hp", action="append", type=_hyperparameter, default=[], metavar="KEY=VALUE",
                         help='a hyper-parameter, e.g. epochs=3 or target_modules=\'["query","value"]\' (repeatable)')
 
@@ -186,7 +188,7 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
-def _follow(client: TailorClient, job_id: str, bar: bool) -> Job:
+def _follow(client: TailorClient, job_id: str, bar: bool) -> JobOut:
     """Show the job's events until it ends (on stderr); the finished job."""
     with JobProgress(sys.stderr, bar=bar) as view:
         for event in client.follow_job(job_id):
@@ -198,7 +200,7 @@ def _follow(client: TailorClient, job_id: str, bar: bool) -> Job:
     return job
 
 
-def _exit_status(job: Job) -> int:
+def _exit_status(job: JobOut) -> int:
     return 0 if job["status"] == "succeeded" else 1
 
 
@@ -214,7 +216,7 @@ def _data_file(client: TailorClient, source: str | Path, progress: bool, made: l
     return made[-1]
 
 
-def _train(client: TailorClient, args: argparse.Namespace, progress: bool) -> Job:
+def _train(client: TailorClient, args: argparse.Namespace, progress: bool) -> JobOut:
     """Upload what is local, start the job; a refused job takes its uploads with it."""
     made: list[str] = []
     try:
@@ -229,7 +231,7 @@ def _train(client: TailorClient, args: argparse.Namespace, progress: bool) -> Jo
 
 
 def _create_job(client: TailorClient, args: argparse.Namespace, training_file: str,
-                validation_file: str | None) -> Job:
+                validation_file: str | None) -> JobOut:
     return client.create_job(args.adapter, training_file=training_file, validation_file=validation_file,
                              method=args.method, promote=args.promote, hyperparameters=dict(args.hp))
 
@@ -328,8 +330,10 @@ def run_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """``tailor worker``: the training worker process, configured like the service."""
+    """``tailor worker``: the training worker, in this process, configured like the service's
+    pool (``adapters.jobs.supervisor.worker_args``)."""
     from adapters.jobs import worker
+    from adapters.jobs.supervisor import worker_args
     from service.settings import Settings, SettingsError
 
     try:
@@ -337,19 +341,8 @@ def run_worker(args: argparse.Namespace) -> int:
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    argv = ["--database-url", s.database_url, "--store-url", s.store_url,
-            "--checkpoints", str(s.home / "checkpoints"), "--nice", str(args.nice),
-            "--gc-hours", str(s.store_gc_hours)]
-    if s.base_model:
-        argv += ["--base-model", s.base_model]
-    threads = args.threads or s.train_threads
-    if threads:
-        argv += ["--threads", str(threads)]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.once:
-        argv.append("--once")
-    worker.main(argv)
+    worker.main(worker_args(s, threads=args.threads or s.train_threads, device=args.device, nice=args.nice,
+                            once=args.once))
     return 0
 
 

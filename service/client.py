@@ -8,7 +8,8 @@
     acme.predict("sentiment", ["great service"])["predictions"][0]["label"]
 
 Every non-2xx answer raises ``TailorAPIError(status, code, message, param)``. Only httpx is
-needed (tqdm for progress bars, optional).
+needed (tqdm for progress bars, optional). What a method returns is the JSON answer, typed by
+``service.api_types`` (generated from the service's own response models, ``service.schemas``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal, TypedDict
+from typing import IO, Any
 
 import httpx
+
+from adapters.jobs.model import FINISHED
+from service.api_types import (
+    AdapterDetail, AdapterSummary, AliasChange, FileOut, ImportedVersion, JobEventOut, JobMethod, JobOut,
+    JobStatus, KeyCreated, KeyOut, PredictionOut, PredictResponse, PromoteMode, TenantCreated, TenantOut,
+    VersionOut,
+)
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tailor_manifest.json")
@@ -34,97 +42,10 @@ class TailorAPIError(Exception):
         self.body = body or {}
 
 
-# -- response shapes ---------------------------------------------------------------------------------
-
-class Prediction(TypedDict):
-    label: str
-    score: float
-    scores: dict[str, float]
-
-
-class PredictResult(TypedDict):
-    adapter: str
-    version: int
-    predictions: list[Prediction]
-
-
-class Tenant(TypedDict):
-    name: str
-    created_at: str
-    quotas: dict[str, Any]
-
-
-class TenantCreated(Tenant):
-    api_key: str
-    key_id: str
-
-
-class ApiKey(TypedDict):
-    key_id: str
-    prefix: str
-    created_at: str
-    revoked_at: str | None
-    active: bool
-
-
-class AdapterSummary(TypedDict):
-    name: str
-    created_at: str
-    aliases: dict[str, int]
-    versions: list[int]
-    prod: int | None
-
-
-class AdapterVersion(TypedDict):
-    version: int
-    status: str
-    created_at: str
-    metrics: dict[str, Any]
-    labels: list[str]
-    aliases: list[str]
-    sha256: str
-    nbytes: int
-
-
-class AdapterDetail(TypedDict):
-    name: str
-    created_at: str
-    aliases: dict[str, int]
-    prod: int | None
-    versions: list[AdapterVersion]
-
-
-class AliasChange(TypedDict):
-    adapter: str
-    alias: str
-    version: int
-    previous: int | None
-    aliases: dict[str, int]
-
-
-class FileInfo(TypedDict):
-    id: str
-    filename: str
-    format: str
-    rows: int
-    labels: list[str]
-    bytes: int
-    created_at: str
-
-
-class Job(TypedDict):
-    id: str
-    adapter: str
-    status: str
-    progress: dict[str, Any]
-    metrics: dict[str, Any]
-    error: dict[str, str] | None
-    version: int | None
-    created_at: str
-    finished_at: str | None
-
-
-FINISHED = ("succeeded", "failed", "cancelled")
+# The names this client has always used for the answers' shapes (service/api_types.py holds
+# them all, generated from service/schemas.py).
+Tenant, ApiKey, AdapterVersion, FileInfo = TenantOut, KeyOut, VersionOut, FileOut
+Job, Prediction, PredictResult = JobOut, PredictionOut, PredictResponse
 
 
 class _Progress(io.RawIOBase):
@@ -229,19 +150,22 @@ class TailorClient:
             body["quotas"] = quotas
         return self._json("POST", "/v1/tenants", json=body)
 
-    def list_tenants(self) -> list[Tenant]:
+    def list_tenants(self) -> list[TenantOut]:
         return self._json("GET", "/v1/tenants")
+
+    def get_tenant(self, name: str) -> TenantOut:
+        return self._json("GET", f"/v1/tenants/{name}")
 
     def delete_tenant(self, name: str) -> dict[str, Any]:
         return self._json("DELETE", f"/v1/tenants/{name}")
 
-    def create_key(self, tenant: str) -> dict[str, Any]:
+    def create_key(self, tenant: str) -> KeyCreated:
         return self._json("POST", f"/v1/tenants/{tenant}/keys")
 
-    def list_keys(self, tenant: str) -> list[ApiKey]:
+    def list_keys(self, tenant: str) -> list[KeyOut]:
         return self._json("GET", f"/v1/tenants/{tenant}/keys")
 
-    def revoke_key(self, tenant: str, key_id: str) -> ApiKey:
+    def revoke_key(self, tenant: str, key_id: str) -> KeyOut:
         return self._json("DELETE", f"/v1/tenants/{tenant}/keys/{key_id}")
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -262,7 +186,7 @@ class TailorClient:
         return self._json("DELETE", f"/v1/adapters/{name}")
 
     def import_adapter(self, name: str, source: str | os.PathLike[str] | bytes, *, labels: list[str] | None = None,
-                       promote: bool | None = None, progress: bool = False) -> dict[str, Any]:
+                       promote: bool | None = None, progress: bool = False) -> ImportedVersion:
         """Import a zip (path or bytes) or a peft ``save_pretrained`` folder as a new version."""
         if isinstance(source, bytes):
             data, filename = source, "adapter.zip"
@@ -310,7 +234,7 @@ class TailorClient:
 
     # -- predict ----------------------------------------------------------------------------------
 
-    def predict(self, adapter: str, inputs: list[str] | str) -> PredictResult:
+    def predict(self, adapter: str, inputs: list[str] | str) -> PredictResponse:
         """Classify ``inputs`` with ``adapter`` ("name", "name@3" or "name@prod")."""
         if isinstance(inputs, str):
             inputs = [inputs]
@@ -319,7 +243,7 @@ class TailorClient:
     # -- files and jobs ---------------------------------------------------------------------------
 
     def upload_file(self, path: str | os.PathLike[str], *, format: str | None = None,
-                    progress: bool = False) -> FileInfo:
+                    progress: bool = False) -> FileOut:
         p = Path(path)
         data = p.read_bytes()
         bar = _bar(len(data), f"upload {p.name}", progress)
@@ -331,10 +255,10 @@ class TailorClient:
             if bar is not None:
                 bar.close()
 
-    def list_files(self) -> list[FileInfo]:
+    def list_files(self) -> list[FileOut]:
         return self._json("GET", "/v1/files")
 
-    def get_file(self, file_id: str) -> FileInfo:
+    def get_file(self, file_id: str) -> FileOut:
         return self._json("GET", f"/v1/files/{file_id}")
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
@@ -342,9 +266,8 @@ class TailorClient:
 
     def create_job(self, adapter: str, *, training_file: str | None = None, validation_file: str | None = None,
                    training_data: list[dict[str, Any]] | None = None,
-                   validation_data: list[dict[str, Any]] | None = None, method: Literal["lora", "head"] = "lora",
-                   hyperparameters: dict[str, Any] | None = None,
-                   promote: Literal["auto", "always", "never"] = "auto") -> Job:
+                   validation_data: list[dict[str, Any]] | None = None, method: JobMethod = "lora",
+                   hyperparameters: dict[str, Any] | None = None, promote: PromoteMode = "auto") -> JobOut:
         body: dict[str, Any] = {"adapter": adapter, "method": method, "promote": promote,
                                 "hyperparameters": hyperparameters or {}}
         for key, value in (("training_file", training_file), ("validation_file", validation_file),
@@ -353,26 +276,28 @@ class TailorClient:
                 body[key] = value
         return self._json("POST", "/v1/jobs", json=body)
 
-    def list_jobs(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
+    def list_jobs(self, *, limit: int = 20, status: JobStatus | None = None) -> list[JobOut]:
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
         return self._json("GET", "/v1/jobs", params=params)
 
-    def get_job(self, job_id: str) -> Job:
+    def get_job(self, job_id: str) -> JobOut:
         return self._json("GET", f"/v1/jobs/{job_id}")
 
-    def job_events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
-        return self._json("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
+    def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEventOut]:
+        """The job's events with an id above ``after``, oldest first, at most ``limit`` (1..1,000)."""
+        return self._json("GET", f"/v1/jobs/{job_id}/events", params={"after": after, "limit": limit})
 
-    def cancel_job(self, job_id: str) -> Job:
+    def cancel_job(self, job_id: str) -> JobOut:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
 
-    def follow_job(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    def follow_job(self, job_id: str, *, interval: float = 1.0,
+                   timeout: float | None = None) -> Iterator[JobEventOut]:
         """Yield the job's events as they come until it finishes, then every event left."""
         after, deadline = 0, None if timeout is None else time.monotonic() + timeout
 
-        def drain() -> Iterator[dict[str, Any]]:
+        def drain() -> Iterator[JobEventOut]:
             nonlocal after
             while page := self.job_events(job_id, after=after):  # a page holds at most 1,000
                 for event in page:

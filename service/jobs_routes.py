@@ -7,7 +7,7 @@ jobs then run in separate training worker processes, never in the serving proces
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -17,15 +17,14 @@ from adapters.errors import DatasetError
 from adapters.quotas import TenantQuotas
 from service.auth import get_state, require_tenant
 from service.errors import ApiError
-from service.schemas import DB_INT_MAX, FileOut, JobCreate, JobEventOut, JobOut
+from service.schemas import DB_INT_MAX, FileOut, JobCreate, JobEventOut, JobOut, JobStatus
 from service.state import TailorState
 
 State = Annotated[TailorState, Depends(get_state)]
 Tenant = Annotated[str, Depends(require_tenant)]
 
 router = APIRouter(tags=["fine-tuning"])
-# adapters.jobs.model's ACTIVE + FINISHED: an unknown status is a 422 listing these, not an empty list
-JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled"]
+# status: an unknown one is a 422 listing the statuses (service.schemas.JobStatus), not an empty list
 
 
 def _limits(state: TailorState, tenant: str) -> DatasetLimits:

@@ -1,4 +1,9 @@
-"""Request and response bodies of the HTTP API (pydantic; unknown request fields are 422)."""
+"""Request and response bodies of the HTTP API (pydantic; unknown request fields are 422).
+
+The one place an API shape is written. The job enums come from ``adapters.jobs.model``; the
+client's TypedDicts (``service/api_types.py``) are generated from the ``Response`` models here
+by ``python -m service.api_typegen`` (``tests/test_client_shapes.py`` fails until they match).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from adapters.jobs.model import METHODS, PROMOTE_MODES, STATUSES
+
 # The largest integer an INTEGER column holds on every database we run on (32 bits on
 # PostgreSQL): versions, job event ids. An integer past it in a request is a 422 here, never an
 # overflow in the database driver (a 500).
 DB_INT_MAX = 2**31 - 1
 
 Version = Annotated[int, Field(strict=True, ge=1, le=DB_INT_MAX, description="an adapter version number")]
+
+# The job enums, built from their one definition in adapters.jobs.model.
+JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
+JobMethod = Literal[METHODS]  # type: ignore[valid-type]
+PromoteMode = Literal[PROMOTE_MODES]  # type: ignore[valid-type]
 
 
 class Request(BaseModel):
@@ -163,9 +175,9 @@ class JobCreate(Request):
     training_data: list[Any] | None = Field(
         default=None, description='inline records [{"text": ..., "label": ...}] instead of a file')
     validation_data: list[Any] | None = None
-    method: Literal["lora", "head"] = "lora"
+    method: JobMethod = "lora"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    promote: Literal["auto", "always", "never"] = "auto"
+    promote: PromoteMode = "auto"
 
 
 class JobErrorOut(Response):
@@ -176,9 +188,9 @@ class JobErrorOut(Response):
 class JobOut(Response):
     id: str
     adapter: str
-    status: str
-    method: str
-    promote: str
+    status: JobStatus
+    method: JobMethod
+    promote: PromoteMode
     progress: dict[str, Any]
     metrics: dict[str, Any]
     error: JobErrorOut | None
@@ -189,6 +201,18 @@ class JobOut(Response):
     queue_position: int | None = Field(
         default=None, description="while queued: its place in the fair-share queue (1: the next a free "
                                   "training worker takes); null otherwise")
+    # after queue_position: the order the API has always written a job's fields in
+    hyperparameters: dict[str, Any] = Field(description="what the job was submitted with")
+    resolved_hyperparameters: dict[str, Any] | None = Field(
+        description="the concrete values training uses; null until a worker has resolved them")
+    dataset: dict[str, Any] = Field(description="its data: training and validation examples, labels, "
+                                              "duplicates dropped")
+    result: dict[str, Any] = Field(description="once it succeeded: the promotion gate's decision")
+    training_file: str | None
+    validation_file: str | None
+    attempts: int = Field(description="how many times a worker has taken it (a yield to another tenant "
+                                      "does not count)")
+    cancel_requested: bool
 
 
 class JobEventOut(Response):

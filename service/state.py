@@ -21,12 +21,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from adapters.base import BaseModel, load_base
 from adapters.catalog import Catalog
+from adapters.jobs.files import Files
+from adapters.jobs.manager import JobManager
+from adapters.jobs.supervisor import WorkerPool, worker_command
 from adapters.key_cache import KeyCache
 from adapters.keys import KeyStore
 from adapters.quotas import TenantQuotas
@@ -113,9 +115,9 @@ class TailorState:
     keys: KeyStore
     key_cache: KeyCache
     limiter: RateLimiter
-    files: Any = None  # adapters.jobs.files.Files when the jobs package imports
-    jobs: Any = None  # adapters.jobs.manager.JobManager
-    pool: Any = None  # adapters.jobs.supervisor.WorkerPool
+    files: Files
+    jobs: JobManager
+    pool: WorkerPool | None = None  # the training workers, in the one serving process that runs them
     base: BaseModel | None = None
     engine: Engine | None = None
     batcher: MicroBatcher | None = None
@@ -136,17 +138,10 @@ class TailorState:
         keys = KeyStore(registry.engine, migrate=False)
         state = cls(settings=settings, metrics=get_metrics(settings.metrics_tenant_labels), registry=registry,
                     store=store, catalog=Catalog(registry, store), keys=keys,
-                    key_cache=KeyCache(keys, registry), limiter=RateLimiter(settings.rate_limit, registry))
+                    key_cache=KeyCache(keys, registry), limiter=RateLimiter(settings.rate_limit, registry),
+                    files=Files(registry.engine, store), jobs=JobManager(registry.engine, store))
         state.metrics.ready.set(0)
         state.connect_database(retry=False)
-        try:
-            from adapters.jobs.files import Files
-            from adapters.jobs.manager import JobManager
-        except ImportError as e:  # pragma: no cover - the jobs package is optional
-            log.warning("fine-tuning jobs are unavailable: %s", e)
-        else:
-            state.files = Files(registry.engine, store)
-            state.jobs = JobManager(registry.engine, store)
         return state
 
     # -- readiness ----------------------------------------------------------------------------
@@ -234,16 +229,15 @@ class TailorState:
         assert self.batcher is not None
         return self.batcher
 
-    def require_jobs(self) -> tuple[Any, Any]:
-        if self.jobs is None or self.files is None:
-            raise ApiError(501, "jobs_unavailable", "fine-tuning jobs are not available in this build")
+    def require_jobs(self) -> tuple[Files, JobManager]:
+        """Uploaded files and jobs (always there: the routes' way to reach both)."""
         return self.files, self.jobs
 
     # -- training workers -------------------------------------------------------------------
 
     def start_training_pool(self) -> None:
         """Start the local training workers once the database answers (at once if it does)."""
-        if self.settings.train_workers <= 0 or self.jobs is None:
+        if self.settings.train_workers <= 0:
             return
         if self._db_ready.is_set():
             self._start_training_pool()
@@ -260,16 +254,8 @@ class TailorState:
 
     def _start_training_pool(self) -> None:
         s = self.settings
-        try:
-            from adapters.jobs.supervisor import WorkerPool, worker_command
-        except ImportError as e:  # pragma: no cover
-            log.warning("training workers unavailable: %s", e)
-            return
-        cmd = worker_command(database_url=s.database_url, store_url=s.store_url,
-                             checkpoints=s.home / "checkpoints", base_model=s.base_model,
-                             threads=training_threads(s), gc_hours=s.store_gc_hours)
-        pool = WorkerPool(self.jobs, cmd, size=s.train_workers, lock_path=s.home / "workers.lock",
-                          log_path=s.home / "workers.log")
+        pool = WorkerPool(self.jobs, worker_command(s, threads=training_threads(s)), size=s.train_workers,
+                          lock_path=s.home / "workers.lock", log_path=s.home / "workers.log")
         if pool.start():  # only one serving process per TAILOR_HOME runs the pool
             self.pool = pool
             log.info("started %d training worker(s); their log: %s", s.train_workers, s.home / "workers.log")

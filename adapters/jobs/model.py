@@ -1,4 +1,9 @@
-"""The records a job and an uploaded file are made of (what the API shows, plain data)."""
+"""The records a job and an uploaded file are made of (what the API shows, plain data).
+
+The one definition of a job's statuses, methods and promotion modes: ``service.schemas`` builds
+the HTTP API's enums from these tuples, and the client and CLI read them from here (this module
+imports nothing beyond the standard library, so a client stays light).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ VALIDATING, QUEUED, RUNNING = "validating", "queued", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 ACTIVE = (VALIDATING, QUEUED, RUNNING)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+STATUSES = (*ACTIVE, *FINISHED)
 METHODS = ("lora", "head")
 PROMOTE_MODES = ("auto", "always", "never")
 

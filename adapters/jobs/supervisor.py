@@ -7,6 +7,9 @@ processes and a monitor thread that restarts any that exit. Only one pool runs p
 the others do nothing. ``stop`` sends SIGTERM (running jobs resume from their checkpoints
 later) and kills what does not exit in time. A worker whose serving process dies without
 stopping the pool stops by itself (``parent_watch``).
+
+``worker_args`` turns settings into a worker's command line, for the pool (``worker_command``)
+and for ``tailor worker`` alike.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from adapters.jobs.manager import JobManager
 from adapters.jobs.parent_watch import ENV as PARENT_ENV
@@ -115,16 +118,44 @@ class WorkerPool:
                     self.restarts += 1
 
 
-def worker_command(*, database_url: str, store_url: str, checkpoints: Path, base_model: str | None,
-                   threads: int | None, device: str | None = None, gc_hours: float | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "adapters.jobs.worker", "--database-url", database_url,
-           "--store-url", store_url, "--checkpoints", str(checkpoints)]
-    if gc_hours is not None:
-        cmd += ["--gc-hours", str(gc_hours)]
-    if base_model:
-        cmd += ["--base-model", base_model]
+class WorkerSettings(Protocol):
+    """What a training worker is configured by (``service.settings.Settings`` is one)."""
+
+    @property
+    def database_url(self) -> str: ...
+    @property
+    def store_url(self) -> str: ...
+    @property
+    def home(self) -> Path: ...  # checkpoints go to home/checkpoints
+    @property
+    def base_model(self) -> str | None: ...
+    @property
+    def store_gc_hours(self) -> float: ...
+
+
+WORKER_MODULE = "adapters.jobs.worker"
+
+
+def worker_args(settings: WorkerSettings, *, threads: int | None, device: str | None = None,
+                nice: int | None = None, once: bool = False) -> list[str]:
+    """The worker's arguments (``adapters.jobs.worker.main`` takes them) for ``settings``: the one
+    place settings become a worker's command line, for the pool here and ``tailor worker``.
+    ``threads``, ``device``, ``nice``: left to the worker's defaults when None."""
+    args = ["--database-url", settings.database_url, "--store-url", settings.store_url,
+            "--checkpoints", str(settings.home / "checkpoints"), "--gc-hours", str(settings.store_gc_hours)]
+    if nice is not None:
+        args += ["--nice", str(nice)]
+    if settings.base_model:
+        args += ["--base-model", settings.base_model]
     if threads:
-        cmd += ["--threads", str(threads)]
+        args += ["--threads", str(threads)]
     if device:
-        cmd += ["--device", device]
-    return cmd
+        args += ["--device", device]
+    if once:
+        args.append("--once")
+    return args
+
+
+def worker_command(settings: WorkerSettings, *, threads: int | None, device: str | None = None) -> list[str]:
+    """The command that starts a worker process (``worker_args`` after this Python)."""
+    return [sys.executable, "-m", WORKER_MODULE, *worker_args(settings, threads=threads, device=device)]

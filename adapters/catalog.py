@@ -5,7 +5,8 @@ never-reused key prefix (atomic per file), then one registry row makes the versi
 The registry enforces the tenant's quotas (``adapters.quotas``) on that row, so every path
 that creates an adapter or a version -- an import, a trained version -- is held to them.
 Until that row commits nobody can resolve the version, so a crash between the steps leaves
-at most unreferenced files (``sweep_orphans`` removes them), never a half-visible adapter.
+at most unreferenced files (the store GC, ``adapters.store_gc``, removes them), never a
+half-visible adapter. Deleting goes rows first, then bytes, for the same reason.
 Reading goes the other way: the registry row gives the key and the sha256, the store verifies
 the bytes, and the artifact is decoded and checked against the base model.
 """
@@ -48,7 +49,7 @@ class Catalog:
         # Quotas (adapters, versions, storage): refused here before any byte is written; the
         # registry checks again when it inserts the row, in the same transaction.
         self.registry.check_quotas(tenant, adapter, len(weights))
-        prefix = f"tenants/{tenant}/adapters/{adapter}/{uuid.uuid4().hex}"
+        prefix = f"{tenant_prefix(tenant)}adapters/{adapter}/{uuid.uuid4().hex}"
         weights_key, manifest_key = f"{prefix}/{WEIGHTS_FILE}", f"{prefix}/{MANIFEST_FILE}"
         sha = self.store.put(weights_key, weights)
         try:
@@ -80,13 +81,23 @@ class Catalog:
         return artifact
 
     def delete_adapter(self, tenant: str, adapter: str) -> int:
-        keys = self.registry.delete_adapter(tenant, adapter)
+        """Delete the adapter's rows, then the objects no remaining version refers to; returns
+        how many objects were removed."""
+        return self._delete(self.registry.delete_adapter(tenant, adapter))
+
+    def delete_tenant(self, tenant: str) -> int:
+        """Delete the tenant's rows (``Registry.delete_tenant``: one transaction, cascading), then
+        its versions' objects, then every object under ``tenant_prefix(tenant)`` (files, jobs'
+        data, checkpoints); returns how many objects were removed. ``adapters.tenancy`` is the
+        whole deletion (this, and telling the caches)."""
+        return self._delete(self.registry.delete_tenant(tenant)) + self.store.delete_prefix(tenant_prefix(tenant))
+
+    def _delete(self, keys: list[str]) -> int:
         for key in keys:
             self.store.delete(key)
         return len(keys)
 
-    def delete_tenant(self, tenant: str) -> int:
-        keys = self.registry.delete_tenant(tenant)
-        for key in keys:
-            self.store.delete(key)
-        return len(keys)
+
+def tenant_prefix(tenant: str) -> str:
+    """Where every store object of ``tenant`` lies."""
+    return f"tenants/{validate_name(tenant, 'tenant')}/"

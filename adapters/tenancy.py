@@ -14,7 +14,8 @@ leaves a tenant without a key, which ``KeyStore.create`` mends; never a key with
    key of the tenant authenticates and no adapter of it resolves, in any process once it has
    polled the change log;
 3. the store objects of its adapter versions, then every object under ``tenants/<name>/``
-   (uploaded files, jobs' data, shared checkpoints, whatever else lies there);
+   (uploaded files, jobs' data, shared checkpoints, whatever else lies there): steps 2 and 3
+   are ``Catalog.delete_tenant``;
 4. this process's caches (``ChangeListener.tenant_deleted``), at once, even when step 3 failed.
 
 Rows go before bytes, so a crash or a store outage after step 2 leaves objects that no row
@@ -25,10 +26,11 @@ the prefix belonged to this database. A store outage in step 3 raises ``StoreUna
 
 A tenant deleted while its jobs are queued or running: the queued jobs go with the rows and no
 worker ever claims them. A running job's worker finds its job gone at its next heartbeat
-(``LostJobError``), stops training at its next step and registers nothing; were it to publish
-first, ``Registry.add_version`` finds no tenant (``NotFoundError``) and ``Catalog.publish``
-deletes the bytes it had written. A checkpoint or file the worker writes after step 3 lies
-unreferenced under the tenant's prefix, where the store GC finds it.
+(``LostJobError``), stops training at its next step and can record no outcome; a publish it
+attempts meanwhile registers nothing (``Registry.add_version`` finds no tenant:
+``NotFoundError``, and ``Catalog.publish`` deletes the bytes it had written). A checkpoint the
+worker shares after step 3 lies unreferenced under the tenant's prefix, where the store GC
+finds it.
 """
 
 from __future__ import annotations
@@ -51,11 +53,6 @@ class NewTenant:
     api_key: str  # the secret: shown once, only its hash is stored
 
 
-def tenant_prefix(name: str) -> str:
-    """Where every store object of tenant ``name`` lies."""
-    return f"tenants/{validate_name(name, 'tenant')}/"
-
-
 def create_tenant(registry: Registry, keys: KeyStore, name: str,
                   quotas: dict[str, Any] | None = None) -> NewTenant:
     """Create tenant ``name`` with ``quotas`` (unset: defaults) and its first API key."""
@@ -72,8 +69,6 @@ def delete_tenant(catalog: Catalog, name: str, *, listener: ChangeListener = NO_
     validate_name(name, "name")
     catalog.registry.get_tenant(name)  # NotFoundError before anything is touched
     try:
-        removed = catalog.delete_tenant(name)
-        removed += catalog.store.delete_prefix(tenant_prefix(name))
+        return catalog.delete_tenant(name)  # rows, then bytes
     finally:
         listener.tenant_deleted(name)
-    return removed

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from adapters import store_gc
 from adapters.base import tiny_base
-from adapters.catalog import Catalog
+from adapters.catalog import Catalog, tenant_prefix
 from adapters.change_listener import NO_LISTENER, ProcessCaches
 from adapters.datasets import DatasetLimits, from_records
 from adapters.errors import InvalidNameError, NotFoundError
@@ -31,7 +31,7 @@ from adapters.registry import Registry
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from adapters.tenancy import create_tenant, delete_tenant, tenant_prefix
+from adapters.tenancy import create_tenant, delete_tenant
 
 ROWS = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [{"text": f"bad {i}", "label": "neg"}
                                                                       for i in range(5)]

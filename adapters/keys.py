@@ -16,7 +16,9 @@ database is down); any other key gets ``DatabaseUnavailableError`` (503: we cann
 a 401. A key revoked in this process is forgotten at once; a revocation made elsewhere cannot
 have happened during the outage from this process's point of view, and the grace bounds the
 window if only this process lost the database. Keys belong to a tenant row and go with it
-(``ON DELETE CASCADE``). Another tenant's key id is "not found", never "forbidden".
+(``ON DELETE CASCADE``). Another tenant's key id is "not found", never "forbidden". Each write
+(``create``, ``revoke``) is one ``adapters.schema.transaction``: rerun when PostgreSQL picks it
+as a deadlock or serialization victim.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from adapters.errors import DatabaseUnavailableError, NotFoundError
 from adapters.names import validate_name
-from adapters.schema import (
-    api_keys, changes, configure_engine, create_schema, lock_change_log, read_only, tenants, utcnow,
-)
+from adapters.registry.changelog import log_change
+from adapters.registry.core import tenant_id
+from adapters.schema import api_keys, configure_engine, create_schema, read_only, tenants, transaction, utcnow
 
 SECRET_PREFIX = "tk-"
 SECRET_RANDOM_CHARS = 40  # token_urlsafe(30) gives exactly 40 characters
@@ -85,20 +87,16 @@ class KeyStore:
         validate_name(tenant, "tenant")
         secret = new_secret()
         key_id = "key-" + secrets.token_hex(12)
-        with self.engine.begin() as conn:
-            tid = conn.scalar(select(tenants.c.id).where(tenants.c.name == tenant))
-            if tid is None:
-                raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
-            conn.execute(insert(api_keys).values(
-                id=key_id, tenant_id=tid, key_hash=hash_secret(secret), prefix=secret[:PREFIX_CHARS],
-                created_at=utcnow(), revoked_at=None,
-            ))
+        transaction(self.engine, lambda conn: conn.execute(insert(api_keys).values(
+            id=key_id, tenant_id=tenant_id(conn, tenant), key_hash=hash_secret(secret),
+            prefix=secret[:PREFIX_CHARS], created_at=utcnow(), revoked_at=None,
+        )))
         return key_id, secret
 
     def get(self, tenant: str, key_id: str) -> ApiKey:
         validate_name(tenant, "tenant")
         with self._read.connect() as conn:
-            return _record(tenant, self._row(conn, tenant, key_id))
+            return _record(tenant, _row(conn, tenant, key_id))
 
     def authenticate(self, secret: object) -> str | None:
         """The tenant a live key belongs to, or None (unknown, revoked, malformed)."""
@@ -129,13 +127,7 @@ class KeyStore:
     def revoke(self, tenant: str, key_id: str) -> ApiKey:
         """Revoke one of ``tenant``'s keys (idempotent); NotFoundError if it is not theirs."""
         validate_name(tenant, "tenant")
-        with self.engine.begin() as conn:
-            row = self._row(conn, tenant, key_id)
-            if row.revoked_at is None:
-                conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(revoked_at=utcnow()))
-                lock_change_log(conn)  # seqs commit in order (see adapters.schema)
-                conn.execute(insert(changes).values(tenant=tenant, adapter=None, kind="key_revoked", at=utcnow()))
-                row = self._row(conn, tenant, key_id)
+        row = transaction(self.engine, lambda conn: _revoke(conn, tenant, key_id))
         with self._verified_lock:
             self._verified.pop(row.key_hash, None)
         return _record(tenant, row)
@@ -144,26 +136,32 @@ class KeyStore:
         """Every key of ``tenant`` (revoked ones too), oldest first; never the secret."""
         validate_name(tenant, "tenant")
         with self._read.connect() as conn:
-            tid = conn.scalar(select(tenants.c.id).where(tenants.c.name == tenant))
-            if tid is None:
-                raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
             rows = conn.execute(
-                select(api_keys).where(api_keys.c.tenant_id == tid)
+                select(api_keys).where(api_keys.c.tenant_id == tenant_id(conn, tenant))
                 .order_by(api_keys.c.created_at, api_keys.c.id)
             ).all()
         return [_record(tenant, r) for r in rows]
 
-    @staticmethod
-    def _row(conn: Connection, tenant: str, key_id: object) -> Any:
-        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
-            raise NotFoundError(f"key {str(key_id)[:60]!r} not found", param="key_id")
-        row = conn.execute(
-            select(api_keys).join(tenants, tenants.c.id == api_keys.c.tenant_id)
-            .where(tenants.c.name == tenant, api_keys.c.id == key_id)
-        ).first()
-        if row is None:
-            raise NotFoundError(f"key {key_id!r} not found", param="key_id")
-        return row
+
+def _row(conn: Connection, tenant: str, key_id: object) -> Any:
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        raise NotFoundError(f"key {str(key_id)[:60]!r} not found", param="key_id")
+    row = conn.execute(
+        select(api_keys).join(tenants, tenants.c.id == api_keys.c.tenant_id)
+        .where(tenants.c.name == tenant, api_keys.c.id == key_id)
+    ).first()
+    if row is None:
+        raise NotFoundError(f"key {key_id!r} not found", param="key_id")
+    return row
+
+
+def _revoke(conn: Connection, tenant: str, key_id: object) -> Any:
+    row = _row(conn, tenant, key_id)
+    if row.revoked_at is None:
+        conn.execute(update(api_keys).where(api_keys.c.id == row.id).values(revoked_at=utcnow()))
+        log_change(conn, tenant, None, "key_revoked")
+        row = _row(conn, tenant, key_id)
+    return row
 
 
 def _record(tenant: str, row: Any) -> ApiKey:

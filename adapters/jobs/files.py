@@ -6,6 +6,8 @@ and then recorded in the ``files`` table. An upload whose bytes would take the t
 storage quota (``max_storage_bytes``: uploaded files plus adapter versions) is refused
 (``StorageQuotaError``, 409) before it is parsed, and again, atomically, when it is recorded. A file id is only ever visible to its tenant:
 another tenant's id is "not found". Deleting a file leaves jobs that already copied it alone.
+Each row write is one ``adapters.schema.transaction`` (rerun on a deadlock or serialization
+failure); the bytes are stored before it and deleted again if it fails.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import secrets
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, insert, select
 
 from adapters import schema
 from adapters.datasets import Dataset, DatasetLimits, parse_dataset
@@ -22,7 +24,8 @@ from adapters.errors import InvalidNameError, NotFoundError
 from adapters.jobs.model import FileRecord
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas, enforce_storage, lock_tenant
-from adapters.schema import read_only, utcnow
+from adapters.registry.core import tenant_id
+from adapters.schema import read_only, transaction, utcnow
 from adapters.store import AdapterStore
 
 MAX_FILENAME = 255
@@ -56,7 +59,7 @@ class Files:
         if format is None and filename.lower().endswith((".csv", ".jsonl", ".json")):
             format = "csv" if filename.lower().endswith(".csv") else "jsonl"
         with self._read.connect() as conn:  # early answer before parsing; decided again below
-            tid = _tenant_id(conn, tenant)
+            tid = tenant_id(conn, tenant)
             quotas = TenantQuotas.stored(conn.scalar(select(schema.tenants.c.quotas).where(schema.tenants.c.id == tid)))
             enforce_storage(conn, tid, quotas, len(data), what=f"file {filename!r}", param="file")
         ds = parse_dataset(data, format=format, limits=limits, what=filename)
@@ -64,22 +67,17 @@ class Files:
         key = f"tenants/{tenant}/files/{file_id}.jsonl"
         body = dataset_to_jsonl(ds)
         sha = self.store.put(key, body)
+        row = {
+            "id": file_id, "filename": filename,
+            "format": format or ("jsonl" if data.lstrip()[:1] == b"{" else "csv"),
+            "rows": len(ds), "labels": list(ds.labels), "duplicates_dropped": ds.duplicates_dropped,
+            "bytes": len(data), "store_key": key, "sha256": sha,
+        }
         try:
-            with self.db.begin() as conn:
-                # The tenant row stays locked to the insert: concurrent uploads count in turn.
-                tid, quotas = lock_tenant(conn, tenant)
-                enforce_storage(conn, tid, quotas, len(data), what=f"file {filename!r}", param="file")
-                row = {
-                    "id": file_id, "tenant_id": tid, "filename": filename,
-                    "format": format or ("jsonl" if data.lstrip()[:1] == b"{" else "csv"),
-                    "rows": len(ds), "labels": list(ds.labels), "duplicates_dropped": ds.duplicates_dropped,
-                    "bytes": len(data), "store_key": key, "sha256": sha, "created_at": utcnow(),
-                }
-                conn.execute(insert(schema.files).values(**row))
+            return transaction(self.db, lambda conn: _insert(conn, tenant, row))
         except BaseException:
             self.store.delete(key)
             raise
-        return _record(tenant, row)
 
     def get(self, tenant: str, file_id: str) -> FileRecord:
         validate_name(tenant, "tenant")
@@ -103,8 +101,7 @@ class Files:
 
     def delete(self, tenant: str, file_id: str) -> None:
         rec = self.get(tenant, file_id)
-        with self.db.begin() as conn:
-            conn.execute(delete(schema.files).where(schema.files.c.id == rec.id))
+        transaction(self.db, lambda conn: conn.execute(delete(schema.files).where(schema.files.c.id == rec.id)))
         self.store.delete(rec.store_key)
 
     def load(self, tenant: str, file_id: str) -> tuple[FileRecord, Dataset]:
@@ -112,11 +109,13 @@ class Files:
         return rec, dataset_from_jsonl(self.store.get(rec.store_key, sha256=rec.sha256))
 
 
-def _tenant_id(conn: Any, tenant: str) -> int:
-    tid = conn.execute(select(schema.tenants.c.id).where(schema.tenants.c.name == tenant)).scalar()
-    if tid is None:
-        raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
-    return int(tid)
+def _insert(conn: Connection, tenant: str, row: dict[str, Any]) -> FileRecord:
+    # The tenant row stays locked to the insert: concurrent uploads count in turn.
+    tid, quotas = lock_tenant(conn, tenant)
+    enforce_storage(conn, tid, quotas, row["bytes"], what=f"file {row['filename']!r}", param="file")
+    created_at = utcnow()
+    conn.execute(insert(schema.files).values(tenant_id=tid, created_at=created_at, **row))
+    return _record(tenant, {**row, "created_at": created_at})
 
 
 def _file_id(value: str) -> str:

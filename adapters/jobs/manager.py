@@ -23,7 +23,8 @@ Concurrency, on SQLite (writers serialised by ``BEGIN IMMEDIATE``) and PostgreSQ
 two workers never claim the same job, a tenant never has more than ``max_concurrent_jobs``
 claimed or ``max_active_jobs`` active jobs (its tenant row is locked while they are counted),
 and two supervisors recovering at once requeue a job once, never one another worker has
-meanwhile claimed.
+meanwhile claimed. Every write is one ``adapters.schema.transaction``: one that PostgreSQL
+aborts as a deadlock or serialization victim is rerun, so such a race costs no failed call.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, case, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, case, func, insert, or_, select, update
 
 from adapters import schema
 from adapters.datasets import Dataset
@@ -50,7 +51,7 @@ from adapters.jobs.model import (
 )
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas, enforce_job
-from adapters.schema import read_only, utcnow
+from adapters.schema import read_only, transaction, utcnow
 from adapters.store import AdapterStore
 from adapters.training.hyperparams import HyperparameterError, Hyperparameters
 
@@ -119,34 +120,16 @@ class JobManager:
             "training_examples": len(training), "validation_examples": len(validation) if validation else None,
             "labels": list(training.labels), "duplicates_dropped": training.duplicates_dropped,
         }
+        job = dict(
+            id=job_id, tenant=tenant, adapter=adapter, status=QUEUED,
+            method=method, promote=promote, hyperparameters=hp, resolved_hyperparameters=None,
+            training_key=train_key, validation_key=val_key, training_file=training_file,
+            validation_file=validation_file, dataset=summary, progress={}, metrics={}, result={},
+            cancel_requested=0, attempts=0, created_at=now, updated_at=now,
+        )
+        note = f"job created: {len(training)} training examples, {len(training.labels)} labels, method {method}"
         try:
-            with self.db.begin() as conn:
-                # FOR NO KEY UPDATE: concurrent submits of one tenant count their active jobs in
-                # turn (PostgreSQL); it does not block inserts that merely reference the tenant.
-                tenant_row = conn.execute(
-                    select(schema.tenants.c.id, schema.tenants.c.quotas).where(schema.tenants.c.name == tenant)
-                    .with_for_update(key_share=True)
-                ).first()
-                if tenant_row is None:
-                    raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
-                quotas = TenantQuotas.stored(tenant_row.quotas)
-                active = conn.execute(
-                    select(func.count()).select_from(J).where(J.c.tenant_id == tenant_row.id, J.c.status.in_(ACTIVE))
-                ).scalar_one()
-                if active >= quotas.max_active_jobs:
-                    raise JobLimitError(
-                        f"tenant already has {active} active jobs; the quota is {quotas.max_active_jobs}. "
-                        "Wait for one to finish or cancel one.", param="adapter")
-                enforce_job(conn, tenant_row.id, quotas, adapter)  # adapters, versions, storage
-                conn.execute(insert(J).values(
-                    id=job_id, tenant_id=tenant_row.id, tenant=tenant, adapter=adapter, status=QUEUED,
-                    method=method, promote=promote, hyperparameters=hp, resolved_hyperparameters=None,
-                    training_key=train_key, validation_key=val_key, training_file=training_file,
-                    validation_file=validation_file, dataset=summary, progress={}, metrics={}, result={},
-                    cancel_requested=0, attempts=0, created_at=now, updated_at=now,
-                ))
-                _event(conn, job_id, "info", f"job created: {len(training)} training examples, "
-                       f"{len(training.labels)} labels, method {method}")
+            transaction(self.db, lambda conn: _insert(conn, job, note))
         except BaseException:
             self.store.delete_prefix(prefix + "/")
             raise
@@ -184,19 +167,7 @@ class JobManager:
 
     def cancel(self, tenant: str, job_id: str) -> Job:
         job = self.get(tenant, job_id)
-        with self.db.begin() as conn:
-            now = self.now()
-            # Locked so a worker's claim and this cancel cannot interleave (PostgreSQL).
-            status = conn.execute(select(J.c.status).where(J.c.id == job.id).with_for_update()).scalar_one()
-            if status in FINISHED:
-                raise ConflictError(f"job {job.id} already {status}", param="job")
-            if status == QUEUED:  # nobody runs it: cancel at once
-                conn.execute(update(J).where(J.c.id == job.id).values(
-                    status=CANCELLED, cancel_requested=1, finished_at=now, updated_at=now))
-                _event(conn, job.id, "info", "job cancelled before it started")
-            else:
-                conn.execute(update(J).where(J.c.id == job.id).values(cancel_requested=1, updated_at=now))
-                _event(conn, job.id, "info", "cancellation requested; the worker stops within seconds")
+        transaction(self.db, lambda conn: _cancel(conn, job.id, self.now()))
         return self.get(tenant, job_id)
 
     def count_by_status(self) -> dict[str, int]:
@@ -222,43 +193,45 @@ class JobManager:
         The job is the oldest queued job of the tenant first in ``fair_share.tenant_order``
         (least recently on a worker) that is under its ``max_concurrent_jobs``."""
         now = self.now()
+        return transaction(self.db, lambda conn: self._claim(conn, worker_id, now))
+
+    def _claim(self, conn: Connection, worker_id: str, now: datetime) -> Job | None:
         T = schema.tenants
-        with self.db.begin() as conn:
-            clocks = _clocks(conn)
-            quotas = dict(conn.execute(select(T.c.id, T.c.quotas).where(T.c.id.in_(list(clocks)))).all()) \
-                if clocks else {}
-            for clock in fair_share.tenant_order(clocks.values()):
-                limit = max(1, TenantQuotas.stored(quotas.get(clock.tenant_id)).max_concurrent_jobs)
-                if clock.on_worker >= limit:
-                    continue
-                # Claims of one tenant count its running jobs in turn, so two workers cannot both
-                # take its last free slot (PostgreSQL). A tenant another claimer holds is left to
-                # that claimer this round (SKIP LOCKED, so claims never deadlock): this claimer
-                # serves the next tenant in fair order.
-                if conn.execute(
-                    select(T.c.id).where(T.c.id == clock.tenant_id).with_for_update(key_share=True, skip_locked=True)
-                ).first() is None:
-                    continue
-                running = conn.execute(
-                    select(func.count()).select_from(J)
-                    .where(J.c.tenant_id == clock.tenant_id, J.c.status.in_((VALIDATING, RUNNING)))
-                ).scalar_one()
-                if running >= limit:
-                    continue
-                cand = conn.execute(
-                    select(J.c.id).where(J.c.tenant_id == clock.tenant_id, J.c.status == QUEUED)
-                    .order_by(J.c.created_at, J.c.id).limit(1).with_for_update(skip_locked=True)
-                ).first()
-                if cand is None:
-                    continue
-                done = conn.execute(update(J).where(J.c.id == cand.id, J.c.status == QUEUED).values(
-                    status=VALIDATING, worker_id=worker_id, lease_expires_at=now + self.lease,
-                    attempts=J.c.attempts + 1, started_at=func.coalesce(J.c.started_at, now), updated_at=now,
-                ))
-                if done.rowcount == 1:
-                    _event(conn, cand.id, "info", f"picked up by worker {worker_id}")
-                    row = conn.execute(select(J).where(J.c.id == cand.id)).mappings().one()
-                    return _job(row)
+        clocks = _clocks(conn)
+        quotas = dict(conn.execute(select(T.c.id, T.c.quotas).where(T.c.id.in_(list(clocks)))).all()) \
+            if clocks else {}
+        for clock in fair_share.tenant_order(clocks.values()):
+            limit = max(1, TenantQuotas.stored(quotas.get(clock.tenant_id)).max_concurrent_jobs)
+            if clock.on_worker >= limit:
+                continue
+            # Claims of one tenant count its running jobs in turn, so two workers cannot both
+            # take its last free slot (PostgreSQL). A tenant another claimer holds is left to
+            # that claimer this round (SKIP LOCKED, so claims never deadlock): this claimer
+            # serves the next tenant in fair order.
+            if conn.execute(
+                select(T.c.id).where(T.c.id == clock.tenant_id).with_for_update(key_share=True, skip_locked=True)
+            ).first() is None:
+                continue
+            running = conn.execute(
+                select(func.count()).select_from(J)
+                .where(J.c.tenant_id == clock.tenant_id, J.c.status.in_((VALIDATING, RUNNING)))
+            ).scalar_one()
+            if running >= limit:
+                continue
+            cand = conn.execute(
+                select(J.c.id).where(J.c.tenant_id == clock.tenant_id, J.c.status == QUEUED)
+                .order_by(J.c.created_at, J.c.id).limit(1).with_for_update(skip_locked=True)
+            ).first()
+            if cand is None:
+                continue
+            done = conn.execute(update(J).where(J.c.id == cand.id, J.c.status == QUEUED).values(
+                status=VALIDATING, worker_id=worker_id, lease_expires_at=now + self.lease,
+                attempts=J.c.attempts + 1, started_at=func.coalesce(J.c.started_at, now), updated_at=now,
+            ))
+            if done.rowcount == 1:
+                _event(conn, cand.id, "info", f"picked up by worker {worker_id}")
+                row = conn.execute(select(J).where(J.c.id == cand.id)).mappings().one()
+                return _job(row)
         return None
 
     def contender(self, job_id: str, *, grace_seconds: float = 0.0) -> Contender | None:
@@ -277,28 +250,11 @@ class JobManager:
         position go to its events. False, with nothing changed, when a cancel was requested
         meanwhile: the caller cancels the job instead. Raises ``LostJobError`` if not ours."""
         now = self.now()
-        with self.db.begin() as conn:
-            cancel = conn.execute(select(J.c.cancel_requested).where(_mine(job_id, worker_id)).with_for_update()) \
-                .scalar_one_or_none()
-            if cancel is None:
-                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
-            if cancel:
-                return False
-            conn.execute(update(J).where(_mine(job_id, worker_id)).values(
-                status=QUEUED, worker_id=None, lease_expires_at=None, released_at=now, updated_at=now,
-                attempts=J.c.attempts - 1))
-            _event(conn, job_id, "info", message)
-            _note_position(conn, job_id)
-        return True
+        return transaction(self.db, lambda conn: _release(conn, job_id, worker_id, message, now))
 
     def heartbeat(self, job_id: str, worker_id: str) -> bool:
         """Renew the lease; returns True if a cancel was requested. Raises if the job is lost."""
-        with self.db.begin() as conn:
-            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(
-                lease_expires_at=self.now() + self.lease))
-            if res.rowcount != 1:
-                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
-            return bool(conn.execute(select(J.c.cancel_requested).where(J.c.id == job_id)).scalar_one())
+        return transaction(self.db, lambda conn: _heartbeat(conn, job_id, worker_id, self.now() + self.lease))
 
     def set_running(self, job_id: str, worker_id: str, resolved_hyperparameters: dict[str, Any],
                     dataset: dict[str, Any]) -> None:
@@ -310,8 +266,7 @@ class JobManager:
 
     def event(self, job_id: str, level: str, message: str, *, data: dict[str, Any] | None = None,
               type: str = "message") -> None:
-        with self.db.begin() as conn:
-            _event(conn, job_id, level, message, data=data, type=type)
+        transaction(self.db, lambda conn: _event(conn, job_id, level, message, data=data, type=type))
 
     def succeed(self, job_id: str, worker_id: str, *, version: int, metrics: dict[str, Any],
                 result: dict[str, Any], message: str) -> None:
@@ -330,39 +285,42 @@ class JobManager:
     def recover(self, *, is_dead: Callable[[str], bool] | None = None, max_attempts: int = 3) -> list[str]:
         """Requeue (or fail) jobs whose worker is gone; returns their ids."""
         now = self.now()
+        return transaction(self.db, lambda conn: self._recover(conn, now, is_dead, max_attempts))
+
+    def _recover(self, conn: Connection, now: datetime, is_dead: Callable[[str], bool] | None,
+                 max_attempts: int) -> list[str]:
         touched = []
-        with self.db.begin() as conn:
-            # SKIP LOCKED: a job another supervisor is recovering (or a worker is updating right
-            # now) is left alone this round.
-            rows = conn.execute(
-                select(J).where(J.c.status.in_((VALIDATING, RUNNING))).with_for_update(skip_locked=True)
-            ).mappings().all()
-            for row in rows:
-                expired = row["lease_expires_at"] is None or row["lease_expires_at"] < now
-                dead = expired or (is_dead is not None and row["worker_id"] and is_dead(row["worker_id"]))
-                if not dead:
-                    continue
-                if row["cancel_requested"]:
-                    values = {"status": CANCELLED, "finished_at": now}
-                    msg, level = "worker lost while cancelling; job cancelled", "warning"
-                elif row["attempts"] >= max_attempts:
-                    values = {"status": FAILED, "finished_at": now, "error_code": "worker_lost",
-                              "error_message": f"the training worker died {row['attempts']} times running this job"}
-                    msg, level = values["error_message"], "error"
-                else:
-                    values = {"status": QUEUED}
-                    msg, level = "worker lost; job requeued and will resume from its last checkpoint", "warning"
-                # Guarded by what we read: if the job changed hands meanwhile, leave it be.
-                res = conn.execute(update(J).where(
-                    J.c.id == row["id"], J.c.status == row["status"], J.c.worker_id == row["worker_id"],
-                    J.c.attempts == row["attempts"],
-                ).values(worker_id=None, lease_expires_at=None, released_at=now, updated_at=now, **values))
-                if res.rowcount != 1:
-                    continue
-                touched.append(row["id"])
-                _event(conn, row["id"], level, msg)
-                if values["status"] == QUEUED:
-                    _note_position(conn, row["id"])
+        # SKIP LOCKED: a job another supervisor is recovering (or a worker is updating right
+        # now) is left alone this round.
+        rows = conn.execute(
+            select(J).where(J.c.status.in_((VALIDATING, RUNNING))).with_for_update(skip_locked=True)
+        ).mappings().all()
+        for row in rows:
+            expired = row["lease_expires_at"] is None or row["lease_expires_at"] < now
+            dead = expired or (is_dead is not None and row["worker_id"] and is_dead(row["worker_id"]))
+            if not dead:
+                continue
+            if row["cancel_requested"]:
+                values = {"status": CANCELLED, "finished_at": now}
+                msg, level = "worker lost while cancelling; job cancelled", "warning"
+            elif row["attempts"] >= max_attempts:
+                values = {"status": FAILED, "finished_at": now, "error_code": "worker_lost",
+                          "error_message": f"the training worker died {row['attempts']} times running this job"}
+                msg, level = values["error_message"], "error"
+            else:
+                values = {"status": QUEUED}
+                msg, level = "worker lost; job requeued and will resume from its last checkpoint", "warning"
+            # Guarded by what we read: if the job changed hands meanwhile, leave it be.
+            res = conn.execute(update(J).where(
+                J.c.id == row["id"], J.c.status == row["status"], J.c.worker_id == row["worker_id"],
+                J.c.attempts == row["attempts"],
+            ).values(worker_id=None, lease_expires_at=None, released_at=now, updated_at=now, **values))
+            if res.rowcount != 1:
+                continue
+            touched.append(row["id"])
+            _event(conn, row["id"], level, msg)
+            if values["status"] == QUEUED:
+                _note_position(conn, row["id"])
         return touched
 
     # -- internals --------------------------------------------------------------------------
@@ -370,26 +328,18 @@ class JobManager:
     def _note_queued(self, job_id: str) -> None:
         """Record a new job's queue position; the job exists already, so a failure here is logged."""
         try:
-            with self.db.begin() as conn:
-                _note_position(conn, job_id)
+            transaction(self.db, lambda conn: _note_position(conn, job_id))
         except TailorError as e:
             log.warning("job %s: queue position not recorded (%s)", job_id, e)
 
     def _update(self, job_id: str, worker_id: str, **values: Any) -> None:
-        with self.db.begin() as conn:
-            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(updated_at=self.now(), **values))
-            if res.rowcount != 1:
-                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
+        transaction(self.db, lambda conn: _update_mine(conn, job_id, worker_id, updated_at=self.now(), **values))
 
     def _finish(self, job_id: str, worker_id: str, status: str, message: str, level: str = "info",
                 **values: Any) -> None:
         now = self.now()
-        with self.db.begin() as conn:
-            res = conn.execute(update(J).where(_mine(job_id, worker_id)).values(
-                status=status, finished_at=now, released_at=now, updated_at=now, lease_expires_at=None, **values))
-            if res.rowcount != 1:
-                raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
-            _event(conn, job_id, level, message)
+        values.update(status=status, finished_at=now, released_at=now, updated_at=now, lease_expires_at=None)
+        transaction(self.db, lambda conn: _end(conn, job_id, worker_id, values, level, message))
 
 
 class LostJobError(TailorError):
@@ -402,10 +352,78 @@ def _mine(job_id: str, worker_id: str) -> Any:
     return and_(J.c.id == job_id, J.c.worker_id == worker_id, or_(J.c.status == VALIDATING, J.c.status == RUNNING))
 
 
+def _update_mine(conn: Connection, job_id: str, worker_id: str, **values: Any) -> None:
+    """Update the job if ``worker_id`` still holds it, else raise ``LostJobError``."""
+    if conn.execute(update(J).where(_mine(job_id, worker_id)).values(**values)).rowcount != 1:
+        raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
+
+
+def _heartbeat(conn: Connection, job_id: str, worker_id: str, lease_expires_at: datetime) -> bool:
+    _update_mine(conn, job_id, worker_id, lease_expires_at=lease_expires_at)
+    return bool(conn.execute(select(J.c.cancel_requested).where(J.c.id == job_id)).scalar_one())
+
+
+def _release(conn: Connection, job_id: str, worker_id: str, message: str, now: datetime) -> bool:
+    cancel = conn.execute(select(J.c.cancel_requested).where(_mine(job_id, worker_id)).with_for_update()) \
+        .scalar_one_or_none()
+    if cancel is None:
+        raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
+    if cancel:
+        return False
+    conn.execute(update(J).where(_mine(job_id, worker_id)).values(
+        status=QUEUED, worker_id=None, lease_expires_at=None, released_at=now, updated_at=now,
+        attempts=J.c.attempts - 1))
+    _event(conn, job_id, "info", message)
+    _note_position(conn, job_id)
+    return True
+
+
+def _end(conn: Connection, job_id: str, worker_id: str, values: dict[str, Any], level: str, message: str) -> None:
+    _update_mine(conn, job_id, worker_id, **values)
+    _event(conn, job_id, level, message)
+
+
 def _event(conn: Any, job_id: str, level: str, message: str, *, data: dict[str, Any] | None = None,
            type: str = "message") -> None:
     conn.execute(insert(schema.job_events).values(job_id=job_id, at=utcnow(), level=level, type=type,
                                                   message=message, data=data))
+
+
+def _insert(conn: Connection, job: dict[str, Any], note: str) -> None:
+    """Queue ``job`` if its tenant's quotas allow one more (counted with the tenant row locked)."""
+    # FOR NO KEY UPDATE: concurrent submits of one tenant count their active jobs in
+    # turn (PostgreSQL); it does not block inserts that merely reference the tenant.
+    tenant_row = conn.execute(
+        select(schema.tenants.c.id, schema.tenants.c.quotas).where(schema.tenants.c.name == job["tenant"])
+        .with_for_update(key_share=True)
+    ).first()
+    if tenant_row is None:
+        raise NotFoundError(f"tenant {job['tenant']!r} not found", param="tenant")
+    quotas = TenantQuotas.stored(tenant_row.quotas)
+    active = conn.execute(
+        select(func.count()).select_from(J).where(J.c.tenant_id == tenant_row.id, J.c.status.in_(ACTIVE))
+    ).scalar_one()
+    if active >= quotas.max_active_jobs:
+        raise JobLimitError(
+            f"tenant already has {active} active jobs; the quota is {quotas.max_active_jobs}. "
+            "Wait for one to finish or cancel one.", param="adapter")
+    enforce_job(conn, tenant_row.id, quotas, job["adapter"])  # adapters, versions, storage
+    conn.execute(insert(J).values(tenant_id=tenant_row.id, **job))
+    _event(conn, job["id"], "info", note)
+
+
+def _cancel(conn: Connection, job_id: str, now: datetime) -> None:
+    # Locked so a worker's claim and this cancel cannot interleave (PostgreSQL).
+    status = conn.execute(select(J.c.status).where(J.c.id == job_id).with_for_update()).scalar_one()
+    if status in FINISHED:
+        raise ConflictError(f"job {job_id} already {status}", param="job")
+    if status == QUEUED:  # nobody runs it: cancel at once
+        conn.execute(update(J).where(J.c.id == job_id).values(
+            status=CANCELLED, cancel_requested=1, finished_at=now, updated_at=now))
+        _event(conn, job_id, "info", "job cancelled before it started")
+    else:
+        conn.execute(update(J).where(J.c.id == job_id).values(cancel_requested=1, updated_at=now))
+        _event(conn, job_id, "info", "cancellation requested; the worker stops within seconds")
 
 
 def _clocks(conn: Any) -> dict[int, TenantClock]:

@@ -35,11 +35,9 @@ from sqlalchemy import Connection, func, select
 from adapters import schema
 from adapters.datasets import DatasetLimits
 from adapters.errors import ConflictError, NotFoundError, TailorError
+from adapters.jobs.model import ACTIVE as ACTIVE_JOB_STATUSES  # a job in these may still publish a version
 from adapters.strict import is_number, is_whole, known_items
 
-# Every job status in which a job may still publish a version (adapters.jobs.model.ACTIVE; not
-# imported from there so this module stays below adapters.jobs).
-ACTIVE_JOB_STATUSES = ("validating", "queued", "running")
 MAX_COUNT = 2**53 - 1  # integers every JSON reader keeps exact
 MIN_RATE, MAX_RATE = 0.01, 1e6  # requests_per_second (or 0): a Retry-After of at most 100 s
 GiB = 1 << 30

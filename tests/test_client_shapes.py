@@ -17,6 +17,7 @@ from typing import Any, get_args
 
 import pytest
 
+from adapters import quotas
 from adapters.jobs import model
 from service import api_typegen, api_types, client, schemas
 from service.api_typegen import render
@@ -136,7 +137,7 @@ def test_job_states_are_defined_once(openapi) -> None:
     assert model.STATUSES == (*model.ACTIVE, *model.FINISHED)
     assert get_args(schemas.JobStatus) == model.STATUSES and get_args(api_types.JobStatus) == model.STATUSES
     assert get_args(api_types.JobMethod) == model.METHODS and get_args(api_types.PromoteMode) == model.PROMOTE_MODES
-    assert client.FINISHED is model.FINISHED
+    assert client.FINISHED is model.FINISHED and quotas.ACTIVE_JOB_STATUSES is model.ACTIVE
     job = openapi["components"]["schemas"]["JobOut"]["properties"]
     assert (job["status"]["enum"], job["method"]["enum"], job["promote"]["enum"]) == (
         list(model.STATUSES), list(model.METHODS), list(model.PROMOTE_MODES))

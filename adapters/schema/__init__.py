@@ -57,10 +57,11 @@ from adapters.schema.tables import (
 from adapters.schema.transactions import WRITE_ATTEMPTS, transaction
 
 __all__ = [
-    "CHANGE_LOG_LOCK_KEY", "CONNECT_TIMEOUT_S", "INITIAL_REVISION", "MIGRATIONS_DIR", "MIGRATION_LOCK_KEY",
-    "SQLITE_BUSY_TIMEOUT_S", "UTCDateTime", "WRITE_ATTEMPTS", "adapter_aliases", "adapter_versions",
-    "adapters", "alembic_config", "alias_history", "api_keys", "changes", "configure_engine",
-    "configure_sqlite", "create_schema", "current_revision", "database_url", "files", "head_revision",
-    "is_unavailable", "job_events", "jobs", "lock_change_log", "make_engine", "metadata", "read_only",
-    "safe_url", "transaction", "utcnow",
+    "CHANGE_LOG_LOCK_KEY", "CONNECT_TIMEOUT_S", "INITIAL_REVISION", "MIGRATIONS_DIR",
+    "MIGRATION_LOCK_KEY", "SQLITE_BUSY_TIMEOUT_S", "UTCDateTime", "WRITE_ATTEMPTS",
+    "adapter_aliases", "adapter_versions", "adapters", "alembic_config", "alias_history",
+    "api_keys", "changes", "configure_engine", "configure_sqlite", "create_schema",
+    "current_revision", "database_url", "files", "head_revision", "is_unavailable", "job_events",
+    "jobs", "lock_change_log", "make_engine", "metadata", "read_only", "safe_url", "tenants",
+    "transaction", "utcnow",
 ]

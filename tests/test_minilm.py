@@ -56,5 +56,12 @@ def test_minilm_mixed_batch_matches_peft(tmp_path):
                 assert (out.logits[i] - want[i]).abs().max().item() <= 1e-5
 
 
+def test_minilm_pooling_comes_from_its_sentence_transformers_config():
+    from adapters.pooling import Pooling
+
+    spec = load_base().spec
+    assert spec.pooling == Pooling("mean", normalize=True) and spec.pools_tokens  # modules.json + 1_Pooling
+
+
 def test_minilm_fingerprint_is_stable():
     assert load_base().spec.fingerprint == load_base().spec.fingerprint

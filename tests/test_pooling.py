@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import replace
 
@@ -22,7 +23,8 @@ from adapters.registry import Registry
 from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from adapters.training import Hyperparameters, train
+from adapters.training import Hyperparameters, TrainCallbacks, train
+from adapters.training.trainer import _Run
 from tests.training_data import FAST_HP, sentiment
 
 MEAN = Pooling("mean", normalize=True)
@@ -208,3 +210,19 @@ def test_served_logits_equal_training_time_logits_with_mean_pooling(tmp_path, me
     pooler_res = AdapterArtifact(manifest=replace(res.artifact.manifest, pooling=POOLER), weights=res.artifact.weights)
     other = publish(engine, catalog, "pooler", pooler_res)
     assert (torch.stack(engine.forward(engine.base.tokenize(texts), [other] * len(texts)).logits) - trained).abs().max() > 1e-3
+
+
+def test_a_checkpoint_of_another_pooling_is_not_resumed_and_pooler_runs_keep_theirs(tmp_path):
+    hp = Hyperparameters.from_dict(FAST_HP).resolve(40, "head", torch.device("cpu"))
+    data = (["good", "bad"], [1, 0], ["fine"], [1])
+    prints = {}
+    for name, pooling in (("pooler", POOLER), ("mean", MEAN)):
+        run = _Run(tiny_base(seed=1, pooling=pooling), LABELS, "head", hp, TrainCallbacks())
+        prints[name] = run._fingerprint(*data)
+    assert prints["pooler"] != prints["mean"]
+    # a pooler run hashes exactly what it hashed before pooling was recorded
+    want = hashlib.sha256(json.dumps(["head", list(LABELS), hp.to_dict(), tiny_base(seed=1).spec.fingerprint],
+                                     sort_keys=True).encode())
+    for part in data:
+        want.update(json.dumps(part).encode())
+    assert prints["pooler"] == want.hexdigest()

@@ -3,9 +3,10 @@
 ``RegistryCore`` is the base of each part of ``Registry`` (tenants, versions, aliases). It
 guarantees:
 
-* Every write is one ``adapters.schema.transaction`` on the registry's engine: one
-  transaction, rerun on serialization failures and deadlocks (and, where asked, on a unique
-  clash with a concurrent writer); every read uses a read-only connection that never queues
+* Every write is one ``adapters.schema.transaction`` on the registry's engine (``_write``):
+  one transaction, rerun on serialization failures and deadlocks (and, where asked, on a
+  unique clash with a concurrent writer), that also appends the write's entry to the change
+  log, so no change goes unlogged. Every read uses a read-only connection that never queues
   behind writers (``adapters.schema.read_only``).
 * ``_write_adapter(tenant, adapter, kind, fn)`` is the preamble of every change to an existing
   adapter: one retrying write transaction; the adapter's row, found through its tenant's name
@@ -158,19 +159,31 @@ class RegistryCore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _write(self, fn: Callable[[Connection], T], *, rerun_on_clash: bool = False) -> T:
-        return transaction(self.engine, fn, rerun_on_clash=rerun_on_clash)
+    # Every change this registry makes is logged through here (a test widens the commit race
+    # of the change log by overriding it).
+    _log = staticmethod(log_change)
+
+    def _write(
+        self, fn: Callable[[Connection], T], *, change: tuple[str, str | None, str],
+        rerun_on_clash: bool = False,
+    ) -> T:
+        """Run ``fn`` in one retrying write transaction, then log ``change`` (tenant, adapter or
+        None, kind) in the same transaction."""
+        def run(conn: Connection) -> T:
+            result = fn(conn)
+            self._log(conn, *change)
+            return result
+
+        return transaction(self.engine, run, rerun_on_clash=rerun_on_clash)
 
     def _write_adapter(
         self, tenant: str, adapter: str, kind: str, fn: Callable[[AdapterRow], T],
         *, rerun_on_clash: bool = False,
     ) -> T:
-        def run(conn: Connection) -> T:
-            result = fn(AdapterRow.find(conn, tenant, adapter, lock=True))
-            log_change(conn, tenant, adapter, kind)
-            return result
-
-        return self._write(run, rerun_on_clash=rerun_on_clash)
+        return self._write(
+            lambda conn: fn(AdapterRow.find(conn, tenant, adapter, lock=True)),
+            change=(tenant, adapter, kind), rerun_on_clash=rerun_on_clash,
+        )
 
     def _read_adapter(self, tenant: str, adapter: str, fn: Callable[[AdapterRow], T]) -> T:
         with self._reader.connect() as conn:

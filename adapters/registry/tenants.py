@@ -19,7 +19,6 @@ from sqlalchemy.exc import IntegrityError
 
 from adapters.errors import ConflictError, NotFoundError
 from adapters.names import validate_name
-from adapters.registry.changelog import log_change
 from adapters.registry.checks import validate_json
 from adapters.registry.core import RegistryCore, orphan_keys, tenant_id
 from adapters.registry.records import Tenant, tenant_record
@@ -33,7 +32,7 @@ class Tenants(RegistryCore):
         validate_name(name, "tenant")
         quotas = validate_json(quotas if quotas is not None else {}, "quotas")
         try:
-            return self._write(lambda conn: _create(conn, name, quotas))
+            return self._write(lambda conn: _create(conn, name, quotas), change=(name, None, "tenant_created"))
         except IntegrityError:  # lost a race with another creator
             raise ConflictError(f"tenant {name!r} already exists", param="tenant") from None
 
@@ -63,7 +62,7 @@ class Tenants(RegistryCore):
 
     def delete_tenant(self, name: str) -> list[str]:
         validate_name(name, "tenant")
-        return self._write(lambda conn: _delete(conn, name))
+        return self._write(lambda conn: _delete(conn, name), change=(name, None, "tenant_deleted"))
 
 
 def _create(conn: Connection, name: str, quotas: dict[str, Any]) -> Tenant:
@@ -71,7 +70,6 @@ def _create(conn: Connection, name: str, quotas: dict[str, Any]) -> Tenant:
         raise ConflictError(f"tenant {name!r} already exists", param="tenant")
     now = utcnow()
     tid = conn.execute(insert(tenants).values(name=name, created_at=now, quotas=quotas)).inserted_primary_key[0]
-    log_change(conn, name, None, "tenant_created")
     return Tenant(id=int(tid), name=name, created_at=now, quotas=dict(quotas))
 
 
@@ -86,5 +84,4 @@ def _delete(conn: Connection, name: str) -> list[str]:
         .where(adapters.c.tenant_id == tid)
     ).all()
     conn.execute(delete(tenants).where(tenants.c.id == tid))  # cascades
-    log_change(conn, name, None, "tenant_deleted")
     return orphan_keys(conn, (k for r in rows for k in r))

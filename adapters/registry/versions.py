@@ -25,7 +25,6 @@ from sqlalchemy import Connection, delete, insert, select, update
 from adapters.errors import AdapterNotFoundError, ConflictError, NotFoundError
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas, enforce_new_version, lock_tenant
-from adapters.registry.changelog import log_change
 from adapters.registry.checks import check_version_fields, validate_json, validate_refs
 from adapters.registry.core import AdapterRow, RegistryCore, orphan_keys, tenant_id
 from adapters.registry.records import AdapterInfo, VersionRecord, adapter_infos, version_record
@@ -59,7 +58,10 @@ class Versions(RegistryCore):
             weights_key=weights_key, manifest_key=manifest_key, sha256=sha256, nbytes=nbytes,
             base_fingerprint=base_fingerprint, manifest=manifest, metrics=metrics, status=status,
         )
-        return self._write(lambda conn: _add(conn, tenant, adapter, new), rerun_on_clash=True)
+        return self._write(
+            lambda conn: _add(conn, tenant, adapter, new), change=(tenant, adapter, "version_added"),
+            rerun_on_clash=True,
+        )
 
     def check_quotas(self, tenant: str, adapter: str, nbytes: int = 0) -> None:
         """Would a new version of ``adapter`` of ``nbytes`` pass the tenant's footprint quotas now?
@@ -137,7 +139,6 @@ def _add(conn: Connection, tenant: str, adapter: str, new: dict[str, Any]) -> Ve
     vid = conn.execute(
         insert(adapter_versions).values(adapter_id=aid, version=version, created_at=now, **new)
     ).inserted_primary_key[0]
-    log_change(conn, tenant, adapter, "version_added")
     return VersionRecord(
         id=int(vid), tenant=tenant, adapter=adapter, version=version, created_at=now,
         **{**new, "manifest": dict(new["manifest"]), "metrics": dict(new["metrics"])},

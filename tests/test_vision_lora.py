@@ -102,6 +102,14 @@ def mixed(base: VisionBase, bank: SlotBank, x: torch.Tensor, rows: list[LoadedAd
     return logits, plan.features
 
 
+def mixed_rows(tiny, seed: int, layout: torch.memory_format = torch.contiguous_format):
+    """Images for ``ROWS`` and their mixed batch's logits and pooled features."""
+    base, _, bank, adapters = tiny
+    x = images(len(ROWS), base.input_size, seed=seed)
+    rows = [None if n is None else adapters[n][1] for n in ROWS]
+    return (x, *mixed(base, bank, x.contiguous(memory_format=layout), rows))
+
+
 # -- (a) re-classing the pointwise convs is exact ------------------------------------------------
 
 
@@ -140,13 +148,11 @@ def test_tiny_vision_base_is_frozen_and_fingerprinted():
 
 
 def test_mixed_batch_matches_peft_solo(tiny):
-    base, pristine, bank, adapters = tiny
-    x = images(len(ROWS), base.input_size, seed=5)
-    logits, features = mixed(base, bank, x, [None if n is None else adapters[n][1] for n in ROWS])
+    _, pristine, _, adapters = tiny
+    x, logits, _ = mixed_rows(tiny, seed=5)
     for name, (ref, loaded) in adapters.items():
         with torch.inference_mode():
             want = ref(x)
-        with torch.inference_mode():
             base_logits = ref.base_model.model._fc(pristine(x))
         assert max_diff(want, base_logits) > 1e-2  # the adapter really changes its outputs
         for row, row_name in enumerate(ROWS):
@@ -155,9 +161,8 @@ def test_mixed_batch_matches_peft_solo(tiny):
 
 
 def test_base_rows_are_the_base_model(tiny):
-    base, pristine, bank, adapters = tiny
-    x = images(len(ROWS), base.input_size, seed=6)
-    _, features = mixed(base, bank, x, [None if n is None else adapters[n][1] for n in ROWS])
+    base, pristine, _, _ = tiny
+    x, _, features = mixed_rows(tiny, seed=6)
     with torch.inference_mode():
         want = pristine(x)
     for row, row_name in enumerate(ROWS):
@@ -183,11 +188,8 @@ def test_single_adapter_batch_matches_peft(tiny):
 
 
 def test_channels_last_activations_give_the_same_rows(tiny):
-    base, _, bank, adapters = tiny
-    rows = [None if n is None else adapters[n][1] for n in ROWS]
-    x = images(len(ROWS), base.input_size, seed=8)
-    want, _ = mixed(base, bank, x, rows)
-    got, _ = mixed(base, bank, x.contiguous(memory_format=torch.channels_last), rows)
+    _, want, _ = mixed_rows(tiny, seed=8)
+    _, got, _ = mixed_rows(tiny, seed=8, layout=torch.channels_last)
     assert max_diff(got, want) <= 1e-5
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.runtime.context import current_plan
+from adapters.runtime.context import ModulePlan, current_plan
 
 
 class MultiLoraConv1x1(nn.Module):
@@ -38,32 +38,28 @@ class MultiLoraConv1x1(nn.Module):
         self.out_channels = base_layer.out_channels
 
     @property
-    def weight(self) -> torch.Tensor:
+    def weight(self) -> torch.Tensor:  # for code that reads a conv's weight (device, dtype, shape)
         return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         plan = current_plan()
-        if plan is None:
-            return y
-        mp = plan.modules.get(self.path)
-        if mp is None:
-            return y
+        mp = None if plan is None else plan.modules.get(self.path)
+        if mp is not None:  # some row's adapter targets this conv
+            self._add_delta(x, y, mp, plan.single)  # type: ignore[union-attr]
+        return y
+
+    def _add_delta(self, x: torch.Tensor, y: torch.Tensor, mp: ModulePlan, single: bool) -> None:
         n = x.shape[0]
         at = mp.group.a[..., mp.start : mp.stop].transpose(-1, -2)  # [B, r, C_in] or [r, C_in]
         bt = mp.b.transpose(-1, -2)  # [B, C_out, r] or [C_out, r] (scale folded in)
-        if plan.single:  # one adapter for every row: the same A, B for each image
+        if single:  # one adapter for every row: the same A, B for each image
             at, bt = at.expand(n, -1, -1), bt.expand(n, -1, -1)
         xa = torch.bmm(at, x.reshape(n, self.in_channels, -1))  # [B, r, HW]; x is a view if NCHW
         if y.is_contiguous():
             y.view(n, self.out_channels, -1).baddbmm_(bt, xa)
         else:  # e.g. channels-last activations: add through the 4-d shape, whatever the layout
             y.add_(torch.bmm(bt, xa).view(y.shape))
-        return y
 
 
 def is_plain_pointwise(layer: nn.Module) -> bool:

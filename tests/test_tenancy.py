@@ -32,6 +32,7 @@ from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 from adapters.tenancy import create_tenant, delete_tenant
+from tests.training_data import FAST_HP, sentiment
 
 ROWS = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [{"text": f"bad {i}", "label": "neg"}
                                                                       for i in range(5)]
@@ -223,3 +224,31 @@ def test_a_tenant_deleted_with_jobs_queued_and_running(world: World, tmp_path: P
     assert world.store.list("tenants/acme/")
     assert store_gc.collect(world.registry.engine, world.store, grace_s=0).deleted
     assert world.store.list("tenants/acme/") == []
+
+
+class _DeletingCatalog(Catalog):
+    """Deletes the tenant just before publishing: the window between a worker's last stop check
+    and its publish, made certain."""
+
+    def publish(self, tenant: str, *args: Any, **kwargs: Any) -> Any:
+        delete_tenant(self, tenant)
+        return super().publish(tenant, *args, **kwargs)
+
+
+def test_a_worker_whose_tenant_is_deleted_before_publish_releases_the_job(world: World, tmp_path: Path) -> None:
+    from adapters.jobs.runner import WorkerContext, run_job
+
+    create_tenant(world.registry, world.keys, "acme")
+    create_tenant(world.registry, world.keys, "other")
+    world.jobs.submit("acme", "clf", training=from_records(sentiment(48)), hyperparameters=FAST_HP)
+    job = world.jobs.claim("w1")
+    assert job is not None
+    base = tiny_base(seed=1)
+    catalog = _DeletingCatalog(world.registry, world.store)
+    ctx = WorkerContext(manager=world.jobs, catalog=catalog, trainer_base=base,
+                        engine=Engine(tiny_base(seed=1), catalog, EngineConfig(device_slots=65)),
+                        worker_id="w1", checkpoint_root=tmp_path / "ckpts")
+    # NotFoundError from publish, then fail() finds the job gone: the job is released, the worker lives on
+    assert run_job(job, ctx) == "released"
+    assert world.store.list("tenants/acme/") == []
+    assert [t.name for t in world.registry.list_tenants()] == ["other"]

@@ -118,15 +118,27 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
                         "from its checkpoint", job.id, e)
             return "released"
         except TailorError as e:  # dataset problems, divergence, bad hyper-parameters, ...
-            m.fail(job.id, ctx.worker_id, e.code, e.message)
-            _cleanup(ckpt, job, ctx)
-            return "failed"
+            return _fail(job, ctx, ckpt, e.code, e.message)
         except Exception as e:
             log.exception("job %s crashed", job.id)
-            m.event(job.id, "error", "".join(traceback.format_exception_only(type(e), e)).strip())
-            m.fail(job.id, ctx.worker_id, "internal_error", f"training crashed: {type(e).__name__}: {e}")
-            _cleanup(ckpt, job, ctx)
-            return "failed"
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            return _fail(job, ctx, ckpt, "internal_error", f"training crashed: {type(e).__name__}: {e}",
+                         event=detail)
+
+
+def _fail(job: Job, ctx: WorkerContext, ckpt: Path, code: str, message: str, *, event: str | None = None) -> str:
+    """Record the job as failed; ``"released"`` when the job is no longer this worker's to record
+    (its lease was taken, or its tenant deleted, e.g. between the last stop check and publish)."""
+    m = ctx.manager
+    try:
+        if event is not None:
+            m.event(job.id, "error", event)
+        m.fail(job.id, ctx.worker_id, code, message)
+    except LostJobError:
+        log.warning("job %s failed (%s) but is no longer worker %s's to record", job.id, code, ctx.worker_id)
+        return "released"
+    _cleanup(ckpt, job, ctx)
+    return "failed"
 
 
 def _give_way(job: Job, ctx: WorkerContext, ckpt: Path, turn: YieldCheck, shared: _Shared,

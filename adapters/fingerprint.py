@@ -55,7 +55,7 @@ def _hash_tensors(state: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         # fp32 so that the same weights cast to bf16 on a GPU keep their fingerprint
         t = state[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim tensors too
     return h.hexdigest()
 
 

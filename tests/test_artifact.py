@@ -434,3 +434,15 @@ def test_check_base_refuses_what_does_not_fit(base: BaseModel, art: AdapterArtif
     with pytest.raises(ArtifactError, match=message) as e:
         decoded.check_base(base.spec)
     assert type(e.value) is ArtifactError
+
+
+def test_fingerprint_hashes_zero_dim_tensors_and_keeps_existing_fingerprints() -> None:
+    import torch
+
+    from adapters.fingerprint import fingerprint_model
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    with_scalar = fingerprint_model({}, {"w": w, "step": torch.tensor(3.0)})
+    assert with_scalar != fingerprint_model({}, {"w": w, "step": torch.tensor(4.0)})
+    # the bytes hashed for an n-d tensor are unchanged (fingerprints of existing bases stay valid)
+    assert w.view(torch.uint8).numpy().tobytes() == w.reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -97,7 +97,7 @@ class Hyperparameters:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Hyperparameters:
         return cls(**dict(known_items(d, cls, what="hyperparameters", noun="hyperparameter",
-                                      error=HyperparameterError, sort_known=True)))
+                                      error=HyperparameterError, sort_known=True, any_key_in_param=True)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

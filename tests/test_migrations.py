@@ -169,3 +169,37 @@ def test_migrations_ship_inside_the_package() -> None:
     assert (MIGRATIONS_DIR / "versions" / "__init__.py").is_file()
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '"adapters.migrations" = ["script.py.mako", "alembic.ini"]' in pyproject
+
+
+def test_upgrade_from_0002_keeps_rows_and_makes_them_text(empty_url: str) -> None:
+    """0003 adds files.task and jobs.task: rows written before it are text-classification, and
+    a writer that names no task still means text."""
+    from adapters.schema import files, jobs
+
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0002")
+        now = datetime.now(timezone.utc)
+        file_row = dict(id="file-old", filename="old.jsonl", format="jsonl", rows=4, labels=["a", "b"],
+                        duplicates_dropped=0, bytes=10, store_key="k", sha256="0" * 64)
+        job_row = dict(id="ftjob-old", tenant="acme", adapter="sent", status="succeeded", method="lora",
+                       promote="auto", hyperparameters={}, training_key="k", dataset={}, progress={},
+                       metrics={}, result={}, cancel_requested=0, attempts=1)
+        with engine.begin() as conn:  # the 0002 schema: no task column yet (Core names only given columns)
+            tid = conn.execute(insert(tenants).values(name="acme", created_at=now, quotas={})).inserted_primary_key[0]
+            conn.execute(insert(files).values(tenant_id=tid, created_at=now, **file_row))
+            conn.execute(insert(jobs).values(tenant_id=tid, created_at=now, updated_at=now, **job_row))
+        create_schema(engine)
+        assert current_revision(engine) == head_revision()
+        assert differences(engine) == []
+        with engine.begin() as conn:
+            assert conn.execute(select(files.c.id, files.c.task, files.c.rows)).all() == \
+                [("file-old", "text-classification", 4)]
+            assert conn.execute(select(jobs.c.id, jobs.c.task, jobs.c.status)).all() == \
+                [("ftjob-old", "text-classification", "succeeded")]
+            # a writer that names no task (every caller before tasks) still writes text
+            conn.execute(insert(files).values(tenant_id=tid, created_at=now, **{**file_row, "id": "file-new"}))
+            assert conn.scalar(select(files.c.task).where(files.c.id == "file-new")) == "text-classification"
+    finally:
+        engine.dispose()

@@ -67,6 +67,10 @@ def utcnow() -> datetime:
 
 metadata = MetaData()
 
+# What rows written before tasks existed, and callers that name none, mean (adapters.tasks'
+# TEXT_CLASSIFICATION; tests/test_image_jobs.py keeps the two equal).
+DEFAULT_TASK = "text-classification"
+
 # sqlite_autoincrement: without it SQLite may hand a deleted max id to the next row, and a
 # cache keyed by version id could then confuse two different versions.
 tenants = Table(
@@ -183,6 +187,8 @@ files = Table(
     Column("store_key", String(512), nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # the task kind the dataset was validated for (adapters.tasks)
+    Column("task", String(32), nullable=False, server_default=DEFAULT_TASK),
 )
 
 # -- fine-tuning jobs: all state lives here so jobs survive restarts ------------------------
@@ -219,6 +225,8 @@ jobs = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     # when the job last left a worker (yielded, requeued, finished): the fair-share clock
     Column("released_at", UTCDateTime, nullable=True),
+    # the task kind of its data and of the adapter version it makes (adapters.tasks)
+    Column("task", String(32), nullable=False, server_default=DEFAULT_TASK),
     Index("ix_jobs_status", "status"),
     Index("ix_jobs_tenant_released", "tenant_id", "released_at"),
 )

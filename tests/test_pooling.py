@@ -23,8 +23,8 @@ from adapters.registry import Registry
 from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from adapters.training import Hyperparameters, TrainCallbacks, train
-from adapters.training.trainer import _Run
+from adapters.training import Hyperparameters, train
+from adapters.training.text_task import TextTask
 from tests.training_data import FAST_HP, sentiment
 
 MEAN = Pooling("mean", normalize=True)
@@ -217,8 +217,7 @@ def test_a_checkpoint_of_another_pooling_is_not_resumed_and_pooler_runs_keep_the
     data = (["good", "bad"], [1, 0], ["fine"], [1])
     prints = {}
     for name, pooling in (("pooler", POOLER), ("mean", MEAN)):
-        run = _Run(tiny_base(seed=1, pooling=pooling), LABELS, "head", hp, TrainCallbacks())
-        prints[name] = run._fingerprint(*data)
+        prints[name] = TextTask(tiny_base(seed=1, pooling=pooling), LABELS, "head", hp, *data).fingerprint()
     assert prints["pooler"] != prints["mean"]
     # a pooler run hashes exactly what it hashed before pooling was recorded
     want = hashlib.sha256(json.dumps(["head", list(LABELS), hp.to_dict(), tiny_base(seed=1).spec.fingerprint],

@@ -1,0 +1,241 @@
+"""The training loop every task shares: ``fit(task, hp, ...)`` trains a ``TrainingTask``.
+
+What differs by task (the model for a method, batches, the forward pass, the data fingerprint,
+the adapter) is the task's (``adapters.training.task_hooks``); everything here is the same for
+text and images:
+
+AdamW (one parameter group per ``ParamGroup``, each at its ``lr_scale`` times the schedule's
+rate) with linear warmup and decay, gradient clipping at 1.0, validation after every epoch
+(loss, accuracy, macro-F1, confusion matrix), early stopping on validation accuracy, and the
+best epoch's weights restored at the end. Shuffling and dropout are seeded per epoch from
+``seed``, so a run is deterministic on CPU and a run resumed from a checkpoint ends with the
+same weights as one that never stopped.
+
+Divergence (``divergence.Watch``: a non-finite or exploding loss, or predictions collapsed to
+one label) stops training: the best healthy epoch is kept, with a warning event, if there was
+one, else ``TrainingDiverged`` is raised with the reason and what to change.
+
+Checkpoints (``checkpoint_dir``) are written after every epoch; a run asked to train again with
+the same settings and data (``task.fingerprint()``) resumes after the last saved epoch, and a
+run that had already finished (early stop included) is not trained further.
+
+Yielding (``TrainCallbacks.should_yield``, for fair sharing of workers): asked after every
+epoch's checkpoint but the last (``at_epoch_end=True``) and before every step but the first of
+this run (``False``); when it answers True the run saves a checkpoint there -- mid-epoch, with
+the position in the epoch, the epoch's losses so far and the random state -- and raises
+``TrainingYielded``. Trained again, it resumes exactly there: the weights it ends with are the
+ones an uninterrupted run ends with (CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adapters.training import checkpoint
+from adapters.training.callbacks import TrainCallbacks, TrainResult
+from adapters.training.divergence import Watch
+from adapters.training.errors import TrainingCancelled, TrainingDiverged, TrainingYielded
+from adapters.training.loop_state import LoopState
+from adapters.training.metrics import classification_metrics
+from adapters.training.task_hooks import LoopSettings, TrainingTask
+
+EVAL_CHUNK = 64  # validation rows per forward pass
+
+
+def fit(task: TrainingTask, hp: LoopSettings, *, callbacks: TrainCallbacks | None = None,
+        checkpoint_dir: Path | None = None, threads: int | None = None) -> TrainResult:
+    """Train ``task`` with ``hp`` (see the module docstring); the result's metrics, history and
+    artifact (None for ``full``) describe the best epoch."""
+    cb = callbacks or TrainCallbacks()
+    n_train = len(task.train_label_ids)
+    t0 = time.perf_counter()
+    with _threads(threads), torch.random.fork_rng(devices=[]):
+        run = _Loop(task, hp, cb)
+        run.fit(checkpoint_dir)
+    seconds = time.perf_counter() - t0
+    planned = math.ceil(n_train / hp.batch_size) * hp.epochs
+    if cb.on_step and 0 < run.state.step < planned:  # stopped early: the plan shrinks to the steps run (100%)
+        cb.on_step(run.state.step, run.state.step, run.state.history[-1]["epoch"],
+                   run.state.history[-1]["train_loss"])
+    state = run.state
+    best = state.history[state.best_epoch - 1]
+    metrics = {
+        "method": task.method, "labels": list(task.labels), "n_train": n_train,
+        "n_validation": len(task.val_label_ids),
+        "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"], "val_loss": best["val_loss"],
+        "confusion_matrix": best["confusion_matrix"], "best_epoch": state.best_epoch,
+        "epochs_run": len(state.history), "trainable_params": run.trainable, "total_params": run.total,
+        "train_seconds": round(seconds, 3),
+    }
+    artifact = task.artifact(metrics)
+    return TrainResult(artifact=artifact, model=run.model.eval(), metrics=metrics, history=state.history,
+                       best_epoch=state.best_epoch, trainable_params=run.trainable, total_params=run.total,
+                       seconds=seconds, hyperparameters=hp.to_dict())
+
+
+class _Loop:
+    def __init__(self, task: TrainingTask, hp: LoopSettings, cb: TrainCallbacks) -> None:
+        self.task, self.hp, self.cb = task, hp, cb
+        torch.manual_seed(hp.seed)
+        self.model = task.build()
+        groups = task.param_groups()
+        self.params = [(n, p) for g in groups for n, p in g.params]
+        self.trainable = sum(p.numel() for _, p in self.params)
+        self.total = sum(p.numel() for p in self.model.parameters())
+        if len(groups) == 1 and groups[0].lr_scale == 1.0:
+            spec: Any = [p for _, p in groups[0].params]  # one plain group, as before groups existed
+        else:
+            spec = [{"params": [p for _, p in g.params], "lr_scale": g.lr_scale} for g in groups]
+        self.opt = torch.optim.AdamW(spec, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        self.state = LoopState(self.params, self.opt, task.device)
+
+    def fit(self, ckpt_dir: Path | None) -> None:
+        hp, task, st = self.hp, self.task, self.state
+        task.encode(self._poll)
+        ys, vys = task.train_label_ids, task.val_label_ids
+        y, vy = torch.tensor(ys, device=task.device), torch.tensor(vys, device=task.device)
+        steps_per_epoch = math.ceil(len(ys) / hp.batch_size)
+        total = steps_per_epoch * hp.epochs
+        warmup = int(total * hp.warmup_ratio)
+        watch = Watch.for_data(ys, vys, hp.epochs, hp.patience)
+        fingerprint = task.fingerprint()
+        start_epoch, bad_epochs = 1, 0
+        resume_at: dict[str, Any] | None = None  # a mid-epoch checkpoint's place in its epoch
+        saved = checkpoint.load(ckpt_dir, fingerprint)
+        if saved is not None:
+            start_epoch, bad_epochs = st.restore(saved)
+            resume_at = saved.meta.get("resume_at")
+            inside = f" and {st.step - resume_at['epoch_step']} steps of epoch {start_epoch}" if resume_at else ""
+            self._event("info", f"resumed from the checkpoint after epoch {start_epoch - 1}{inside}")
+            if saved.meta.get("done"):
+                start_epoch = hp.epochs + 1  # it had finished (e.g. stopped early): nothing left to train
+        first_step = st.step  # each run trains at least one step before it may yield
+        for epoch in range(start_epoch, hp.epochs + 1):
+            torch.manual_seed(hp.seed * 100_003 + epoch)  # dropout and order depend on (seed, epoch) only
+            order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(hp.seed * 7919 + epoch))
+            first = st.history[0]["train_loss"] if st.history else None
+            task.set_training(True)
+            losses: list[float] = []
+            begin, epoch_step = 0, st.step
+            if resume_at is not None and resume_at["epoch"] == epoch:
+                begin, epoch_step, losses = resume_at["position"], resume_at["epoch_step"], list(resume_at["losses"])
+                st.set_rng()
+            resume_at = None
+            for i in range(begin, len(ys), hp.batch_size):
+                self._poll()
+                if st.step > first_step and ckpt_dir is not None and self._wants_yield(False):
+                    self._save(ckpt_dir, fingerprint, epoch - 1, bad_epochs, done=False, resume_at={
+                        "epoch": epoch, "position": i, "epoch_step": epoch_step, "losses": losses})
+                    raise TrainingYielded(epoch, st.step, mid_epoch=True)
+                idx = order[i : i + hp.batch_size].to(task.device)
+                lr = hp.learning_rate * _schedule(st.step, warmup, total)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                loss = F.cross_entropy(task.forward(task.train_batch(idx, epoch)), y[idx])
+                losses.append(loss.item())
+                why = watch.step(losses, first)
+                if why:  # checked before the update: a NaN never reaches the weights
+                    return self._diverged(f"{why} (step {st.step + 1})")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                st.step += 1
+                if self.cb.on_step and (st.step % 10 == 0 or st.step == total):
+                    self.cb.on_step(st.step, total, epoch, sum(losses[-10:]) / len(losses[-10:]))
+            train_loss = sum(losses) / len(losses)
+            metrics = {"epoch": epoch, "step": st.step, "train_loss": train_loss, **self._evaluate(vy)}
+            metrics["collapsed"] = watch.collapsed(metrics)
+            st.history.append(metrics)
+            if self.cb.on_epoch:
+                self.cb.on_epoch(epoch, dict(metrics))
+            self._event("info", f"epoch {epoch}/{hp.epochs}: train loss {train_loss:.4f}, val loss "
+                                f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}"
+                                + (" (one label for everything)" if metrics["collapsed"] else ""))
+            why = watch.epoch(st.history, st.best_epoch)
+            if why:
+                return self._diverged(why)
+            if not metrics["collapsed"] and st.better(metrics):
+                st.keep_best(epoch, metrics["val_accuracy"])
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            # patience runs only once a healthy epoch exists: slow starts get every epoch
+            stop = bool(st.best_epoch) and bad_epochs >= hp.patience and epoch < hp.epochs
+            if ckpt_dir is not None:
+                self._save(ckpt_dir, fingerprint, epoch, bad_epochs, done=stop or epoch == hp.epochs)
+            if stop:
+                self._event("info", f"early stop: no better validation accuracy for {bad_epochs} epochs")
+                break
+            if ckpt_dir is not None and epoch < hp.epochs and self._wants_yield(True):
+                raise TrainingYielded(epoch + 1, st.step, mid_epoch=False)
+        if st.best_epoch == 0:
+            raise watch.never_healthy(st.history, steps_per_epoch, hp.learning_rate)
+        st.load_best()
+
+    def _poll(self) -> None:
+        if self.cb.should_stop and self.cb.should_stop():
+            raise TrainingCancelled("training cancelled")
+
+    def _wants_yield(self, at_epoch_end: bool) -> bool:
+        return bool(self.cb.should_yield and self.cb.should_yield(at_epoch_end))
+
+    def _diverged(self, why: str) -> None:
+        if self.state.best_epoch == 0:
+            raise TrainingDiverged(f"training diverged: {why}; try a lower learning_rate "
+                                   f"(this run used {self.hp.learning_rate:g})")
+        self._event("warning", f"stopped early: {why}; keeping epoch {self.state.best_epoch}")
+        self.state.load_best()
+
+    def _save(self, folder: Path, fingerprint: str, epoch: int, bad: int, *, done: bool,
+              resume_at: dict[str, Any] | None = None) -> None:
+        self.state.save(folder, fingerprint, epoch, bad, done=done, resume_at=resume_at)
+        if self.cb.on_checkpoint:
+            self.cb.on_checkpoint(folder)
+
+    @torch.inference_mode()
+    def _evaluate(self, y: torch.Tensor) -> dict[str, Any]:
+        task = self.task
+        task.set_training(False)
+        chunks = []
+        for i in range(0, len(y), EVAL_CHUNK):
+            self._poll()
+            idx = torch.arange(i, min(i + EVAL_CHUNK, len(y)), device=task.device)
+            chunks.append(task.forward(task.val_batch(idx)))
+        logits = torch.cat(chunks)
+        preds = logits.argmax(-1)
+        m = classification_metrics(y.tolist(), preds.tolist(), len(task.labels))
+        return {"val_loss": F.cross_entropy(logits.float(), y).item(), "val_accuracy": m["accuracy"],
+                "val_macro_f1": m["macro_f1"], "confusion_matrix": m["confusion_matrix"],
+                "distinct_predictions": len(set(preds.tolist()))}
+
+    def _event(self, level: str, message: str) -> None:
+        if self.cb.on_event:
+            self.cb.on_event(level, message)
+
+
+def _schedule(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

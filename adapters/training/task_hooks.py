@@ -1,0 +1,106 @@
+"""The seam between the training loop and a task kind: what the loop asks of a task.
+
+The loop (``adapters.training.loop``) owns everything every task trains the same way: AdamW,
+the warmup/decay schedule, gradient clipping, per-epoch validation, early stopping, the best
+epoch's weights, divergence checks, checkpoints, mid-epoch yield and resume, callbacks. A task
+(``text_task.TextTask``, ``image_task.ImageTask``) owns what differs: the trainable model for a
+method, how examples become batches, the forward pass, what a checkpoint must match and the
+adapter the trained model becomes. One object per run; the loop calls, in this order:
+``build`` (once), ``encode`` (once), then per step ``set_training(True)`` / ``train_batch`` /
+``forward``, per validation ``set_training(False)`` / ``val_batch`` / ``forward``, and finally
+``artifact``. ``fingerprint`` may be called at any time (it needs no model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from adapters.artifact import AdapterArtifact
+
+Poll = Callable[[], None]  # raises TrainingCancelled when the run must stop; call it between chunks of work
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Trainable parameters (with their names, which key checkpoints) trained at ``lr_scale``
+    times the schedule's learning rate (layer-wise decay: lower layers get a smaller scale)."""
+
+    params: list[tuple[str, nn.Parameter]]
+    lr_scale: float = 1.0
+
+
+class LoopSettings(Protocol):
+    """The resolved hyper-parameters the loop itself reads (every task's resolved settings have them)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    seed: int
+    patience: int
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class TrainingTask(Protocol):
+    method: str  # "lora", "head" or "full" (the task refuses any other)
+    labels: tuple[str, ...]  # label names; ids index them
+    device: torch.device  # where batches and the model live
+    train_label_ids: list[int]  # one per training example, in example order
+    val_label_ids: list[int]  # one per validation example
+
+    def build(self) -> nn.Module:
+        """The trainable model for ``method``: a copy of the frozen base with a fresh head, LoRA
+        where the method wants it, ``requires_grad`` set on exactly what trains; on ``device``.
+        Called once, right after the loop seeded torch's global generator with the run's seed
+        (head and LoRA initialisation draw from it). Never modifies the shared base."""
+        ...
+
+    def param_groups(self) -> list[ParamGroup]:
+        """Every trainable parameter of the built model, exactly once, grouped by learning-rate
+        scale. The order of groups and parameters is fixed for a given run (checkpoints and
+        optimizer state follow it)."""
+        ...
+
+    def encode(self, poll: Poll) -> None:
+        """Prepare whatever stays fixed for the whole run, once, after ``build`` (text: tokenise;
+        image: decode, centre crops for validation; ``head``: the frozen features). Calls
+        ``poll`` between chunks so a cancel stops it quickly. Uses no random numbers."""
+        ...
+
+    def train_batch(self, idx: torch.Tensor, epoch: int) -> Any:
+        """The training batch of examples ``idx`` (indices into the training set) in ``epoch``
+        (1-based). Any randomness (augmentation) must be a function of (seed, epoch, example
+        index) only, never of batch order or of earlier calls, so a run resumed mid-epoch sees
+        the same batches as one that never stopped."""
+        ...
+
+    def val_batch(self, idx: torch.Tensor) -> Any:
+        """The validation batch of examples ``idx``: deterministic, what serving would see."""
+        ...
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        """Logits ``[B, len(labels)]`` of the built model for a batch from ``train_batch`` or
+        ``val_batch`` (grad mode and train/eval mode are the loop's)."""
+        ...
+
+    def set_training(self, on: bool) -> None:
+        """Put the built model in training (dropout on) or evaluation mode. A task may keep
+        parts of it in evaluation mode while training (frozen batch-norm statistics)."""
+        ...
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed: method, labels, resolved settings, the
+        base's fingerprint and the data (examples and labels, training and validation)."""
+        ...
+
+    def artifact(self, metrics: dict[str, Any]) -> AdapterArtifact | None:
+        """The trained model (best epoch's weights restored) as a checked adapter whose manifest
+        carries ``metrics``; None for a method that produces no adapter (``full``)."""
+        ...

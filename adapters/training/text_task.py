@@ -1,0 +1,169 @@
+"""Text classification as a training task (``task_hooks.TrainingTask``) on a frozen text base.
+
+The trainable model is a deep copy of ``base.model`` (never the shared base) with a fresh head
+for the tenant's labels, trained one of three ways:
+
+* ``lora`` -- peft LoRA on the chosen linear layers plus the head (the product path);
+* ``head`` -- the head alone on frozen features, computed once through a forward hook on the
+  head (the feature-extraction baseline); the artifact format needs a LoRA pair, so its
+  artifact carries a rank-1 pair with B = 0 -- an exact no-op -- on the first linear layer;
+* ``full`` -- every weight (the quality anchor for benchmarks; it produces no adapter).
+
+The head reads the base's pooling (``base.spec.pooling``, from its own configuration: see
+``adapters.pooling``) in every method, and the artifact's manifest records it, so the engine
+serves the adapter with the features it was trained on; the trained model keeps it too.
+Texts are tokenised once (``max_length``); each batch is trimmed to its longest text.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
+from adapters.base import BaseModel
+from adapters.fingerprint import BaseSpec
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, import_peft
+from adapters.pooling import POOLER, attach
+from adapters.training.hyperparams import HyperparameterError, ResolvedHyperparameters
+from adapters.training.task_hooks import ParamGroup, Poll
+
+FEATURE_CHUNK = 64  # texts per forward pass when computing frozen features
+
+
+class TextTask:
+    def __init__(self, base: BaseModel, labels: tuple[str, ...], method: str, hp: ResolvedHyperparameters,
+                 train_texts: list[str], train_label_ids: list[int], val_texts: list[str],
+                 val_label_ids: list[int]) -> None:
+        self.base, self.labels, self.method, self.hp = base, tuple(labels), method, hp
+        self.device, self.pooling = base.device, base.spec.pooling
+        self.train_texts, self.val_texts = train_texts, val_texts
+        self.train_label_ids, self.val_label_ids = train_label_ids, val_label_ids
+        self.model: nn.Module = nn.Module()
+        self._train: dict[str, torch.Tensor] = {}
+        self._val: dict[str, torch.Tensor] = {}
+
+    def build(self) -> nn.Module:
+        base, hp = self.base, self.hp
+        model = hf = copy.deepcopy(base.model).float()
+        setattr(model, base.head_name, nn.Linear(base.spec.head_in_features, len(self.labels)))
+        if self.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            check_targets(base.spec, hp.target_modules)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            cfg = LoraConfig(task_type="SEQ_CLS", r=hp.lora_r, lora_alpha=hp.lora_alpha,
+                             lora_dropout=hp.lora_dropout, target_modules=list(hp.target_modules),
+                             modules_to_save=[base.head_name])
+            model = get_peft_model(model, cfg)
+        else:
+            for name, p in model.named_parameters():
+                p.requires_grad_(self.method == "full" or name.startswith(base.head_name + "."))
+        attach(hf, base.head_name, self.pooling)  # after peft: the head is then peft's wrapper
+        self.model = model.to(self.device)
+        return self.model
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])]
+
+    def encode(self, poll: Poll) -> None:
+        self._train, self._val = self._inputs(self.train_texts, poll), self._inputs(self.val_texts, poll)
+
+    def train_batch(self, idx: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        return self._batch(self._train, idx)
+
+    def val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._batch(self._val, idx)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "features" in batch:
+            return getattr(self.model, self.base.head_name)(batch["features"])
+        return self.model(**batch).logits
+
+    def set_training(self, on: bool) -> None:
+        self.model.train(on)
+
+    def fingerprint(self) -> str:
+        what = [self.method, list(self.labels), self.hp.to_dict(), self.base.spec.fingerprint]
+        if self.pooling != POOLER:  # (pooler runs keep the checkpoints they had before pooling was recorded)
+            what.append(self.pooling.to_dict())
+        h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
+        for part in (self.train_texts, self.train_label_ids, self.val_texts, self.val_label_ids):
+            h.update(json.dumps(part).encode())
+        return h.hexdigest()
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def _inputs(self, texts: list[str], poll: Poll) -> dict[str, torch.Tensor]:
+        enc = self.base.tokenize(texts, max_length=self.hp.max_length)
+        if self.method != "head":
+            return enc
+        # head-only: the frozen features the head reads, computed once
+        feats: list[torch.Tensor] = []
+        head = getattr(self.model, self.base.head_name)
+        hook = head.register_forward_hook(lambda mod, args, out: feats.append(args[0].detach()))
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for i in range(0, len(texts), FEATURE_CHUNK):
+                    poll()
+                    self.model(**{k: v[i : i + FEATURE_CHUNK] for k, v in enc.items()})
+        finally:
+            hook.remove()
+        return {"features": torch.cat(feats).clone()}
+
+    @staticmethod
+    def _batch(inputs: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = {k: v[idx] for k, v in inputs.items()}
+        if "attention_mask" in batch:  # trim the padding this batch does not need
+            width = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :width] for k, v in batch.items()}
+        return batch
+
+    # -- the adapter ------------------------------------------------------------------------
+
+    def artifact(self, metrics: dict[str, Any]) -> AdapterArtifact | None:
+        spec = self.base.spec
+        if self.method == "full":
+            return None
+        if self.method == "lora":
+            with tempfile.TemporaryDirectory(prefix="tailor-train-") as tmp:
+                self.model.save_pretrained(tmp)
+                files = {name: (Path(tmp) / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+            art = import_peft(files, spec, labels=list(self.labels), metrics=metrics)
+            return replace(art, manifest=replace(art.manifest, pooling=self.pooling))
+        # head-only: our format needs one LoRA pair, so it carries a rank-1 pair with B = 0, an
+        # exact no-op on the base, on the first adaptable layer
+        head: nn.Linear = getattr(self.model, self.base.head_name)
+        path = next(p for p in spec.linear_shapes if p != spec.head_name)
+        d_in, d_out = spec.linear_shapes[path]
+        weights = AdapterWeights(lora={path: (torch.zeros(1, d_in), torch.zeros(d_out, 1))},
+                                 head_weight=head.weight.detach().cpu().clone(),
+                                 head_bias=head.bias.detach().cpu().clone())
+        manifest = AdapterManifest(
+            base_fingerprint=spec.fingerprint, labels=self.labels,
+            lora=LoraSettings(r=1, alpha=1.0, target_modules=(path.rsplit(".", 1)[-1],)),
+            head_in_features=spec.head_in_features, metrics=metrics, source="tailor-head", pooling=self.pooling,
+        )
+        art = AdapterArtifact(manifest=manifest, weights=weights)
+        art.validate()
+        return art
+
+
+def check_targets(spec: BaseSpec, targets: tuple[str, ...] | list[str], *, layer: str = "linear layer") -> None:
+    """Every LoRA target must name ``layer``s of the base (peft's suffix matching)."""
+    for target in targets:
+        if not spec.match_target(target):
+            names = sorted({p.rsplit(".", 1)[-1] for p in spec.linear_shapes if p != spec.head_name})
+            raise HyperparameterError(
+                f"target module {target!r} matches no {layer} of the base model; "
+                f"try one of: {', '.join(names)}", param="hyperparameters.target_modules")

@@ -8,12 +8,18 @@ Layout of ``adapter.safetensors`` (no pickle anywhere, so untrusted bytes are sa
 
 Module paths are the base model's own ``named_modules`` paths (e.g.
 ``bert.encoder.layer.0.attention.self.query``). The manifest records the base fingerprint,
-labels, LoRA settings, the pooling the head was trained on (``adapters.pooling``; a manifest
+labels, the task (``adapters.tasks``: a canonical name or the legacy ``"classification"``, which is
+text classification, what text adapters record), LoRA settings, the pooling the head was trained on (``adapters.pooling``; a manifest
 without the field was trained on the model's own pooler and is served with it), the sha256 and
 size of the weights file, creation time and metrics.
 ``decode`` verifies everything a hostile or corrupt file could get wrong -- size, checksum,
 key grammar, dtypes, shapes against the manifest -- and ``check_base`` refuses an artifact
-built for another base model; callers may assume a decoded, checked artifact is usable.
+of another task (``TaskMismatchError`` naming both tasks) or built for another base model;
+callers may assume a decoded, checked artifact is usable.
+
+LoRA tensors are 2-d for every task: a 1x1 convolution's LoRA (vision bases) is stored with
+its kernel dimensions dropped, ``A [r, in_channels]``, ``B [out_channels, r]``
+(``adapters.peft_format`` reshapes to and from peft's ``[r, C_in, 1, 1]`` / ``[C_out, r, 1, 1]``).
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters.errors import ArtifactError, ChecksumMismatchError, FingerprintMismatchError
+from adapters.errors import ArtifactError, ChecksumMismatchError, FingerprintMismatchError, TaskMismatchError
 from adapters.fingerprint import BaseSpec
 from adapters.pooling import POOLER, Pooling
+from adapters.tasks import ACCEPTED_NAMES, canonical_task
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
 MANIFEST_FILE = "manifest.json"
-TASKS = ("classification",)
+TASKS = ACCEPTED_NAMES  # what a manifest's task may say (adapters.tasks)
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 128
@@ -66,7 +73,7 @@ class AdapterManifest:
     labels: tuple[str, ...]
     lora: LoraSettings
     head_in_features: int
-    task: str = "classification"
+    task: str = "classification"  # as recorded (legacy "classification" = text); ``kind`` is canonical
     weights_sha256: str = ""
     weights_bytes: int = 0
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
@@ -75,6 +82,11 @@ class AdapterManifest:
     format_version: int = FORMAT_VERSION
     job_id: str = ""  # the Tailor training job that made it ("" for anything else)
     pooling: Pooling = POOLER  # the features its head reads; absent from older manifests: pooler
+
+    @property
+    def kind(self) -> str:
+        """The canonical task (``adapters.tasks.canonical_task`` of ``task``)."""
+        return canonical_task(self.task)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -291,8 +303,10 @@ class AdapterArtifact:
                 raise ArtifactError(f"module {path!r}: rank {a.shape[0]} outside 1..{MAX_RANK}")
 
     def check_base(self, spec: BaseSpec) -> None:
-        """Refuse an artifact that does not fit ``spec`` (another base, unknown modules, shapes)."""
+        """Refuse an artifact that does not fit ``spec`` (another task, another base, unknown
+        modules, shapes)."""
         m = self.manifest
+        check_task(m.kind, spec.task)
         if m.base_fingerprint != spec.fingerprint:
             raise FingerprintMismatchError(
                 f"adapter was built for base {m.base_fingerprint[:23]}..., "
@@ -313,6 +327,15 @@ class AdapterArtifact:
                     f"module {path!r}: lora A {list(a.shape)} / B {list(b.shape)} do not fit "
                     f"a [{d_in} -> {d_out}] layer"
                 )
+
+
+def check_task(adapter_task: str, base_task: str) -> None:
+    """Refuse an adapter of task ``adapter_task`` on a base serving ``base_task`` (canonical names):
+    ``TaskMismatchError`` naming both."""
+    if canonical_task(adapter_task) != canonical_task(base_task):
+        raise TaskMismatchError(
+            f"adapter is a {canonical_task(adapter_task)} adapter, but this base serves {canonical_task(base_task)}; "
+            "an adapter only runs on a base of its own task", param="adapter")
 
 
 def _str(v: Any, name: str) -> str:

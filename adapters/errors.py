@@ -46,6 +46,12 @@ class ArtifactError(TailorError, ValueError):
     code = "invalid_artifact"
 
 
+class TaskMismatchError(ArtifactError):
+    """The adapter is of another task kind than the base it was given to (text vs image)."""
+
+    code = "task_mismatch"
+
+
 class ChecksumMismatchError(ArtifactError):
     """Bytes read back do not match the sha256 recorded when they were written."""
 

@@ -7,7 +7,9 @@ against it before they are ever used, so an adapter trained on another base is r
 
 The spec also records the pooling the base's own configuration declares (``pooling``: what new
 adapters are trained with) and whether token states can be pooled at all (``pools_tokens``).
-Neither is part of the fingerprint: pooling is chosen per adapter and recorded in its manifest,
+The task the base serves (``task``: ``adapters.tasks``, text classification unless the loader
+says otherwise) decides which task's adapters it takes (``AdapterArtifact.check_base``).
+None of these is part of the fingerprint: pooling is chosen per adapter and recorded in its manifest,
 so adapters trained with the model's pooler before pooling was read from the configuration
 still load, and are served as they were trained.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from adapters.pooling import POOLER, Pooling
+from adapters.tasks import TEXT_CLASSIFICATION
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class BaseSpec:
     name: str = ""
     pooling: Pooling = POOLER  # what the base's configuration declares (not fingerprinted)
     pools_tokens: bool = False  # token states of width head_in_features can be pooled
+    task: str = TEXT_CLASSIFICATION  # the task kind it serves (canonical name; not fingerprinted)
 
     def match_target(self, suffix: str) -> list[str]:
         """Module paths a peft-style target name (``"query"``, ``"attention.self.query"``) selects."""

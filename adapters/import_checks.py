@@ -10,8 +10,9 @@ base and a loss that stayed finite. One imported from elsewhere is held to the s
 * ``check_target_modules`` -- every LoRA target names linear layers of the base model, never
   its classification head (which an adapter replaces whole). Job submission uses it too, so a
   job asking for ``["classifier"]`` is refused when it is submitted, not when it starts.
-* ``probe_logits`` -- the candidate runs through the engine's real mixed forward pass on
-  ``PROBE_TEXTS``; any NaN or infinite logit refuses it. Finite weights are not enough: a
+* ``probe_logits`` -- the candidate runs through the engine's real mixed forward pass on its
+  task's probe rows (``TaskServing.probe_rows``: ``PROBE_TEXTS`` for text, flat and noisy
+  images for images); any NaN or infinite logit refuses it. Finite weights are not enough: a
   ``lora_alpha`` of 1e308 or weights of 1e38 overflow inside the forward pass and would serve
   ``"score": null``.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,20 +34,13 @@ from adapters.datasets import DatasetLimits, label_count_problem, label_problem
 from adapters.errors import ArtifactError, TailorError
 from adapters.fingerprint import BaseSpec
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
+from adapters.tasks.text_classification import PROBE_TEXTS
 
 if TYPE_CHECKING:
     from adapters.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
-# Short and long, plain and odd: enough to reach every layer with ordinary and unusual tokens.
-PROBE_TEXTS = (
-    "hello",
-    "The service was quick and friendly, and the staff answered every question we had.",
-    "terrible!!! never again... 0/10 ??? $$$ 1234567890",
-    "Grüße aus Köln, 東京からこんにちは, привет, مرحبا 🙂",
-    " ".join(["a long text that fills the sequence with many repeated tokens"] * 40),
-)
 # Imports that name no tenant limits (peft adapters trained here): the artifact format's own bound.
 ARTIFACT_LABEL_LIMITS = DatasetLimits(max_labels=MAX_LABELS)
 
@@ -95,19 +89,20 @@ def check_target_modules(spec: BaseSpec, targets: Sequence[object], *, param: st
                         f"try one of: {', '.join(names)}", param=param)
 
 
-def probe_logits(engine: Engine, artifact: AdapterArtifact, texts: Sequence[str] = PROBE_TEXTS) -> None:
-    """Run ``artifact`` through ``engine``'s mixed forward on ``texts``; refuse it (ArtifactError,
-    ``param="file"``) if a logit is NaN or infinite. The probe holds a device slot only while it
-    runs, under a key no stored version can have."""
+def probe_logits(engine: Engine, artifact: AdapterArtifact, texts: Sequence[Any] | None = None) -> None:
+    """Run ``artifact`` through ``engine``'s mixed forward on ``texts`` (row inputs of the engine's
+    task; None: its ``probe_rows``); refuse it (ArtifactError, ``param="file"``) if a logit is NaN
+    or infinite. The probe holds a device slot only while it runs, under a key no stored version
+    can have."""
     key = VersionKey(tenant="_probe", adapter="_import", version=0, sha256=f"probe-{uuid.uuid4().hex}")
     loaded = LoadedAdapter.from_artifact(key, artifact, engine.base.dtype)
     step = max(1, engine.config.max_batch_size)
-    texts = list(texts)
+    texts = list(engine.serving.probe_rows() if texts is None else texts)
     try:
         for start in range(0, len(texts), step):
             chunk = texts[start:start + step]
             try:
-                out = engine.forward(engine.base.tokenize(chunk), [loaded] * len(chunk))
+                out = engine.forward(engine.serving.collate(chunk), [loaded] * len(chunk))
             except TailorError:
                 raise
             except Exception as e:  # the candidate broke the forward pass (odd shapes, overflow traps)
@@ -117,8 +112,9 @@ def probe_logits(engine: Engine, artifact: AdapterArtifact, texts: Sequence[str]
             for i, logits in enumerate(out.logits):
                 if logits is not None and not bool(torch.isfinite(logits).all()):
                     lora = artifact.manifest.lora
+                    what = "text" if isinstance(texts[start + i], str) else "input"
                     raise ArtifactError(
-                        f"the adapter gives non-finite logits (NaN or infinity) on probe text "
+                        f"the adapter gives non-finite logits (NaN or infinity) on probe {what} "
                         f"{start + i + 1} of {len(texts)}: its weights or its scale (lora_alpha {lora.alpha:g} "
                         f"/ r {lora.r} = {lora.scale:g}) overflow the forward pass, so it would answer "
                         "no score. Check the adapter's lora_alpha and weights.", param="file")

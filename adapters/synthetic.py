@@ -1,4 +1,9 @@
-"""Random but well-formed adapters for tests and benchmarks (never for serving real traffic)."""
+"""Random but well-formed adapters for tests and benchmarks (never for serving real traffic).
+
+``random_artifact(spec)`` fits any base: its task is the base's (``spec.task``); for a vision
+base target its pointwise convs by name (``random_image_artifact`` picks them), each a LoRA
+``A [r, C_in]``, ``B [C_out, r]`` as the artifact format stores it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ import torch
 
 from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
 from adapters.fingerprint import BaseSpec
+from adapters.tasks import manifest_value
+
+IMAGE_TARGETS = ("_expand_conv", "_project_conv", "_conv_head")  # EfficientNet's pointwise convs
 
 
 def random_artifact(
@@ -31,6 +39,14 @@ def random_artifact(
         base_fingerprint=spec.fingerprint, labels=tuple(f"label_{i}" for i in range(n_labels)),
         lora=LoraSettings(r=r, alpha=float(alpha if alpha is not None else 2 * r),
                           target_modules=tuple(targets), use_rslora=use_rslora),
-        head_in_features=h, source="synthetic",
+        head_in_features=h, source="synthetic", task=manifest_value(spec.task),
     )
     return AdapterArtifact(manifest=manifest, weights=weights)
+
+
+def random_image_artifact(
+    spec: BaseSpec, *, r: int = 4, targets: tuple[str, ...] = IMAGE_TARGETS, n_labels: int = 3,
+    seed: int = 0, alpha: float | None = None, std: float = 0.1,
+) -> AdapterArtifact:
+    """``random_artifact`` for a vision base (``adapters.vision.backbone``): LoRA on its 1x1 convs."""
+    return random_artifact(spec, r=r, targets=targets, n_labels=n_labels, seed=seed, alpha=alpha, std=std)

@@ -1,11 +1,13 @@
 """Micro-batching: concurrent requests of many tenants share one forward pass.
 
-``MicroBatcher.submit(rows)`` queues a request's ``(adapter, text)`` rows and returns a
-``concurrent.futures.Future`` of its predictions, in order. One background thread forms
-batches of up to ``max_batch_size`` rows, waiting at most ``max_wait_ms`` after the oldest
-queued row arrived, and runs **one** ``engine.classify_rows`` over the merged rows (different
-tenants, adapters and label sets mix freely: the engine routes every row to its own adapter).
-Each caller's future gets exactly its own slice.
+``MicroBatcher.submit(rows)`` queues a request's ``(adapter, row input)`` rows and returns a
+``concurrent.futures.Future`` of its predictions, in order. A row input is what the engine's
+task decodes a raw input into (``Engine.decode_rows``: a text; a preprocessed image tensor).
+One background thread forms batches of up to ``max_batch_size`` rows, waiting at most
+``max_wait_ms`` after the oldest queued row arrived, and runs **one** ``engine.predict_rows``
+over the merged rows (different tenants, adapters and label sets mix freely: the engine routes
+every row to its own adapter). Each caller's future gets exactly its own slice. The batcher
+knows no task: one batcher per engine, so rows of different tasks never share a forward pass.
 
 Fairness (``adapters.runtime.fair_queue``):
 
@@ -17,8 +19,10 @@ Fairness (``adapters.runtime.fair_queue``):
 
 Fault isolation (one tenant's bad row or bad adapter never fails another tenant's request):
 
-* ``submit`` refuses rows whose text is not valid Unicode (``InvalidInputError`` naming the
-  row) before they are queued.
+* ``submit`` refuses, before anything is queued, a row the engine's task says cannot join a
+  shared batch (``Engine.check_row``: a text that is not valid Unicode, an image tensor of the
+  wrong shape: ``InvalidInputError`` naming the row, ``inputs[i]`` / ``images[i]``) and a row
+  whose adapter is of another task (``TaskMismatchError``).
 * When a merged forward pass raises anyway, the batch is split in halves by request and each
   half retried, recursively, so only the requests whose rows make it raise fail (with that
   exception); every other request gets its answer. ``errors`` counts merged passes that
@@ -57,16 +61,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from adapters.errors import AdapterOutputError
 from adapters.runtime.engine import Engine, Prediction
 from adapters.runtime.fair_queue import FairQueue
-from adapters.runtime.inputs import check_text
 from adapters.runtime.loaded import LoadedAdapter
 
 log = logging.getLogger("tailor.batcher")
 
-Row = tuple[LoadedAdapter, str]
+Row = tuple[LoadedAdapter, Any]  # (adapter, row input of the engine's task)
 OnBatch = Callable[[int, int, float], None]
 Slice = tuple["_Request", int, int]  # a request's rows [start, stop) in one batch
 Outcome = list["Prediction | AdapterOutputError | None"] | Exception
@@ -137,15 +141,18 @@ class MicroBatcher:
         """Queue ``rows``; the future resolves to one Prediction per row, in order.
 
         ``tenant`` is whose line the request waits in (default: the first row's adapter's
-        tenant). Raises ``InvalidInputError`` for a text that is not valid Unicode and
-        ``TenantBusyError`` when the tenant already has too many rows waiting.
+        tenant). Raises ``TypeError`` for a row that is not ``(LoadedAdapter, row input)``,
+        ``InvalidInputError`` for a row input the task refuses (``Engine.check_row``),
+        ``TaskMismatchError`` for an adapter of another task and ``TenantBusyError`` when the
+        tenant already has too many rows waiting.
         """
         rows = list(rows)
+        field = self.engine.task.input_field
         for i, row in enumerate(rows):
-            if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], LoadedAdapter)
-                    and isinstance(row[1], str)):
-                raise TypeError(f"row {i} must be a (LoadedAdapter, str) tuple")
-            check_text(row[1], f"inputs[{i}]")
+            if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], LoadedAdapter)):
+                raise TypeError(f"row {i} must be a (LoadedAdapter, row input) tuple")
+            self.engine.check_row(row[1], f"{field}[{i}]")
+            self.engine.check_adapter(row[0])
         req = _Request(rows, time.monotonic())
         if not rows:
             req.future.set_result([])
@@ -252,7 +259,7 @@ class MicroBatcher:
         """
         rows = [row for req, a, b in part for row in req.rows[a:b]]
         try:
-            results = self.engine.classify_rows([t for _, t in rows], [a for a, _ in rows])
+            results = self.engine.predict_rows([x for _, x in rows], [a for a, _ in rows])
         except Exception as e:  # noqa: BLE001 - isolated below, then given to the culprit only
             if top:
                 self.errors += 1

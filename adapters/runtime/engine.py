@@ -1,7 +1,12 @@
-"""The engine: one frozen base model serving many tenants' adapters in mixed batches.
+"""The engine: one frozen base model of one task serving many tenants' adapters in mixed batches.
 
 Contract:
 
+* One engine serves one base of one task kind (``adapters.tasks``; the base's ``spec.task``).
+  What differs between tasks -- how the base is prepared, how raw request rows are checked and
+  decoded, how rows are batched and the model called -- comes from the task's ``TaskServing``
+  (``self.serving``); everything here is task-agnostic. Rows of different tasks never share a
+  forward pass: a deployment runs one engine (and one batcher) per base.
 * ``resolve(tenant, ref)`` turns ``"name"`` / ``"name@3"`` / ``"name@prod"`` into one immutable
   version (``ResolvedAdapter``). A bare name means ``prod``. Resolutions are cached and kept
   fresh from the registry's change log (``Resolver``): any process's promotion is seen within
@@ -9,18 +14,22 @@ Contract:
   belongs to another tenant or lacks the version raises ``AdapterNotFoundError``: never a
   fallback. A request keeps the version it resolved even if ``prod`` moves while it runs.
 * ``acquire`` returns the decoded adapter from the resident (host) cache, loading it from the
-  store on a miss; bad bytes raise an ``ArtifactError`` for that adapter only.
-* ``forward`` runs **one** forward pass of the base model for a batch whose rows each name an
-  adapter (or ``None`` for the plain base model); ``classify`` adds tokenisation and labels.
-* Each row's head reads the features its adapter was trained on (``manifest.pooling``; a base
+  store on a miss; bad bytes raise an ``ArtifactError`` for that adapter only, an adapter of
+  another task a ``TaskMismatchError`` naming both tasks (before its bytes are read).
+* ``decode_rows(raw)`` checks and decodes a request's raw inputs (texts; image bytes or base64)
+  into row inputs, naming the first bad one (``inputs[i]`` / ``images[i]``); ``check_row`` is
+  the cheap check a decoded row passes before it joins a shared batch (the batcher runs it).
+* ``forward`` runs **one** forward pass of the base model for a collated batch whose rows each
+  name an adapter (or ``None`` for the plain base model); ``predict_rows`` adds collation and
+  labels for row inputs; ``classify_rows`` / ``classify`` are the text names of the same.
+* Text rows' heads read the features their adapter was trained on (``manifest.pooling``; a base
   row: the base's ``spec.pooling``), rows of different poolings in one forward pass
-  (``runtime.head``). Adapters without a recorded pooling read the model's own pooled output.
+  (``runtime.head``); image rows' heads read the backbone's pooled features.
 * Rows are independent: every row's LoRA delta, attention, pooling and head are their own, so
-  one row cannot change another's answer. ``classify_rows`` reports a row whose adapter gives
+  one row cannot change another's answer. ``predict_rows`` reports a row whose adapter gives
   non-finite logits as an ``AdapterOutputError`` *in that row's place* (the other rows keep
   their predictions); the first time a version does so, ``on_nonfinite(key)`` is called
-  (metrics, logs). ``classify`` raises that error instead. Texts must be valid Unicode
-  (``adapters.runtime.inputs``); callers check them before they merge rows.
+  (metrics, logs). ``classify`` raises that error instead.
 * Thread-safe: concurrent callers each get their own batch plan; the base weights are never
   written after start.
 """
@@ -28,25 +37,25 @@ Contract:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from adapters.base import BaseModel
+from adapters.artifact import check_task
 from adapters.catalog import Catalog
-from adapters.errors import AdapterOutputError
+from adapters.errors import AdapterOutputError, ArtifactError
 from adapters.names import parse_ref, validate_name
-from adapters.pooling import POOLER, Pooling, tap_tokens
 from adapters.registry import VersionRecord
 from adapters.runtime.cache import ResidentCache
 from adapters.runtime.context import use_plan
-from adapters.runtime.head import MixedHead, keep_tokens
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
-from adapters.runtime.lora_layer import wrap_linears
 from adapters.runtime.memory import tune_allocator
 from adapters.runtime.resolver import Resolver
 from adapters.runtime.slots import SlotBank
+from adapters.tasks import get_task, task_of_manifest
+from adapters.tasks.kind import TaskKind, TaskServing
 
 
 @dataclass(frozen=True)
@@ -85,13 +94,16 @@ class BatchOutput:
 
 class Engine:
     def __init__(
-        self, base: BaseModel, catalog: Catalog, config: EngineConfig | None = None, *,
+        self, base: Any, catalog: Catalog, config: EngineConfig | None = None, *,
         on_load: Callable[[float], None] | None = None,
         on_nonfinite: Callable[[VersionKey], None] | None = None,
     ) -> None:
-        """``on_load(seconds)`` is called after each adapter load into the resident cache (metrics);
+        """``base``: a base model of any task kind (``adapters.base.BaseModel`` for text,
+        ``adapters.vision.backbone.VisionBase`` for images); its ``spec.task`` picks the task.
+        ``on_load(seconds)`` is called after each adapter load into the resident cache (metrics);
         ``on_nonfinite(key)`` once per version the first time its outputs are not finite."""
         self.base = base
+        self.task: TaskKind = get_task(base.spec.task)
         self.on_nonfinite = on_nonfinite
         self._nonfinite: set[VersionKey] = set()
         self._nonfinite_lock = threading.Lock()
@@ -101,12 +113,7 @@ class Engine:
             raise ValueError("device_slots must exceed max_batch_size (a batch may name that many adapters)")
         if self.config.tune_allocator:
             tune_allocator()
-        model = base.model
-        wrap_linears(model, list(base.spec.linear_shapes))
-        setattr(model, base.head_name, MixedHead(base.spec.head_in_features))
-        if base.spec.pools_tokens and not getattr(model, "_tailor_tokens_tapped", False):
-            tap_tokens(model, keep_tokens)
-            model._tailor_tokens_tapped = True  # one tap per model, however many engines wrap it
+        self.serving: TaskServing = self.task.serving(base)
         self.slots = SlotBank(base.spec.linear_shapes, base.spec.head_in_features,
                               self.config.device_slots, base.device, base.dtype)
         self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds)
@@ -143,6 +150,11 @@ class Engine:
         return [self.acquire(self.resolve(tenant, ref)) for ref in refs]
 
     def _load(self, resolved: ResolvedAdapter) -> LoadedAdapter:
+        try:
+            task = task_of_manifest(resolved.record.manifest)
+        except ValueError as e:
+            raise ArtifactError(f"adapter manifest: {e}", param="adapter") from None
+        check_task(task, self.task.name)  # before any bytes are read; check_base checks it again
         artifact = self.catalog.read(resolved.record, self.base.spec)
         return LoadedAdapter.from_artifact(resolved.key, artifact, self.base.dtype)
 
@@ -163,41 +175,53 @@ class Engine:
 
     # -- inference ----------------------------------------------------------------------------
 
+    def decode_rows(self, raw: Sequence[Any], *, limits: Any = None) -> list[Any]:
+        """Check and decode a request's raw inputs (the task's ``input_field``) into row inputs;
+        ``InvalidInputError`` naming the first bad one. ``limits``: the task's per-input limits
+        (images: ``ImageLimits``; None: the defaults)."""
+        return self.serving.decode(raw, param=self.task.input_field, limits=limits)
+
+    def check_row(self, row: Any, param: str) -> None:
+        """The task's cheap check that a decoded row may join a shared batch (see ``TaskServing``)."""
+        self.serving.check_row(row, param)
+
+    def check_adapter(self, adapter: LoadedAdapter) -> None:
+        """Refuse (``TaskMismatchError``) an adapter of another task than this engine's."""
+        check_task(adapter.manifest.kind, self.task.name)
+
     @torch.inference_mode()
-    def forward(self, inputs: dict[str, torch.Tensor], rows: list[LoadedAdapter | None]) -> BatchOutput:
-        n = inputs["input_ids"].shape[0]
+    def forward(self, inputs: Any, rows: list[LoadedAdapter | None]) -> BatchOutput:
+        """One forward pass over a collated batch (``serving.collate``; text: tokenizer output)."""
+        n = self.serving.size(inputs)
         if n != len(rows):
             raise ValueError(f"batch has {n} inputs but {len(rows)} adapter rows")
         if n > self.config.max_batch_size:
             raise ValueError(f"batch of {n} rows exceeds max_batch_size {self.config.max_batch_size}")
         plan = self.slots.plan(rows)
-        plan.poolings = self._poolings(rows)
         with use_plan(plan):
-            logits = self.base.model(**inputs).logits
+            logits = self.serving.run(inputs, plan, rows)
         assert plan.features is not None
         out = [None if a is None else logits[i, : a.n_labels] for i, a in enumerate(rows)]
         # padded head columns are 0 for a row with finite features: checking whole rows is exact
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         return BatchOutput(logits=out, features=plan.features, finite=finite)
 
-    def _poolings(self, rows: list[LoadedAdapter | None]) -> tuple[Pooling, ...] | None:
-        """Each row's pooling, or None when every row reads the model's own pooled output."""
-        kinds = tuple(self.base.spec.pooling if a is None else a.pooling for a in rows)
-        return None if all(k == POOLER for k in kinds) else kinds
-
-    def classify_rows(
-        self, texts: list[str], rows: list[LoadedAdapter | None],
+    def predict_rows(
+        self, inputs: Sequence[Any], rows: list[LoadedAdapter | None],
     ) -> list[Prediction | AdapterOutputError | None]:
-        """Tokenise, run one mixed batch (chunked by max_batch_size) and name the labels.
+        """Collate row inputs (``decode_rows``' output), run one mixed batch (chunked by
+        max_batch_size) and name the labels.
 
         One entry per row: its ``Prediction``, ``None`` for a base-model row, or an
         ``AdapterOutputError`` where that row's adapter gave non-finite logits.
         """
+        if len(inputs) != len(rows):
+            raise ValueError(f"{len(inputs)} inputs but {len(rows)} adapter rows")
         preds: list[Prediction | AdapterOutputError | None] = []
         step = self.config.max_batch_size
-        for i in range(0, len(texts), step):
+        for i in range(0, len(inputs), step):
             chunk = rows[i : i + step]
-            out = self.forward(self.base.tokenize(texts[i : i + step]), chunk)
+            out = self.forward(self.serving.collate(inputs[i : i + step]), chunk)
             for adapter, logits, finite in zip(chunk, out.logits, out.finite):
                 if adapter is None or logits is None:
                     preds.append(None)
@@ -207,9 +231,15 @@ class Engine:
                     preds.append(_prediction(adapter, logits))
         return preds
 
-    def classify(self, texts: list[str], rows: list[LoadedAdapter | None]) -> list[Prediction | None]:
-        """``classify_rows`` for callers of one adapter: raises the first row's error instead."""
-        preds = self.classify_rows(texts, rows)
+    def classify_rows(
+        self, texts: list[str], rows: list[LoadedAdapter | None],
+    ) -> list[Prediction | AdapterOutputError | None]:
+        """``predict_rows`` by its text name (a text engine's row inputs are the texts)."""
+        return self.predict_rows(texts, rows)
+
+    def classify(self, texts: list[Any], rows: list[LoadedAdapter | None]) -> list[Prediction | None]:
+        """``predict_rows`` for callers of one adapter: raises the first row's error instead."""
+        preds = self.predict_rows(texts, rows)
         for p in preds:
             if isinstance(p, AdapterOutputError):
                 raise p

@@ -11,6 +11,9 @@ Contract:
 * ``canonical_task(name)`` validates a task name and maps the legacy manifest value
   ``"classification"`` (every adapter written before tasks had kinds) to
   ``"text-classification"``: old adapters keep working. Anything else raises ``ValueError``.
+* ``manifest_value(task)`` is what a new adapter's manifest records as its ``task``: the legacy
+  ``"classification"`` for text (so every Tailor version reads a new text adapter, as before),
+  the canonical name for every other kind.
 * ``get_task(name)`` returns the task kind (its module) for a canonical or legacy name.
 * Importing this package is cheap (no torch, no task module): task modules are imported by
   ``get_task`` on first use, so any module (the artifact format, the job system) may import
@@ -46,6 +49,12 @@ def canonical_task(name: Any) -> str:
     raise ValueError(f"unsupported task {shown}; supported: {', '.join(TASK_NAMES)}")
 
 
+def manifest_value(task: str) -> str:
+    """The ``task`` a new adapter of task ``task`` records in its manifest (see the contract)."""
+    task = canonical_task(task)
+    return next((legacy for legacy, canon in LEGACY_NAMES.items() if canon == task), task)
+
+
 def get_task(name: str) -> TaskKind:
     """The task kind called ``name`` (canonical or legacy); ``ValueError`` for an unknown one."""
     return cast("TaskKind", importlib.import_module(_MODULES[canonical_task(name)]))
@@ -59,4 +68,4 @@ def task_of_manifest(manifest: Any) -> str:
 
 
 __all__ = ["ACCEPTED_NAMES", "IMAGE_CLASSIFICATION", "LEGACY_NAMES", "TASK_NAMES", "TEXT_CLASSIFICATION",
-           "canonical_task", "get_task", "task_of_manifest"]
+           "canonical_task", "get_task", "manifest_value", "task_of_manifest"]

@@ -19,7 +19,7 @@ the ``.pth`` is read with ``torch.load(weights_only=True)``, never a full unpick
   the classifier excluded from the names) and moved to the device and dtype ``adapters.base``
   picks for text (CUDA when present; fp32 on CPU, bf16 on GPU unless told otherwise).
 
-``spec`` is a ``BaseSpec`` whose ``linear_shapes`` maps each LoRA-capable 1x1 conv path to
+``spec`` is a ``BaseSpec`` of task ``image-classification`` whose ``linear_shapes`` maps each LoRA-capable 1x1 conv path to
 ``(in_channels, out_channels)``: a 1x1 conv is a linear map per pixel, so adapters and the
 device ``SlotBank`` treat it as a linear layer of those shapes.
 
@@ -47,6 +47,7 @@ from torch import nn
 from adapters.base import pick_device, pick_dtype
 from adapters.fingerprint import BaseSpec, fingerprint_model
 from adapters.runtime.lora_conv import is_plain_pointwise
+from adapters.tasks import IMAGE_CLASSIFICATION
 
 DEFAULT_ARCHITECTURE = "efficientnet-lite0"
 SUPPORTED_ARCHITECTURES = (DEFAULT_ARCHITECTURE,)
@@ -241,7 +242,7 @@ def _finish(
     fingerprint = fingerprint_model(config, state, weight_files)
     shapes = {p: (model.get_submodule(p).in_channels, model.get_submodule(p).out_channels) for p in lora_paths}
     spec = BaseSpec(fingerprint=fingerprint, linear_shapes=shapes, head_in_features=feature_dim,
-                    head_name=HEAD_NAME, name=name)
+                    head_name=HEAD_NAME, name=name, task=IMAGE_CLASSIFICATION)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     model.to(device=dev, dtype=dt)

@@ -1,8 +1,11 @@
 """Uploaded datasets: checked completely at upload, stored normalised, owned by one tenant.
 
-``Files.upload`` parses and validates the bytes (``adapters.datasets``) before anything is
-written; only a valid dataset is stored, as normalised JSON Lines under a fresh store key,
-and then recorded in the ``files`` table. An upload whose bytes would take the tenant past its
+``Files.upload`` parses and validates the bytes with the parser of the file's task
+(``adapters.tasks``; default text classification, ``adapters.datasets``) before anything is
+written; only a valid dataset is stored, in the task's stored form (``adapters.jobs.task_data``:
+normalised JSON Lines) under a fresh store key, and then recorded in the ``files`` table with
+its task. ``Files.load`` reads it back by that task, checksummed, without parsing the upload
+again. An upload whose bytes would take the tenant past its
 storage quota (``max_storage_bytes``: uploaded files plus adapter versions) is refused
 (``StorageQuotaError``, 409) before it is parsed, and again, atomically, when it is recorded. A file id is only ever visible to its tenant:
 another tenant's id is "not found". Deleting a file leaves jobs that already copied it alone.
@@ -12,35 +15,25 @@ failure); the bytes are stored before it and deleted again if it fails.
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from adapters import schema
-from adapters.datasets import Dataset, DatasetLimits, parse_dataset
 from adapters.errors import InvalidNameError, NotFoundError
+from adapters.jobs import task_data
 from adapters.jobs.model import FileRecord
+from adapters.jobs.task_data import dataset_from_jsonl, dataset_to_jsonl
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas, enforce_storage, lock_tenant
 from adapters.registry.core import tenant_id
 from adapters.schema import read_only, transaction, utcnow
 from adapters.store import AdapterStore
+from adapters.tasks import TEXT_CLASSIFICATION, get_task
 
+__all__ = ["Files", "dataset_from_jsonl", "dataset_to_jsonl", "new_id"]
 MAX_FILENAME = 255
-
-
-def dataset_to_jsonl(ds: Dataset) -> bytes:
-    return b"".join(
-        json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False).encode() + b"\n"
-        for e in ds.examples
-    )
-
-
-def dataset_from_jsonl(data: bytes, limits: DatasetLimits | None = None) -> Dataset:
-    """Read back a dataset this module stored (it was validated on the way in)."""
-    return parse_dataset(data, format="jsonl", limits=limits or DatasetLimits(max_bytes=1 << 40))
 
 
 def new_id(prefix: str) -> str:
@@ -52,25 +45,27 @@ class Files:
         self.db, self.store = db, store
         self._read = read_only(db)
 
-    def upload(self, tenant: str, filename: str, data: bytes, *, limits: DatasetLimits,
-               format: str | None = None) -> FileRecord:
+    def upload(self, tenant: str, filename: str, data: bytes, *, limits: Any,
+               format: str | None = None, task: str = TEXT_CLASSIFICATION) -> FileRecord:
+        """Validate ``data`` as a dataset of ``task`` and store it. ``limits``: the tenant's
+        ``DatasetLimits`` (``TenantQuotas.dataset_limits``), or the task's own limits type
+        (``adapters.jobs.task_data.limits_for``)."""
         validate_name(tenant, "tenant")
+        task = task_data.task_name(task)
+        limits = task_data.limits_for(task, limits)
         filename = _clean_filename(filename)
-        if format is None and filename.lower().endswith((".csv", ".jsonl", ".json")):
-            format = "csv" if filename.lower().endswith(".csv") else "jsonl"
+        format, shown_format = task_data.upload_format(task, filename, format, data)
         with self._read.connect() as conn:  # early answer before parsing; decided again below
             tid = tenant_id(conn, tenant)
             quotas = TenantQuotas.stored(conn.scalar(select(schema.tenants.c.quotas).where(schema.tenants.c.id == tid)))
             enforce_storage(conn, tid, quotas, len(data), what=f"file {filename!r}", param="file")
-        ds = parse_dataset(data, format=format, limits=limits, what=filename)
+        ds = get_task(task).parse_dataset(data, format=format, limits=limits, what=filename)
         file_id = new_id("file")
         key = f"tenants/{tenant}/files/{file_id}.jsonl"
-        body = dataset_to_jsonl(ds)
+        body = task_data.dump(task, ds)
         sha = self.store.put(key, body)
         row = {
-            "id": file_id, "filename": filename,
-            "format": format or ("jsonl" if data.lstrip()[:1] == b"{" else "csv"),
-            "rows": len(ds), "labels": list(ds.labels), "duplicates_dropped": ds.duplicates_dropped,
+            "id": file_id, "filename": filename, "format": shown_format, "task": task, "rows": len(ds), "labels": list(ds.labels), "duplicates_dropped": ds.duplicates_dropped,
             "bytes": len(data), "store_key": key, "sha256": sha,
         }
         try:
@@ -104,9 +99,10 @@ class Files:
         transaction(self.db, lambda conn: conn.execute(delete(schema.files).where(schema.files.c.id == rec.id)))
         self.store.delete(rec.store_key)
 
-    def load(self, tenant: str, file_id: str) -> tuple[FileRecord, Dataset]:
+    def load(self, tenant: str, file_id: str) -> tuple[FileRecord, Any]:
+        """The file's record and its dataset (a ``Dataset``, an ``ImageDataset``: ``rec.task``'s)."""
         rec = self.get(tenant, file_id)
-        return rec, dataset_from_jsonl(self.store.get(rec.store_key, sha256=rec.sha256))
+        return rec, task_data.load(rec.task, self.store.get(rec.store_key, sha256=rec.sha256))
 
 
 def _insert(conn: Connection, tenant: str, row: dict[str, Any]) -> FileRecord:
@@ -139,6 +135,6 @@ def _record(tenant: str, row: dict[str, Any]) -> FileRecord:
     return FileRecord(
         id=row["id"], tenant=tenant, filename=row["filename"], format=row["format"], rows=row["rows"],
         labels=list(row["labels"]), duplicates_dropped=row["duplicates_dropped"], bytes=row["bytes"],
-        created_at=row["created_at"], store_key=row["store_key"], sha256=row["sha256"],
+        created_at=row["created_at"], task=row["task"], store_key=row["store_key"], sha256=row["sha256"],
     )
 

@@ -1,6 +1,7 @@
 """The job lifecycle, kept entirely in the registry database so it survives restarts.
 
-API side: ``submit`` (the dataset was validated before; the job starts ``queued``), ``get``,
+API side: ``submit`` (the dataset was validated before; the job starts ``queued``; its task is
+its training data's, and an adapter keeps one task: ``adapters.jobs.adapter_tasks``), ``get``,
 ``list``, ``events``, ``cancel``. Worker side: ``claim`` hands one runnable queued job to
 exactly one worker (one transaction; ``FOR UPDATE SKIP LOCKED`` where the database has it)
 under a lease, honouring each tenant's ``max_concurrent_jobs``; which job is the fair-share
@@ -41,12 +42,13 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, case, func, insert, select, update
 
 from adapters import schema
-from adapters.datasets import Dataset
 from adapters.errors import ConflictError, NotFoundError, TailorError
 from adapters.fingerprint import BaseSpec
 from adapters.import_checks import check_target_modules
+from adapters.jobs import task_data
+from adapters.jobs.adapter_tasks import AdapterTaskError, adapter_task, enforce_adapter_task
 from adapters.jobs.claims import LostJobError, WorkerSide
-from adapters.jobs.files import dataset_to_jsonl, new_id
+from adapters.jobs.files import new_id
 from adapters.jobs.model import (
     ACTIVE, CANCELLED, FINISHED, METHODS, PROMOTE_MODES, QUEUED, Job, JobDurations, JobEvent,
 )
@@ -58,7 +60,7 @@ from adapters.schema import read_only, transaction, utcnow
 from adapters.store import AdapterStore
 from adapters.training.hyperparams import HyperparameterError, Hyperparameters
 
-__all__ = ["InvalidJobError", "JobLimitError", "JobManager", "LostJobError"]
+__all__ = ["AdapterTaskError", "InvalidJobError", "JobLimitError", "JobManager", "LostJobError"]
 log = logging.getLogger(__name__)
 
 
@@ -92,14 +94,20 @@ class JobManager(WorkerSide):
     # -- API side -----------------------------------------------------------------------------
 
     def submit(
-        self, tenant: str, adapter: str, *, training: Dataset, validation: Dataset | None = None,
+        self, tenant: str, adapter: str, *, training: Any, validation: Any = None,
         method: str = "lora", hyperparameters: dict[str, Any] | None = None, promote: str = "auto",
         training_file: str | None = None, validation_file: str | None = None, spec: BaseSpec | None = None,
+        task: str | None = None,
     ) -> Job:
-        """``spec``: the base model the job will train on, when the caller has it loaded; LoRA
-        ``target_modules`` are then checked against it now instead of failing the job later."""
+        """Queue a job training ``adapter`` on ``training`` (a validated dataset of any task:
+        ``Files.load``'s, or ``from_records``'). The job's task is its training data's; ``task``,
+        when given, must agree (e.g. for in-memory records); a validation set of another task is
+        an ``InvalidJobError`` naming both. ``spec``: the base model of the job's task, when the
+        caller has it loaded; LoRA ``target_modules`` are then checked against it now instead of
+        failing the job later."""
         validate_name(tenant, "tenant")
         validate_name(adapter, "adapter")
+        task = _job_task(training, validation, task, training_file, validation_file)
         if method not in METHODS:
             raise InvalidJobError(f"method must be one of {', '.join(METHODS)}, got {method!r}", param="method")
         if promote not in PROMOTE_MODES:
@@ -114,18 +122,19 @@ class JobManager(WorkerSide):
         prefix = f"tenants/{tenant}/jobs/{job_id}"
         train_key, val_key = f"{prefix}/train.jsonl", f"{prefix}/validation.jsonl" if validation else None
         # Data first, row second: a job row never points at missing data.
-        self.store.put(train_key, dataset_to_jsonl(training))
-        if validation is not None and val_key:
-            self.store.put(val_key, dataset_to_jsonl(validation))
+        train_sha = self.store.put(train_key, task_data.dump(task, training))
+        val_sha = self.store.put(val_key, task_data.dump(task, validation)) if validation is not None and val_key \
+            else None
         now = self.now()
         summary = {
             "training_examples": len(training), "validation_examples": len(validation) if validation else None,
             "labels": list(training.labels), "duplicates_dropped": training.duplicates_dropped,
         }
         job = dict(
-            id=job_id, tenant=tenant, adapter=adapter, status=QUEUED,
+            id=job_id, tenant=tenant, adapter=adapter, status=QUEUED, task=task,
             method=method, promote=promote, hyperparameters=hp, resolved_hyperparameters=None,
-            training_key=train_key, validation_key=val_key, training_file=training_file,
+            training_key=train_key, validation_key=val_key, training_sha256=train_sha, validation_sha256=val_sha,
+            training_file=training_file,
             validation_file=validation_file, dataset=summary, progress={}, metrics={}, result={},
             cancel_requested=0, attempts=0, created_at=now, updated_at=now,
         )
@@ -137,6 +146,13 @@ class JobManager(WorkerSide):
             raise
         self._note_queued(job_id)
         return self.get(tenant, job_id)
+
+    def adapter_task(self, tenant: str, adapter: str, *, exclude_job: str | None = None) -> str | None:
+        """The task of ``tenant``'s adapter (its versions', else an active job's); None if free."""
+        with self._read.connect() as conn:
+            tid = conn.scalar(select(schema.tenants.c.id).where(schema.tenants.c.name == tenant))
+            found = None if tid is None else adapter_task(conn, tid, adapter, exclude_job=exclude_job)
+        return None if found is None else found[0]
 
     def get(self, tenant: str, job_id: str) -> Job:
         validate_name(tenant, "tenant")
@@ -214,9 +230,26 @@ def _insert(conn: Connection, job: dict[str, Any], note: str) -> None:
         raise JobLimitError(
             f"tenant already has {active} active jobs; the quota is {quotas.max_active_jobs}. "
             "Wait for one to finish or cancel one.", param="adapter")
+    enforce_adapter_task(conn, tenant_row.id, job["adapter"], job["task"])  # one task per adapter
     enforce_job(conn, tenant_row.id, quotas, job["adapter"])  # adapters, versions, storage
     conn.execute(insert(J).values(tenant_id=tenant_row.id, **job))
     add_event(conn, job["id"], "info", note)
+
+
+def _job_task(training: Any, validation: Any, task: str | None, training_file: str | None,
+              validation_file: str | None) -> str:
+    """The job's task: its training data's (which ``task``, when given, must be)."""
+    have = task_data.task_of(training)
+    if task is not None and task_data.task_name(task) != have:
+        raise InvalidJobError(f"the training data is {have} data, but the job's task is {task_data.task_name(task)}",
+                              param="task")
+    if validation is not None and (other := task_data.task_of(validation)) != have:
+        val = f"validation file {validation_file!r}" if validation_file else "validation data"
+        train = f"training file {training_file!r}" if training_file else "training data"
+        raise InvalidJobError(f"the {val} is {other} data but the {train} is {have} data; a job's "
+                              "training and validation data must be of one task",
+                              param="validation_file" if validation_file else "validation_data")
+    return have
 
 
 def _cancel(conn: Connection, job_id: str, now: datetime) -> None:

@@ -2,7 +2,8 @@
 
 The one definition of a job's statuses, methods and promotion modes: ``service.schemas`` builds
 the HTTP API's enums from these tuples, and the client and CLI read them from here (this module
-imports nothing beyond the standard library, so a client stays light).
+imports nothing beyond the standard library and the task names of ``adapters.tasks``, so a
+client stays light).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from adapters.tasks import TEXT_CLASSIFICATION  # a names-only module: no task code is imported
 
 VALIDATING, QUEUED, RUNNING = "validating", "queued", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -50,9 +53,12 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
-    # internal: where the data lives and who runs it
+    task: str = TEXT_CLASSIFICATION  # the task kind of its data and of the version it makes
+    # internal: where the data lives (and its sha256, None for jobs before tasks) and who runs it
     training_key: str = field(repr=False, default="")
     validation_key: str | None = field(repr=False, default=None)
+    training_sha256: str | None = field(repr=False, default=None)
+    validation_sha256: str | None = field(repr=False, default=None)
     worker_id: str | None = field(repr=False, default=None)
     # while queued: where the job stands in the fair-share order (1: the next a free worker takes)
     queue_position: int | None = None
@@ -89,5 +95,6 @@ class FileRecord:
     duplicates_dropped: int
     bytes: int
     created_at: datetime
+    task: str = TEXT_CLASSIFICATION  # the task kind the dataset was validated for
     store_key: str = field(repr=False, default="")
     sha256: str = field(repr=False, default="")

@@ -46,6 +46,8 @@ def job_record(row: Any, queue_position: int | None = None) -> Job:
         version=row["version"], training_file=row["training_file"], validation_file=row["validation_file"],
         attempts=row["attempts"], cancel_requested=bool(row["cancel_requested"]), created_at=row["created_at"],
         started_at=row["started_at"], finished_at=row["finished_at"], updated_at=row["updated_at"],
-        training_key=row["training_key"], validation_key=row["validation_key"], worker_id=row["worker_id"],
+        task=row["task"], training_key=row["training_key"], validation_key=row["validation_key"],
+        training_sha256=row["training_sha256"], validation_sha256=row["validation_sha256"],
+        worker_id=row["worker_id"],
         queue_position=queue_position if row["status"] == QUEUED else None,
     )

@@ -37,6 +37,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+from adapters.tasks import TEXT_CLASSIFICATION  # names only: importing it loads no task code
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A datetime stored as UTC; refuses naive values, returns aware UTC values."""
@@ -67,9 +69,8 @@ def utcnow() -> datetime:
 
 metadata = MetaData()
 
-# What rows written before tasks existed, and callers that name none, mean (adapters.tasks'
-# TEXT_CLASSIFICATION; tests/test_image_jobs.py keeps the two equal).
-DEFAULT_TASK = "text-classification"
+# What rows written before tasks existed, and writers that name none, mean.
+DEFAULT_TASK = TEXT_CLASSIFICATION
 
 # sqlite_autoincrement: without it SQLite may hand a deleted max id to the next row, and a
 # cache keyed by version id could then confuse two different versions.
@@ -206,6 +207,9 @@ jobs = Table(
     Column("resolved_hyperparameters", JSON, nullable=True),
     Column("training_key", String(512), nullable=False),  # normalised JSONL in the store
     Column("validation_key", String(512), nullable=True),
+    # sha256 of the stored data, checked when a worker reads it (null: a job from before 0003)
+    Column("training_sha256", String(64), nullable=True),
+    Column("validation_sha256", String(64), nullable=True),
     Column("training_file", String(40), nullable=True),
     Column("validation_file", String(40), nullable=True),
     Column("dataset", JSON, nullable=False),  # counts, labels, duplicates dropped

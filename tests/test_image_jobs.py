@@ -1,0 +1,212 @@
+"""Image datasets through the same files and jobs as text (issue 14): upload, storage, quota,
+submit, one task per adapter. Real SQLite files, real stores on disk, images made with Pillow."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Table, func, select
+
+from adapters import schema
+from adapters.datasets import from_records
+from adapters.errors import DatasetError
+from adapters.jobs import task_data
+from adapters.jobs.adapter_tasks import AdapterTaskError
+from adapters.jobs.files import Files
+from adapters.jobs.manager import InvalidJobError, JobManager
+from adapters.quotas import StorageQuotaError, TenantQuotas, storage_used
+from adapters.registry import Registry
+from adapters.store import LocalStore
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
+from adapters.vision.image_datasets import ImageDataset
+from tests.image_files import distinct, image_folder, make_zip, png_header_only
+
+IMAGE = IMAGE_CLASSIFICATION
+TEXT_ROWS = [{"text": f"good {i}", "label": "pos"} for i in range(4)] + [
+    {"text": f"bad {i}", "label": "neg"} for i in range(4)]
+TEXT_JSONL = b"".join(json.dumps(r).encode() + b"\n" for r in TEXT_ROWS)
+
+
+@dataclass
+class World:
+    registry: Registry
+    store: LocalStore
+    files: Files
+    jobs: JobManager
+
+    def rows(self, table: Table) -> int:
+        with self.registry.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(table)))
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> World:
+    reg = Registry(f"sqlite:///{tmp_path / 'tailor.db'}")
+    reg.create_tenant("acme")
+    store = LocalStore(tmp_path / "store")
+    return World(reg, store, Files(reg.engine, store), JobManager(reg.engine, store))
+
+
+def pets_zip(cats: int = 3, dogs: int = 3) -> bytes:
+    return make_zip(image_folder({"cat": cats, "dog": dogs}))
+
+
+def upload(world: World, data: bytes, name: str = "pets.zip", **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("task", IMAGE)
+    return world.files.upload("acme", name, data, limits=TenantQuotas().dataset_limits(), **kw)
+
+
+def keys(world: World) -> list[str]:
+    return world.store.list("tenants/")
+
+
+# -- upload -------------------------------------------------------------------------------------
+
+
+def test_a_valid_image_zip_is_stored_as_one_image_file(world: World) -> None:
+    members = image_folder({"cat": 3, "dog": 2})
+    members["dog/copy.png"] = members["dog/000.png"]  # a repeat of the same label: dropped, counted
+    data = make_zip(members)
+    rec = upload(world, data)
+    assert (rec.task, rec.format, rec.rows, rec.labels, rec.duplicates_dropped, rec.bytes) == \
+        (IMAGE, "zip", 5, ["cat", "dog"], 1, len(data))
+    assert world.files.list("acme") == [rec] and world.files.get("acme", rec.id).task == IMAGE
+    assert len(keys(world)) == 1 and world.rows(schema.files) == 1
+    again, ds = world.files.load("acme", rec.id)
+    assert again == rec and isinstance(ds, ImageDataset)
+    assert ds.labels == ("cat", "dog") and ds.duplicates_dropped == 1
+    assert sorted(e.source for e in ds.examples)[0] == "member 'cat/000.png'"
+    assert {e.data for e in ds.examples} == {members[f"cat/{i:03d}.png"] for i in range(3)} | \
+        {members[f"dog/{i:03d}.png"] for i in range(2)}
+    assert ds.image(0).size == (16, 16)  # decodes again, with the limits it was checked with
+
+
+def test_jsonl_of_base64_images_and_text_keep_their_tasks(world: World) -> None:
+    lines = [json.dumps({"image": base64.b64encode(distinct(i)).decode(), "label": "ab"[i % 2]}) for i in range(6)]
+    rec = upload(world, "\n".join(lines).encode(), name="pets.jsonl")
+    assert (rec.task, rec.format, rec.rows) == (IMAGE, "jsonl", 6)
+    text = world.files.upload("acme", "reviews.jsonl", TEXT_JSONL, limits=TenantQuotas().dataset_limits())
+    assert (text.task, text.format, text.rows) == (TEXT_CLASSIFICATION, "jsonl", 8)  # no task: text, as always
+    assert world.files.load("acme", text.id)[1] == from_records(TEXT_ROWS)
+
+
+@pytest.mark.parametrize("data,task,error", [
+    (make_zip({"../cat/1.png": distinct(1), "dog/2.png": distinct(2)}), IMAGE, DatasetError),  # zip slip
+    (make_zip({"cat/1.png": png_header_only(30_000, 30_000), "dog/2.png": distinct(2)}), IMAGE, DatasetError),
+    (make_zip({"cat/1.png": b"not an image", "dog/2.png": distinct(2)}), IMAGE, DatasetError),
+    (make_zip(image_folder({"cat": 4})), IMAGE, DatasetError),  # one label
+    (TEXT_JSONL, IMAGE, DatasetError),  # text rows are not image rows
+    (pets_zip(), TEXT_CLASSIFICATION, DatasetError),  # a zip is not a text dataset
+    (pets_zip(), "audio-classification", task_data.InvalidTaskError),  # no such task
+])
+def test_every_refusal_stores_nothing(world: World, data: bytes, task: str, error: type) -> None:
+    with pytest.raises(error) as caught:
+        upload(world, data, task=task)
+    assert caught.value.param  # names where: the file, a member, a line, the task
+    assert keys(world) == [] and world.rows(schema.files) == 0 and world.files.list("acme") == []
+
+
+def test_an_unknown_task_is_a_422_naming_it(world: World) -> None:
+    with pytest.raises(task_data.InvalidTaskError, match="unsupported task 'audio'.*image-classification"):
+        upload(world, pets_zip(), task="audio")
+
+
+def test_the_storage_quota_counts_the_stored_image_dataset(world: World) -> None:
+    data = pets_zip()
+    world.registry.create_tenant("small", quotas={"max_storage_bytes": len(data) + len(data) // 2})
+    rec = world.files.upload("small", "pets.zip", data, limits=TenantQuotas().dataset_limits(), task=IMAGE)
+    with world.registry.engine.connect() as conn:
+        tid = conn.scalar(select(schema.tenants.c.id).where(schema.tenants.c.name == "small"))
+        assert storage_used(conn, tid) == (rec.bytes, 0) == (len(data), 0)
+    before = keys(world)
+    with pytest.raises(StorageQuotaError, match="max_storage_bytes"):
+        world.files.upload("small", "more.zip", pets_zip(4, 4), limits=TenantQuotas().dataset_limits(), task=IMAGE)
+    assert keys(world) == before and [f.id for f in world.files.list("small")] == [rec.id]
+
+
+def test_a_damaged_stored_image_dataset_is_refused_by_name() -> None:
+    good = task_data.dump(IMAGE, task_data.load(IMAGE, task_data.dump(IMAGE, _parsed(pets_zip()))))
+    assert task_data.load(IMAGE, good).labels == ("cat", "dog")
+    lines = good.split(b"\n")
+    for damaged in (good[: len(good) // 2], b"\n".join(lines[:1] + lines[2:]), b"\n".join([b"{}"] + lines[1:])):
+        with pytest.raises(DatasetError, match="stored image dataset is damaged"):
+            task_data.load(IMAGE, damaged)
+
+
+def _parsed(data: bytes) -> ImageDataset:
+    from adapters.tasks import get_task
+
+    return get_task(IMAGE).parse_dataset(data, format=None, limits=None, what="pets.zip")
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def test_an_image_job_from_an_image_file(world: World) -> None:
+    rec, ds = world.files.load("acme", upload(world, pets_zip()).id)
+    job = world.jobs.submit("acme", "pets", training=ds, training_file=rec.id)
+    assert (job.task, job.status, job.method, job.training_file) == (IMAGE, "queued", "lora", rec.id)
+    assert job.dataset == {"training_examples": 6, "validation_examples": None, "labels": ["cat", "dog"],
+                           "duplicates_dropped": 0}
+    assert world.jobs.get("acme", job.id).task == IMAGE and world.jobs.list("acme")[0].task == IMAGE
+    stored = world.store.get(job.training_key, sha256=job.training_sha256)  # checksummed
+    assert task_data.load(job.task, stored) == ds
+    assert world.jobs.adapter_task("acme", "pets") == IMAGE and world.jobs.adapter_task("acme", "other") is None
+
+
+def test_a_text_job_is_what_it_always_was(world: World) -> None:
+    job = world.jobs.submit("acme", "sent", training=from_records(TEXT_ROWS))
+    assert job.task == TEXT_CLASSIFICATION
+    assert world.store.get(job.training_key, sha256=job.training_sha256) == task_data.dataset_to_jsonl(
+        from_records(TEXT_ROWS))
+
+
+def test_a_text_validation_file_with_an_image_training_file_is_refused(world: World) -> None:
+    images = upload(world, pets_zip())
+    texts = world.files.upload("acme", "reviews.jsonl", TEXT_JSONL, limits=TenantQuotas().dataset_limits())
+    before = keys(world)
+    with pytest.raises(InvalidJobError, match=f"validation file '{texts.id}' is text-classification data but "
+                                              f"the training file '{images.id}' is image-classification") as e:
+        world.jobs.submit("acme", "pets", training=world.files.load("acme", images.id)[1], training_file=images.id,
+                          validation=world.files.load("acme", texts.id)[1], validation_file=texts.id)
+    assert e.value.param == "validation_file"
+    with pytest.raises(InvalidJobError, match="training data is text-classification data, but the job's task is "
+                                              "image-classification"):
+        world.jobs.submit("acme", "pets", training=from_records(TEXT_ROWS), task=IMAGE)
+    assert keys(world) == before and world.rows(schema.jobs) == 0
+
+
+def test_image_jobs_take_the_job_methods_and_quotas_of_text(world: World) -> None:
+    ds = _parsed(pets_zip())
+    with pytest.raises(InvalidJobError, match="method must be one of lora, head"):
+        world.jobs.submit("acme", "pets", training=ds, method="full")
+    assert world.jobs.submit("acme", "pets", training=ds, method="head").method == "head"
+    world.registry.create_tenant("one", quotas={"max_adapters": 1})
+    world.jobs.submit("one", "a", training=ds)
+    with pytest.raises(Exception, match="adapter quota exceeded"):
+        world.jobs.submit("one", "b", training=ds)
+    assert keys(world) and world.rows(schema.jobs) == 2
+
+
+def test_an_adapter_keeps_one_task(world: World) -> None:
+    ds = _parsed(pets_zip())
+    text_job = world.jobs.submit("acme", "sent", training=from_records(TEXT_ROWS))
+    with pytest.raises(AdapterTaskError, match=f"adapter 'sent' is a text-classification adapter \\(its active job "
+                                               f"{text_job.id} trains text-classification\\); this job trains "
+                                               "image-classification") as e:
+        world.jobs.submit("acme", "sent", training=ds)
+    assert e.value.param == "adapter"
+    world.jobs.cancel("acme", text_job.id)  # no active job, no version: the name is free again
+    assert world.jobs.submit("acme", "sent", training=ds).task == IMAGE
+    # versions decide once there are any; a legacy manifest ("classification") is text
+    world.registry.add_version("acme", "reviews", weights_key="w", manifest_key="m", sha256="0" * 64, nbytes=1,
+                               base_fingerprint="f", manifest={"task": "classification"})
+    with pytest.raises(AdapterTaskError, match="'reviews' is a text-classification adapter \\(its versions are "
+                                               "text-classification\\)"):
+        world.jobs.submit("acme", "reviews", training=ds)
+    assert world.jobs.submit("acme", "reviews", training=from_records(TEXT_ROWS)).task == TEXT_CLASSIFICATION
+    assert [j.adapter for j in world.jobs.list("acme")].count("reviews") == 1

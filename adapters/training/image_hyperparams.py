@@ -1,0 +1,146 @@
+"""Hyper-parameters of an image-classification run: each may be ``"auto"``, resolved from the data
+size, the method and the vision base.
+
+The fields the text trainer has mean the same here (``adapters.training.hyperparams``, checked
+by the same rules), less ``max_length``, plus:
+
+* ``image_size`` -- the side of the training crops (a multiple of 32, the backbone's total
+  stride, so every "same" padding stays what it was built for). Auto: the base's
+  ``input_size``. Validation, the gate and serving always see the base's ``input_size``
+  (centre crops); a smaller training size trains faster and serves well (FixRes: random crops
+  make objects look larger than centre crops do).
+* ``hflip`` -- mirror training crops at random (default true). Turn it off where mirroring
+  changes the class: text or digits in the photo, left/right defects.
+* ``layer_decay`` -- layer-wise learning-rate decay for ``lora`` and ``full``: the head trains
+  at ``learning_rate``, the head conv at ``layer_decay`` times it, each stage of blocks below
+  at one more factor (``adapters.training.layer_decay``). 1 turns it off; ignored by ``head``.
+
+Auto values (EfficientNet-Lite0, ImageNet weights; see ``AUTO`` below): batch 8 under 100
+images, 16 under 1,000, 32 above; epochs aim at ~``TARGET_STEPS`` optimizer steps, clamped
+to 2..30 (``head``: 5..30), which covers 20 to 20,000 images (20 -> 30 epochs x 3 steps;
+20,000 -> 2 x 625). Patience a quarter of the epochs, at least 2. LoRA r=8, alpha 16, on the
+pointwise convolutions ``auto_targets`` picks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from adapters.strict import is_number, known_items
+from adapters.training.hyperparams import AUTO, HyperparameterError, _check
+
+LR = {"lora": 2e-3, "head": 5e-3, "full": 2e-4}
+LAYER_DECAY = 0.8
+TARGET_STEPS = 400
+METHODS = tuple(LR)
+
+
+@dataclass(frozen=True)
+class ResolvedImageHyperparameters:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    seed: int
+    patience: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    image_size: int
+    hflip: bool
+    layer_decay: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass(frozen=True)
+class ImageHyperparameters:
+    """What a client asks for; every field may be ``"auto"``. Checked on construction."""
+
+    epochs: int | str = AUTO
+    batch_size: int | str = AUTO
+    learning_rate: float | str = AUTO
+    weight_decay: float | str = AUTO
+    warmup_ratio: float | str = AUTO
+    seed: int | str = 0
+    patience: int | str = AUTO
+    lora_r: int | str = AUTO
+    lora_alpha: float | str = AUTO
+    lora_dropout: float | str = AUTO
+    target_modules: tuple[str, ...] | str = AUTO
+    image_size: int | str = AUTO
+    hflip: bool | str = True
+    layer_decay: float | str = AUTO
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check_image(f.name, getattr(self, f.name)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ImageHyperparameters:
+        return cls(**dict(known_items(d, cls, what="hyperparameters", noun="hyperparameter",
+                                      error=HyperparameterError, sort_known=True, any_key_in_param=True)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(self.target_modules, tuple):
+            d["target_modules"] = list(self.target_modules)
+        return d
+
+    def resolve(self, n_train: int, method: str, input_size: int,
+                auto_targets: tuple[str, ...] = ()) -> ResolvedImageHyperparameters:
+        """Concrete values for ``n_train`` images on a base of ``input_size``; ``auto_targets``:
+        the LoRA targets ``"auto"`` means on that base (``image_task.auto_targets``)."""
+        if method not in LR:
+            raise HyperparameterError(f"method must be one of {', '.join(LR)}, got {method!r}", param="method")
+        batch = self._or("batch_size", 8 if n_train < 100 else 16 if n_train < 1000 else 32)
+        steps_per_epoch = max(1, math.ceil(n_train / batch))
+        lo, hi = (5, 30) if method == "head" else (2, 30)
+        epochs = self._or("epochs", min(hi, max(lo, round(TARGET_STEPS / steps_per_epoch))))
+        r = self._or("lora_r", 8)
+        targets = self._or("target_modules", auto_targets)
+        if not targets:
+            raise HyperparameterError("no LoRA target modules: name them in target_modules",
+                                      param="hyperparameters.target_modules")
+        return ResolvedImageHyperparameters(
+            epochs=epochs, batch_size=batch, learning_rate=float(self._or("learning_rate", LR[method])),
+            weight_decay=float(self._or("weight_decay", 0.01)), warmup_ratio=float(self._or("warmup_ratio", 0.06)),
+            seed=self._or("seed", 0), patience=self._or("patience", max(2, epochs // 4)),
+            lora_r=r, lora_alpha=float(self._or("lora_alpha", 2 * r)),
+            lora_dropout=float(self._or("lora_dropout", 0.0)), target_modules=tuple(targets),
+            image_size=self._or("image_size", input_size), hflip=bool(self._or("hflip", True)),
+            layer_decay=float(self._or("layer_decay", LAYER_DECAY)),
+        )
+
+    def _or(self, name: str, default: Any) -> Any:
+        value = getattr(self, name)
+        return default if isinstance(value, str) and value == AUTO else value
+
+
+def _check_image(key: str, value: Any) -> Any:
+    """The text rules for shared fields; the image fields' own rules."""
+    if isinstance(value, str) and value == AUTO:
+        return value
+    param = f"hyperparameters.{key}"
+    if key == "hflip":
+        if not isinstance(value, bool):
+            raise HyperparameterError(f"hflip must be true or false, got {value!r}", param=param)
+        return value
+    if key == "image_size":
+        if not is_number(value) or not float(value).is_integer() or not 32 <= value <= 1024 or value % 32:
+            raise HyperparameterError(f"image_size must be \"auto\" or a multiple of 32 between 32 and 1024, "
+                                      f"got {value!r}", param=param)
+        return int(value)
+    if key == "layer_decay":
+        if not is_number(value) or not math.isfinite(value) or not 0.1 <= value <= 1.0:
+            raise HyperparameterError(f"layer_decay must be \"auto\" or a number between 0.1 and 1, got {value!r}",
+                                      param=param)
+        return float(value)
+    return _check(key, value)

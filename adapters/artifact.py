@@ -8,10 +8,10 @@ Layout of ``adapter.safetensors`` (no pickle anywhere, so untrusted bytes are sa
 
 Module paths are the base model's own ``named_modules`` paths (e.g.
 ``bert.encoder.layer.0.attention.self.query``). The manifest records the base fingerprint,
-labels, the task (``adapters.tasks``: a canonical name or the legacy ``"classification"``, which is
-text classification, what text adapters record), LoRA settings, the pooling the head was trained on (``adapters.pooling``; a manifest
-without the field was trained on the model's own pooler and is served with it), the sha256 and
-size of the weights file, creation time and metrics.
+labels, the task (``adapters.tasks``: a canonical name, or the legacy ``"classification"`` that
+text adapters record, which is text classification), LoRA settings, the pooling the head was
+trained on (``adapters.pooling``; a manifest without the field was trained on the model's own
+pooler and is served with it), the sha256 and size of the weights file, creation time and metrics.
 ``decode`` verifies everything a hostile or corrupt file could get wrong -- size, checksum,
 key grammar, dtypes, shapes against the manifest -- and ``check_base`` refuses an artifact
 of another task (``TaskMismatchError`` naming both tasks) or built for another base model;

@@ -1,13 +1,17 @@
 """Interchange with peft's on-disk layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-``export_peft`` writes what ``PeftModel.from_pretrained`` reads (a LoRA ``SEQ_CLS`` adapter whose
-classification head is a ``modules_to_save`` module), plus ``tailor_manifest.json`` with the
-label names, metrics and pooling peft has no place for (plain peft reads the model's own pooled
-output: an adapter trained on another pooling reproduces only when imported back here).
+``export_peft`` writes what ``PeftModel.from_pretrained`` reads: a LoRA adapter whose
+classification head is a ``modules_to_save`` module (text: ``SEQ_CLS``; images: a plain
+``PeftModel`` over the vision backbone with its ``_fc`` head, LoRA factors in peft's Conv2d
+layout ``[r, C_in, 1, 1]`` / ``[C_out, r, 1, 1]``: the task's ``peft_task_type`` and
+``lora_kernel``), plus ``tailor_manifest.json`` with the label names, metrics and pooling peft
+has no place for (plain peft reads the model's own pooled output: an adapter trained on another
+pooling reproduces only when imported back here).
 ``import_peft`` takes such files -- written by us or by anyone's peft training -- and returns a
-checked ``AdapterArtifact`` for a given base. Only plain LoRA is accepted: DoRA, bias training
-and fan-in-fan-out layouts are refused with a message naming the field; per-module rank/alpha
-patterns are folded into ``B``.
+checked ``AdapterArtifact`` of the base's task for a given base (a Tailor export of another task
+is a ``TaskMismatchError`` naming both; conv factors are stored without their 1x1 kernel
+dimensions). Only plain LoRA is accepted: DoRA, bias training and fan-in-fan-out layouts are
+refused with a message naming the field; per-module rank/alpha patterns are folded into ``B``.
 Imports meet the bar training sets (``adapters.import_checks``): label names follow the dataset
 rules, listed ``target_modules`` must name linear layers of the base.
 ``zip_files``/``unzip_files`` pack them for HTTP with limits on member count, names and inflated
@@ -32,10 +36,11 @@ from adapters.artifact import (
     MAX_RANK, AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings, check_tensor,
 )
 from adapters.datasets import DatasetLimits
-from adapters.errors import ArtifactError
+from adapters.errors import ArtifactError, TaskMismatchError
 from adapters.fingerprint import BaseSpec
 from adapters.import_checks import ARTIFACT_LABEL_LIMITS, check_target_modules, clean_labels
 from adapters.pooling import POOLER
+from adapters.tasks import get_task, manifest_value
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -51,11 +56,12 @@ _REFUSED = {  # field -> value that we can honour
 
 def export_peft(artifact: AdapterArtifact, spec: BaseSpec) -> dict[str, bytes]:
     m, w = artifact.manifest, artifact.weights
+    kind = get_task(m.kind)
     targets = sorted(m.lora.target_modules)
     if not all(any(p == t or p.endswith("." + t) for t in targets) for p in w.lora):
         targets = sorted(w.lora)  # the manifest's names miss a module: peft would drop its weights
     config: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": m.lora.r, "lora_alpha": m.lora.alpha,
+        "peft_type": "LORA", "task_type": kind.peft_task_type, "r": m.lora.r, "lora_alpha": m.lora.alpha,
         "lora_dropout": m.lora.dropout, "use_rslora": m.lora.use_rslora,
         "target_modules": targets, "modules_to_save": [spec.head_name],
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
@@ -74,8 +80,8 @@ def export_peft(artifact: AdapterArtifact, spec: BaseSpec) -> dict[str, bytes]:
     tensors = {f"{_PREFIX}{spec.head_name}.weight": w.head_weight.contiguous(),
                f"{_PREFIX}{spec.head_name}.bias": w.head_bias.contiguous()}
     for path, (a, b) in w.lora.items():
-        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.contiguous()
-        tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.contiguous()
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.reshape(*a.shape, *kind.lora_kernel).contiguous()
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.reshape(*b.shape, *kind.lora_kernel).contiguous()
     return {
         CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
         WEIGHTS_FILE: st_save({k: v.detach().cpu() for k, v in tensors.items()}),
@@ -104,8 +110,15 @@ def import_peft(
         raise ArtifactError(f"{CONFIG_FILE} must hold a JSON object")
     if config.get("peft_type") != "LORA":
         raise ArtifactError(f"only LoRA adapters are supported, got peft_type {config.get('peft_type')!r}")
-    if config.get("task_type") not in ("SEQ_CLS", None):
-        raise ArtifactError(f"only SEQ_CLS adapters are supported, got task_type {config.get('task_type')!r}")
+    kind = get_task(spec.task)
+    tailor = _tailor_manifest(files.get(TAILOR_FILE))
+    if tailor is not None and tailor.kind != kind.name:
+        raise TaskMismatchError(f"{TAILOR_FILE}: this is a {tailor.kind} adapter, but the base serves {kind.name}",
+                                param="file")
+    if config.get("task_type") not in (kind.peft_task_type, None):
+        wanted = (f"{kind.peft_task_type} adapters" if kind.peft_task_type
+                  else f"{kind.name} adapters without a task_type (a plain PeftModel)")
+        raise ArtifactError(f"only {wanted} are supported, got task_type {config.get('task_type')!r}")
     for field, ok in _REFUSED.items():
         if config.get(field, ok) != ok:
             raise ArtifactError(f"{CONFIG_FILE}: {field}={config.get(field)!r} is not supported")
@@ -145,7 +158,7 @@ def import_peft(
     for path, ab in parts.items():
         if set(ab) != {"A", "B"}:
             raise ArtifactError(f"module {path!r} needs both lora_A and lora_B")
-        lora[path] = (ab["A"], ab["B"])
+        lora[path] = (_unkernel(ab["A"], kind.lora_kernel), _unkernel(ab["B"], kind.lora_kernel))
     # peft scales each module by its own alpha_p / r_p (rank_pattern, alpha_pattern); we keep one
     # scale per adapter, so fold the ratio into B wherever a module's scale differs.
     if not 1 <= r <= MAX_RANK or not alpha > 0:
@@ -163,7 +176,6 @@ def import_peft(
         if scale_p != base_scale:
             lora[path] = (a, b * (scale_p / base_scale))
 
-    tailor = _tailor_manifest(files.get(TAILOR_FILE))
     n = head_w.shape[0]
     names = clean_labels(labels or (list(tailor.labels) if tailor else [f"LABEL_{i}" for i in range(n)]),
                          limits or ARTIFACT_LABEL_LIMITS)
@@ -175,13 +187,21 @@ def import_peft(
                           dropout=float(config.get("lora_dropout") or 0.0), use_rslora=use_rslora),
         head_in_features=head_w.shape[1],
         metrics=metrics if metrics is not None else (dict(tailor.metrics) if tailor else {}),
-        source="peft", pooling=tailor.pooling if tailor else POOLER,
+        source="peft", pooling=tailor.pooling if tailor else POOLER, task=manifest_value(kind.name),
     )
     artifact = AdapterArtifact(manifest=manifest,
                                weights=AdapterWeights(lora=lora, head_weight=head_w, head_bias=head_b))
     artifact.validate()
     artifact.check_base(spec)
     return artifact
+
+
+def _unkernel(t: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+    """A LoRA factor without the task's trailing kernel dimensions (peft's Conv2d ``[.., .., 1, 1]``);
+    any other shape is left for ``AdapterArtifact.validate`` to refuse with a message."""
+    if kernel and t.dim() == 2 + len(kernel) and tuple(t.shape[2:]) == kernel:
+        return t.reshape(t.shape[0], t.shape[1])
+    return t
 
 
 def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:

@@ -42,6 +42,8 @@ from adapters.vision.images import ImageLimits, ImageTooLargeError, InvalidImage
 
 name = IMAGE_CLASSIFICATION
 input_field = "images"
+peft_task_type: str | None = None  # peft has no image-classification task type: a plain PeftModel
+lora_kernel: tuple[int, ...] = (1, 1)
 training: Any = None  # the trainer's hooks for this task (adapters.training), wired in there
 
 

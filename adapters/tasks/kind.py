@@ -71,6 +71,11 @@ class TaskKind(Protocol):
 
     name: str  # canonical task name (``adapters.tasks.TASK_NAMES``)
     input_field: str  # the predict request's field holding the raw inputs ("inputs", "images")
+    peft_task_type: str | None  # peft's ``task_type`` for this task's exports (None: a plain PeftModel)
+    # Trailing kernel dimensions of peft's LoRA factors here: () for linear layers, (1, 1) for the
+    # 1x1 convs of a vision base (peft's Conv2d LoRA: A [r, C_in, 1, 1], B [C_out, r, 1, 1]); the
+    # artifact stores them without (adapters.peft_format reshapes on export and import).
+    lora_kernel: tuple[int, ...]
     # The training side of this task (the trainer's per-task hooks); None until it is wired in
     # (adapters.training owns it; loosely typed so this seam does not import the trainer).
     training: Any

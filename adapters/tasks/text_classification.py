@@ -36,6 +36,8 @@ from adapters.tasks import TEXT_CLASSIFICATION
 
 name = TEXT_CLASSIFICATION
 input_field = "inputs"
+peft_task_type: str | None = "SEQ_CLS"
+lora_kernel: tuple[int, ...] = ()
 training: Any = None  # the trainer's hooks for this task (adapters.training), wired in there
 
 

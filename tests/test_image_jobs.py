@@ -12,17 +12,26 @@ import pytest
 from sqlalchemy import Table, func, select
 
 from adapters import schema
+from adapters.base import tiny_base
+from adapters.catalog import Catalog
 from adapters.datasets import from_records
 from adapters.errors import DatasetError
-from adapters.jobs import task_data
+from adapters.jobs import gate, task_data
 from adapters.jobs.adapter_tasks import AdapterTaskError
 from adapters.jobs.files import Files
 from adapters.jobs.manager import InvalidJobError, JobManager
 from adapters.quotas import StorageQuotaError, TenantQuotas, storage_used
+from adapters.jobs.runner import WorkerContext, run_job
+from adapters.jobs.task_bases import BaseUnavailableError, TaskBases, load_task_bases
+from adapters.jobs.trainers import TRAINERS
 from adapters.registry import Registry
+from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
+from adapters.synthetic import random_image_artifact
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
+from adapters.vision.backbone import tiny_vision_base
 from adapters.vision.image_datasets import ImageDataset
+from tests.training_data import FAST_HP, sentiment
 from tests.image_files import distinct, image_folder, make_zip, png_header_only
 
 IMAGE = IMAGE_CLASSIFICATION
@@ -195,7 +204,7 @@ def test_image_jobs_take_the_job_methods_and_quotas_of_text(world: World) -> Non
 def test_an_adapter_keeps_one_task(world: World) -> None:
     ds = _parsed(pets_zip())
     text_job = world.jobs.submit("acme", "sent", training=from_records(TEXT_ROWS))
-    with pytest.raises(AdapterTaskError, match=f"adapter 'sent' is a text-classification adapter \\(its active job "
+    with pytest.raises(AdapterTaskError, match=f"adapter 'sent' is of task text-classification \\(its active job "
                                                f"{text_job.id} trains text-classification\\); this job trains "
                                                "image-classification") as e:
         world.jobs.submit("acme", "sent", training=ds)
@@ -205,8 +214,82 @@ def test_an_adapter_keeps_one_task(world: World) -> None:
     # versions decide once there are any; a legacy manifest ("classification") is text
     world.registry.add_version("acme", "reviews", weights_key="w", manifest_key="m", sha256="0" * 64, nbytes=1,
                                base_fingerprint="f", manifest={"task": "classification"})
-    with pytest.raises(AdapterTaskError, match="'reviews' is a text-classification adapter \\(its versions are "
+    with pytest.raises(AdapterTaskError, match="'reviews' is of task text-classification \\(its versions are "
                                                "text-classification\\)"):
         world.jobs.submit("acme", "reviews", training=ds)
     assert world.jobs.submit("acme", "reviews", training=from_records(TEXT_ROWS)).task == TEXT_CLASSIFICATION
     assert [j.adapter for j in world.jobs.list("acme")].count("reviews") == 1
+
+
+# -- the worker side ----------------------------------------------------------------------------
+
+
+def _worker(world: World, tmp_path: Path, loaders: dict) -> WorkerContext:  # type: ignore[type-arg]
+    catalog = Catalog(world.registry, world.store)
+    base = tiny_base(seed=1)
+    return WorkerContext(manager=world.jobs, catalog=catalog, trainer_base=base,
+                         engine=Engine(tiny_base(seed=1), catalog, EngineConfig(device_slots=65)),
+                         worker_id="w1", checkpoint_root=tmp_path / "ckpts", base_loaders=loaders)
+
+
+def test_each_task_base_is_loaded_once_and_only_for_its_jobs(world: World, tmp_path: Path) -> None:
+    loads: list[str] = []
+
+    def load_images() -> TaskBases:
+        loads.append("image")
+        if len(loads) == 1:
+            raise OSError("weights file missing")
+        return load_task_bases(tiny_vision_base(), Catalog(world.registry, world.store))
+
+    ctx = _worker(world, tmp_path, {IMAGE: load_images})
+    assert ctx.bases(TEXT_CLASSIFICATION).engine is ctx.engine and ctx.bases("classification").engine is ctx.engine
+    assert loads == []  # text jobs never load the vision base
+    with pytest.raises(BaseUnavailableError, match="could not load its image-classification base: OSError: weights"):
+        ctx.bases(IMAGE)
+    images = ctx.bases(IMAGE)  # tried again on the next job
+    assert ctx.bases(IMAGE) is images and loads == ["image", "image"]
+    assert images.engine.base.spec.task == IMAGE and images.engine.base is not images.trainer_base
+    with pytest.raises(BaseUnavailableError, match="no image-classification base"):
+        _worker(world, tmp_path, {}).bases(IMAGE)
+
+
+def test_the_gate_scores_image_candidates_on_the_image_engine(world: World) -> None:
+    bases = load_task_bases(tiny_vision_base(), Catalog(world.registry, world.store))
+    art = random_image_artifact(bases.engine.base.spec, n_labels=2)
+    version = bases.engine.catalog.publish("acme", "pets", art, spec=bases.engine.base.spec).version
+    adapter = bases.engine.acquire(bases.engine.resolve("acme", f"pets@{version}"))
+    inputs, limits = task_data.raw_inputs(_parsed(pets_zip(3, 3)))
+    labels = ["label_0"] * 3 + ["label_1"] * 3
+    preds = [p.label for p in bases.engine.classify(bases.engine.decode_rows(inputs), [adapter] * 6)]
+    scored = gate.score(bases.engine, adapter, inputs, labels, limits=limits)
+    assert scored["n"] == 6 and scored["accuracy"] == sum(p == t for p, t in zip(preds, labels)) / 6
+    # the published image version makes "pets" an image adapter: a text job for it is refused
+    with pytest.raises(AdapterTaskError, match="'pets' is of task image-classification"):
+        world.jobs.submit("acme", "pets", training=from_records(TEXT_ROWS))
+
+
+@pytest.mark.skipif(IMAGE in TRAINERS, reason="image training exists: the end-to-end test runs instead")
+def test_an_image_job_fails_clearly_while_image_training_is_missing(world: World, tmp_path: Path) -> None:
+    loads: list[str] = []
+    ctx = _worker(world, tmp_path, {IMAGE: lambda: loads.append("image")})  # type: ignore[dict-item]
+    world.jobs.submit("acme", "pets", training=_parsed(pets_zip()))
+    job = world.jobs.claim("w1")
+    assert job is not None and job.task == IMAGE
+    assert run_job(job, ctx) == "failed" and loads == []  # said before loading anything
+    failed = world.jobs.get("acme", job.id)
+    assert failed.error is not None and failed.error.code == "training_unavailable"
+    assert failed.error.message == "image-classification training is not available yet in this build of Tailor"
+
+
+def test_a_job_whose_adapter_became_another_tasks_meanwhile_publishes_nothing(world: World, tmp_path: Path) -> None:
+    ctx = _worker(world, tmp_path, {})
+    world.jobs.submit("acme", "clf", training=from_records(sentiment(48)), hyperparameters=FAST_HP)
+    job = world.jobs.claim("w1")
+    assert job is not None
+    vision = tiny_vision_base().spec  # an image version arrives while the text job trains
+    ctx.catalog.publish("acme", "clf", random_image_artifact(vision, n_labels=2), spec=vision)
+    assert run_job(job, ctx) == "failed"
+    failed = world.jobs.get("acme", job.id)
+    assert failed.error is not None and failed.error.code == "adapter_task_mismatch"
+    assert "'clf' is of task image-classification" in failed.error.message
+    assert [v.version for v in world.registry.list_versions("acme", "clf")] == [1]

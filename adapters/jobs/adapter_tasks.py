@@ -52,5 +52,5 @@ def enforce_adapter_task(conn: Connection, tenant_id: int, adapter: str, task: s
     found = adapter_task(conn, tenant_id, adapter, exclude_job=exclude_job)
     if found is not None and found[0] != task:
         raise AdapterTaskError(
-            f"adapter {adapter!r} is a {found[0]} adapter ({found[1]}); this job trains {task}. "
+            f"adapter {adapter!r} is of task {found[0]} ({found[1]}); this job trains {task}. "
             "An adapter's versions all have one task: train under another adapter name.", param="adapter")

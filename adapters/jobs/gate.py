@@ -1,7 +1,7 @@
 """The promotion gate: a new version goes live only if it is not worse than what is live.
 
-Candidate and current ``prod`` are scored by the serving engine on the same validation set
-(the job's held-out data). Mode ``auto`` promotes when the candidate beats always predicting
+Candidate and current ``prod`` are scored by the serving engine of the job's task on the same
+validation set (the job's held-out data). Mode ``auto`` promotes when the candidate beats always predicting
 the most common label (a collapsed, chance-level adapter is refused) and its accuracy is at
 least prod's; ``always`` promotes regardless; ``never`` keeps every new version a candidate.
 The decision and both scores are recorded on the job so the tenant can see why.
@@ -13,12 +13,15 @@ The decision and both scores are recorded on the job so the tenant can see why.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from adapters.runtime.engine import Engine
 from adapters.runtime.loaded import LoadedAdapter
 from adapters.training.metrics import classification_metrics
+
+DECODE_CHUNK = 256  # validation inputs decoded at once (224 x 224 images: ~150 MB as tensors)
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,20 @@ class GateDecision:
         return asdict(self)
 
 
-def score(engine: Engine, adapter: LoadedAdapter, texts: list[str], labels: list[str]) -> dict[str, Any]:
-    """Accuracy and macro-F1 of ``adapter`` on (texts, true label names), via the engine."""
-    preds = engine.classify(texts, [adapter] * len(texts))
+def score(engine: Engine, adapter: LoadedAdapter, inputs: Sequence[Any], labels: list[str], *,
+          limits: Any = None) -> dict[str, Any]:
+    """Accuracy and macro-F1 of ``adapter`` on (inputs, true label names), via the engine:
+    ``inputs`` as a predict request carries them (texts, image files), decoded by the engine
+    (with the task's per-input ``limits``) ``DECODE_CHUNK`` at a time, so a large image
+    validation set is never decoded whole."""
+    preds: list[Any] = []
+    for i in range(0, len(inputs), DECODE_CHUNK):
+        rows = engine.decode_rows(inputs[i : i + DECODE_CHUNK], limits=limits)
+        preds += engine.classify(rows, [adapter] * len(rows))
     names = sorted(set(labels) | set(adapter.labels))
     index = {n: i for i, n in enumerate(names)}
     m = classification_metrics([index[t] for t in labels], [index[p.label] for p in preds if p], len(names))
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": len(texts)}
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": len(inputs)}
 
 
 def decide(mode: str, candidate: dict[str, Any], prod: dict[str, Any] | None, prod_version: int | None,

@@ -154,6 +154,14 @@ class JobManager(WorkerSide):
             found = None if tid is None else adapter_task(conn, tid, adapter, exclude_job=exclude_job)
         return None if found is None else found[0]
 
+    def check_adapter_task(self, job: Job) -> None:
+        """``AdapterTaskError`` if ``job``'s adapter has meanwhile become another task's (e.g. a
+        version imported while the job trained): the worker asks before it publishes."""
+        with self._read.connect() as conn:
+            tid = conn.scalar(select(schema.tenants.c.id).where(schema.tenants.c.name == job.tenant))
+            if tid is not None:
+                enforce_adapter_task(conn, tid, job.adapter, job.task, exclude_job=job.id)
+
     def get(self, tenant: str, job_id: str) -> Job:
         validate_name(tenant, "tenant")
         with self._read.connect() as conn:

@@ -4,7 +4,10 @@
 split a stratified validation set if none was given, resolve hyper-parameters) and
 ``running`` (train with progress, events and a checkpoint per epoch), then publishes the
 adapter as a new *candidate* version, scores it against the current ``prod`` on the same
-validation data and lets the gate decide whether it becomes ``prod``. Cancellation is honoured
+validation data and lets the gate decide whether it becomes ``prod``. Everything that differs
+by the job's task is looked up by it: its stored data (``adapters.jobs.task_data``), the
+trainer (``TRAINERS``) and the worker's bases for it (``WorkerContext.bases``: the base trained
+and the engine the gate scores on, loaded on the task's first job). Cancellation is honoured
 until the adapter is published; a cancelled or failed job registers nothing. Whatever
 happens, the job ends in a final state with a reason -- unless the worker is shutting down or
 lost the job, in which case it is left for ``recover`` to requeue from its checkpoint, or the
@@ -18,22 +21,23 @@ import logging
 import shutil
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapters.base import BaseModel
 from adapters.catalog import Catalog
-from adapters.datasets import Dataset, check_validation_set, stratified_split
 from adapters.errors import AdapterNotFoundError, TailorError, UnavailableError
-from adapters.jobs import gate, shared_checkpoints
+from adapters.jobs import gate, shared_checkpoints, task_data
 from adapters.jobs.fair_share import Contender, FairShare, YieldCheck
-from adapters.jobs.files import dataset_from_jsonl
 from adapters.jobs.heartbeat import Heartbeat
 from adapters.jobs.manager import JobManager, LostJobError
 from adapters.jobs.model import Job
+from adapters.jobs.task_bases import TaskBases, WorkerBases
+from adapters.jobs.trainers import trainer_for
 from adapters.runtime.engine import Engine
-from adapters.training import Hyperparameters, TrainCallbacks, TrainingCancelled, train
+from adapters.training import Hyperparameters, TrainCallbacks, TrainingCancelled
 from adapters.training.trainer import TrainingYielded
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,17 @@ class WorkerContext:
     heartbeat_seconds: float = 1.0
     progress_seconds: float = 1.0
     fair_share: FairShare = field(default_factory=FairShare)
+    # other tasks' bases (task -> loader), each loaded on the first job of its task only
+    base_loaders: Mapping[str, Callable[[], TaskBases]] = field(default_factory=dict)
+    _bases: WorkerBases | None = field(default=None, init=False, repr=False)
+
+    def bases(self, task: str) -> TaskBases:
+        """The bases for a job of ``task`` (``adapters.jobs.task_bases.WorkerBases.get``)."""
+        if self._bases is None:
+            self._bases = WorkerBases(TaskBases(self.trainer_base, self.engine), self.base_loaders)
+        return self._bases.get(task)
+
+
 
 
 class ShuttingDown(Exception):
@@ -69,8 +84,10 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             hb.shutdown = shutdown
         try:
             train_ds, val_ds = _datasets(job, ctx)
+            trainer = trainer_for(job.task)
+            bases = ctx.bases(job.task)  # loaded on this worker's first job of the task
             hp = Hyperparameters.from_dict(job.hyperparameters)
-            resolved = hp.resolve(len(train_ds), job.method, ctx.trainer_base.device)
+            resolved = hp.resolve(len(train_ds), job.method, bases.trainer_base.device)
             summary = {**job.dataset, "training_examples": len(train_ds), "validation_examples": len(val_ds),
                        "validation_split": job.validation_key is None}
             m.set_running(job.id, ctx.worker_id, resolved.to_dict(), summary)
@@ -80,17 +97,17 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             resuming = " (resuming from " + ("its checkpoint in the store)" if fetched else "checkpoint)")
             m.event(job.id, "info", f"training {job.method} on {len(train_ds)} examples, validating on "
                     f"{len(val_ds)}" + (resuming if (ckpt / "state.json").exists() else ""))
-            result = train(
-                ctx.trainer_base, train_ds.texts(), train_ds.label_ids(), train_ds.labels,
-                val_ds.texts(), val_ds.label_ids(), method=job.method, hp=resolved,
+            result = trainer(
+                bases.trainer_base, train_ds, val_ds, method=job.method, hp=resolved,
                 callbacks=_callbacks(job, ctx, hb, turn, shared), checkpoint_dir=ckpt, threads=ctx.threads,
             )
             if hb.should_stop():
                 raise TrainingCancelled("cancelled")
             assert result.artifact is not None
+            m.check_adapter_task(job)  # its adapter may have become another task's meanwhile
             record = ctx.catalog.publish(job.tenant, job.adapter, result.artifact.made_by_job(job.id),
-                                         spec=ctx.engine.base.spec)
-            decision = _gate(job, ctx, record.version, val_ds)
+                                         spec=bases.engine.base.spec)
+            decision = _gate(job, bases.engine, record.version, val_ds)
             if decision.promote:
                 ctx.catalog.registry.set_alias(job.tenant, job.adapter, "prod", record.version)
             m.succeed(job.id, ctx.worker_id, version=record.version, metrics=result.metrics,
@@ -163,20 +180,20 @@ def _give_way(job: Job, ctx: WorkerContext, ckpt: Path, turn: YieldCheck, shared
     return "yielded"
 
 
-def _datasets(job: Job, ctx: WorkerContext) -> tuple[Dataset, Dataset]:
+def _datasets(job: Job, ctx: WorkerContext) -> tuple[Any, Any]:
+    """The job's (training, validation) datasets of its task, read back checksummed."""
     store = ctx.manager.store
-    train_ds = dataset_from_jsonl(store.get(job.training_key))
+    train_ds = task_data.load(job.task, store.get(job.training_key, sha256=job.training_sha256))
     if job.validation_key:
-        val_ds = dataset_from_jsonl(store.get(job.validation_key))
-        overlap = check_validation_set(train_ds, val_ds)
+        val_ds = task_data.load(job.task, store.get(job.validation_key, sha256=job.validation_sha256))
+        overlap = task_data.check_validation(train_ds, val_ds)
         if overlap:
-            ctx.manager.event(job.id, "warning", f"{overlap} validation texts also appear in the training "
-                              "data; validation scores will be optimistic")
+            ctx.manager.event(job.id, "warning", f"{overlap} validation {task_data.NOUNS[job.task]} also appear "
+                              "in the training data; validation scores will be optimistic")
         return train_ds, val_ds
     seed = job.hyperparameters.get("seed", 0)
     fraction = 0.2 if len(train_ds) < 500 else 0.1
-    train_ds, val_ds = stratified_split(train_ds, fraction=fraction, seed=seed if isinstance(seed, int) else 0)
-    return train_ds, val_ds
+    return task_data.split(train_ds, fraction=fraction, seed=seed if isinstance(seed, int) else 0)
 
 
 @dataclass
@@ -233,14 +250,16 @@ def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat, turn: YieldCheck, sh
                           on_checkpoint=on_checkpoint, should_yield=should_yield)
 
 
-def _gate(job: Job, ctx: WorkerContext, version: int, val_ds: Dataset) -> gate.GateDecision:
-    engine = ctx.engine
-    texts, labels = val_ds.texts(), [e.label for e in val_ds.examples]
+def _gate(job: Job, engine: Engine, version: int, val_ds: Any) -> gate.GateDecision:
+    """Score the candidate and ``prod`` on the engine of the job's task, and decide."""
+    inputs, limits = task_data.raw_inputs(val_ds)
+    labels = [e.label for e in val_ds.examples]
     candidate = gate.score(engine, engine.acquire(engine.resolve(job.tenant, f"{job.adapter}@{version}")),
-                           texts, labels)
+                           inputs, labels, limits=limits)
     try:
         prod = engine.resolve(job.tenant, f"{job.adapter}@prod")
-        prod_score, prod_version = gate.score(engine, engine.acquire(prod), texts, labels), prod.key.version
+        prod_score = gate.score(engine, engine.acquire(prod), inputs, labels, limits=limits)
+        prod_version = prod.key.version
     except AdapterNotFoundError:
         prod_score, prod_version = None, None
     return gate.decide(job.promote, candidate, prod_score, prod_version, labels)

@@ -23,6 +23,8 @@ task kind of ``adapters.tasks`` (an unknown task is ``InvalidTaskError``, 422, n
   split and the separate-validation-set check of ``adapters.datasets`` for either task (image
   repeats across the two sets are files with identical bytes); ``NOUNS[task]``: what an
   example is called in messages ("texts", "images").
+* ``raw_inputs(ds)``: ``(inputs, limits)``, the examples as a predict request would carry them
+  (texts; image files) and the per-input limits to decode them with (``Engine.decode_rows``).
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def check_validation(train: Any, validation: Any) -> int:
     if isinstance(train, Dataset):
         return check_validation_set(train, validation)
     return check_validation_set(_by_digest(train), _by_digest(validation))
+
+
+def raw_inputs(ds: Any) -> tuple[list[Any], Any]:
+    if isinstance(ds, Dataset):
+        return ds.texts(), None
+    return [e.data for e in ds.examples], ds.image_limits
 
 
 # --- images ------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The training worker process: ``python -m adapters.jobs.worker --database-url ... --store-url ...``.
 
 Loads the base model once (one pristine copy for training, one wrapped by an engine for the
-promotion gate), then loops: claim the next job in fair-share order (``adapters.jobs.fair_share``:
+promotion gate; the image base likewise, but only when the first image job arrives, so a
+text-only worker never loads a vision backbone: ``adapters.jobs.task_bases``), then loops: claim the next job in fair-share order (``adapters.jobs.fair_share``:
 tenants take turns), run it until it ends or yields the worker to a waiting tenant at a
 checkpoint, repeat; sleeps when the queue is empty. It shares nothing with serving but the
 database and the store, so a crash, an exception or an out-of-memory kill here never takes
@@ -17,7 +18,6 @@ behind.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import random
@@ -39,8 +39,9 @@ from adapters.jobs.fair_share import FairShare
 from adapters.jobs.manager import JobManager
 from adapters.jobs.parent_watch import watch_parent
 from adapters.jobs.runner import WorkerContext, run_job
+from adapters.jobs.task_bases import TaskBases, load_task_bases
 from adapters.registry import Registry
-from adapters.runtime.engine import Engine, EngineConfig
+from adapters.tasks import IMAGE_CLASSIFICATION
 from adapters.schema import create_schema, make_engine
 from adapters.store import AdapterStore, open_store
 
@@ -56,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--database-url", required=True)
     p.add_argument("--store-url", required=True)
     p.add_argument("--base-model", default=None, help="local model directory (default: bundled MiniLM)")
+    p.add_argument("--image-base-model", default=None,
+                   help="local vision checkpoint directory (default: bundled EfficientNet-Lite0); loaded on "
+                        "the first image job")
+    p.add_argument("--no-image-base", action="store_true",
+                   help="never load an image base: image jobs fail saying this worker has none")
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoints", type=Path, required=True)
     p.add_argument("--threads", type=int, default=None, help="torch threads for training")
@@ -94,6 +100,14 @@ def collect_garbage(db: sqlalchemy.Engine, store: AdapterStore, grace_s: float) 
                  report.examined, len(report.deleted), report.bytes_freed, report.temp_removed)
 
 
+def image_bases(path: str | None, device: str | None, catalog: Catalog) -> TaskBases:
+    """The image base and its gate engine (imported here: a text-only worker never loads them)."""
+    from adapters.vision.backbone import load_vision_base
+
+    log.info("loading the image base (%s) for this worker's first image job", path or "bundled")
+    return load_task_bases(load_vision_base(path, device=device), catalog)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -110,18 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     create_schema(db)
     store = open_store(args.store_url)
     catalog = Catalog(Registry.from_engine(db), store)
-    trainer_base = load_base(args.base_model, device=args.device)
-    scoring_base = copy.copy(trainer_base)
-    scoring_base.model = copy.deepcopy(trainer_base.model)
-    engine = Engine(scoring_base, catalog, EngineConfig(max_resident=64, device_slots=33, max_batch_size=32))
+    text = load_task_bases(load_base(args.base_model, device=args.device), catalog)
+    loaders = {} if args.no_image_base else {
+        IMAGE_CLASSIFICATION: lambda: image_bases(args.image_base_model, args.device, catalog)}
     ctx = WorkerContext(
         manager=JobManager(db, store, lease_seconds=args.lease_seconds), catalog=catalog,
-        trainer_base=trainer_base, engine=engine, worker_id=worker_id(), checkpoint_root=args.checkpoints,
+        trainer_base=text.trainer_base, engine=text.engine, base_loaders=loaders, worker_id=worker_id(),
+        checkpoint_root=args.checkpoints,
         threads=args.threads, heartbeat_seconds=args.heartbeat_seconds,
         fair_share=FairShare(yield_worker=not args.no_yield, min_turn_seconds=args.yield_min_turn_seconds,
                              slice_seconds=args.yield_slice_seconds, grace_seconds=args.yield_grace_seconds),
     )
-    log.info("worker %s ready (base %s)", ctx.worker_id, trainer_base.spec.name)
+    log.info("worker %s ready (base %s)", ctx.worker_id, text.trainer_base.spec.name)
     next_recover = 0.0
     gc_every = args.gc_hours * 3600
     next_gc = time.monotonic() + random.uniform(0.1, 1.0) * gc_every

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from adapters.errors import TailorError
 from adapters.strict import is_number, is_whole, known_items
@@ -72,8 +72,31 @@ _RULES: dict[str, tuple[type, float, float]] = {
 }
 
 
+class RequestedSettings:
+    """What every task's requested hyper-parameters (a frozen dataclass of fields that may be
+    ``"auto"``, ``target_modules`` among them) share: read from and written to JSON objects."""
+
+    @classmethod
+    def from_dict(cls: type[_S], d: dict[str, Any] | None) -> _S:
+        return cls(**dict(known_items(d, cls, what="hyperparameters", noun="hyperparameter",
+                                      error=HyperparameterError, sort_known=True, any_key_in_param=True)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]
+        if isinstance(d.get("target_modules"), tuple):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    def _or(self, name: str, default: Any) -> Any:
+        value = getattr(self, name)
+        return default if isinstance(value, str) and value == AUTO else value
+
+
+_S = TypeVar("_S", bound=RequestedSettings)
+
+
 @dataclass(frozen=True)
-class Hyperparameters:
+class Hyperparameters(RequestedSettings):
     """What a client asks for; every field may be ``"auto"``. Values are checked (and ints/floats
     normalised, ``target_modules`` made a tuple) on construction, so an instance is always valid."""
 
@@ -93,17 +116,6 @@ class Hyperparameters:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> Hyperparameters:
-        return cls(**dict(known_items(d, cls, what="hyperparameters", noun="hyperparameter",
-                                      error=HyperparameterError, sort_known=True, any_key_in_param=True)))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(self.target_modules, tuple):
-            d["target_modules"] = list(self.target_modules)
-        return d
 
     def resolve(self, n_train: int, method: str, device: object = None) -> ResolvedHyperparameters:
         """Concrete values for ``n_train`` examples (``device`` is accepted for future tuning;
@@ -125,10 +137,6 @@ class Hyperparameters:
             lora_dropout=float(self._or("lora_dropout", 0.1)),
             target_modules=tuple(self._or("target_modules", AUTO_TARGETS)),
         )
-
-    def _or(self, name: str, default: Any) -> Any:
-        value = getattr(self, name)
-        return default if isinstance(value, str) and value == AUTO else value
 
 
 def _check(key: str, value: Any) -> Any:

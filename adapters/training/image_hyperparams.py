@@ -28,8 +28,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from adapters.strict import is_number, known_items
-from adapters.training.hyperparams import AUTO, HyperparameterError, _check
+from adapters.strict import is_number
+from adapters.training.hyperparams import AUTO, HyperparameterError, RequestedSettings, _check
 
 LR = {"lora": 2e-3, "head": 5e-3, "full": 2e-4}
 LAYER_DECAY = 0.8
@@ -61,8 +61,9 @@ class ResolvedImageHyperparameters:
 
 
 @dataclass(frozen=True)
-class ImageHyperparameters:
-    """What a client asks for; every field may be ``"auto"``. Checked on construction."""
+class ImageHyperparameters(RequestedSettings):
+    """What a client asks for; every field may be ``"auto"``. Checked on construction;
+    ``from_dict`` / ``to_dict`` as for text (``hyperparams.RequestedSettings``)."""
 
     epochs: int | str = AUTO
     batch_size: int | str = AUTO
@@ -82,17 +83,6 @@ class ImageHyperparameters:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _check_image(f.name, getattr(self, f.name)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ImageHyperparameters:
-        return cls(**dict(known_items(d, cls, what="hyperparameters", noun="hyperparameter",
-                                      error=HyperparameterError, sort_known=True, any_key_in_param=True)))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(self.target_modules, tuple):
-            d["target_modules"] = list(self.target_modules)
-        return d
 
     def resolve(self, n_train: int, method: str, input_size: int,
                 auto_targets: tuple[str, ...] = ()) -> ResolvedImageHyperparameters:
@@ -118,10 +108,6 @@ class ImageHyperparameters:
             image_size=self._or("image_size", input_size), hflip=bool(self._or("hflip", True)),
             layer_decay=float(self._or("layer_decay", LAYER_DECAY)),
         )
-
-    def _or(self, name: str, default: Any) -> Any:
-        value = getattr(self, name)
-        return default if isinstance(value, str) and value == AUTO else value
 
 
 def _check_image(key: str, value: Any) -> Any:

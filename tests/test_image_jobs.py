@@ -23,10 +23,10 @@ from adapters.jobs.manager import InvalidJobError, JobManager
 from adapters.quotas import StorageQuotaError, TenantQuotas, storage_used
 from adapters.jobs.runner import WorkerContext, run_job
 from adapters.jobs.task_bases import BaseUnavailableError, TaskBases, load_task_bases
-from adapters.jobs.trainers import TRAINERS
 from adapters.registry import Registry
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
+from adapters.training import HyperparameterError
 from adapters.synthetic import random_image_artifact
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 from adapters.vision.backbone import tiny_vision_base
@@ -201,6 +201,19 @@ def test_image_jobs_take_the_job_methods_and_quotas_of_text(world: World) -> Non
     assert keys(world) and world.rows(schema.jobs) == 2
 
 
+def test_hyperparameters_are_the_tasks_own_and_checked_at_submit(world: World) -> None:
+    ds = _parsed(pets_zip())
+    for bad, key in (({"image_size": 33}, "image_size"), ({"max_length": 64}, "max_length")):
+        with pytest.raises(HyperparameterError) as e:
+            world.jobs.submit("acme", "pets", training=ds, hyperparameters=bad)
+        assert e.value.param == f"hyperparameters.{key}"
+    with pytest.raises(HyperparameterError, match="hflip"):  # text jobs keep text's
+        world.jobs.submit("acme", "sent", training=from_records(TEXT_ROWS), hyperparameters={"hflip": False})
+    assert keys(world) == [] and world.rows(schema.jobs) == 0
+    job = world.jobs.submit("acme", "pets", training=ds, hyperparameters={"image_size": 64, "hflip": False})
+    assert job.hyperparameters == {"image_size": 64, "hflip": False}
+
+
 def test_an_adapter_keeps_one_task(world: World) -> None:
     ds = _parsed(pets_zip())
     text_job = world.jobs.submit("acme", "sent", training=from_records(TEXT_ROWS))
@@ -268,17 +281,37 @@ def test_the_gate_scores_image_candidates_on_the_image_engine(world: World) -> N
         world.jobs.submit("acme", "pets", training=from_records(TEXT_ROWS))
 
 
-@pytest.mark.skipif(IMAGE in TRAINERS, reason="image training exists: the end-to-end test runs instead")
-def test_an_image_job_fails_clearly_while_image_training_is_missing(world: World, tmp_path: Path) -> None:
-    loads: list[str] = []
-    ctx = _worker(world, tmp_path, {IMAGE: lambda: loads.append("image")})  # type: ignore[dict-item]
-    world.jobs.submit("acme", "pets", training=_parsed(pets_zip()))
+def test_an_image_job_runs_end_to_end_in_process(world: World, tmp_path: Path) -> None:
+    """Upload a zip, submit, claim and run the job on the tiny vision base: a version of task
+    image-classification is published, gated on the image engine and served by it."""
+    from tests.test_image_training import FAST, calibrated_base, squares
+
+    train = squares(48, seed=0)
+    data = make_zip({f"{e.label}/{i:03d}.png": e.data for i, e in enumerate(train.examples)})
+    rec, ds = world.files.load("acme", upload(world, data).id)
+    loads: list[TaskBases] = []
+
+    def load_images() -> TaskBases:
+        loads.append(load_task_bases(calibrated_base(), Catalog(world.registry, world.store)))
+        return loads[-1]
+
+    ctx = _worker(world, tmp_path, {IMAGE: load_images})
+    submitted = world.jobs.submit("acme", "pets", training=ds, training_file=rec.id,
+                                  hyperparameters={**FAST, "epochs": 3, "patience": 3})
     job = world.jobs.claim("w1")
-    assert job is not None and job.task == IMAGE
-    assert run_job(job, ctx) == "failed" and loads == []  # said before loading anything
-    failed = world.jobs.get("acme", job.id)
-    assert failed.error is not None and failed.error.code == "training_unavailable"
-    assert failed.error.message == "image-classification training is not available yet in this build of Tailor"
+    assert job is not None and job.id == submitted.id
+    assert run_job(job, ctx) == "succeeded" and len(loads) == 1
+    done = world.jobs.get("acme", job.id)
+    assert done.version == 1 and done.result["promoted"] and done.resolved_hyperparameters["image_size"] == 32
+    assert done.result["gate"]["candidate"]["n"] == done.dataset["validation_examples"] == 10
+    [version] = world.registry.list_versions("acme", "pets")
+    assert version.manifest["task"] == IMAGE and version.manifest["job_id"] == job.id
+    engine = loads[0].engine  # the gate's engine serves it: the trained colours are told apart
+    test = squares(16, seed=5)
+    adapter = engine.acquire(engine.resolve("acme", "pets"))
+    preds = engine.classify(engine.decode_rows([e.data for e in test.examples]), [adapter] * 16)
+    assert sum(p.label == e.label for p, e in zip(preds, test.examples)) >= 14
+    assert world.jobs.adapter_task("acme", "pets") == IMAGE
 
 
 def test_a_job_whose_adapter_became_another_tasks_meanwhile_publishes_nothing(world: World, tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ class Files:
         body = task_data.dump(task, ds)
         sha = self.store.put(key, body)
         row = {
-            "id": file_id, "filename": filename, "format": shown_format, "task": task, "rows": len(ds), "labels": list(ds.labels), "duplicates_dropped": ds.duplicates_dropped,
+            "id": file_id, "filename": filename, "format": shown_format, "task": task, "rows": len(ds),
+            "labels": list(ds.labels), "duplicates_dropped": ds.duplicates_dropped,
             "bytes": len(data), "store_key": key, "sha256": sha,
         }
         try:

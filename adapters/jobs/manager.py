@@ -54,11 +54,12 @@ from adapters.jobs.model import (
 )
 from adapters.jobs.queue import note_position, queue_positions
 from adapters.jobs.rows import J, add_event, checked_job_id, job_record
+from adapters.jobs.trainers import trainer_for
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas, enforce_job
 from adapters.schema import read_only, transaction, utcnow
 from adapters.store import AdapterStore
-from adapters.training.hyperparams import HyperparameterError, Hyperparameters
+from adapters.training.hyperparams import HyperparameterError
 
 __all__ = ["AdapterTaskError", "InvalidJobError", "JobLimitError", "JobManager", "LostJobError"]
 log = logging.getLogger(__name__)
@@ -102,9 +103,10 @@ class JobManager(WorkerSide):
         """Queue a job training ``adapter`` on ``training`` (a validated dataset of any task:
         ``Files.load``'s, or ``from_records``'). The job's task is its training data's; ``task``,
         when given, must agree (e.g. for in-memory records); a validation set of another task is
-        an ``InvalidJobError`` naming both. ``spec``: the base model of the job's task, when the
-        caller has it loaded; LoRA ``target_modules`` are then checked against it now instead of
-        failing the job later."""
+        an ``InvalidJobError`` naming both. ``hyperparameters`` are the task's (``adapters.jobs.
+        trainers``). ``spec``: the base model of the job's task, when the caller has it loaded;
+        LoRA ``target_modules`` are then checked against it now instead of failing the job later
+        (a spec of another task is not used)."""
         validate_name(tenant, "tenant")
         validate_name(adapter, "adapter")
         task = _job_task(training, validation, task, training_file, validation_file)
@@ -114,9 +116,9 @@ class JobManager(WorkerSide):
             raise InvalidJobError(f"promote must be one of {', '.join(PROMOTE_MODES)}, got {promote!r}",
                                   param="promote")
         hp = dict(hyperparameters or {})
-        # a bad value is a client error now, not a failed job later
-        targets = Hyperparameters.from_dict(hp).target_modules
-        if spec is not None and isinstance(targets, tuple):
+        # a bad value is a client error now, not a failed job later (the task's hyper-parameters)
+        targets = trainer_for(task).parse(hp).target_modules
+        if spec is not None and spec.task == task and isinstance(targets, tuple):
             check_target_modules(spec, targets, param="hyperparameters.target_modules", error=HyperparameterError)
         job_id = new_id("ftjob")
         prefix = f"tenants/{tenant}/jobs/{job_id}"

@@ -37,7 +37,7 @@ from adapters.jobs.model import Job
 from adapters.jobs.task_bases import TaskBases, WorkerBases
 from adapters.jobs.trainers import trainer_for
 from adapters.runtime.engine import Engine
-from adapters.training import Hyperparameters, TrainCallbacks, TrainingCancelled
+from adapters.training import TrainCallbacks, TrainingCancelled
 from adapters.training.trainer import TrainingYielded
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             train_ds, val_ds = _datasets(job, ctx)
             trainer = trainer_for(job.task)
             bases = ctx.bases(job.task)  # loaded on this worker's first job of the task
-            hp = Hyperparameters.from_dict(job.hyperparameters)
-            resolved = hp.resolve(len(train_ds), job.method, bases.trainer_base.device)
+            resolved = trainer.resolve(trainer.parse(job.hyperparameters), len(train_ds), job.method,
+                                       bases.trainer_base)
             summary = {**job.dataset, "training_examples": len(train_ds), "validation_examples": len(val_ds),
                        "validation_split": job.validation_key is None}
             m.set_running(job.id, ctx.worker_id, resolved.to_dict(), summary)
@@ -97,7 +97,7 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             resuming = " (resuming from " + ("its checkpoint in the store)" if fetched else "checkpoint)")
             m.event(job.id, "info", f"training {job.method} on {len(train_ds)} examples, validating on "
                     f"{len(val_ds)}" + (resuming if (ckpt / "state.json").exists() else ""))
-            result = trainer(
+            result = trainer.train(
                 bases.trainer_base, train_ds, val_ds, method=job.method, hp=resolved,
                 callbacks=_callbacks(job, ctx, hb, turn, shared), checkpoint_dir=ckpt, threads=ctx.threads,
             )

@@ -9,8 +9,9 @@ or "image-classification"). Both are NOT NULL with the server default "text-clas
 every row written before this revision was text, and every caller that does not name a task
 keeps meaning text. ``jobs.training_sha256`` / ``jobs.validation_sha256`` are the checksums of
 the job's stored data, which the worker verifies when it reads the data back (null for jobs
-submitted before: read unchecked, as they always were). Idempotent, like 0001 and 0002: a database made by ``metadata.create_all``
-(already complete) and stamped at 0001 passes through unchanged.
+submitted before: read unchecked, as they always were). Idempotent, like 0001 and 0002: a
+database made by ``metadata.create_all`` (already complete) and stamped at 0001 passes through
+unchanged.
 """
 
 from __future__ import annotations

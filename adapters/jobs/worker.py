@@ -1,8 +1,9 @@
 """The training worker process: ``python -m adapters.jobs.worker --database-url ... --store-url ...``.
 
 Loads the base model once (one pristine copy for training, one wrapped by an engine for the
-promotion gate; the image base likewise, but only when the first image job arrives, so a
-text-only worker never loads a vision backbone: ``adapters.jobs.task_bases``), then loops: claim the next job in fair-share order (``adapters.jobs.fair_share``:
+promotion gate) of the first task it trains (``--tasks``, default all: text first), and each
+other task's base only when that task's first job arrives, so a worker that only ever sees text
+jobs never loads a vision backbone (``adapters.jobs.task_bases``). Then it loops: claim the next job in fair-share order (``adapters.jobs.fair_share``:
 tenants take turns), run it until it ends or yields the worker to a waiting tenant at a
 checkpoint, repeat; sleeps when the queue is empty. It shares nothing with serving but the
 database and the store, so a crash, an exception or an out-of-memory kill here never takes
@@ -26,6 +27,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy
@@ -41,7 +43,7 @@ from adapters.jobs.parent_watch import watch_parent
 from adapters.jobs.runner import WorkerContext, run_job
 from adapters.jobs.task_bases import TaskBases, load_task_bases
 from adapters.registry import Registry
-from adapters.tasks import IMAGE_CLASSIFICATION
+from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES, TEXT_CLASSIFICATION, canonical_task
 from adapters.schema import create_schema, make_engine
 from adapters.store import AdapterStore, open_store
 
@@ -58,10 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store-url", required=True)
     p.add_argument("--base-model", default=None, help="local model directory (default: bundled MiniLM)")
     p.add_argument("--image-base-model", default=None,
-                   help="local vision checkpoint directory (default: bundled EfficientNet-Lite0); loaded on "
-                        "the first image job")
-    p.add_argument("--no-image-base", action="store_true",
-                   help="never load an image base: image jobs fail saying this worker has none")
+                   help="local vision checkpoint directory, or tiny[:SEED] (tests) (default: bundled "
+                        "EfficientNet-Lite0); loaded on the first image job")
+    p.add_argument("--tasks", type=_tasks, default=TASK_NAMES,
+                   help="comma-separated task kinds this worker trains (default: all); the first one's base "
+                        "loads at start, the others' on their first job; a job of another task fails saying so")
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoints", type=Path, required=True)
     p.add_argument("--threads", type=int, default=None, help="torch threads for training")
@@ -100,12 +103,22 @@ def collect_garbage(db: sqlalchemy.Engine, store: AdapterStore, grace_s: float) 
                  report.examined, len(report.deleted), report.bytes_freed, report.temp_removed)
 
 
-def image_bases(path: str | None, device: str | None, catalog: Catalog) -> TaskBases:
-    """The image base and its gate engine (imported here: a text-only worker never loads them)."""
-    from adapters.vision.backbone import load_vision_base
+def _tasks(value: str) -> tuple[str, ...]:
+    given = {canonical_task(t.strip()) for t in value.split(",") if t.strip()}
+    if not given:
+        raise ValueError("no task given")
+    return tuple(t for t in TASK_NAMES if t in given)
 
-    log.info("loading the image base (%s) for this worker's first image job", path or "bundled")
-    return load_task_bases(load_vision_base(path, device=device), catalog)
+
+def image_bases(setting: str | None, device: str | None, catalog: Catalog) -> TaskBases:
+    """The image base and its gate engine (imported here: a text-only worker never loads them).
+    ``setting``: None (bundled EfficientNet-Lite0), ``tiny[:SEED]`` or a checkpoint directory."""
+    from adapters.vision.backbone import load_vision_base, tiny_vision_base
+
+    log.info("loading the image base (%s)", setting or "bundled")
+    if setting is not None and (setting == "tiny" or setting.startswith("tiny:")):
+        return load_task_bases(tiny_vision_base(int(setting.partition(":")[2] or 0), device=device), catalog)
+    return load_task_bases(load_vision_base(setting, device=device), catalog)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,18 +137,22 @@ def main(argv: list[str] | None = None) -> None:
     create_schema(db)
     store = open_store(args.store_url)
     catalog = Catalog(Registry.from_engine(db), store)
-    text = load_task_bases(load_base(args.base_model, device=args.device), catalog)
-    loaders = {} if args.no_image_base else {
-        IMAGE_CLASSIFICATION: lambda: image_bases(args.image_base_model, args.device, catalog)}
+    loaders: dict[str, Callable[[], TaskBases]] = {
+        TEXT_CLASSIFICATION: lambda: load_task_bases(load_base(args.base_model, device=args.device), catalog),
+        IMAGE_CLASSIFICATION: lambda: image_bases(args.image_base_model, args.device, catalog),
+    }
+    first = loaders[args.tasks[0]]()
     ctx = WorkerContext(
         manager=JobManager(db, store, lease_seconds=args.lease_seconds), catalog=catalog,
-        trainer_base=text.trainer_base, engine=text.engine, base_loaders=loaders, worker_id=worker_id(),
+        trainer_base=first.trainer_base, engine=first.engine, worker_id=worker_id(),
+        base_loaders={t: loaders[t] for t in args.tasks[1:]},
         checkpoint_root=args.checkpoints,
         threads=args.threads, heartbeat_seconds=args.heartbeat_seconds,
         fair_share=FairShare(yield_worker=not args.no_yield, min_turn_seconds=args.yield_min_turn_seconds,
                              slice_seconds=args.yield_slice_seconds, grace_seconds=args.yield_grace_seconds),
     )
-    log.info("worker %s ready (base %s)", ctx.worker_id, text.trainer_base.spec.name)
+    log.info("worker %s ready (base %s; trains %s)", ctx.worker_id, first.trainer_base.spec.name,
+             ", ".join(args.tasks))
     next_recover = 0.0
     gc_every = args.gc_hours * 3600
     next_gc = time.monotonic() + random.uniform(0.1, 1.0) * gc_every

@@ -11,6 +11,7 @@ from typing import Any, Literal, TypedDict
 JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled"]
 JobMethod = Literal["lora", "head"]
 PromoteMode = Literal["auto", "always", "never"]
+Task = Literal["text-classification", "image-classification"]
 
 
 class ErrorDetail(TypedDict):
@@ -55,6 +56,7 @@ class Deleted(TypedDict):
 
 class VersionOut(TypedDict):
     version: int
+    task: Task
     status: str
     created_at: str
     metrics: dict[str, Any]
@@ -69,6 +71,7 @@ class VersionOut(TypedDict):
 
 class AdapterSummary(TypedDict):
     name: str
+    task: Task | None
     created_at: str
     aliases: dict[str, int]
     versions: list[int]
@@ -77,6 +80,7 @@ class AdapterSummary(TypedDict):
 
 class AdapterDetail(TypedDict):
     name: str
+    task: Task | None
     created_at: str
     aliases: dict[str, int]
     prod: int | None
@@ -110,6 +114,7 @@ class PredictResponse(TypedDict):
 
 class FileOut(TypedDict):
     id: str
+    task: Task
     filename: str
     format: str
     rows: int
@@ -127,6 +132,7 @@ class JobErrorOut(TypedDict):
 class JobOut(TypedDict):
     id: str
     adapter: str
+    task: Task
     status: JobStatus
     method: JobMethod
     promote: PromoteMode

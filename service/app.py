@@ -31,16 +31,18 @@ from service.gate import TenantGate
 from service.jobs_routes import router as jobs_router
 from service.routes import router
 from service.schemas import ErrorResponse
+from service.settings import MIB, Settings
 from service.state import TailorState
 
 log = logging.getLogger("tailor.service")
 
 API_DESCRIPTION = """\
-One frozen base model, many tenants: each tenant classifies text through its own LoRA
-adapters. Send `Authorization: Bearer <key>`: the admin key for `/v1/tenants`, a tenant's key
+One frozen base model per task, many tenants: each tenant classifies text or images through its
+own LoRA adapters. Send `Authorization: Bearer <key>`: the admin key for `/v1/tenants`, a tenant's key
 for everything else. Errors are `{"error": {"code", "message", "param"}}`.
 """
 _UPLOAD_PATHS = re.compile(r"^/v1/(files|adapters/[^/]+/import)/?$")
+_PREDICT_PATH = re.compile(r"^/v1/predict/?$")
 # documented on every route (instead of FastAPI's default 422 body, which this API never sends)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorResponse, "description": "a client error"},
@@ -63,17 +65,28 @@ class PayloadTooLarge(HTTPException):
         super().__init__(413, f"request body is larger than the {limit} byte limit")
 
 
-class BodyLimitMiddleware:
-    """413 for bodies over the limit: by Content-Length up front, else while streaming."""
+def body_limit(settings: Settings | None, path: str) -> int:
+    """The largest body a request to ``path`` may have: ``max_upload_bytes`` for uploads,
+    ``max_predict_bytes`` for predict (room for the image limits), else ``max_body_bytes``."""
+    if settings is None:  # the service is starting: every /v1 route answers 503
+        return 10 * MIB
+    if _UPLOAD_PATHS.match(path):
+        return settings.max_upload_bytes
+    if _PREDICT_PATH.match(path):
+        return settings.max_predict_bytes
+    return settings.max_body_bytes
 
-    def __init__(self, app: ASGIApp, get_limits: Any) -> None:
-        self.app, self.get_limits = app, get_limits
+
+class BodyLimitMiddleware:
+    """413 for bodies over the route's limit: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, get_settings: Any) -> None:
+        self.app, self.get_settings = app, get_settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        body_limit, upload_limit = self.get_limits()
-        limit = upload_limit if _UPLOAD_PATHS.match(scope["path"]) else body_limit
+        limit = body_limit(self.get_settings(), scope["path"])
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
@@ -153,11 +166,10 @@ def create_app(state: TailorState | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.tailor = state
 
-    def limits() -> tuple[int, int]:
-        s = app.state.tailor.settings if app.state.tailor is not None else None
-        return (s.max_body_bytes, s.max_upload_bytes) if s else (10 << 20, 64 << 20)
+    def settings() -> Settings | None:
+        return app.state.tailor.settings if app.state.tailor is not None else None
 
-    app.add_middleware(BodyLimitMiddleware, get_limits=limits)
+    app.add_middleware(BodyLimitMiddleware, get_settings=settings)
     app.add_middleware(TenantGate, get_state=lambda: app.state.tailor)  # before the body is read
     app.add_middleware(MetricsMiddleware, get_state=lambda: app.state.tailor)
     app.add_middleware(WorkerHeaderMiddleware)

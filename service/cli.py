@@ -5,6 +5,8 @@
     tailor adapters import sentiment ./my-peft-adapter  # a zip or a save_pretrained folder
     tailor train sentiment reviews.jsonl --wait         # upload, train, watch (progress bar, live loss)
     tailor predict sentiment "great service" "awful food"
+    tailor predict products --image shoe.jpg boot.png     # an image adapter
+    tailor train products photos.zip --wait             # a zip of label/<image> folders: images
     tailor adapters promote sentiment 2 ; tailor adapters rollback sentiment
     tailor adapters export sentiment -o sentiment.zip
     tailor worker                                       # a training worker (TAILOR_* settings)
@@ -25,12 +27,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
 from adapters.jobs.model import METHODS, PROMOTE_MODES
-from service.api_types import JobOut
+from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES
+from service.api_types import JobOut, Task
 from service.client import TailorAPIError, TailorClient
 from service.job_progress import JobProgress
 
@@ -107,22 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
     g = im.add_mutually_exclusive_group()
     g.add_argument("--promote", dest="promote", action="store_true", default=None)
     g.add_argument("--no-promote", dest="promote", action="store_false")
+    im.add_argument("--task", choices=TASK_NAMES,
+                    help="the adapter's task (default: what the adapter says, else the server decides)")
     ex = a.add_parser("export", help="download a version as a zip of peft files")
     ex.add_argument("name")
     ex.add_argument("--version", help="version number or alias (default prod)")
     ex.add_argument("-o", "--output", type=Path, help="file to write (default NAME-vVERSION.zip)")
 
-    pd = sub.add_parser("predict", help="classify texts (tenant key); '-' reads lines from stdin")
+    pd = sub.add_parser("predict", help="classify texts or images (tenant key); '-' reads lines from stdin")
     pd.add_argument("adapter", help='"name", "name@3" or "name@prod"')
-    pd.add_argument("texts", nargs="+")
+    pd.add_argument("texts", nargs="*", help="texts, for a text adapter")
+    pd.add_argument("--image", dest="images", nargs="+", type=Path, metavar="FILE",
+                    help="image files, for an image adapter")
     pd.add_argument("--tsv", action="store_true",
-                    help="print '# ADAPTER@VERSION', then one 'label<TAB>score<TAB>text' line per text")
+                    help="print '# ADAPTER@VERSION', then one 'label<TAB>score<TAB>text' (or image path) line "
+                         "per input")
     pd.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the default; older scripts pass it
 
     f = sub.add_parser("files", help="training data files (tenant key); alone, lists them").add_subparsers(dest="cmd")
     up = f.add_parser("upload")
     up.add_argument("path", type=Path)
-    up.add_argument("--format", choices=["jsonl", "csv"])
+    up.add_argument("--format", choices=["jsonl", "csv", "zip"])
+    _task_option(up)
     f.add_parser("list")
     f.add_parser("show").add_argument("file_id")
     f.add_parser("delete").add_argument("file_id")
@@ -133,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and live loss until it ends, prints the finished job, and exits 1 unless it "
                                     "succeeded.")
     tr.add_argument("adapter")
-    tr.add_argument("file", help="a local JSONL/CSV file, or an uploaded file id (file-...)")
+    tr.add_argument("file", help="a local JSONL/CSV file, a zip of label/<image> folders, or an uploaded file id "
+                                 "(file-...)")
     tr.add_argument("--validation", help="validation data: a local file or a file id (default: split off FILE)")
+    _task_option(tr)
     _job_options(tr)
     tr.add_argument("--wait", action="store_true", help="follow the job until it finishes")
 
@@ -144,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     jc.add_argument("adapter")
     src = jc.add_mutually_exclusive_group(required=True)
     src.add_argument("--training-file", help="an uploaded file id")
-    src.add_argument("--training", type=Path, help="a local JSONL/CSV file (uploaded first)")
+    src.add_argument("--training", type=Path, help="a local JSONL/CSV file or image zip (uploaded first)")
     jc.add_argument("--validation-file")
+    _task_option(jc)
     _job_options(jc)
     jc.add_argument("--follow", action="store_true", help="follow the job until it finishes")
     jl = j.add_parser("list")
@@ -177,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _task_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=TASK_NAMES,
+                        help=f"what a local data file trains (default: {IMAGE_CLASSIFICATION} for a .zip, else "
+                             "the server's default, text-classification)")
+
+
+def _file_task(path: Path, task: str | None) -> Task | None:
+    """The task to upload ``path`` for: ``task`` when given, images for a zip, else the server's default."""
+    if task is None and path.suffix.lower() == ".zip":
+        return IMAGE_CLASSIFICATION
+    return cast("Task | None", task)
+
+
 def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="lora")
     parser.add_argument("--promote", choices=PROMOTE_MODES, default="auto")
@@ -204,15 +229,16 @@ def _exit_status(job: JobOut) -> int:
     return 0 if job["status"] == "succeeded" else 1
 
 
-def _data_file(client: TailorClient, source: str | Path, progress: bool, made: list[str]) -> str:
-    """An uploaded file's id: ``source`` itself when it is one, else ``source`` uploaded (its id
-    appended to ``made``)."""
+def _data_file(client: TailorClient, source: str | Path, progress: bool, made: list[str],
+               task: str | None = None) -> str:
+    """An uploaded file's id: ``source`` itself when it is one, else ``source`` uploaded for
+    ``task`` (``_file_task``; its id appended to ``made``)."""
     path = Path(source)
     if not path.exists() and str(source).startswith("file-"):
         return str(source)  # the server checks it (404 names it when it is not this tenant's)
     if not path.is_file():
-        raise OSError(f"{source}: no such file (give a local JSONL/CSV file or an uploaded file id)")
-    made.append(client.upload_file(path, progress=progress)["id"])
+        raise OSError(f"{source}: no such file (give a local JSONL/CSV file, an image zip or an uploaded file id)")
+    made.append(client.upload_file(path, task=_file_task(path, task), progress=progress)["id"])
     return made[-1]
 
 
@@ -220,8 +246,10 @@ def _train(client: TailorClient, args: argparse.Namespace, progress: bool) -> Jo
     """Upload what is local, start the job; a refused job takes its uploads with it."""
     made: list[str] = []
     try:
-        training = _data_file(client, args.file, progress, made)
-        validation = _data_file(client, args.validation, progress, made) if args.validation else None
+        training = _data_file(client, args.file, progress, made, args.task)
+        # a validation file is of the training file's task
+        task = args.task or _file_task(Path(args.file), None)
+        validation = _data_file(client, args.validation, progress, made, task) if args.validation else None
         return _create_job(client, args, training, validation)
     except (TailorAPIError, OSError):
         for file_id in made:
@@ -256,8 +284,11 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
         ("adapters", "rollback"): lambda: client.rollback(args.name, args.alias),
         ("adapters", "delete"): lambda: client.delete_adapter(args.name),
         ("adapters", "import"): lambda: client.import_adapter(args.name, args.path, labels=args.labels,
-                                                              promote=args.promote, progress=progress),
-        ("files", "upload"): lambda: client.upload_file(args.path, format=args.format, progress=progress),
+                                                              promote=args.promote, task=args.task,
+                                                              progress=progress),
+        ("files", "upload"): lambda: client.upload_file(args.path, format=args.format,
+                                                        task=_file_task(args.path, args.task),
+                                                        progress=progress),
         ("files", "list"): client.list_files,
         ("files", "show"): lambda: client.get_file(args.file_id),
         ("files", "delete"): lambda: client.delete_file(args.file_id),
@@ -275,11 +306,17 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
         out.write_bytes(data)
         _print({"adapter": args.name, "version": version, "path": str(out), "bytes": len(data)})
     elif g == "predict":
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
-        result = client.predict(args.adapter, texts)
+        if bool(args.texts) == bool(args.images):
+            raise OSError("give texts (a text adapter) or --image FILE... (an image adapter), not both or neither")
+        if args.images:
+            shown = [str(p) for p in args.images]
+            result = client.predict(args.adapter, images=args.images)
+        else:
+            texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
+            shown, result = texts, client.predict(args.adapter, texts)
         if args.tsv:
             print(f"# {result['adapter']}@{result['version']}")
-            for text, p in zip(texts, result["predictions"]):
+            for text, p in zip(shown, result["predictions"]):
                 print(f"{p['label']}\t{p['score']:.4f}\t{text}")
         else:
             _print(result)
@@ -295,7 +332,7 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
     elif g == "jobs" and cmd == "create":
         training_file = args.training_file
         if args.training is not None:
-            training_file = _data_file(client, args.training, progress, [])
+            training_file = _data_file(client, args.training, progress, [], args.task)
         job = _create_job(client, args, training_file, args.validation_file)
         _print(job)
         if args.follow:

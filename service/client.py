@@ -6,6 +6,7 @@
     acme = TailorClient("http://127.0.0.1:3000", key)
     acme.import_adapter("sentiment", "adapter.zip")          # or a peft save_pretrained folder
     acme.predict("sentiment", ["great service"])["predictions"][0]["label"]
+    acme.predict("products", images=["shoe.jpg", png_bytes])   # an image adapter: paths or bytes
 
 Every non-2xx answer raises ``TailorAPIError(status, code, message, param)``. Only httpx is
 needed (tqdm for progress bars, optional). What a method returns is the JSON answer, typed by
@@ -17,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,7 +27,7 @@ import httpx
 from adapters.jobs.model import FINISHED
 from service.api_types import (
     AdapterDetail, AdapterSummary, AliasChange, FileOut, ImportedVersion, JobEventOut, JobMethod, JobOut,
-    JobStatus, KeyCreated, KeyOut, PredictionOut, PredictResponse, PromoteMode, TenantCreated, TenantOut,
+    JobStatus, KeyCreated, KeyOut, PredictionOut, PredictResponse, PromoteMode, Task, TenantCreated, TenantOut,
     VersionOut,
 )
 
@@ -186,8 +187,10 @@ class TailorClient:
         return self._json("DELETE", f"/v1/adapters/{name}")
 
     def import_adapter(self, name: str, source: str | os.PathLike[str] | bytes, *, labels: list[str] | None = None,
-                       promote: bool | None = None, progress: bool = False) -> ImportedVersion:
-        """Import a zip (path or bytes) or a peft ``save_pretrained`` folder as a new version."""
+                       promote: bool | None = None, task: Task | None = None,
+                       progress: bool = False) -> ImportedVersion:
+        """Import a zip (path or bytes) or a peft ``save_pretrained`` folder as a new version.
+        ``task``: the adapter's task, when neither its Tailor manifest nor its adapter says it."""
         if isinstance(source, bytes):
             data, filename = source, "adapter.zip"
         else:
@@ -201,6 +204,8 @@ class TailorClient:
             form["labels"] = json.dumps(labels)
         if promote is not None:
             form["promote"] = "true" if promote else "false"
+        if task is not None:
+            form["task"] = task
         bar = _bar(len(data), f"upload {name}", progress)
         try:
             body: IO[bytes] = _Progress(data, bar)  # type: ignore[assignment]
@@ -234,23 +239,33 @@ class TailorClient:
 
     # -- predict ----------------------------------------------------------------------------------
 
-    def predict(self, adapter: str, inputs: list[str] | str) -> PredictResponse:
-        """Classify ``inputs`` with ``adapter`` ("name", "name@3" or "name@prod")."""
+    def predict(self, adapter: str, inputs: list[str] | str | None = None, *,
+                images: Sequence[str | os.PathLike[str] | bytes] | None = None) -> PredictResponse:
+        """Classify ``inputs`` (texts: a text adapter) or ``images`` (files' paths or their bytes: an
+        image adapter) with ``adapter`` ("name", "name@3" or "name@prod"). Images are sent as a
+        multipart form, as they are (the server decodes them)."""
+        if (inputs is None) == (images is None):
+            raise ValueError("give inputs (texts) or images, not both or neither")
+        if images is not None:
+            files = [("images", _image_file(image, i)) for i, image in enumerate(images)]
+            return self._json("POST", "/v1/predict", data={"adapter": adapter}, files=files)
         if isinstance(inputs, str):
             inputs = [inputs]
-        return self._json("POST", "/v1/predict", json={"adapter": adapter, "inputs": list(inputs)})
+        return self._json("POST", "/v1/predict", json={"adapter": adapter, "inputs": list(inputs or [])})
 
     # -- files and jobs ---------------------------------------------------------------------------
 
-    def upload_file(self, path: str | os.PathLike[str], *, format: str | None = None,
+    def upload_file(self, path: str | os.PathLike[str], *, format: str | None = None, task: Task | None = None,
                     progress: bool = False) -> FileOut:
+        """Upload a dataset file. ``task``: what it trains (the server's default: text-classification;
+        an image dataset, a zip of label/<image> folders or JSONL of images, says image-classification)."""
         p = Path(path)
         data = p.read_bytes()
+        form = {k: v for k, v in (("format", format), ("task", task)) if v}
         bar = _bar(len(data), f"upload {p.name}", progress)
         try:
             body: IO[bytes] = _Progress(data, bar)  # type: ignore[assignment]
-            return self._json("POST", "/v1/files", files={"file": (p.name, body)},
-                              data={"format": format} if format else {})
+            return self._json("POST", "/v1/files", files={"file": (p.name, body)}, data=form)
         finally:
             if bar is not None:
                 bar.close()
@@ -312,6 +327,14 @@ class TailorClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
             time.sleep(interval)
+
+
+def _image_file(image: str | os.PathLike[str] | bytes, i: int) -> tuple[str, bytes, str]:
+    """One multipart ``images`` part: (file name, bytes, content type)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"image-{i}", bytes(image), "application/octet-stream"
+    path = Path(image)
+    return path.name, path.read_bytes(), "application/octet-stream"
 
 
 def _error(r: httpx.Response) -> TailorAPIError:

@@ -26,6 +26,7 @@ from adapters.errors import (
     ArtifactError, CapacityError, ConflictError, DatasetError, InvalidNameError,
     NotFoundError, TailorError, UnavailableError,
 )
+from adapters.vision.images import ImageTooLargeError
 
 log = logging.getLogger("tailor.service")
 
@@ -94,6 +95,8 @@ def status_of(e: TailorError) -> int:
     """The HTTP status of a library error (by class; the most specific class wins)."""
     if isinstance(e, NotFoundError):  # AdapterNotFoundError included
         return 404
+    if isinstance(e, ImageTooLargeError):  # over the byte or pixel limit of one image
+        return 413
     if isinstance(e, ConflictError):
         return 409
     if isinstance(e, (CapacityError, UnavailableError)):

@@ -3,8 +3,10 @@
 BentoML runs its workers with prometheus-client's multiprocess mode on, so counters and
 histograms from every worker are summed on scrape; gauges say how they combine
 (``livesum``: the sum over live workers). Endpoint labels are route templates
-(``/v1/adapters/{name}``), never raw paths. A ``tenant`` label is added only when
-``TAILOR_METRICS_TENANT_LABELS=1`` (it multiplies series by the tenant count).
+(``/v1/adapters/{name}``), never raw paths. What an engine does (predictions, batches, the
+resident adapter cache) carries a ``task`` label: each task has its own engine and batcher.
+A ``tenant`` label is added only when ``TAILOR_METRICS_TENANT_LABELS=1`` (it multiplies series
+by the tenant count).
 """
 
 from __future__ import annotations
@@ -31,28 +33,31 @@ _metrics: Metrics | None = None
 class Metrics:
     def __init__(self, tenant_labels: bool = False) -> None:
         self.tenant_labels = tenant_labels
-        t = ["tenant"] if tenant_labels else []
+        t = ["task", "tenant"] if tenant_labels else ["task"]
         self.requests = Counter("tailor_http_requests", "HTTP requests by route template and status",
                                 ["endpoint", "method", "status"])
         self.latency = Histogram("tailor_http_request_duration_seconds", "HTTP request latency",
                                  ["endpoint", "method"], buckets=_LATENCY_BUCKETS)
         self.predict_requests = Counter("tailor_predict_requests", "Predict requests served", t)
-        self.predict_rows = Counter("tailor_predict_rows", "Texts classified", t)
-        self.batch_size = Histogram("tailor_batch_size", "Rows per merged forward pass", buckets=_BATCH_BUCKETS)
-        self.batch_adapters = Histogram("tailor_batch_adapters", "Distinct adapters per merged forward pass",
+        self.predict_rows = Counter("tailor_predict_rows", "Rows (texts, images) classified", t)
+        task = ["task"]
+        self.batch_size = Histogram("tailor_batch_size", "Rows per merged forward pass", task,
+                                    buckets=_BATCH_BUCKETS)
+        self.batch_adapters = Histogram("tailor_batch_adapters", "Distinct adapters per merged forward pass", task,
                                         buckets=_BATCH_BUCKETS)
-        self.batch_seconds = Histogram("tailor_batch_seconds", "Forward pass time per merged batch",
+        self.batch_seconds = Histogram("tailor_batch_seconds", "Forward pass time per merged batch", task,
                                        buckets=_LATENCY_BUCKETS)
-        self.cache_hits = Counter("tailor_adapter_cache_hits", "Resident adapter cache hits")
-        self.cache_misses = Counter("tailor_adapter_cache_misses", "Resident adapter cache misses")
-        self.cache_evictions = Counter("tailor_adapter_cache_evictions", "Adapters evicted from the resident set")
-        self.cache_load_errors = Counter("tailor_adapter_load_errors", "Adapter loads that failed")
-        self.resident = Gauge("tailor_adapters_resident", "Adapters resident in host memory",
+        self.cache_hits = Counter("tailor_adapter_cache_hits", "Resident adapter cache hits", task)
+        self.cache_misses = Counter("tailor_adapter_cache_misses", "Resident adapter cache misses", task)
+        self.cache_evictions = Counter("tailor_adapter_cache_evictions", "Adapters evicted from the resident set",
+                                       task)
+        self.cache_load_errors = Counter("tailor_adapter_load_errors", "Adapter loads that failed", task)
+        self.resident = Gauge("tailor_adapters_resident", "Adapters resident in host memory", task,
                               multiprocess_mode="livesum")
-        self.resident_bytes = Gauge("tailor_adapters_resident_bytes", "Bytes of resident adapters",
+        self.resident_bytes = Gauge("tailor_adapters_resident_bytes", "Bytes of resident adapters", task,
                                     multiprocess_mode="livesum")
         self.load_seconds = Histogram("tailor_adapter_load_seconds", "Time to load an adapter from the store",
-                                      buckets=_LOAD_BUCKETS)
+                                      task, buckets=_LOAD_BUCKETS)
         self.jobs = Gauge("tailor_jobs", "Fine-tuning jobs by status (whole database)", ["status"],
                           multiprocess_mode="mostrecent")
         # A histogram of the whole database's finished jobs, read from it like tailor_jobs (so a
@@ -69,18 +74,24 @@ class Metrics:
                                           "Adapter versions found giving non-finite outputs (each once per worker)")
         self.refused_rows = Counter("tailor_predict_refused", "Predict requests refused before queueing",
                                     ["reason"])
-        self.ready = Gauge("tailor_ready", "1 once the base model is loaded and the engine built",
+        self.ready = Gauge("tailor_ready", "1 once every enabled task's base model is loaded and its engine built",
                            multiprocess_mode="livemin")
-        self._seen = CacheStats()
+        self._seen: dict[str, CacheStats] = {}  # by task: the counts already turned into increments
         self._sync_lock = threading.Lock()
 
-    def tenant(self, counter: Counter, tenant: str) -> Counter:
-        return counter.labels(tenant) if self.tenant_labels else counter
+    def predicted(self, task: str, tenant: str, rows: int) -> None:
+        """One predict request of ``rows`` rows answered."""
+        labels = (task, tenant) if self.tenant_labels else (task,)
+        self.predict_requests.labels(*labels).inc()
+        self.predict_rows.labels(*labels).inc(rows)
 
-    def observe_batch(self, size: int, n_adapters: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.batch_adapters.observe(n_adapters)
-        self.batch_seconds.observe(seconds)
+    def observe_batch(self, task: str, size: int, n_adapters: int, seconds: float) -> None:
+        self.batch_size.labels(task).observe(size)
+        self.batch_adapters.labels(task).observe(n_adapters)
+        self.batch_seconds.labels(task).observe(seconds)
+
+    def observe_load(self, task: str, seconds: float) -> None:
+        self.load_seconds.labels(task).observe(seconds)
 
     def report_nonfinite(self, key: object) -> None:
         """An adapter version's outputs were not finite: its rows failed, no other row did."""
@@ -88,17 +99,18 @@ class Metrics:
         log.warning("adapter %s produced non-finite outputs; its requests fail with 409 until "
                     "another version is promoted", key)
 
-    def sync_cache(self, stats: CacheStats) -> None:
-        """Turn the cache's cumulative counts into counter increments (cheap; call often)."""
+    def sync_cache(self, task: str, stats: CacheStats) -> None:
+        """Turn the ``task`` engine's cache counts into counter increments (cheap; call often)."""
         with self._sync_lock:
+            seen = self._seen.setdefault(task, CacheStats())
             for name, counter in (("hits", self.cache_hits), ("misses", self.cache_misses),
                                   ("evictions", self.cache_evictions), ("load_errors", self.cache_load_errors)):
-                now, before = getattr(stats, name), getattr(self._seen, name)
+                now, before = getattr(stats, name), getattr(seen, name)
                 if now > before:
-                    counter.inc(now - before)
-                    setattr(self._seen, name, now)
-            self.resident.set(stats.resident)
-            self.resident_bytes.set(stats.resident_bytes)
+                    counter.labels(task).inc(now - before)
+                    setattr(seen, name, now)
+            self.resident.labels(task).set(stats.resident)
+            self.resident_bytes.labels(task).set(stats.resident_bytes)
 
     def set_jobs(self, counts: dict[str, int]) -> None:
         for status in ("queued", "validating", "running", "succeeded", "failed", "cancelled", *counts):

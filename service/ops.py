@@ -2,9 +2,14 @@
 
 Every rule of the product lives in the library (``adapters.tenancy``, ``adapters.adapter_import``,
 ``adapters.adapter_admin``, the registry and the catalog); these functions only call it with
-this worker's objects (``caches``: the engine once loaded, the key cache), shape its answers
+this worker's objects (``caches``: the engines once loaded, the key cache), shape its answers
 as the API shows them (``*_out``) and turn what only HTTP knows into library calls and errors
 (form fields, request limits, the base model not loaded yet: ``require_engine``).
+
+Each task has its own engine (``TailorState.engines``): a request reaches the engine of its
+adapter's task. Resolving a name is task-agnostic (any engine's resolver answers it); a
+request whose inputs are for another task than its adapter's is a 422 naming the adapter's
+task, and an adapter of a task this deployment does not serve a 422 ``task_not_served``.
 """
 
 from __future__ import annotations
@@ -15,22 +20,26 @@ from dataclasses import asdict
 from typing import Any
 
 from adapters import adapter_admin, adapter_import, tenancy
+from adapters.adapter_import import ZIP_OVERHEAD
 from adapters.change_listener import ProcessCaches
 from adapters.errors import ArtifactError
-from adapters.peft_format import export_peft, zip_files
+from adapters.jobs.adapter_tasks import AdapterTaskError
+from adapters.peft_format import CONFIG_FILE, TAILOR_FILE, export_peft, unzip_files, zip_files
 from adapters.quotas import TenantQuotas
 from adapters.registry import AdapterInfo, Tenant, VersionRecord
-from adapters.version_status import version_status
-from adapters.runtime.engine import ResolvedAdapter
-from adapters.runtime.inputs import check_texts
+from adapters.runtime.engine import Engine, ResolvedAdapter
 from adapters.runtime.loaded import LoadedAdapter
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, canonical_task, get_task, task_of_manifest
+from adapters.version_status import version_status
+from adapters.vision.images import ImageLimits
 from service.errors import ApiError
+from service.predict_input import PredictRows
 from service.state import TailorState
 
 
 def caches(state: TailorState) -> ProcessCaches:
-    """This worker's engine (once loaded) and key cache: what a write here tells at once."""
-    return ProcessCaches(engine=state.engine, key_cache=state.key_cache)
+    """This worker's engines (once loaded) and key cache: what a write here tells at once."""
+    return ProcessCaches(engine=state.engine_caches(), key_cache=state.key_cache)
 
 
 # -- shapes of what the API returns ---------------------------------------------------------------
@@ -52,7 +61,8 @@ def version_out(r: VersionRecord, aliases: dict[str, int], ever_prod: Collection
     ``peft`` for an imported one."""
     m = r.manifest
     return {
-        "version": r.version, "status": version_status(r.version, aliases.get("prod"), ever_prod),
+        "version": r.version, "task": task_of_manifest(m),
+        "status": version_status(r.version, aliases.get("prod"), ever_prod),
         "created_at": r.created_at, "metrics": r.metrics,
         "labels": list(m.get("labels") or []), "aliases": sorted(a for a, v in aliases.items() if v == r.version),
         "sha256": r.sha256, "nbytes": r.nbytes, "source": m.get("source"), "job_id": m.get("job_id") or None,
@@ -60,17 +70,18 @@ def version_out(r: VersionRecord, aliases: dict[str, int], ever_prod: Collection
     }
 
 
-def adapter_summary(a: AdapterInfo) -> dict[str, Any]:
-    return {"name": a.name, "created_at": a.created_at, "aliases": a.aliases, "versions": a.versions,
-            "prod": a.aliases.get("prod")}
+def adapter_summary(state: TailorState, a: AdapterInfo) -> dict[str, Any]:
+    return {"name": a.name, "task": state.jobs.adapter_task(a.tenant, a.name), "created_at": a.created_at,
+            "aliases": a.aliases, "versions": a.versions, "prod": a.aliases.get("prod")}
 
 
 def adapter_detail(state: TailorState, tenant: str, name: str) -> dict[str, Any]:
     info = state.registry.get_adapter(tenant, name)
     versions = state.registry.list_versions(tenant, name)
     ever_prod = state.registry.alias_versions(tenant, name, "prod")
-    return {"name": info.name, "created_at": info.created_at, "aliases": info.aliases,
-            "prod": info.aliases.get("prod"), "versions": [version_out(v, info.aliases, ever_prod) for v in versions]}
+    return {"name": info.name, "task": task_of_manifest(versions[-1].manifest) if versions else None,
+            "created_at": info.created_at, "aliases": info.aliases, "prod": info.aliases.get("prod"),
+            "versions": [version_out(v, info.aliases, ever_prod) for v in versions]}
 
 
 # -- tenants ---------------------------------------------------------------------------------------
@@ -105,17 +116,65 @@ def parse_labels(raw: str | None) -> list[str] | None:
 
 
 def import_adapter(state: TailorState, tenant: str, name: str, data: bytes, labels: list[str] | None,
-                   promote: bool | None) -> dict[str, Any]:
-    engine = state.require_engine()
+                   promote: bool | None, task: str | None) -> dict[str, Any]:
+    task = import_task(state, tenant, name, data, task)
+    engine = state.require_engine(task, param="task")
+    existing = state.jobs.adapter_task(tenant, name)
+    if existing is not None and existing != task:
+        raise AdapterTaskError(f"adapter {name!r} is of task {existing}; this upload is of task {task}. An "
+                               "adapter's versions all have one task: import it under another name.", param="task")
     done = adapter_import.import_adapter(state.catalog, engine, tenant, name, data, labels=labels,
                                          promote=promote, listener=caches(state))
     return {"adapter": name, "promoted": done.promoted, **version_out(done.record, done.aliases)}
 
 
+def import_task(state: TailorState, tenant: str, name: str, data: bytes, given: str | None) -> str:
+    """The task (so the engine) an imported adapter is for, the first of: the ``task`` form
+    field; the task its ``tailor_manifest.json`` names (a Tailor export); the task of the
+    adapter's existing versions; the served task whose base's classification head (``classifier``
+    on the text base, ``_fc`` on the vision base) the peft config lists in ``modules_to_save``;
+    text-classification (where served, else the one task served). A zip that cannot be read
+    takes the default: the import then says what is wrong with it."""
+    if given is not None and given.strip():
+        try:
+            return canonical_task(given.strip())
+        except ValueError as e:
+            raise ApiError(422, "invalid_request", f"task: {e}", param="task") from None
+    served = state.settings.tasks
+    try:
+        files = unzip_files(data, max_bytes=state.catalog.max_adapter_bytes + ZIP_OVERHEAD) if data else {}
+    except ArtifactError:
+        files = {}
+    manifest_task = _json_field(files.get(TAILOR_FILE), "task")
+    if manifest_task is not None:
+        try:
+            return canonical_task(manifest_task)
+        except ValueError:
+            pass  # the import refuses the manifest, naming the problem
+    existing = state.jobs.adapter_task(tenant, name)
+    if existing is not None:
+        return existing
+    saved = _json_field(files.get(CONFIG_FILE), "modules_to_save")
+    for task, engine in state.engines.items():
+        if isinstance(saved, list) and engine.base.spec.head_name in saved:
+            return task
+    return TEXT_CLASSIFICATION if TEXT_CLASSIFICATION in served else served[0]
+
+
+def _json_field(raw: bytes | None, key: str) -> Any:
+    """``key`` of the JSON object ``raw`` holds; None when absent or unreadable."""
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def export_adapter(state: TailorState, tenant: str, name: str, version: str | None) -> tuple[VersionRecord, bytes]:
-    engine = state.require_engine()
+    state.any_engine()  # 503 until the bases are loaded
     ref: str | None = version.strip() if version else None
     record = state.registry.resolve(tenant, name, ref)
+    engine = state.require_engine(task_of_manifest(record.manifest), param="adapter")
     try:
         artifact = state.catalog.read(record, engine.base.spec)
     except ArtifactError as e:  # stored bytes that no longer fit: a conflict with state, not a bad request
@@ -138,9 +197,23 @@ def delete_adapter(state: TailorState, tenant: str, name: str) -> dict[str, Any]
 
 # -- predict ---------------------------------------------------------------------------------------
 
-def acquire(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter]:
-    engine = state.require_engine()
-    resolved = engine.resolve(tenant, ref)
+def acquire(state: TailorState, tenant: str, rows: PredictRows) -> tuple[ResolvedAdapter, LoadedAdapter]:
+    """The adapter ``rows`` name, from the engine of its task: resolved (registry) and loaded
+    (store) as needed. A 422 when its task is not the one ``rows`` are for, or is not served."""
+    served = rows.task in state.settings.tasks
+    engine = state.require_engine(rows.task) if served else state.any_engine()
+    resolved = engine.resolve(tenant, rows.adapter)
+    try:
+        task = task_of_manifest(resolved.record.manifest)
+    except ValueError as e:
+        raise ApiError(409, "invalid_artifact", f"{resolved.ref} cannot be loaded: {e}", param="adapter") from None
+    if task not in state.settings.tasks:
+        raise ApiError(422, "task_not_served", f"adapter {rows.adapter!r} is of task {task}; this service does "
+                       f"not serve {task} (it serves {', '.join(state.settings.tasks)})", param="adapter")
+    if task != rows.task:
+        field = get_task(task).input_field
+        raise ApiError(422, "task_mismatch", f"adapter {rows.adapter!r} is of task {task}: send {field}, not "
+                       f"{rows.field}", param=rows.field)
     try:
         loaded = engine.acquire(resolved)
     except ArtifactError as e:
@@ -148,27 +221,43 @@ def acquire(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter,
         # conflicts with this service; rolling back or re-importing fixes it.
         raise ApiError(409, e.code, f"{resolved.ref} cannot be loaded: {e.message}", param="adapter") from None
     finally:
-        state.metrics.sync_cache(engine.cache.stats)
+        state.metrics.sync_cache(task, engine.cache.stats)
     return resolved, loaded
 
 
-def acquire_resident(state: TailorState, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter] | None:
-    """``acquire`` when memory alone can answer (no I/O: safe on the event loop), else None."""
-    engine = state.require_engine()
-    hit = engine.resident(tenant, ref)
+def acquire_resident(state: TailorState, tenant: str,
+                     rows: PredictRows) -> tuple[ResolvedAdapter, LoadedAdapter] | None:
+    """``acquire`` when memory alone can answer (no I/O: safe on the event loop), else None. An
+    engine only holds adapters of its own task, so a hit is of the task ``rows`` are for."""
+    engine = state.require_engine(rows.task)
+    hit = engine.resident(tenant, rows.adapter)
     if hit is not None:
-        state.metrics.sync_cache(engine.cache.stats)
+        state.metrics.sync_cache(rows.task, engine.cache.stats)
     return hit
 
 
-def check_inputs(state: TailorState, inputs: list[str]) -> None:
+def check_rows(state: TailorState, rows: PredictRows) -> None:
+    """The request limits on ``rows`` that need no decoding: how many, how long a text."""
     s = state.settings
-    if len(inputs) > s.max_inputs:
-        raise ApiError(422, "too_many_inputs", f"{len(inputs)} inputs given; at most {s.max_inputs} per request",
+    if rows.task == IMAGE_CLASSIFICATION:
+        if len(rows.raw) > s.max_images:
+            raise ApiError(422, "too_many_images", f"{len(rows.raw)} images given; at most {s.max_images} per "
+                           "request", param="images")
+        return
+    if len(rows.raw) > s.max_inputs:
+        raise ApiError(422, "too_many_inputs", f"{len(rows.raw)} inputs given; at most {s.max_inputs} per request",
                        param="inputs")
-    for i, text in enumerate(inputs):
+    for i, text in enumerate(rows.raw):
         if len(text) > s.max_input_chars:
             raise ApiError(422, "input_too_long",
                            f"inputs[{i}] has {len(text)} characters; at most {s.max_input_chars} allowed",
                            param=f"inputs[{i}]")
-    check_texts(inputs)  # InvalidInputError (422) naming the first row that is not valid Unicode
+
+
+def decode_rows(state: TailorState, engine: Engine, rows: PredictRows) -> list[Any]:
+    """``rows`` decoded by their task (texts checked; images decoded within the image limits:
+    422 naming ``images[i]``, 413 ``image_too_large`` over the byte or pixel limit)."""
+    s = state.settings
+    limits = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels) \
+        if rows.task == IMAGE_CLASSIFICATION else None
+    return engine.decode_rows(rows.raw, limits=limits)

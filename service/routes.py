@@ -1,8 +1,9 @@
 """Routes: tenants and keys (admin), adapters (tenant), predict (tenant).
 
 Handlers declared ``def`` run in FastAPI's threadpool (database and store work blocks);
-``predict`` is ``async`` and sends its blocking parts to the threadpool, then awaits the
-micro-batcher's future, so the event loop never waits on a forward pass.
+``predict`` is ``async`` and sends its blocking parts (registry, store, image decoding) to the
+threadpool, then awaits the micro-batcher's future, so the event loop never waits on a
+forward pass.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from adapters.errors import TenantBusyError
+from adapters.tasks import TEXT_CLASSIFICATION
 from service import ops
 from service.auth import Principal, get_state, require_admin, require_tenant
 from service.errors import ApiError
+from service.predict_input import OPENAPI_BODY, read_predict
 from service.schemas import (
-    AdapterDetail, AdapterSummary, AliasChange, ImportedVersion, KeyCreated, KeyOut, PredictRequest,
-    PredictResponse, PromoteRequest, TenantCreate, TenantCreated, TenantOut,
+    AdapterDetail, AdapterSummary, AliasChange, ImportedVersion, KeyCreated, KeyOut, PredictResponse,
+    PromoteRequest, Task, TenantCreate, TenantCreated, TenantOut,
 )
 from service.state import TailorState
 
@@ -78,12 +81,12 @@ def revoke_key(name: str, key_id: str, _: Admin, state: State) -> dict[str, Any]
 
 @router.get("/v1/adapters", response_model=list[AdapterSummary], tags=["adapters"])
 def list_adapters(tenant: Tenant, state: State) -> list[dict[str, Any]]:
-    return [ops.adapter_summary(a) for a in state.registry.list_adapters(tenant)]
+    return [ops.adapter_summary(state, a) for a in state.registry.list_adapters(tenant)]
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterDetail, tags=["adapters"])
 def get_adapter(name: str, tenant: Tenant, state: State) -> dict[str, Any]:
-    """The adapter's versions (metrics, status, labels, aliases) and aliases."""
+    """The adapter's task, versions (metrics, status, labels, aliases) and aliases."""
     return ops.adapter_detail(state, tenant, name)
 
 
@@ -112,10 +115,14 @@ async def import_adapter(
                                                  "[+ tailor_manifest.json]")],
     labels: Annotated[str | None, Form(description="label names: a JSON list or a comma list")] = None,
     promote: Annotated[bool | None, Form(description="make it prod (default: if it has no prod yet)")] = None,
+    task: Annotated[Task | None, Form(description=f"the adapter's task (default: what its tailor_manifest.json "
+                                                  f"says, else its existing versions' task, else the base whose "
+                                                  f"head it saves, else {TEXT_CLASSIFICATION})")] = None,
 ) -> dict[str, Any]:
-    """Import a peft LoRA adapter as the adapter's next version."""
+    """Import a peft LoRA adapter as the adapter's next version, on the base of its task."""
     data = await file.read()
-    return await run_in_threadpool(ops.import_adapter, state, tenant, name, data, ops.parse_labels(labels), promote)
+    return await run_in_threadpool(ops.import_adapter, state, tenant, name, data, ops.parse_labels(labels), promote,
+                                   task)
 
 
 @router.get("/v1/adapters/{name}/export", tags=["adapters"],
@@ -133,29 +140,35 @@ def export_adapter(
 
 # -- predict (tenant key) -------------------------------------------------------------------------------
 
-@router.post("/v1/predict", response_model=PredictResponse, tags=["predict"])
-async def predict(body: PredictRequest, tenant: Tenant, state: State) -> dict[str, Any]:
-    """Classify ``inputs`` with the tenant's adapter; concurrent requests share forward passes.
+@router.post("/v1/predict", response_model=PredictResponse, tags=["predict"], openapi_extra=OPENAPI_BODY)
+async def predict(request: Request, tenant: Tenant, state: State) -> dict[str, Any]:
+    """Classify ``inputs`` (texts) or ``images`` with the tenant's adapter of that task; concurrent
+    requests of one task share forward passes. JSON, or a multipart form with image files.
 
-    A bad input (422 naming it), an unknown adapter (404) or an adapter whose outputs are not
-    finite (409) fails this request only, never another tenant's rows in the same batch.
+    A bad input (422 naming it; 413 for an image over the byte or pixel limit), inputs for
+    another task than the adapter's (422 naming its task), an unknown adapter (404) or an
+    adapter whose outputs are not finite (409) fails this request only, never another tenant's
+    rows in the same batch.
     """
-    batcher = state.require_batcher()
+    rows = await read_predict(request)
+    ops.check_rows(state, rows)
+    if rows.task not in state.settings.tasks:  # says why: the adapter's task, or this one is not served
+        await run_in_threadpool(ops.acquire, state, tenant, rows)
+    engine, batcher = state.require_engine(rows.task), state.require_batcher(rows.task)
     with batcher.incoming():  # the batcher holds a forming batch only while requests are on the way
-        ops.check_inputs(state, body.inputs)
         # resident and resolved in memory: no thread hop; else the registry/store, off the loop
-        hit = ops.acquire_resident(state, tenant, body.adapter)
-        resolved, loaded = hit or await run_in_threadpool(ops.acquire, state, tenant, body.adapter)
+        hit = ops.acquire_resident(state, tenant, rows)
+        resolved, loaded = hit or await run_in_threadpool(ops.acquire, state, tenant, rows)
+        inputs = await run_in_threadpool(ops.decode_rows, state, engine, rows) if rows.field == "images" \
+            else ops.decode_rows(state, engine, rows)  # texts: a cheap check, on the loop
         try:
-            future = batcher.submit([(loaded, text) for text in body.inputs], tenant)
+            future = batcher.submit([(loaded, row) for row in inputs], tenant)
         except TenantBusyError as e:
             state.metrics.refused_rows.labels("queue_full").inc()
             raise ApiError(429, "tenant_queue_full", e.message,
                            headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
     preds = await asyncio.wrap_future(future)
-    m = state.metrics
-    m.tenant(m.predict_requests, tenant).inc()
-    m.tenant(m.predict_rows, tenant).inc(len(preds))
+    state.metrics.predicted(rows.task, tenant, len(preds))
     return {
         "adapter": resolved.key.adapter, "version": resolved.key.version,
         "predictions": [{"label": p.label, "score": p.score, "scores": p.scores} for p in preds],

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from adapters.jobs.model import METHODS, PROMOTE_MODES, STATUSES
+from adapters.tasks import TASK_NAMES
 
 # The largest integer an INTEGER column holds on every database we run on (32 bits on
 # PostgreSQL): versions, job event ids. An integer past it in a request is a 422 here, never an
@@ -25,6 +26,8 @@ Version = Annotated[int, Field(strict=True, ge=1, le=DB_INT_MAX, description="an
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
 JobMethod = Literal[METHODS]  # type: ignore[valid-type]
 PromoteMode = Literal[PROMOTE_MODES]  # type: ignore[valid-type]
+# The task kinds (adapters.tasks): what an adapter, a file or a job is for.
+Task = Literal[TASK_NAMES]  # type: ignore[valid-type]
 
 
 class Request(BaseModel):
@@ -87,6 +90,7 @@ class Deleted(Response):
 
 class VersionOut(Response):
     version: int
+    task: Task = Field(description="what the version classifies: text-classification or image-classification")
     status: str = Field(description="prod (what the prod alias serves now), retired (was prod before) or "
                                     "candidate (never prod so far)")
     created_at: datetime
@@ -103,6 +107,7 @@ class VersionOut(Response):
 
 class AdapterSummary(Response):
     name: str
+    task: Task | None = Field(description="its versions' task; null for an adapter without versions")
     created_at: datetime
     aliases: dict[str, int]
     versions: list[int]
@@ -111,6 +116,7 @@ class AdapterSummary(Response):
 
 class AdapterDetail(Response):
     name: str
+    task: Task | None = Field(description="its versions' task; null for an adapter without versions")
     created_at: datetime
     aliases: dict[str, int]
     prod: int | None
@@ -137,10 +143,28 @@ class ImportedVersion(VersionOut):
 
 # -- predict ----------------------------------------------------------------------------------------
 
+ADAPTER_REF = '"name", "name@3" (a version) or "name@prod" (an alias)'
+ADAPTER_REF_MAX_CHARS = 200
+
+
 class PredictRequest(Request):
-    adapter: StrictStr = Field(description='"name", "name@3" (a version) or "name@prod" (an alias)',
-                               examples=["sentiment"], max_length=200)
-    inputs: list[StrictStr] = Field(description="texts to classify", min_length=1, examples=[["great service"]])
+    """A JSON predict request: ``inputs`` (texts) for a text adapter, or ``images`` (base64) for
+    an image adapter; exactly one of the two."""
+
+    adapter: StrictStr = Field(description=ADAPTER_REF, examples=["sentiment"], max_length=ADAPTER_REF_MAX_CHARS)
+    inputs: list[StrictStr] | None = Field(default=None, description="texts to classify (a text adapter)",
+                                           min_length=1, examples=[["great service"]])
+    images: list[StrictStr] | None = Field(
+        default=None, min_length=1, description="images to classify (an image adapter): base64 of JPEG, PNG, "
+                                                "WebP, GIF or BMP bytes; a data: URL prefix is allowed")
+
+
+class PredictForm(Request):
+    """The same request as ``multipart/form-data``: ``adapter`` and one ``images`` file per image."""
+
+    adapter: StrictStr = Field(description=ADAPTER_REF, max_length=ADAPTER_REF_MAX_CHARS)
+    images: list[bytes] = Field(description="image files (JPEG, PNG, WebP, GIF or BMP), in order", min_length=1,
+                                json_schema_extra={"items": {"type": "string", "format": "binary"}})
 
 
 class PredictionOut(Response):
@@ -159,6 +183,7 @@ class PredictResponse(Response):
 
 class FileOut(Response):
     id: str
+    task: Task = Field(description="the task the data trains: text-classification or image-classification")
     filename: str
     format: str
     rows: int
@@ -188,6 +213,7 @@ class JobErrorOut(Response):
 class JobOut(Response):
     id: str
     adapter: str
+    task: Task = Field(description="its training data's task (the adapter's)")
     status: JobStatus
     method: JobMethod
     promote: PromoteMode

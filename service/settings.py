@@ -8,6 +8,13 @@ accepted, so a misconfigured deployment fails at start with one clear line.
 logged once, by the process that created it; later starts reuse the file. Reading the
 settings does not create it (``from_env(admin_key=False)``, e.g. when ``bentoml build``
 imports the service): ``with_admin_key()`` does, when a worker starts.
+
+Tasks: ``TAILOR_TASKS`` lists the task kinds this deployment serves (default both,
+``text-classification,image-classification``); each enabled task loads one frozen base:
+``TAILOR_BASE_MODEL`` for text (default the bundled MiniLM), ``TAILOR_IMAGE_BASE_MODEL`` for
+images (default the bundled EfficientNet-Lite0; a local checkpoint directory; or ``tiny`` /
+``tiny:SEED``, a tiny random network of the same layout for tests, whose predictions mean
+nothing). A base of a task that is not enabled is never loaded.
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES
+
 log = logging.getLogger("tailor.service")
 
 MIB = 1 << 20
+TINY_IMAGE_BASE = "tiny"  # TAILOR_IMAGE_BASE_MODEL=tiny or tiny:SEED: a tiny random vision base (tests)
 ADMIN_KEY_PREFIX = "ta-"
 MIN_ADMIN_KEY_CHARS = 16
 
@@ -36,6 +46,8 @@ class Settings:
     base_model: str | None
     database_url: str
     store_url: str
+    tasks: tuple[str, ...] = TASK_NAMES  # the task kinds served, each on its own base
+    image_base_model: str | None = None  # None: the bundled EfficientNet-Lite0
     max_resident: int = 4096
     device_slots: int = 257
     max_batch_size: int = 32
@@ -44,6 +56,9 @@ class Settings:
     max_input_chars: int = 10_000
     max_body_bytes: int = 10 * MIB
     max_upload_bytes: int = 64 * MIB
+    max_images: int = 16  # images per predict request
+    max_image_bytes: int = 4 * MIB  # bytes of one image
+    max_image_pixels: int = 40_000_000  # pixels of one image (from its header, before decoding)
     rate_limit: float = 50.0  # requests/s per tenant and serving worker; 0 = none
     max_queued_rows: int = 256  # rows one tenant may have waiting for a batch, per serving worker
     tracing: bool = False  # OpenTelemetry spans for /v1 routes (TAILOR_TRACING=1; ~15% of a small request's CPU)
@@ -76,6 +91,9 @@ class Settings:
                 raise SettingsError(f"TAILOR_BASE_MODEL={base_model!r} holds no config.json and weights")
             base_model = str(p.resolve())
 
+        tasks = _tasks(env)
+        image_base_model = _image_base_model(env)
+
         database_url = env.get("TAILOR_DATABASE_URL") or f"sqlite:///{home / 'tailor.db'}"
         if "://" not in database_url:
             raise SettingsError(f"TAILOR_DATABASE_URL={database_url!r} is not a URL (e.g. sqlite:///path.db)")
@@ -106,7 +124,7 @@ class Settings:
             )
         settings = cls(
             home=home, admin_key=given, base_model=base_model, database_url=database_url,
-            store_url=store_url,
+            store_url=store_url, tasks=tasks, image_base_model=image_base_model,
             max_resident=_int(env, "TAILOR_MAX_RESIDENT", 4096, lo=1),
             device_slots=device_slots, max_batch_size=max_batch_size,
             max_wait_ms=_float(env, "TAILOR_MAX_WAIT_MS", 5.0, lo=0.0, hi=10_000.0),
@@ -114,6 +132,9 @@ class Settings:
             max_input_chars=_int(env, "TAILOR_MAX_INPUT_CHARS", 10_000, lo=1),
             max_body_bytes=_int(env, "TAILOR_MAX_BODY_BYTES", 10 * MIB, lo=1024),
             max_upload_bytes=_int(env, "TAILOR_MAX_UPLOAD_BYTES", 64 * MIB, lo=1024),
+            max_images=_int(env, "TAILOR_MAX_IMAGES", 16, lo=1, hi=4096),
+            max_image_bytes=_int(env, "TAILOR_MAX_IMAGE_BYTES", 4 * MIB, lo=1024, hi=1 << 30),
+            max_image_pixels=_int(env, "TAILOR_MAX_IMAGE_PIXELS", 40_000_000, lo=4096, hi=1 << 31),
             rate_limit=_float(env, "TAILOR_RATE_LIMIT", 50.0, lo=0.0, hi=1e6),
             max_queued_rows=_int(env, "TAILOR_MAX_QUEUED_ROWS", 256, lo=1, hi=10_000_000),
             tracing=_bool(env, "TAILOR_TRACING", False),
@@ -128,12 +149,54 @@ class Settings:
         )
         return settings.with_admin_key() if admin_key else settings
 
+    @property
+    def max_predict_bytes(self) -> int:
+        """The body limit of ``POST /v1/predict``: ``max_body_bytes``, or more where images are
+        served: room for ``max_images`` images of ``max_image_bytes`` each, sent as base64."""
+        if IMAGE_CLASSIFICATION not in self.tasks:
+            return self.max_body_bytes
+        base64_image = 4 * ((self.max_image_bytes + 2) // 3)
+        return max(self.max_body_bytes, self.max_images * base64_image + 64 * 1024)
+
     def with_admin_key(self) -> Settings:
         """These settings with the admin key resolved (generated into TAILOR_HOME if unset)."""
         if self.admin_key:
             return self
         key, generated = _admin_key(self.home)
         return replace(self, admin_key=key, admin_key_generated=generated)
+
+
+def _tasks(env: dict[str, str]) -> tuple[str, ...]:
+    """``TAILOR_TASKS``: a comma list of task names (default every task), in canonical order."""
+    raw = env.get("TAILOR_TASKS", "").strip()
+    if not raw:
+        return TASK_NAMES
+    given = [t.strip() for t in raw.split(",") if t.strip()]
+    unknown = [t for t in given if t not in TASK_NAMES]
+    if unknown or not given:
+        raise SettingsError(f"TAILOR_TASKS={raw!r}: give one or more of {', '.join(TASK_NAMES)}, comma-separated"
+                            + (f" ({unknown[0]!r} is not a task)" if unknown else ""))
+    return tuple(t for t in TASK_NAMES if t in given)
+
+
+def _image_base_model(env: dict[str, str]) -> str | None:
+    """``TAILOR_IMAGE_BASE_MODEL``: None (bundled), ``tiny[:SEED]``, or a checkpoint directory
+    holding a ``config.json`` (its architecture is checked when the base loads)."""
+    raw = env.get("TAILOR_IMAGE_BASE_MODEL", "").strip()
+    if not raw:
+        return None
+    if raw == TINY_IMAGE_BASE or raw.startswith(TINY_IMAGE_BASE + ":"):
+        seed = raw.partition(":")[2]
+        if seed and not seed.isdigit():
+            raise SettingsError(f"TAILOR_IMAGE_BASE_MODEL={raw!r}: use tiny or tiny:SEED with an integer SEED")
+        return raw
+    p = Path(raw).expanduser()
+    if not p.is_dir():
+        raise SettingsError(f"TAILOR_IMAGE_BASE_MODEL={raw!r} is not a directory (give a local vision checkpoint "
+                            "folder, or leave it unset for the bundled EfficientNet-Lite0)")
+    if not (p / "config.json").is_file():
+        raise SettingsError(f"TAILOR_IMAGE_BASE_MODEL={raw!r} holds no config.json naming its architecture")
+    return str(p.resolve())
 
 
 def _int(env: dict[str, str], name: str, default: int | None, *, lo: int | None = None,

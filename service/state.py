@@ -1,9 +1,12 @@
-"""Everything one serving worker holds: database, store, keys, base model, engine, batcher.
+"""Everything one serving worker holds: database, store, keys, and per task a base, engine, batcher.
 
 ``TailorState.open(settings)`` connects what is cheap (database, store, key store, files,
 jobs) at once, so tenant administration works from the first second; ``load()`` then loads
-the base model and builds the engine and the micro-batcher (seconds). ``ready`` turns true
-only when that has finished; routes that need the model answer 503 until then.
+one frozen base per enabled task (``TAILOR_TASKS``: text and image classification by default)
+and builds its engine and micro-batcher (seconds). Rows of different tasks never share a
+forward pass: each task has its own engine (device slots, resident adapters) and batcher.
+``ready`` turns true only when every enabled base is loaded; routes that need a model answer
+503 until then, and 422 ``task_not_served`` for a task this deployment does not enable.
 
 A registry database that cannot be reached at start does not stop the process: ``open``
 logs one line per attempt ("registry database at <url without password> unreachable:
@@ -20,11 +23,14 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 
-from adapters.base import BaseModel, load_base
+from adapters.base import load_base
 from adapters.catalog import Catalog
 from adapters.jobs.files import Files
 from adapters.jobs.manager import JobManager
@@ -37,9 +43,10 @@ from adapters.schema import safe_url
 from adapters.runtime.batcher import MicroBatcher
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import AdapterStore, open_store
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 from service.errors import ApiError
 from service.metrics import Metrics, get_metrics
-from service.settings import Settings
+from service.settings import TINY_IMAGE_BASE, Settings
 
 log = logging.getLogger("tailor.service")
 
@@ -118,9 +125,8 @@ class TailorState:
     files: Files
     jobs: JobManager
     pool: WorkerPool | None = None  # the training workers, in the one serving process that runs them
-    base: BaseModel | None = None
-    engine: Engine | None = None
-    batcher: MicroBatcher | None = None
+    engines: dict[str, Engine] = field(default_factory=dict)  # by task, once every enabled base is loaded
+    batchers: dict[str, MicroBatcher] = field(default_factory=dict)  # by task, beside its engine
     load_error: str | None = None
     db_retry_initial_s: float = 1.0
     db_retry_max_s: float = 30.0
@@ -186,48 +192,71 @@ class TailorState:
         return True
 
     def load(self) -> None:
-        """Wait for the database, then load the base model and build the engine (blocking;
-        ``start_loading`` threads it)."""
+        """Wait for the database, then load each enabled task's base and build its engine and
+        batcher (blocking; ``start_loading`` threads it). Ready once all are built."""
         s = self.settings
         if not self.connect_database():
             return
-        try:
-            t0 = time.perf_counter()
-            torch.set_num_threads(serving_threads(s))
-            base = load_base(s.base_model)
-            config = EngineConfig(max_resident=s.max_resident, device_slots=s.device_slots,
-                                  max_batch_size=s.max_batch_size)
-            engine = Engine(base, self.catalog, config, on_load=self.metrics.load_seconds.observe,
-                            on_nonfinite=self.metrics.report_nonfinite)
-            batcher = MicroBatcher(engine, s.max_batch_size, s.max_wait_ms, on_batch=self.metrics.observe_batch,
-                                   announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows)
-        except Exception as e:
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading the base model failed; the service stays unready")
-            return
-        self.base, self.engine, self.batcher = base, engine, batcher
+        torch.set_num_threads(serving_threads(s))
+        config = EngineConfig(max_resident=s.max_resident, device_slots=s.device_slots,
+                              max_batch_size=s.max_batch_size)
+        engines, batchers = {}, {}
+        for task in s.tasks:
+            try:
+                t0 = time.perf_counter()
+                base = BASE_LOADERS[task](s)
+                engine = Engine(base, self.catalog, config, on_load=partial(self.metrics.observe_load, task),
+                                on_nonfinite=self.metrics.report_nonfinite)
+                batchers[task] = MicroBatcher(
+                    engine, s.max_batch_size, s.max_wait_ms, on_batch=partial(self.metrics.observe_batch, task),
+                    announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows)
+            except Exception as e:
+                self.load_error = f"{task} base: {type(e).__name__}: {e}"
+                log.exception("loading the %s base model failed; the service stays unready", task)
+                for batcher in batchers.values():
+                    batcher.close()
+                return
+            engines[task] = engine
+            log.info("loaded %s base model %r on %s (%s...) in %.1fs with %d torch threads", task, base.spec.name,
+                     base.device, base.fingerprint[:19], time.perf_counter() - t0, torch.get_num_threads())
+        self.engines, self.batchers = engines, batchers
         self._ready.set()
         self.metrics.ready.set(1)
-        log.info("loaded base model %r on %s (%s...) in %.1fs with %d torch threads; ready",
-                 base.spec.name, base.device, base.fingerprint[:19], time.perf_counter() - t0,
-                 torch.get_num_threads())
+        log.info("ready: serving %s", ", ".join(s.tasks))
 
     def start_loading(self) -> threading.Thread:
         t = threading.Thread(target=self.load, name="tailor-load", daemon=True)
         t.start()
         return t
 
-    def require_engine(self) -> Engine:
-        if self.engine is None or not self.ready:
+    def require_engine(self, task: str, *, param: str | None = None) -> Engine:
+        """The engine of ``task``: 422 ``task_not_served`` if this deployment does not enable the
+        task (``param``: the request field that asked for it), 503 until the bases are loaded."""
+        self.require_task(task, param=param)
+        engine = self.engines.get(task)
+        if engine is None or not self.ready:
             why = f" (loading failed: {self.load_error})" if self.load_error else "; retry shortly"
             raise ApiError(503, "not_ready", f"the base model is not loaded yet{why}",
                            headers={"Retry-After": "2"})
-        return self.engine
+        return engine
 
-    def require_batcher(self) -> MicroBatcher:
-        self.require_engine()  # built together with the batcher
-        assert self.batcher is not None
-        return self.batcher
+    def require_task(self, task: str, *, param: str | None = None) -> None:
+        """422 ``task_not_served`` unless this deployment enables ``task`` (``TAILOR_TASKS``)."""
+        if task not in self.settings.tasks:
+            raise ApiError(422, "task_not_served", f"this service does not serve {task} (it serves "
+                           f"{', '.join(self.settings.tasks)})", param=param)
+
+    def require_batcher(self, task: str) -> MicroBatcher:
+        self.require_engine(task)  # built together with the batcher
+        return self.batchers[task]
+
+    def any_engine(self) -> Engine:
+        """An engine of any served task: resolving names and reading versions is task-agnostic."""
+        return self.require_engine(self.settings.tasks[0])
+
+    def engine_caches(self) -> EngineCaches | None:
+        """Every loaded engine, told together of adapter changes (None before any is loaded)."""
+        return EngineCaches(list(self.engines.values())) if self.engines else None
 
     def require_jobs(self) -> tuple[Files, JobManager]:
         """Uploaded files and jobs (always there: the routes' way to reach both)."""
@@ -265,9 +294,42 @@ class TailorState:
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
-        if self.batcher is not None:
-            self.batcher.close()
+        for batcher in self.batchers.values():
+            batcher.close()
         self.registry.close()
+
+
+@dataclass(frozen=True)
+class EngineCaches:
+    """Several engines as one ``adapters.change_listener.AdapterCaches``: an adapter change or
+    deletion reaches whichever engine (task) holds the adapter."""
+
+    engines: list[Engine]
+
+    def refresh(self, tenant: str, adapter: str | None = None) -> None:
+        for engine in self.engines:
+            engine.refresh(tenant, adapter)
+
+    def forget(self, tenant: str, adapter: str | None = None) -> None:
+        for engine in self.engines:
+            engine.forget(tenant, adapter)
+
+
+def load_image_base(setting: str | None) -> Any:
+    """The vision base ``TAILOR_IMAGE_BASE_MODEL`` names: the bundled EfficientNet-Lite0 (None),
+    a checkpoint directory, or ``tiny[:SEED]`` (a tiny random network of the same layout)."""
+    from adapters.vision.backbone import load_vision_base, tiny_vision_base
+
+    if setting is not None and (setting == TINY_IMAGE_BASE or setting.startswith(TINY_IMAGE_BASE + ":")):
+        return tiny_vision_base(int(setting.partition(":")[2] or 0), device=None)
+    return load_vision_base(setting)
+
+
+# How each task's base is loaded from the settings.
+BASE_LOADERS: dict[str, Callable[[Settings], Any]] = {
+    TEXT_CLASSIFICATION: lambda s: load_base(s.base_model),
+    IMAGE_CLASSIFICATION: lambda s: load_image_base(s.image_base_model),
+}
 
 
 def training_threads(s: Settings) -> int:

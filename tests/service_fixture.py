@@ -1,7 +1,10 @@
 """A real ``bentoml serve .`` process on a free port, over a tiny random base saved to disk.
 
 ``served`` (session-scoped) starts it with its own TAILOR_HOME (SQLite file + store), waits
-for ``/readyz``, yields a ``Served`` and stops it with SIGTERM. Server output goes to
+for ``/readyz``, yields a ``Served`` and stops it with SIGTERM. It serves both tasks: text on
+the tiny base saved to ``model_dir``, images on the tiny random vision base
+(``TAILOR_IMAGE_BASE_MODEL=tiny:IMAGE_BASE_SEED``; ``image_base()`` is the same base in this
+process). Server output goes to
 ``serve.log`` in its home and is printed when the start fails.
 
 ``start_served(home, model_dir, overrides)`` / ``stop_served(s)`` (or ``with serving(...)``)
@@ -38,7 +41,11 @@ LIMITS = {
     "TAILOR_MAX_INPUT_CHARS": "2000",
     "TAILOR_MAX_BODY_BYTES": str(1 << 20),
     "TAILOR_MAX_UPLOAD_BYTES": str(4 << 20),
+    "TAILOR_MAX_IMAGES": "4",
+    "TAILOR_MAX_IMAGE_BYTES": str(64 << 10),
+    "TAILOR_MAX_IMAGE_PIXELS": str(1 << 20),
 }
+IMAGE_BASE_SEED = 5
 
 
 @dataclass
@@ -77,10 +84,18 @@ def save_tiny_base(directory: Path, seed: int = 7, **config: Any) -> Path:
     return directory
 
 
+def image_base() -> Any:
+    """The vision base a served process loads (``TAILOR_IMAGE_BASE_MODEL=tiny:IMAGE_BASE_SEED``)."""
+    from adapters.vision.backbone import tiny_vision_base
+
+    return tiny_vision_base(IMAGE_BASE_SEED)
+
+
 def serve_env(home: Path, model_dir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a served process: this one's, the test defaults, then ``overrides``."""
     return {
         **os.environ, "TAILOR_HOME": str(home), "TAILOR_BASE_MODEL": str(model_dir),
+        "TAILOR_IMAGE_BASE_MODEL": f"tiny:{IMAGE_BASE_SEED}",
         "TAILOR_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false", "TAILOR_TRAIN_WORKERS": "0", "TAILOR_WORKERS": "1",
         "TAILOR_MAX_WAIT_MS": "25",

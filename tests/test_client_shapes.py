@@ -77,7 +77,8 @@ def accepted(doc: dict[str, Any], op: dict[str, Any]) -> set[str]:
     """Every parameter ``op`` takes but its path's: query parameters and the fields of its body."""
     names = {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
     for content in op.get("requestBody", {}).get("content", {}).values():
-        names |= set(doc["components"]["schemas"][ref_name(content["schema"])]["properties"])
+        schema = content["schema"]  # a component, or written in place (a body the route reads itself)
+        names |= set((doc["components"]["schemas"][ref_name(schema)] if "$ref" in schema else schema)["properties"])
     return names
 
 

@@ -355,6 +355,7 @@ def test_service_starts_without_its_database_and_rides_out_an_outage(
     settings = Settings.from_env({
         "TAILOR_HOME": str(tmp_path / "home"), "TAILOR_BASE_MODEL": str(model_dir), "TAILOR_ADMIN_KEY": ADMIN_KEY,
         "TAILOR_DATABASE_URL": db_url, "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_WAIT_MS": "2",
+        "TAILOR_TASKS": "text-classification",
     })
     with caplog.at_level(logging.WARNING, logger="tailor.service"):
         state = TailorState.open(settings)  # does not fail, does not block
@@ -389,7 +390,7 @@ def test_service_starts_without_its_database_and_rides_out_an_outage(
             assert before["version"] == 1
 
             own_server.stop("fast")
-            resolver = state.engine.resolver
+            resolver = state.engines["text-classification"].resolver
             failed_polls = resolver.poll_failures
 
             def answered_from_memory() -> bool:

@@ -273,7 +273,8 @@ def test_bad_requests_are_4xx_json(served, acme):  # noqa: F811
     raw = {"Content-Type": "application/json"}
     assert_error(c.post("/v1/predict", content=b'{"adapter": "clf", "inputs": [', headers=raw), 400, "invalid_json")
     assert_error(c.post("/v1/predict", content=b"", headers=raw), 422)
-    assert_error(c.post("/v1/predict", content=b"adapter=clf", headers={"Content-Type": "text/plain"}), 422)
+    assert_error(c.post("/v1/predict", content=b"adapter=clf", headers={"Content-Type": "text/plain"}), 415,
+                 "unsupported_media_type")
     assert_error(c.post("/v1/predict", json=["clf"]), 422)
     assert_error(c.post("/v1/predict", json={"adapter": "clf", "inputs": "one text"}), 422, param="inputs")
     assert_error(c.post("/v1/predict", json={"adapter": "clf", "inputs": ["ok", 3]}), 422, param="inputs[1]")
@@ -349,14 +350,19 @@ def test_concurrent_tenants_share_forward_passes(served, admin, spec):  # noqa: 
 
 
 def _batch_histogram(served) -> dict[str, float]:  # noqa: F811
-    text = httpx.get(f"{served.url}/metrics").text
+    """The text engine's merged-batch-size histogram: count, sum and batches of one row."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    def value(pattern: str) -> float:
-        m = re.search(pattern + r" ([0-9.e+]+)", text)
-        return float(m.group(1)) if m else 0.0
-
-    return {"count": value(r"tailor_batch_size_count"), "sum": value(r"tailor_batch_size_sum"),
-            "le1": value(r'tailor_batch_size_bucket\{le="1.0"\}')}
+    out = {"count": 0.0, "sum": 0.0, "le1": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{served.url}/metrics").text):
+        for sample in family.samples:
+            if sample.labels.get("task") != "text-classification":
+                continue
+            if sample.name in ("tailor_batch_size_count", "tailor_batch_size_sum"):
+                out[sample.name.rsplit("_", 1)[1]] = sample.value
+            elif sample.name == "tailor_batch_size_bucket" and float(sample.labels["le"]) == 1.0:
+                out["le1"] = sample.value
+    return out
 
 
 def test_metrics_docs_health(served, acme):  # noqa: F811

@@ -5,6 +5,7 @@ the same settings the same way, and the worker parses what it is given back to t
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from adapters.jobs.supervisor import worker_args, worker_command
@@ -32,3 +33,15 @@ def test_tailor_worker_options_pass_through_and_unset_ones_stay_the_workers() ->
     args = parse_args(worker_args(settings(base_model=None), threads=None, device="cpu", nice=0, once=True))
     assert (args.nice, args.device, args.once, args.threads, args.base_model) == (0, "cpu", True, None, None)
     assert args.checkpoints == Path("/srv/tailor/checkpoints") and args.gc_hours == 2.5
+
+
+def test_the_tasks_and_the_image_base_reach_the_worker() -> None:
+    args = parse_args(worker_args(settings(), threads=None))
+    assert (args.tasks, args.image_base_model) == (("text-classification", "image-classification"), None)
+    images_only = replace(settings(), tasks=("image-classification",), image_base_model="tiny:3")
+    args = parse_args(worker_args(images_only, threads=None))
+    assert (args.tasks, args.image_base_model) == (("image-classification",), "tiny:3")
+    # given in any order, legacy names too: trained in the canonical order (text first)
+    assert parse_args(["--database-url", "d", "--store-url", "s", "--checkpoints", "c", "--tasks",
+                       "image-classification,classification"]).tasks == ("text-classification",
+                                                                          "image-classification")

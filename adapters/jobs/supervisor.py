@@ -26,6 +26,7 @@ from typing import IO, Protocol
 
 from adapters.jobs.manager import JobManager
 from adapters.jobs.parent_watch import ENV as PARENT_ENV
+from adapters.tasks import TASK_NAMES
 
 log = logging.getLogger("tailor.supervisor")
 
@@ -131,6 +132,10 @@ class WorkerSettings(Protocol):
     def base_model(self) -> str | None: ...
     @property
     def store_gc_hours(self) -> float: ...
+    @property
+    def tasks(self) -> tuple[str, ...]: ...  # the task kinds the deployment serves (and trains)
+    @property
+    def image_base_model(self) -> str | None: ...  # None: the bundled vision base
 
 
 WORKER_MODULE = "adapters.jobs.worker"
@@ -147,6 +152,10 @@ def worker_args(settings: WorkerSettings, *, threads: int | None, device: str | 
         args += ["--nice", str(nice)]
     if settings.base_model:
         args += ["--base-model", settings.base_model]
+    if settings.image_base_model:
+        args += ["--image-base-model", settings.image_base_model]
+    if tuple(settings.tasks) != TASK_NAMES:
+        args += ["--tasks", ",".join(settings.tasks)]
     if threads:
         args += ["--threads", str(threads)]
     if device:

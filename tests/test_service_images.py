@@ -309,3 +309,39 @@ def test_a_text_only_service_serves_text_and_says_so_for_images(tmp_path, vision
         metrics = httpx.get(f"{s.url}/metrics").text
         assert 'task="text-classification"' in metrics and 'task="image-classification"' not in metrics
         assert "loaded image-classification base" not in s.log_tail(400)
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+def test_the_cli_predicts_images_and_uploads_image_zips(served, admin, vision, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from service.cli import main
+
+    _, key = new_tenant(admin, "imgcli")
+    monkeypatch.setenv("TAILOR_URL", served.url)
+    monkeypatch.setenv("TAILOR_API_KEY", key)
+    (tmp_path / "pics.zip").write_bytes(image_zip(vision.spec, seed=12, n_labels=2, manifest=False))
+    paths = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    for path, data in zip(paths, IMAGES[::2]):
+        path.write_bytes(data)
+    (tmp_path / "photos.zip").write_bytes(make_zip(image_folder({"cat": 3, "dog": 3})))
+
+    def run(*argv: str) -> str:
+        assert main(list(argv)) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    assert json.loads(run("adapters", "import", "pics", str(tmp_path / "pics.zip")))["task"] == IMAGE
+    answer = json.loads(run("predict", "pics", "--image", *map(str, paths)))
+    with served.client(key) as c:
+        assert answer == predict_images(c, "pics", IMAGES[::2]).json()
+    lines = run("predict", "pics", "--tsv", "--image", *map(str, paths)).splitlines()
+    assert lines[0] == "# pics@1" and [line.split("\t")[2] for line in lines[1:]] == list(map(str, paths))
+    assert main(["predict", "pics"]) == 1 and "--image" in capsys.readouterr().err  # neither texts nor images
+    assert main(["predict", "pics", "some text", "--image", str(paths[0])]) == 1
+    assert "not both" in capsys.readouterr().err
+
+    uploaded = json.loads(run("files", "upload", str(tmp_path / "photos.zip")))  # a .zip: images
+    assert (uploaded["task"], uploaded["rows"]) == (IMAGE, 6)
+    job = json.loads(run("train", "pets", str(tmp_path / "photos.zip"), "--hp", "epochs=1"))
+    assert job["task"] == IMAGE and job["status"] == "queued"
+    assert main(["files", "upload", str(tmp_path / "photos.zip"), "--task", TEXT]) == 1
+    assert "task=image-classification" in capsys.readouterr().err

@@ -45,12 +45,39 @@ def test_defaults(tmp_path):
     ("TAILOR_DATABASE_URL", "tailor.db", "not a URL"),
     ("TAILOR_STORE_GC_HOURS", "-1", "out of range"),
     ("TAILOR_STORE_GC_HOURS", "daily", "not a number"),
+    ("TAILOR_TASKS", "audio", "not a task"),
+    ("TAILOR_TASKS", "text-classification,images", "not a task"),
+    ("TAILOR_TASKS", ",", "one or more of text-classification, image-classification"),
+    ("TAILOR_IMAGE_BASE_MODEL", "/does/not/exist", "not a directory"),
+    ("TAILOR_IMAGE_BASE_MODEL", "tiny:one", "integer SEED"),
+    ("TAILOR_MAX_IMAGES", "0", "out of range"),
+    ("TAILOR_MAX_IMAGE_BYTES", "lots", "not an integer"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, words):
     env = {"TAILOR_HOME": str(tmp_path), name: value}
     with pytest.raises(SettingsError, match=name) as e:
         Settings.from_env(env)
     assert words in str(e.value)
+
+
+def test_tasks_and_the_image_base(tmp_path):
+    env = {"TAILOR_HOME": str(tmp_path), "TAILOR_ADMIN_KEY": "k" * 20}
+    s = Settings.from_env(env)
+    assert s.tasks == ("text-classification", "image-classification") and s.image_base_model is None
+    assert (s.max_images, s.max_image_bytes, s.max_image_pixels) == (16, 4 << 20, 40_000_000)
+    # predict's body limit has room for the images, sent as base64
+    assert s.max_predict_bytes == 16 * 4 * ((4 << 20) + 2) // 3 + 65536 > s.max_body_bytes
+    text = Settings.from_env({**env, "TAILOR_TASKS": " text-classification "})
+    assert text.tasks == ("text-classification",) and text.max_predict_bytes == text.max_body_bytes
+    both = Settings.from_env({**env, "TAILOR_TASKS": "image-classification,text-classification,image-classification"})
+    assert both.tasks == ("text-classification", "image-classification")
+    assert Settings.from_env({**env, "TAILOR_IMAGE_BASE_MODEL": "tiny:7"}).image_base_model == "tiny:7"
+    (tmp_path / "vision").mkdir()
+    with pytest.raises(SettingsError, match="TAILOR_IMAGE_BASE_MODEL.*no config.json"):
+        Settings.from_env({**env, "TAILOR_IMAGE_BASE_MODEL": str(tmp_path / "vision")})
+    (tmp_path / "vision" / "config.json").write_text('{"architecture": "efficientnet-lite0"}')
+    given = Settings.from_env({**env, "TAILOR_IMAGE_BASE_MODEL": str(tmp_path / "vision")})
+    assert given.image_base_model == str((tmp_path / "vision").resolve())
 
 
 def test_credentials_in_an_s3_url_are_refused_and_not_echoed(tmp_path):

@@ -2,8 +2,9 @@
 
 The HTTP API is the FastAPI app of ``service.app`` mounted at ``/`` (routes ``/v1/...``, docs at
 ``/docs``); BentoML adds ``/healthz``, ``/readyz`` and ``/metrics``. Each worker opens the
-database at once and loads the base model in the background: ``/readyz`` is 503 until the
-engine is built, then 200.
+database at once and loads one base model per enabled task (``TAILOR_TASKS``: text and image
+classification by default) in the background: ``/readyz`` is 503 until every task's engine is
+built, then 200.
 
 Logging: the ``tailor`` loggers at INFO; BentoML's access log (one INFO line per request) only
 with ``TAILOR_ACCESS_LOG=1``. Metrics: each instance should have its own BentoML home (our

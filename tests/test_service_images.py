@@ -345,3 +345,28 @@ def test_the_cli_predicts_images_and_uploads_image_zips(served, admin, vision, t
     assert job["task"] == IMAGE and job["status"] == "queued"
     assert main(["files", "upload", str(tmp_path / "photos.zip"), "--task", TEXT]) == 1
     assert "task=image-classification" in capsys.readouterr().err
+
+
+# -- start-up ---------------------------------------------------------------------------------------------
+
+def test_an_unsupported_vision_checkpoint_keeps_the_service_unready_and_says_why(tmp_path):
+    from service.errors import ApiError
+    from service.settings import Settings
+    from service.state import TailorState
+
+    checkpoint = tmp_path / "resnet"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"architecture": "resnet50"}')
+    settings = Settings.from_env({
+        "TAILOR_HOME": str(tmp_path / "home"), "TAILOR_ADMIN_KEY": "k" * 20, "TAILOR_TRAIN_WORKERS": "0",
+        "TAILOR_BASE_MODEL": str(save_tiny_base(tmp_path / "model")), "TAILOR_IMAGE_BASE_MODEL": str(checkpoint)})
+    state = TailorState.open(settings)
+    try:
+        state.load()  # the text base loads; the vision checkpoint is refused
+        assert not state.ready and "resnet50" in (state.load_error or "")
+        for task in (TEXT, IMAGE):  # ready means every enabled base: nothing is served half-way
+            with pytest.raises(ApiError) as e:
+                state.require_engine(task)
+            assert e.value.status == 503 and "unsupported vision architecture 'resnet50'" in e.value.message
+    finally:
+        state.close()

@@ -85,10 +85,11 @@ class LoopState:
             for n, p in self.params:
                 p.copy_(t[f"param.{n}"])
                 if f"exp_avg.{n}" in t:
-                    self.opt.state[p] = {"step": torch.tensor(meta["opt_step"]), "exp_avg": t[f"exp_avg.{n}"].clone(),
-                                         "exp_avg_sq": t[f"exp_avg_sq.{n}"].clone()}
+                    self.opt.state[p] = {"step": torch.tensor(meta["opt_step"]),  # AdamW keeps its step on the CPU
+                                         "exp_avg": t[f"exp_avg.{n}"].to(p.device, copy=True),
+                                         "exp_avg_sq": t[f"exp_avg_sq.{n}"].to(p.device, copy=True)}
                 if f"best.{n}" in t:
-                    self.best_state[n] = t[f"best.{n}"].clone()
+                    self.best_state[n] = t[f"best.{n}"].to(p.device, copy=True)
         self.step, self.best_epoch, self.best_acc = meta["step"], meta["best_epoch"], meta["best_acc"]
         self.resume_rng = {k.removeprefix("rng."): v for k, v in t.items() if k.startswith("rng.")}
         self.history = meta["history"]

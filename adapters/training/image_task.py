@@ -50,6 +50,7 @@ from adapters.vision.image_datasets import ImageDataset
 
 FEATURE_CHUNK = 64  # images per forward pass when computing frozen features
 SKIPPED_STAGES = 2  # auto LoRA targets leave the first stages' convs alone (see auto_targets)
+TARGET_LAYER = "pointwise (1x1) convolution"  # what a LoRA target must name
 
 
 def train_images(
@@ -80,7 +81,7 @@ def resolve_image_hyperparameters(hp: ImageHyperparameters, n_train: int, method
                                   base: VisionBase) -> ResolvedImageHyperparameters:
     """``hp.resolve`` for ``base`` (its input size and auto LoRA targets); targets are checked."""
     rhp = hp.resolve(n_train, method, base.input_size, auto_targets(base))
-    check_targets(base.spec, rhp.target_modules, layer="pointwise (1x1) convolution")
+    check_targets(base.spec, rhp.target_modules, layer=TARGET_LAYER)
     return rhp
 
 
@@ -118,6 +119,7 @@ class ImageTask:
         if self.method == "lora":
             from peft import LoraConfig, get_peft_model
 
+            check_targets(base.spec, hp.target_modules, layer=TARGET_LAYER)
             paths = sorted({p for t in hp.target_modules for p in base.spec.match_target(t)})
             for p in model.parameters():
                 p.requires_grad_(False)

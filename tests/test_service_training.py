@@ -208,3 +208,32 @@ def test_job_and_adapter_quotas_are_409_and_leave_nothing(server, tmp_path):
         second = q.create_job("second", training_data=rows[:30], promote="never")
         assert second["status"] == "queued"
         q.cancel_job(second["id"])
+
+
+def test_an_image_job_from_a_zip_runs_in_the_training_pool_on_the_image_base(server, tmp_path, monkeypatch, capsys):
+    """``tailor train ADAPTER photos.zip --wait``: the zip is uploaded as an image dataset, the
+    job is an image job, and the pool's worker trains it with the image trainer on the same
+    ``tiny:SEED`` vision base the service runs. That base's batch-norm statistics are random, so
+    its features are all but constant and it cannot learn: the job ends, deterministically, in
+    the trainer's "did not converge" refusal (a base with usable statistics would succeed)."""
+    from tests.image_files import make_zip, solid
+
+    with TailorClient(server.url, server.admin_key) as admin:
+        server.keys["pics"] = admin.create_tenant("pics")["api_key"]
+    colours = {"red": lambda i: (190 + 3 * i, 20 + i, 30), "blue": lambda i: (20 + i, 40, 180 + 3 * i)}
+    folder = {f"{label}/{i:02d}.png": solid(colour(i), size=(20 + i, 18))
+              for label, colour in colours.items() for i in range(12)}
+    photos = tmp_path / "photos.zip"
+    photos.write_bytes(make_zip(folder))
+    rc, out, err = cli(monkeypatch, capsys, server, "pics", "--no-progress", "train", "colours", str(photos),
+                       "--wait", *hp_flags({"epochs": 2, "seed": 0}))
+    job = json.loads(out)
+    assert (job["task"], job["dataset"]["training_examples"], job["dataset"]["labels"]) == (
+        "image-classification", 20, ["blue", "red"]), job  # 4 of the 24 held out for validation
+    assert "training lora on 20 examples, validating on 4" in err and "epoch 2/2:" in err, err
+    assert rc == 1 and job["status"] == "failed" and "did not converge" in job["error"]["message"], job
+    with TailorClient(server.url, server.keys["pics"]) as c:
+        assert [(f["task"], f["format"]) for f in c.list_files()] == [("image-classification", "zip")]
+        with pytest.raises(TailorAPIError) as e:
+            c.predict("colours", images=[folder["red/00.png"]])
+        assert e.value.status == 404  # nothing was published

@@ -41,8 +41,11 @@ class TaskTrainer:
 
 def _text() -> TaskTrainer:
     def train_text(base: Any, train_ds: Any, val_ds: Any, **kw: Any) -> TrainResult:
-        return train(base, train_ds.texts(), train_ds.label_ids(), train_ds.labels, val_ds.texts(),
-                     val_ds.label_ids(), **kw)
+        # validation ids index the TRAINING labels: a separate validation file may lack some
+        # labels, and its own label_ids() would then number the rest differently
+        index = {label: i for i, label in enumerate(train_ds.labels)}
+        val_ids = [index[e.label] for e in val_ds.examples]
+        return train(base, train_ds.texts(), train_ds.label_ids(), train_ds.labels, val_ds.texts(), val_ids, **kw)
 
     return TaskTrainer(parse=Hyperparameters.from_dict,
                        resolve=lambda hp, n, method, base: hp.resolve(n, method, base.device), train=train_text)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_fixture import ADMIN_KEY, save_tiny_base, start_served, stop_served
+from tests.service_fixture import ADMIN_KEY, IMAGE_BASE_SEED, save_tiny_base, start_served, stop_served
 
 REQUESTS = 6
 
@@ -41,7 +41,9 @@ def access_lines(log: str) -> list[str]:
 def test_no_line_per_request_by_default_and_a_readable_start(tmp_path: Path, model_dir: Path) -> None:
     log = served_log(tmp_path / "home", model_dir, {})
     assert access_lines(log) == []
-    assert "loaded base model 'model' on " in log and "base model model" not in log
+    assert "loaded text-classification base model 'model' on " in log and "base model model" not in log
+    assert f"loaded image-classification base model 'tiny-efficientnet-{IMAGE_BASE_SEED}' on " in log
+    assert "ready: serving text-classification, image-classification" in log
 
 
 def test_access_log_when_asked(tmp_path: Path, model_dir: Path) -> None:

@@ -2,8 +2,8 @@
 resumes exactly, and its settings, layer-wise rates and inputs are what they claim.
 
 Images are made here with Pillow: a red or a blue square on a grey background of random size
-and place (colour is what a tiny random CNN separates). The tiny base's batch-norm statistics
-are calibrated on noise first: with the random ones its features hardly depend on the input.
+and place (colour is what a tiny random CNN separates): ``tiny_vision_base`` as it is (its batch-norm
+statistics calibrated on noise) learns them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from adapters.errors import DatasetError
-from adapters.fingerprint import fingerprint_model
 from adapters.runtime.context import use_plan
 from adapters.runtime.head import MixedHead
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
@@ -33,29 +32,12 @@ from adapters.training.image_inputs import TrainImages, centre_crops, normalise
 from adapters.training.image_task import auto_targets, resolve_image_hyperparameters, train_images
 from adapters.training.layer_decay import block_stages, decayed_groups
 from adapters.vision.augment import Augmentation
-from adapters.vision.backbone import VisionBase, tiny_vision_base
+from adapters.vision.backbone import tiny_vision_base
 from adapters.vision.image_datasets import ImageDataset, ImageExample
 from adapters.vision.images import preprocess
 
 LABELS = ("blue", "red")
 FAST = {"epochs": 6, "learning_rate": 0.01, "batch_size": 8, "patience": 6, "seed": 0}
-
-
-def calibrated_base(seed: int = 1) -> VisionBase:
-    """``tiny_vision_base`` with batch-norm statistics measured on noise (and fingerprinted so)."""
-    base = tiny_vision_base(seed=seed)
-    model = base.model
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the calibration batch
-    model.train()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # training mode drops blocks at random (stochastic depth)
-        model(torch.rand(64, 3, base.input_size, base.input_size) * 2 - 1)
-    model.eval()
-    fingerprint = fingerprint_model({"tiny": seed, "calibrated": True}, model.state_dict())
-    return replace(base, spec=replace(base.spec, fingerprint=fingerprint))
 
 
 def squares(n: int, seed: int) -> ImageDataset:
@@ -81,7 +63,7 @@ TRAIN, VAL = squares(48, seed=0), squares(24, seed=1)
 
 @pytest.fixture(scope="module")
 def base():
-    return calibrated_base()
+    return tiny_vision_base(seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +83,7 @@ def val_pixels(base) -> torch.Tensor:
 def served_logits(artifacts: list, rows: list[int | None]) -> torch.Tensor:
     """A fresh copy of the base prepared as the engine prepares it (pointwise convs wrapped, mixed
     head, device slots); row ``i`` runs ``artifacts[rows[i]]`` (None: the base)."""
-    base = calibrated_base()
+    base = tiny_vision_base(seed=1)
     wrap_convs(base.model, list(base.lora_paths))
     base.model._fc = MixedHead(base.feature_dim)
     bank = SlotBank(base.spec.linear_shapes, base.feature_dim, 4, base.device, base.dtype)
@@ -288,7 +270,7 @@ def test_bad_data_targets_and_bases_are_refused_before_training(base):
         train_images(base, TRAIN, VAL, hp=ImageHyperparameters(target_modules=("query",)))
     with pytest.raises(HyperparameterError, match="method"):
         train_images(base, TRAIN, VAL, method="qlora")
-    served = calibrated_base()
+    served = tiny_vision_base(seed=1)
     served.model._fc = MixedHead(served.feature_dim)
     with pytest.raises(ValueError, match="prepared for serving"):
         train_images(served, TRAIN, VAL, hp=ImageHyperparameters.from_dict(FAST))

@@ -144,6 +144,41 @@ def test_tiny_vision_base_is_frozen_and_fingerprinted():
     assert tiny_vision_base(seed=1).fingerprint != base.fingerprint
 
 
+def test_tiny_base_statistics_are_calibrated_so_its_features_depend_on_the_input():
+    """With random batch-norm statistics the pooled features were all but constant (their spread
+    over 32 noise images ~4e-4 of their size) and nothing learned on them; calibrated: ~0.4."""
+    base = tiny_vision_base(seed=0)
+    x = torch.rand(32, 3, base.input_size, base.input_size, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    with torch.inference_mode():
+        features = base.model(x)
+    assert (features.std(0).mean() / features.abs().mean()).item() > 0.1
+    norms = [m for m in base.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.momentum == pytest.approx(0.01) and not m.training for m in norms)  # as built
+    assert all(m.running_mean.dtype == torch.float32 and bool(m.running_var.gt(0).all()) for m in norms)
+
+
+def test_tiny_base_is_the_same_whatever_the_thread_count():
+    """Serving and training processes build ``tiny:SEED`` with different thread counts: the
+    calibration must give them one fingerprint, or no adapter could move between them."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tiny_vision_base(seed=4)
+        torch.set_num_threads(3)
+        three = tiny_vision_base(seed=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.fingerprint == three.fingerprint
+    assert all(torch.equal(a, b) for a, b in zip(one.model.state_dict().values(), three.model.state_dict().values()))
+
+
+def test_input_sizes_must_be_multiples_of_the_stride():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        efficientnet_lite(input_size=100)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        load_vision_base(input_size=96.0)  # type: ignore[arg-type]
+
+
 # -- (b), (c) mixed batches equal peft per adapter; base rows are the base ------------------------
 
 
@@ -280,3 +315,14 @@ def test_real_backbone_loads_offline_frozen_with_imagenet_features(package_model
     assert features.shape == (2, 1280)
     assert max_diff(got, want) <= 1e-5
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+@pytest.mark.slow
+def test_real_backbone_at_another_input_size_has_the_same_weights_and_paddings():
+    """Built for 128 px the backbone is the 224 px one run on smaller images (its static "same"
+    paddings are the same for every multiple of 32), with its own fingerprint."""
+    small, full = load_vision_base(device="cpu", input_size=128), load_vision_base(device="cpu")
+    assert small.input_size == 128 and small.fingerprint != full.fingerprint
+    x = images(2, 128, seed=4)
+    with torch.inference_mode():
+        assert max_diff(small.model(x), full.model(x)) == 0.0

@@ -26,14 +26,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adapters.artifact import TASKS, AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
+from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
 from adapters.errors import DatasetError
 from adapters.tasks import IMAGE_CLASSIFICATION
 from adapters.training.callbacks import TrainCallbacks, TrainResult
@@ -221,14 +220,6 @@ class ImageTask:
                                    head_in_features=self.base.feature_dim, task=IMAGE_CLASSIFICATION,
                                    metrics=metrics, source=source)
         art = AdapterArtifact(manifest=manifest, weights=weights)
-        _check(art, spec)
+        art.validate()
+        art.check_base(spec)
         return art
-
-
-def _check(art: AdapterArtifact, spec: Any) -> None:
-    # TRANSITION (issue 14): until adapters.artifact accepts "image-classification" (the serving
-    # side's change), the manifest is checked as a legacy-task copy; everything else is checked.
-    if IMAGE_CLASSIFICATION not in TASKS:
-        art = replace(art, manifest=replace(art.manifest, task=TASKS[0]))
-    art.validate()
-    art.check_base(spec)

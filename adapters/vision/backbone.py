@@ -29,9 +29,24 @@ A local checkpoint directory (``load_vision_base(path)``) must hold ``config.jso
 ``{"architecture": "efficientnet-lite0"}`` and the weights of this package's ``EfficientNet``
 (same parameter names) as ``model.safetensors`` or exactly one ``*.pth`` / ``*.pt`` state dict;
 its ``_fc`` may have any number of classes (it is dropped). Any other architecture, or a
-directory without that ``config.json``, is a ``ValueError`` naming it. ``tiny_vision_base``
-builds a tiny random network of the same code and layout (stem, MBConv blocks with depthwise +
-pointwise expand/project convs, 1x1 head conv, pool) that loads in milliseconds, for tests.
+directory without that ``config.json``, is a ``ValueError`` naming it.
+
+``input_size`` (default: the architecture's, 224 for Lite0) builds the same weights for another
+square input, a multiple of 32: the package computes its static "same" paddings from it (for
+such sizes they are the paddings of 224, so the network is the same one run on smaller or
+larger images). It is part of the fingerprint: an adapter is served at the size it was trained
+for. Benchmarks use it to run quickly at 96 or 128 px.
+
+``tiny_vision_base`` builds a tiny random network of the same code and layout (stem, MBConv
+blocks with depthwise + pointwise expand/project convs, 1x1 head conv, pool) that loads in
+milliseconds, for tests and the ``tiny[:SEED]`` base of a development deployment. Its
+batch-norm statistics are *calibrated*, not random: measured on seeded noise images (every
+batch-norm layer in training mode over one batch, in float64, then frozen), as a trained
+network's statistics are measured on its data. With random statistics the activations drift
+away from zero mean and unit variance layer after layer and the pooled features hardly depend
+on the input, so nothing can learn on them; calibrated, a tiny adapter learns colours and shapes.
+The statistics are a function of the seed alone (float64 arithmetic, then rounded to float32),
+so every process that builds ``tiny:SEED`` gets the same fingerprint.
 """
 
 from __future__ import annotations
@@ -56,6 +71,8 @@ CONFIG_FILE = "config.json"
 NORMALIZE = (0.5, 0.5, 0.5)  # the Lite models' mean and std: (x / 255 - 0.5) / 0.5
 # A tiny network of the same code: width 0.25 of Lite0's first stages, 32x32 inputs.
 _TINY_BLOCKS = ("r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r1_k5_s22_e4_i24_o40")
+_CALIBRATION_IMAGES = 64  # seeded noise images the tiny network's batch-norm statistics are measured on
+STRIDE = 32  # the backbone's total stride: input sizes are multiples of it
 
 
 @dataclass(frozen=True)
@@ -105,16 +122,19 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def efficientnet_lite(
     architecture: str = DEFAULT_ARCHITECTURE, state: dict[str, torch.Tensor] | None = None,
+    input_size: int | None = None,
 ) -> nn.Module:
     """The package's own ``EfficientNet`` (not re-classed, classifier kept), with ``state`` loaded
-    strictly (its ``_fc`` sets the class count); random weights when ``state`` is None."""
+    strictly (its ``_fc`` sets the class count); random weights when ``state`` is None.
+    ``input_size``: build it for that square input (see the module docstring); None: its own."""
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported vision architecture {architecture!r}; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     from efficientnet_lite_pytorch import EfficientNet
 
     fc = state.get(HEAD_NAME + ".weight") if state is not None else None
-    model = EfficientNet.from_name(architecture, num_classes=1000 if fc is None else fc.shape[0])
+    size = {} if input_size is None else {"image_size": check_input_size(input_size)}
+    model = EfficientNet.from_name(architecture, num_classes=1000 if fc is None else fc.shape[0], **size)
     if state is not None:
         try:
             model.load_state_dict(state, strict=True)
@@ -124,7 +144,8 @@ def efficientnet_lite(
 
 
 def tiny_efficientnet(seed: int = 0, num_classes: int = 10, image_size: int = 32) -> nn.Module:
-    """A tiny random ``EfficientNet`` of the package's code (not re-classed, classifier kept)."""
+    """A tiny random ``EfficientNet`` of the package's code (not re-classed, classifier kept), its
+    batch-norm statistics calibrated on seeded noise (``calibrate_batch_norm``)."""
     from efficientnet_lite_pytorch import BlockDecoder, EfficientNet, GlobalParams
 
     params = GlobalParams(
@@ -136,11 +157,37 @@ def tiny_efficientnet(seed: int = 0, num_classes: int = 10, image_size: int = 32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = EfficientNet(BlockDecoder.decode(list(_TINY_BLOCKS)), params)
-        for m in model.modules():  # non-trivial batch-norm statistics, as a trained model has
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+        noise = torch.rand(_CALIBRATION_IMAGES, 3, image_size, image_size, dtype=torch.float64) * 2 - 1
+    calibrate_batch_norm(model, noise)
     return model.eval()
+
+
+@torch.no_grad()
+def calibrate_batch_norm(model: nn.Module, images: torch.Tensor) -> None:
+    """Set every batch-norm layer's running statistics to those of ``images`` (one batch) going
+    through ``model``; everything else stays in eval mode (no dropout, no stochastic depth).
+    Computed in float64 and rounded to the model's dtype, so the result does not depend on the
+    number of threads; the weights and momenta are unchanged."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    dtype, momenta = next(model.parameters()).dtype, [m.momentum for m in norms]
+    model.eval().double()
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average: exactly this batch's statistics
+            m.train()
+        model(images.double())
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval().to(dtype)
+
+
+def check_input_size(size: int) -> int:
+    """A vision base's square input side: an integer multiple of ``STRIDE`` from 32 to 1024."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024 or size % STRIDE:
+        raise ValueError(f"the vision input size must be a multiple of {STRIDE} between 32 and 1024, got {size!r}")
+    return size
 
 
 def reclass_pointwise(model: nn.Module) -> list[str]:
@@ -179,14 +226,18 @@ def _plain_twin(m: nn.Module) -> nn.Conv2d | None:
 
 def load_vision_base(
     path: str | Path | None = None, *, device: str | None = None, dtype: str | None = None,
+    input_size: int | None = None,
 ) -> VisionBase:
-    """Load, re-class, freeze and fingerprint the vision base (default: bundled EfficientNet-Lite0)."""
+    """Load, re-class, freeze and fingerprint the vision base (default: bundled EfficientNet-Lite0);
+    ``input_size``: build it for that square input (see the module docstring)."""
+    if input_size is not None:
+        check_input_size(input_size)
     if path is None:
         weights, architecture, name = bundled_weights_path(), DEFAULT_ARCHITECTURE, DEFAULT_ARCHITECTURE
     else:
         weights, architecture = _checkpoint_dir(Path(path))
         name = Path(path).name
-    model = efficientnet_lite(architecture, read_weights(weights))
+    model = efficientnet_lite(architecture, read_weights(weights), input_size)
     return _finish(model, architecture, [weights], device, dtype, name=name)
 
 

@@ -59,3 +59,41 @@ def test_importing_the_names_is_cheap():
             "assert 'torch' not in sys.modules, 'torch'; "
             "assert not any(m.startswith('adapters.tasks.') for m in sys.modules), 'task module'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_task_module_names_its_trainer_and_the_job_system_asks_it():
+    """One place: ``trainer_for`` is the task module's ``trainer()``; text and image settings are
+    parsed by their own rules; an unknown task has no trainer."""
+    from adapters.jobs.trainers import TrainingUnavailableError, trainer_for
+    from adapters.training import Hyperparameters
+    from adapters.training.image_hyperparams import ImageHyperparameters
+
+    for name, settings in ((TEXT_CLASSIFICATION, Hyperparameters), (IMAGE_CLASSIFICATION, ImageHyperparameters)):
+        mine, asked = get_task(name).trainer(), trainer_for(name)
+        assert asked.parse == mine.parse == settings.from_dict
+        assert type(asked.parse({"epochs": 2})) is settings
+    assert trainer_for("classification").parse == Hyperparameters.from_dict  # the legacy name is text
+    assert not hasattr(get_task(TEXT_CLASSIFICATION), "training")  # no second, unused slot
+    for bad in ("generation", None):
+        with pytest.raises(TrainingUnavailableError, match="not available"):
+            trainer_for(bad)  # type: ignore[arg-type]
+
+
+def test_a_text_job_never_imports_the_image_task_or_trainer():
+    code = ("import sys\n"
+            "from adapters.jobs.trainers import trainer_for\n"
+            "t = trainer_for('text-classification')\n"
+            "from adapters.base import tiny_base\n"
+            "t.resolve(t.parse({'epochs': 1}), 40, 'lora', tiny_base(seed=1))\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('adapters.training.image', 'adapters.vision', "
+            "'adapters.tasks.image')))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parsing_image_settings_does_not_import_the_image_trainer():
+    code = ("import sys\n"
+            "from adapters.jobs.trainers import trainer_for\n"
+            "trainer_for('image-classification').parse({'hflip': False})\n"
+            "assert 'adapters.training.image_task' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,8 +6,9 @@ split a stratified validation set if none was given, resolve hyper-parameters) a
 adapter as a new *candidate* version, scores it against the current ``prod`` on the same
 validation data and lets the gate decide whether it becomes ``prod``. Everything that differs
 by the job's task is looked up by it: its stored data (``adapters.jobs.task_data``), the
-trainer (``TRAINERS``) and the worker's bases for it (``WorkerContext.bases``: the base trained
-and the engine the gate scores on, loaded on the task's first job). Cancellation is honoured
+trainer (``trainer_for``: the task module's own) and the worker's bases for it
+(``WorkerContext.bases``: the base trained and the engine the gate scores on, loaded on the
+task's first job). Cancellation is honoured
 until the adapter is published; a cancelled or failed job registers nothing. Whatever
 happens, the job ends in a final state with a reason -- unless the worker is shutting down or
 lost the job, in which case it is left for ``recover`` to requeue from its checkpoint, or the

@@ -36,6 +36,7 @@ from adapters.runtime.head import MixedHead
 from adapters.runtime.loaded import LoadedAdapter
 from adapters.runtime.lora_conv import wrap_convs
 from adapters.tasks import IMAGE_CLASSIFICATION
+from adapters.tasks.kind import TaskTrainer
 from adapters.vision.backbone import VisionBase
 from adapters.vision.image_datasets import ImageDataset, ImageDatasetLimits, parse_image_dataset
 from adapters.vision.images import ImageLimits, ImageTooLargeError, InvalidImageError, decode_image, preprocess
@@ -44,7 +45,6 @@ name = IMAGE_CLASSIFICATION
 input_field = "images"
 peft_task_type: str | None = None  # peft has no image-classification task type: a plain PeftModel
 lora_kernel: tuple[int, ...] = (1, 1)
-training: Any = None  # the trainer's hooks for this task (adapters.training), wired in there
 
 
 def default_dataset_limits() -> ImageDatasetLimits:
@@ -55,6 +55,24 @@ def parse_dataset(data: bytes, *, format: str | None = None, limits: ImageDatase
                   what: str = "training file") -> ImageDataset:
     """``adapters.vision.image_datasets.parse_image_dataset``: a zip of label folders or JSONL."""
     return parse_image_dataset(data, format=format, limits=limits or default_dataset_limits(), what=what)
+
+
+def trainer() -> TaskTrainer:
+    """``ImageHyperparameters`` and ``adapters.training.image_task.train_images`` (imported on the
+    first ``resolve`` or ``train``: parsing a job's settings needs only the settings)."""
+    from adapters.training.image_hyperparams import ImageHyperparameters
+
+    def resolve(hp: Any, n: int, method: str, base: Any) -> Any:
+        from adapters.training.image_task import resolve_image_hyperparameters
+
+        return resolve_image_hyperparameters(hp, n, method, base)
+
+    def train(*args: Any, **kw: Any) -> Any:
+        from adapters.training.image_task import train_images
+
+        return train_images(*args, **kw)
+
+    return TaskTrainer(parse=ImageHyperparameters.from_dict, resolve=resolve, train=train)
 
 
 _DATA_URL = re.compile(r"^data:[\w.+/-]*;base64,")

@@ -14,7 +14,8 @@ never share a forward pass (one engine and one batcher per base).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -23,6 +24,26 @@ if TYPE_CHECKING:
     from adapters.fingerprint import BaseSpec
     from adapters.runtime.context import BatchPlan
     from adapters.runtime.loaded import LoadedAdapter
+    from adapters.training.callbacks import TrainResult
+
+
+@dataclass(frozen=True)
+class TaskTrainer:
+    """How a job of one task is trained: three calls, each the task's own (``adapters.training``).
+
+    * ``parse(hyperparameters)``: the job's requested hyper-parameters, checked (a
+      ``HyperparameterError`` naming the key); the result's ``target_modules`` is a tuple of
+      names or ``"auto"``. ``JobManager.submit`` runs it, so a bad value is refused before the
+      job exists. Cheap: it imports the task's settings, never its training code.
+    * ``resolve(parsed, n_train, method, base)``: concrete values for this data on this base.
+    * ``train(base, train_ds, val_ds, *, method, hp, callbacks, checkpoint_dir, threads)``: the
+      run, on the worker's pristine base of the task and the job's datasets
+      (``adapters.jobs.task_data``), returning ``adapters.training.TrainResult``.
+    """
+
+    parse: Callable[[dict[str, Any] | None], Any]
+    resolve: Callable[[Any, int, str, Any], Any]
+    train: Callable[..., TrainResult]
 
 
 class TaskServing(Protocol):
@@ -76,9 +97,6 @@ class TaskKind(Protocol):
     # 1x1 convs of a vision base (peft's Conv2d LoRA: A [r, C_in, 1, 1], B [C_out, r, 1, 1]); the
     # artifact stores them without (adapters.peft_format reshapes on export and import).
     lora_kernel: tuple[int, ...]
-    # The training side of this task (the trainer's per-task hooks); None until it is wired in
-    # (adapters.training owns it; loosely typed so this seam does not import the trainer).
-    training: Any
 
     def parse_dataset(self, data: bytes, *, format: str | None = None, limits: Any = None,
                       what: str = "training file") -> Any:
@@ -89,6 +107,12 @@ class TaskKind(Protocol):
 
     def default_dataset_limits(self) -> Any:
         """The dataset limits ``parse_dataset`` applies when given none."""
+        ...
+
+    def trainer(self) -> TaskTrainer:
+        """How this task's jobs are trained (``adapters.jobs.trainers.trainer_for`` asks here, the
+        one place a task's trainer is named). The trainer's code is imported on first use of
+        ``resolve``/``train``: calling this imports no training module of another task."""
         ...
 
     def serving(self, base: Any) -> TaskServing:

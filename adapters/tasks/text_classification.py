@@ -33,12 +33,12 @@ from adapters.runtime.inputs import check_text, check_texts
 from adapters.runtime.loaded import LoadedAdapter
 from adapters.runtime.lora_layer import wrap_linears
 from adapters.tasks import TEXT_CLASSIFICATION
+from adapters.tasks.kind import TaskTrainer
 
 name = TEXT_CLASSIFICATION
 input_field = "inputs"
 peft_task_type: str | None = "SEQ_CLS"
 lora_kernel: tuple[int, ...] = ()
-training: Any = None  # the trainer's hooks for this task (adapters.training), wired in there
 
 
 def default_dataset_limits() -> DatasetLimits:
@@ -49,6 +49,26 @@ def parse_dataset(data: bytes, *, format: str | None = None, limits: DatasetLimi
                   what: str = "training file") -> Dataset:
     """``adapters.datasets.parse_dataset``: JSON Lines or CSV of ``text``/``label``."""
     return _parse_text_dataset(data, format=format, limits=limits or default_dataset_limits(), what=what)
+
+
+def trainer() -> TaskTrainer:
+    """``adapters.training``'s ``Hyperparameters`` and ``train``, on a job's text datasets."""
+    from adapters.training import Hyperparameters
+
+    def resolve(hp: Any, n: int, method: str, base: Any) -> Any:
+        return hp.resolve(n, method, base.device)
+
+    def train(base: Any, train_ds: Dataset, val_ds: Dataset, **kw: Any) -> Any:
+        from adapters.training import train as train_texts
+
+        # validation ids index the TRAINING labels: a separate validation file may lack some
+        # labels, and its own label_ids() would then number the rest differently
+        index = {label: i for i, label in enumerate(train_ds.labels)}
+        val_ids = [index[e.label] for e in val_ds.examples]
+        return train_texts(base, train_ds.texts(), train_ds.label_ids(), train_ds.labels, val_ds.texts(), val_ids,
+                           **kw)
+
+    return TaskTrainer(parse=Hyperparameters.from_dict, resolve=resolve, train=train)
 
 
 # Short and long, plain and odd: enough to reach every layer with ordinary and unusual tokens.

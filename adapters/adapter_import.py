@@ -14,29 +14,40 @@ each step refuses before the next, costlier one runs, and nothing is stored unle
 4. the bar training sets (``adapters.import_checks``): label names by the dataset rules under
    the tenant's own dataset limits, LoRA targets against the base (``import_peft``), finite
    logits through the engine's real forward pass (``probe_logits``);
-5. ``Catalog.publish`` as the next version; it becomes ``prod`` when ``promote`` says so, and
+5. one task per adapter: an adapter whose versions (or active job) are of another task than
+   ``engine``'s refuses the import (``AdapterTaskError``, 409; the registry checks it again when
+   it inserts the version);
+6. ``Catalog.publish`` as the next version; it becomes ``prod`` when ``promote`` says so, and
    when ``promote`` is None exactly when the adapter had no ``prod`` before this import;
-6. the listener is told (``ChangeListener.adapter_changed``) so this process serves it at once.
+7. the listener is told (``ChangeListener.adapter_changed``) so this process serves it at once.
+
+``import_task`` says which task (so which engine) an upload is for, before any of this runs.
 
 Every refusal is a library error (``ArtifactError`` and its subclasses: HTTP 422;
-``QuotaExceededError``: 409; ``NotFoundError`` for an unknown tenant: 404).
+``QuotaExceededError`` and ``AdapterTaskError``: 409; ``NotFoundError`` for an unknown tenant: 404).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
 
 from adapters.artifact import AdapterManifest
 from adapters.catalog import Catalog
 from adapters.change_listener import NO_LISTENER, ChangeListener
-from adapters.errors import ArtifactError, FingerprintMismatchError, NotFoundError
+from adapters import schema
+from adapters.errors import AdapterTaskError, ArtifactError, FingerprintMismatchError, InvalidTaskError, NotFoundError
 from adapters.import_checks import probe_logits
 from adapters.names import validate_name
-from adapters.peft_format import TAILOR_FILE, import_peft, unzip_files
+from adapters.jobs.adapter_tasks import adapter_task
+from adapters.peft_format import CONFIG_FILE, TAILOR_FILE, import_peft, unzip_files
 from adapters.quotas import TenantQuotas
 from adapters.registry import VersionRecord
+from adapters.tasks import canonical_task
 
 if TYPE_CHECKING:
     from adapters.runtime.engine import Engine
@@ -87,6 +98,11 @@ def import_adapter(catalog: Catalog, engine: Engine, tenant: str, name: str, dat
         raise ArtifactError("the uploaded file is empty", param="file")
     files = unzip_files(data, max_bytes=catalog.max_adapter_bytes + ZIP_OVERHEAD)
     check_manifest_base(files, spec.fingerprint)
+    held = current_task(catalog, tenant, name)
+    if held is not None and held[0] != spec.task:
+        raise AdapterTaskError(f"adapter {name!r} is of task {held[0]} ({held[1]}); this upload is of task "
+                               f"{spec.task}. An adapter's versions all have one task: import it under another "
+                               "name.", param="task")
     quotas = TenantQuotas.stored(registry.get_tenant(tenant).quotas)
     artifact = import_peft(files, spec, labels=list(labels) if labels is not None else None,
                            limits=quotas.dataset_limits())
@@ -96,3 +112,53 @@ def import_adapter(catalog: Catalog, engine: Engine, tenant: str, name: str, dat
     record = catalog.publish(tenant, name, artifact, promote=promote, spec=spec)
     listener.adapter_changed(tenant, name)
     return ImportedVersion(record=record, promoted=promote, aliases=registry.get_aliases(tenant, name))
+
+
+def current_task(catalog: Catalog, tenant: str, name: str) -> tuple[str, str] | None:
+    """The task ``tenant``'s adapter ``name`` holds (its versions', else an active job's) and
+    where that was read; None for a free name (or an unknown tenant: the import says so)."""
+    with catalog.registry.engine.connect() as conn:
+        tid = conn.scalar(select(schema.tenants.c.id).where(schema.tenants.c.name == tenant))
+        return None if tid is None else adapter_task(conn, tid, name)
+
+
+def import_task(catalog: Catalog, tenant: str, name: str, data: bytes, *, given: str | None,
+                heads: Mapping[str, str], default: str) -> str:
+    """The task (so the engine) an upload is for, the first of: ``given`` (a ``task`` field;
+    ``InvalidTaskError`` for an unknown one); the task the zip's ``tailor_manifest.json`` names (a
+    Tailor export); the task the adapter holds already; the task whose base's classification head
+    (``heads``: task -> module name, e.g. ``classifier`` / ``_fc``) the peft config lists in
+    ``modules_to_save``; ``default``. A zip that cannot be read gives ``default``: the import
+    itself then says what is wrong with it."""
+    if given is not None and given.strip():
+        try:
+            return canonical_task(given.strip())
+        except ValueError as e:
+            raise InvalidTaskError(f"task: {e}", param="task") from None
+    try:
+        files = unzip_files(data, max_bytes=catalog.max_adapter_bytes + ZIP_OVERHEAD) if data else {}
+    except ArtifactError:
+        files = {}
+    manifest_task = _json_field(files.get(TAILOR_FILE), "task")
+    if manifest_task is not None:
+        try:
+            return canonical_task(manifest_task)
+        except ValueError:
+            pass  # the import refuses the manifest, naming the problem
+    held = current_task(catalog, tenant, name)
+    if held is not None:
+        return held[0]
+    saved = _json_field(files.get(CONFIG_FILE), "modules_to_save")
+    for task, head in heads.items():
+        if isinstance(saved, list) and head in saved:
+            return task
+    return default
+
+
+def _json_field(raw: bytes | None, key: str) -> Any:
+    """``key`` of the JSON object ``raw`` holds; None when absent or unreadable."""
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None

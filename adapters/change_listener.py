@@ -11,7 +11,8 @@ committed (never before: a listener that re-reads must see the change):
 
 * ``adapter_changed(tenant, adapter)`` -- a version was added or an alias moved: resolve anew;
 * ``adapter_deleted(tenant, adapter)`` -- the adapter is gone: drop its resident copies too;
-* ``tenant_deleted(tenant)`` -- the tenant is gone: drop everything of it, its keys included.
+* ``tenant_deleted(tenant)`` -- the tenant is gone: drop everything of it, its keys included;
+* ``key_revoked(tenant)`` -- one of its API keys was revoked: forget the tenant's verified keys.
 
 A listener must not raise for a tenant or adapter it never saw. ``NO_LISTENER`` suits a process
 that caches nothing (a command-line tool, a control plane with no engine loaded): the change log
@@ -31,6 +32,8 @@ class ChangeListener(Protocol):
     def adapter_deleted(self, tenant: str, adapter: str) -> None: ...
 
     def tenant_deleted(self, tenant: str) -> None: ...
+
+    def key_revoked(self, tenant: str) -> None: ...
 
 
 class AdapterCaches(Protocol):
@@ -57,6 +60,9 @@ class _NoListener:
     def tenant_deleted(self, tenant: str) -> None:
         pass
 
+    def key_revoked(self, tenant: str) -> None:
+        pass
+
 
 NO_LISTENER: ChangeListener = _NoListener()
 
@@ -81,3 +87,7 @@ class ProcessCaches:
             self.key_cache.forget_tenant(tenant)
         if self.engine is not None:
             self.engine.forget(tenant)
+
+    def key_revoked(self, tenant: str) -> None:
+        if self.key_cache is not None:
+            self.key_cache.forget_tenant(tenant)

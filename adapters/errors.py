@@ -40,6 +40,18 @@ class ConflictError(TailorError):
     code = "conflict"
 
 
+class InvalidTaskError(TailorError, ValueError):
+    """A task name that is not one of ``adapters.tasks.TASK_NAMES`` (HTTP 422)."""
+
+    code = "invalid_task"
+
+
+class AdapterTaskError(ConflictError):
+    """An adapter's versions all have one task kind: this one is of another."""
+
+    code = "adapter_task_mismatch"
+
+
 class ArtifactError(TailorError, ValueError):
     """An adapter artifact is malformed, oversized or does not fit the base model."""
 

@@ -1,4 +1,4 @@
-"""Creating and deleting a tenant: what comes with one, what goes with it, in what order.
+"""Creating and deleting a tenant (and revoking its keys): what comes with one, what goes with it, in what order.
 
 ``create_tenant`` checks the name (``adapters.names``) and the quotas (``TenantQuotas.from_dict``:
 unknown keys and bad values are refused, naming them) before anything is written, creates the
@@ -72,3 +72,12 @@ def delete_tenant(catalog: Catalog, name: str, *, listener: ChangeListener = NO_
         return catalog.delete_tenant(name)  # rows, then bytes
     finally:
         listener.tenant_deleted(name)
+
+
+def revoke_key(keys: KeyStore, tenant: str, key_id: str, *, listener: ChangeListener = NO_LISTENER) -> Any:
+    """Revoke ``tenant``'s key ``key_id`` (its record, revoked); the listener is told after the
+    revocation committed, so this process refuses the key in its very next request (the others
+    within their key cache's poll of the change log)."""
+    key = keys.revoke(tenant, key_id)
+    listener.key_revoked(tenant)
+    return key

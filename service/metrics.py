@@ -16,7 +16,7 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from adapters.jobs.model import JobDurations
+from adapters.jobs.model import STATUSES, JobDurations
 from adapters.runtime.cache import CacheStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -113,7 +113,7 @@ class Metrics:
             self.resident_bytes.labels(task).set(stats.resident_bytes)
 
     def set_jobs(self, counts: dict[str, int]) -> None:
-        for status in ("queued", "validating", "running", "succeeded", "failed", "cancelled", *counts):
+        for status in (*STATUSES, *counts):
             self.jobs.labels(status).set(counts.get(status, 0))
 
     def set_job_durations(self, durations: list[JobDurations]) -> None:

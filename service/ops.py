@@ -20,16 +20,14 @@ from dataclasses import asdict
 from typing import Any
 
 from adapters import adapter_admin, adapter_import, tenancy
-from adapters.adapter_import import ZIP_OVERHEAD
 from adapters.change_listener import ProcessCaches
 from adapters.errors import ArtifactError
-from adapters.jobs.adapter_tasks import AdapterTaskError
-from adapters.peft_format import CONFIG_FILE, TAILOR_FILE, export_peft, unzip_files, zip_files
+from adapters.peft_format import export_peft, zip_files
 from adapters.quotas import TenantQuotas
 from adapters.registry import AdapterInfo, Tenant, VersionRecord
 from adapters.runtime.engine import Engine, ResolvedAdapter
 from adapters.runtime.loaded import LoadedAdapter
-from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, canonical_task, get_task, task_of_manifest
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, get_task, task_of_manifest
 from adapters.version_status import version_status
 from adapters.vision.images import ImageLimits
 from service.errors import ApiError
@@ -117,57 +115,15 @@ def parse_labels(raw: str | None) -> list[str] | None:
 
 def import_adapter(state: TailorState, tenant: str, name: str, data: bytes, labels: list[str] | None,
                    promote: bool | None, task: str | None) -> dict[str, Any]:
-    task = import_task(state, tenant, name, data, task)
+    served = state.settings.tasks
+    task = adapter_import.import_task(
+        state.catalog, tenant, name, data, given=task,
+        heads={t: engine.base.spec.head_name for t, engine in state.engines.items()},
+        default=TEXT_CLASSIFICATION if TEXT_CLASSIFICATION in served else served[0])
     engine = state.require_engine(task, param="task")
-    existing = state.jobs.adapter_task(tenant, name)
-    if existing is not None and existing != task:
-        raise AdapterTaskError(f"adapter {name!r} is of task {existing}; this upload is of task {task}. An "
-                               "adapter's versions all have one task: import it under another name.", param="task")
     done = adapter_import.import_adapter(state.catalog, engine, tenant, name, data, labels=labels,
                                          promote=promote, listener=caches(state))
     return {"adapter": name, "promoted": done.promoted, **version_out(done.record, done.aliases)}
-
-
-def import_task(state: TailorState, tenant: str, name: str, data: bytes, given: str | None) -> str:
-    """The task (so the engine) an imported adapter is for, the first of: the ``task`` form
-    field; the task its ``tailor_manifest.json`` names (a Tailor export); the task of the
-    adapter's existing versions; the served task whose base's classification head (``classifier``
-    on the text base, ``_fc`` on the vision base) the peft config lists in ``modules_to_save``;
-    text-classification (where served, else the one task served). A zip that cannot be read
-    takes the default: the import then says what is wrong with it."""
-    if given is not None and given.strip():
-        try:
-            return canonical_task(given.strip())
-        except ValueError as e:
-            raise ApiError(422, "invalid_request", f"task: {e}", param="task") from None
-    served = state.settings.tasks
-    try:
-        files = unzip_files(data, max_bytes=state.catalog.max_adapter_bytes + ZIP_OVERHEAD) if data else {}
-    except ArtifactError:
-        files = {}
-    manifest_task = _json_field(files.get(TAILOR_FILE), "task")
-    if manifest_task is not None:
-        try:
-            return canonical_task(manifest_task)
-        except ValueError:
-            pass  # the import refuses the manifest, naming the problem
-    existing = state.jobs.adapter_task(tenant, name)
-    if existing is not None:
-        return existing
-    saved = _json_field(files.get(CONFIG_FILE), "modules_to_save")
-    for task, engine in state.engines.items():
-        if isinstance(saved, list) and engine.base.spec.head_name in saved:
-            return task
-    return TEXT_CLASSIFICATION if TEXT_CLASSIFICATION in served else served[0]
-
-
-def _json_field(raw: bytes | None, key: str) -> Any:
-    """``key`` of the JSON object ``raw`` holds; None when absent or unreadable."""
-    try:
-        data = json.loads(raw) if raw is not None else None
-    except (ValueError, RecursionError):
-        return None
-    return data.get(key) if isinstance(data, dict) else None
 
 
 def export_adapter(state: TailorState, tenant: str, name: str, version: str | None) -> tuple[VersionRecord, bytes]:

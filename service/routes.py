@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from adapters import tenancy
 from adapters.errors import TenantBusyError
 from adapters.tasks import TEXT_CLASSIFICATION
 from service import ops
@@ -72,9 +73,7 @@ def list_keys(name: str, _: Admin, state: State) -> list[dict[str, Any]]:
 @router.delete("/v1/tenants/{name}/keys/{key_id}", response_model=KeyOut, tags=["admin"])
 def revoke_key(name: str, key_id: str, _: Admin, state: State) -> dict[str, Any]:
     """Revoke a key; the next request made with it is refused."""
-    key = state.keys.revoke(name, key_id)
-    state.key_cache.forget_tenant(name)  # this worker at once; the others at their next poll
-    return ops.key_out(key)
+    return ops.key_out(tenancy.revoke_key(state.keys, name, key_id, listener=ops.caches(state)))
 
 
 # -- adapters (tenant key) --------------------------------------------------------------------------

@@ -197,3 +197,60 @@ def test_deleting_an_adapter_removes_its_bytes_and_tells_the_listener(world: Wor
         world.engine.resolve("acme", "a")
     assert [a.name for a in world.registry.list_adapters("acme")] == ["b"]
     assert all("/adapters/b/" in k for k in world.store.list("tenants/acme/"))
+
+
+def test_an_adapter_keeps_one_task_on_every_path(world: World) -> None:
+    """The import refuses an adapter of another task (naming where its task was read), and the
+    registry refuses such a version in its own transaction whatever the caller."""
+    from adapters.errors import AdapterTaskError
+    from adapters.synthetic import random_image_artifact
+    from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
+    from adapters.vision.backbone import tiny_vision_base
+
+    world.load("a", world.zip(1))
+    vision = tiny_vision_base(seed=2)
+    image_engine = Engine(vision, world.catalog, EngineConfig(max_resident=4, device_slots=4, max_batch_size=2))
+    photos = zip_files(export_peft(random_image_artifact(vision.spec, seed=3), vision.spec))
+    with pytest.raises(AdapterTaskError, match=f"adapter 'a' is of task {TEXT_CLASSIFICATION} "
+                                               rf"\(its versions are {TEXT_CLASSIFICATION}\).*{IMAGE_CLASSIFICATION}"):
+        import_adapter(world.catalog, image_engine, "acme", "a", photos)
+    assert [v.version for v in world.registry.list_versions("acme", "a")] == [1]
+    # a publisher that skips the import's check meets the registry's
+    art = random_image_artifact(vision.spec, seed=4)
+    with pytest.raises(AdapterTaskError, match="this version is of task image-classification"):
+        world.catalog.publish("acme", "a", art, spec=vision.spec)
+    assert [v.version for v in world.registry.list_versions("acme", "a")] == [1]
+    # an active text job holds a new name for text
+    JobManager(world.registry.engine, world.store).submit(
+        "acme", "b", training=from_records(ROWS), task=TEXT_CLASSIFICATION)
+    with pytest.raises(AdapterTaskError, match="its active job"):
+        import_adapter(world.catalog, image_engine, "acme", "b", photos)
+    assert import_adapter(world.catalog, image_engine, "acme", "c", photos).record.version == 1
+
+
+def test_import_task_reads_the_upload_then_the_adapter(world: World) -> None:
+    from adapters.adapter_import import import_task
+    from adapters.errors import InvalidTaskError
+    from adapters.synthetic import random_image_artifact
+    from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
+    from adapters.vision.backbone import tiny_vision_base
+
+    heads = {TEXT_CLASSIFICATION: "classifier", IMAGE_CLASSIFICATION: "_fc"}
+    vision = tiny_vision_base(seed=2)
+    photos = zip_files(export_peft(random_image_artifact(vision.spec, seed=3), vision.spec))
+    plain = {k: v for k, v in export_peft(random_image_artifact(vision.spec, seed=3), vision.spec).items()
+             if k != TAILOR_FILE}  # a plain peft adapter: only modules_to_save tells
+    text = world.zip(1)
+
+    def task(data: bytes, given: str | None = None, name: str = "x") -> str:
+        return import_task(world.catalog, "acme", name, data, given=given, heads=heads, default=TEXT_CLASSIFICATION)
+
+    assert task(photos) == IMAGE_CLASSIFICATION  # the Tailor manifest says so
+    assert task(zip_files(plain)) == IMAGE_CLASSIFICATION  # _fc in modules_to_save
+    assert task(text) == TEXT_CLASSIFICATION
+    assert task(b"not a zip") == TEXT_CLASSIFICATION  # the import then says what is wrong
+    assert task(photos, given=" text-classification ") == TEXT_CLASSIFICATION  # the field wins
+    with pytest.raises(InvalidTaskError, match="task: .*audio"):
+        task(photos, given="audio")
+    world.load("held", text)
+    assert task(zip_files(plain), name="held") == TEXT_CLASSIFICATION  # the adapter's own task, before heads

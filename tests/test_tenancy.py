@@ -151,6 +151,9 @@ class Told:
     def tenant_deleted(self, tenant: str) -> None:
         self.events.append(("tenant_deleted", tenant))
 
+    def key_revoked(self, tenant: str) -> None:
+        self.events.append(("key_revoked", tenant))
+
 
 def test_an_unknown_tenant_touches_nothing(world: World) -> None:
     world.store.put("tenants/ghost/stray", b"x")  # bytes under a name the database does not know
@@ -183,6 +186,23 @@ def test_deletion_tells_this_process_at_once(world: World) -> None:
     assert engine.resident("acme", "clf") is None
     with pytest.raises(NotFoundError):
         engine.resolve("acme", "clf")
+
+
+def test_a_revoked_key_stops_working_in_this_process_at_once(world: World) -> None:
+    from adapters.tenancy import revoke_key
+
+    secret = world.populate("acme")
+    spare = world.keys.create("acme")[1]
+    key_cache = KeyCache(world.keys, world.registry, poll_seconds=1e9, clock=lambda: 1000.0)
+    assert key_cache.authenticate(secret) == "acme" and key_cache.authenticate(spare) == "acme"
+    first = next(k.id for k in world.keys.list("acme") if secret.startswith(k.prefix))
+    second = next(k.id for k in world.keys.list("acme") if k.id != first)
+    told = Told()
+    revoke_key(world.keys, "acme", first, listener=told)
+    assert told.events == [("key_revoked", "acme")]
+    assert key_cache.authenticate(secret) == "acme"  # remembered: nothing told this cache
+    revoke_key(world.keys, "acme", second, listener=ProcessCaches(key_cache=key_cache))
+    assert key_cache.authenticate(secret) is None and key_cache.authenticate(spare) is None
 
 
 def test_a_crash_after_the_rows_leaves_bytes_the_store_gc_collects(world: World) -> None:

@@ -17,15 +17,11 @@ from __future__ import annotations
 from sqlalchemy import Connection, select
 
 from adapters import schema
-from adapters.errors import ConflictError
+from adapters.errors import AdapterTaskError  # noqa: F401 (raised here; importable from here as before)
 from adapters.jobs.model import ACTIVE
 from adapters.tasks import task_of_manifest
 
 A, V, J = schema.adapters, schema.adapter_versions, schema.jobs
-
-
-class AdapterTaskError(ConflictError):
-    code = "adapter_task_mismatch"
 
 
 def adapter_task(conn: Connection, tenant_id: int, adapter: str, *,

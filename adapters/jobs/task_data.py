@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.datasets import (
     Dataset, DatasetLimits, Example, check_validation_set, parse_dataset, stratified_split,
 )
-from adapters.errors import DatasetError, TailorError
+from adapters.errors import DatasetError, InvalidTaskError  # noqa: F401 (InvalidTaskError: importable from here as before)
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, canonical_task, get_task
 
 if TYPE_CHECKING:
@@ -48,10 +48,6 @@ if TYPE_CHECKING:
 IMAGE_FORMAT_VERSION = 1
 NOUNS = {TEXT_CLASSIFICATION: "texts", IMAGE_CLASSIFICATION: "images"}
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-
-
-class InvalidTaskError(TailorError, ValueError):
-    code = "invalid_task"
 
 
 def task_name(value: Any, *, param: str = "task") -> str:

@@ -22,13 +22,14 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
-from adapters.errors import AdapterNotFoundError, ConflictError, NotFoundError
+from adapters.errors import AdapterNotFoundError, AdapterTaskError, ConflictError, NotFoundError
 from adapters.names import validate_name
 from adapters.quotas import TenantQuotas, enforce_new_version, lock_tenant
 from adapters.registry.checks import check_version_fields, validate_json, validate_refs
 from adapters.registry.core import AdapterRow, RegistryCore, orphan_keys, tenant_id
 from adapters.registry.records import AdapterInfo, VersionRecord, adapter_infos, version_record
 from adapters.schema import adapter_aliases, adapter_versions, adapters, tenants, utcnow
+from adapters.tasks import task_of_manifest
 
 DEFAULT_STATUS = "candidate"
 
@@ -126,6 +127,7 @@ def _add(conn: Connection, tenant: str, adapter: str, new: dict[str, Any]) -> Ve
     now = utcnow()
     try:
         aid = AdapterRow.find(conn, tenant, adapter, lock=True).id
+        _enforce_task(conn, aid, adapter, new["manifest"])
     except AdapterNotFoundError:
         # A concurrent creator makes this insert fail; the transaction is rerun (a unique
         # clash) and then finds its row.
@@ -143,6 +145,19 @@ def _add(conn: Connection, tenant: str, adapter: str, new: dict[str, Any]) -> Ve
         id=int(vid), tenant=tenant, adapter=adapter, version=version, created_at=now,
         **{**new, "manifest": dict(new["manifest"]), "metrics": dict(new["metrics"])},
     )
+
+
+def _enforce_task(conn: Connection, aid: int, adapter: str, manifest: dict[str, Any]) -> None:
+    """Every version of an adapter is of one task kind (the gate compares them, rollback serves
+    them on one engine): the newest version's manifest says which."""
+    newest = conn.scalar(select(adapter_versions.c.manifest).where(adapter_versions.c.adapter_id == aid)
+                         .order_by(adapter_versions.c.version.desc()).limit(1))
+    if newest is None:
+        return
+    have, adding = task_of_manifest(newest), task_of_manifest(manifest)
+    if have != adding:
+        raise AdapterTaskError(f"adapter {adapter!r} is of task {have}; this version is of task {adding}. An "
+                               "adapter's versions all have one task: use another adapter name.", param="adapter")
 
 
 def _versions(a: AdapterRow) -> list[VersionRecord]:

@@ -1,13 +1,21 @@
-"""Engine benchmark: mixed-tenant batches on the real MiniLM base against peft and the base alone.
+"""Engine benchmark: mixed-tenant batches on a real base against peft and the base alone.
 
-    python -m bench.engine [--quick] --out bench/results/engine-cpu.json
+    python -m bench.engine [--task text|image] [--quick] --out bench/results/engine-cpu.json
 
 Methods, timed interleaved in one process so machine noise hits them alike:
-``base`` (the plain model, no adapters: the upper bound), ``tailor`` (our engine),
+``base`` (the plain model with one head, no adapters: the upper bound), ``tailor`` (our engine),
 ``peft_mixed`` (peft's ``adapter_names=`` mixed batch) and ``naive_swap`` (peft ``set_adapter``
-and one request at a time). A batch holds ``max(32, k)`` rows of 64 tokens naming ``k``
-distinct r=8 query/value adapters. Also measured: cold-load latency from a store holding
-10,000 registered adapters (500 with --quick), and host bytes per resident adapter.
+and one request at a time), at 1, 8, 32 and 64 distinct adapters per batch of ``max(32, k)``
+rows. Also measured: cold-load latency from a store holding many registered adapters, and
+host bytes per resident adapter.
+
+``--task text`` (default): MiniLM, r=8 query/value adapters, 64 tokens; 10,000 registered
+adapters (500 with --quick); ``tailor`` is ``Engine.forward`` on tokenised inputs.
+``--task image``: ``bench.engine_image`` (EfficientNet-Lite0, Conv2d LoRA on its pointwise
+convolutions; ``tailor`` is ``Engine.predict_rows`` on decoded images).
+
+A task's figures come from a ``Workload`` (its base, adapters, inputs and calls); the harness
+here (timing, correctness check against peft, cold loads, memory, JSON and plot) is shared.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +35,7 @@ import torch
 from peft import PeftModel
 from tqdm import tqdm
 
-from adapters.base import load_base
+from adapters.artifact import AdapterArtifact
 from adapters.catalog import Catalog
 from adapters.peft_format import export_peft
 from adapters.registry import Registry
@@ -37,83 +47,144 @@ from bench.common import interleaved, machine, median, parser, percentile, plot_
 COUNTS = (1, 8, 32, 64)
 TOKENS = 64
 BASE_ROWS = 32
+METHODS = ("base", "tailor", "peft_mixed", "naive_swap")
+QUOTAS = {"max_adapters": 100_000, "max_storage_bytes": 1 << 40}
+
+
+@dataclass
+class Workload:
+    """What the harness needs of one task's base (see the module docstring)."""
+
+    title: str  # the plot's title
+    base: Any  # the base the engine serves (it wraps its model in place)
+    pristine: torch.nn.Module  # an untouched copy with a plain head: ``base`` and peft's model
+    artifact: Callable[[int], AdapterArtifact]  # seed -> a random adapter of the benchmark's shape
+    inputs: Callable[[int], Any]  # n -> a collated batch of n rows on the base's device
+    call: Callable[..., torch.Tensor]  # (model, batch, **peft kwargs) -> logits of a plain/peft model
+    row: Callable[[Any, int], Any]  # (batch, i) -> row i alone, as a batch
+    tailor: Callable[[Engine, Any, list], Any]  # (engine, batch, adapters per row): what is timed
+    describe: dict[str, Any] = field(default_factory=dict)  # the batch's shape, for the JSON
+    rounds: int = 21
+    n_registered: int = 10_000  # adapters in the store for the cold loads
+    n_memory: int = 400  # adapters made resident to measure bytes per adapter
+    counts: tuple[int, ...] = COUNTS  # distinct adapters per batch
+    notes: dict[str, Any] = field(default_factory=dict)  # anything else the JSON should say
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--task", choices=("text", "image"), default="text")
+    args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    rounds = 7 if args.quick else 21
-    n_registered = 500 if args.quick else 10_000
+    if args.task == "image":
+        from bench.engine_image import image_workload
+
+        workload = image_workload(quick=args.quick)
+    else:
+        workload = text_workload(quick=args.quick)
     with tempfile.TemporaryDirectory(prefix="tailor-bench-") as tmp:
-        result = run(Path(tmp), rounds=rounds, n_registered=n_registered)
-    result["quick"] = args.quick
+        result = run(workload, Path(tmp))
+    result = {"task": args.task, **result, "quick": args.quick}
     write(args.out, result)
     plot_lines(
-        args.out.with_suffix(".png"), "Mixed-tenant throughput (MiniLM, r=8 q/v, 64 tokens)",
-        "distinct adapters in the batch", "rows / s",
-        {m: {k: result["rows_per_s"][m][str(k)] for k in COUNTS} for m in result["rows_per_s"]},
+        args.out.with_suffix(".png"), workload.title, "distinct adapters in the batch", "rows / s",
+        {m: {int(k): v for k, v in per_k.items()} for m, per_k in result["rows_per_s"].items() if per_k},
         logx=True,
     )
 
 
-def run(tmp: Path, *, rounds: int, n_registered: int) -> dict[str, Any]:
-    base = load_base()
+def text_workload(*, quick: bool, base: Any = None) -> Workload:
+    """``base``: a text base to use instead of loading MiniLM (tests: a tiny one)."""
+    from adapters.base import load_base
+
+    base = base or load_base()
     device = base.device
-    pristine = copy.deepcopy(base.model)  # the engine wraps base.model in place
+
+    def inputs(n: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1000, 20000, (n, TOKENS), device=device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return Workload(
+        title=f"Mixed-tenant throughput ({base.spec.name or 'MiniLM'}, r=8 q/v, {TOKENS} tokens)", base=base,
+        pristine=copy.deepcopy(base.model),
+        artifact=lambda seed: random_artifact(base.spec, r=8, targets=("query", "value"), n_labels=2, seed=seed),
+        inputs=inputs, call=lambda model, batch, **kw: model(**batch, **kw).logits,
+        row=lambda batch, i: {k: v[i : i + 1] for k, v in batch.items()},
+        tailor=lambda engine, batch, rows: engine.forward(batch, rows),
+        describe={"tokens": TOKENS, "rank": 8, "targets": ["query", "value"]},
+        rounds=7 if quick else 21, n_registered=500 if quick else 10_000,
+    )
+
+
+def run(w: Workload, tmp: Path) -> dict[str, Any]:
+    base = w.base
     catalog = Catalog(Registry(f"sqlite:///{tmp}/registry.db"), LocalStore(tmp / "store"))
     engine = Engine(base, catalog, EngineConfig(device_slots=129, max_batch_size=128))
-    for tenant in ["bench", "mem", *(f"t{i}" for i in range(100))]:  # "mem" holds 400 adapters
-        catalog.registry.create_tenant(tenant, quotas={"max_adapters": 100_000})
+    for tenant in ["bench", "mem", *(f"t{i}" for i in range(100))]:  # "mem" holds the memory sample
+        catalog.registry.create_tenant(tenant, quotas=QUOTAS)
 
-    arts = [random_artifact(base.spec, r=8, targets=("query", "value"), n_labels=2, seed=i)
-            for i in range(max(COUNTS))]
+    arts = [w.artifact(i) for i in range(max(w.counts))]
     records = [catalog.publish("bench", f"a{i}", a, promote=True) for i, a in enumerate(arts)]
     loaded = [engine.acquire(engine.resolve("bench", f"a{i}")) for i in range(len(arts))]
-    peft_model = build_peft(pristine, arts, base.spec, tmp / "peft").to(device)
+    peft_model = build_peft(w.pristine, arts, base.spec, tmp / "peft").to(base.device)
+    pristine = w.pristine.eval()
 
-    rows_per_s: dict[str, dict[str, float]] = {m: {} for m in ("base", "tailor", "peft_mixed", "naive_swap")}
+    rows_per_s: dict[str, dict[str, float]] = {m: {} for m in METHODS}
     max_diff = 0.0
-    for k in tqdm(COUNTS, desc="throughput"):
+    peft_mixed = peft_mixed_support(w, peft_model)
+    paired: dict[str, dict[str, float]] = {m: {} for m in METHODS if m != "tailor"}
+    for k in tqdm(w.counts, desc="throughput"):
         n = max(BASE_ROWS, k)
-        ids = torch.randint(1000, 20000, (n, TOKENS), device=device)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        batch = w.inputs(n)
         names = [f"a{i % k}" for i in range(n)]
         rows = [loaded[i % k] for i in range(n)]
 
         def run_base() -> Any:
             with torch.inference_mode():
-                return pristine(**inputs).logits
+                return w.call(pristine, batch)
 
         def run_tailor() -> Any:
-            return engine.forward(inputs, rows)
+            return w.tailor(engine, batch, rows)
 
         def run_peft() -> Any:
             with torch.inference_mode():
-                return peft_model(**inputs, adapter_names=names).logits
+                return w.call(peft_model, batch, adapter_names=names)
 
         def run_naive() -> Any:
-            with torch.inference_mode():
-                for i, name in enumerate(names):
-                    peft_model.set_adapter(name)
-                    peft_model(input_ids=ids[i : i + 1], attention_mask=inputs["attention_mask"][i : i + 1])
+            return [solo(peft_model, w, batch, i, name) for i, name in enumerate(names)]
 
-        ours = torch.stack([t for t in run_tailor().logits])
-        max_diff = max(max_diff, (ours.float() - run_peft().float()).abs().max().item())
-        times = interleaved({"base": run_base, "tailor": run_tailor, "peft_mixed": run_peft,
-                             "naive_swap": run_naive}, rounds=rounds)
+        ours = torch.stack(list(engine.forward(batch, rows).logits))
+        if peft_mixed["supported"]:
+            reference = run_peft()
+        else:  # each row through peft alone
+            reference = torch.cat([solo(peft_model, w, batch, i, name) for i, name in enumerate(names)])
+        max_diff = max(max_diff, (ours.float() - reference.float()).abs().max().item())
+        fns = {"base": run_base, "tailor": run_tailor, "peft_mixed": run_peft, "naive_swap": run_naive}
+        if not peft_mixed["supported"]:
+            del fns["peft_mixed"]
+        times = interleaved(fns, rounds=w.rounds)
         for m, ts in times.items():
             rows_per_s[m][str(k)] = n / median(ts)
+            if m != "tailor":  # the same round's times: robust to the machine's load drifting
+                paired[m][str(k)] = median([o / t for o, t in zip(ts, times["tailor"])])
 
     t = rows_per_s["tailor"]
-    ratios = {f"ratio_vs_{m}": {k: t[k] / rows_per_s[m][k] for k in t} for m in ("base", "peft_mixed", "naive_swap")}
-    cold = cold_loads(engine, catalog, base.spec, n_registered)
-    per_adapter = memory_per_adapter(engine, catalog, base.spec, tmp)
+    ratios = {f"ratio_vs_{m}": {k: t[k] / rows_per_s[m][k] for k in rows_per_s[m]}
+              for m in ("base", "peft_mixed", "naive_swap")}
+    cold = cold_loads(engine, catalog, w.artifact, w.n_registered)
+    per_adapter = memory_per_adapter(engine, catalog, w.artifact, w.n_memory)
     return {
-        "machine": machine(), "device": str(device), "dtype": str(base.dtype).replace("torch.", ""),
-        "batch": {"rows": {str(k): max(BASE_ROWS, k) for k in COUNTS}, "tokens": TOKENS,
-                  "rank": 8, "targets": ["query", "value"], "rounds": rounds, "statistic": "median"},
+        "machine": machine(), "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
+        **w.notes,
+        "batch": {"rows": {str(k): max(BASE_ROWS, k) for k in w.counts}, **w.describe,
+                  "rounds": w.rounds, "statistic": "median"},
         "rows_per_s": rows_per_s, **ratios,
+        "paired_ratio": {"what": "median over rounds of (other method's time / tailor's time) in the same round",
+                         **{f"vs_{m}": v for m, v in paired.items()}},
+        "allocator": "glibc mmap threshold fixed at 64 KiB by the engine (adapters.runtime.memory), as served"
+                     if engine.config.tune_allocator else "default",
+        "peft_mixed": peft_mixed,
         "max_abs_diff_vs_peft": max_diff,
         "cold_load_ms": cold,
         **per_adapter,
@@ -121,7 +192,26 @@ def run(tmp: Path, *, rounds: int, n_registered: int) -> dict[str, Any]:
     }
 
 
+@torch.inference_mode()
+def solo(peft_model: PeftModel, w: Workload, batch: Any, i: int, name: str) -> torch.Tensor:
+    """Row ``i`` of ``batch`` through peft with adapter ``name`` alone."""
+    peft_model.set_adapter(name)
+    return w.call(peft_model, w.row(batch, i))
+
+
+def peft_mixed_support(w: Workload, peft_model: PeftModel) -> dict[str, Any]:
+    """Whether peft runs a mixed-adapter batch (``adapter_names=``) on this model: one small try."""
+    batch = w.inputs(2)
+    try:
+        with torch.inference_mode():
+            w.call(peft_model, batch, adapter_names=["a0", "a1"])
+    except Exception as e:  # noqa: BLE001 - whatever peft refuses with is the finding
+        return {"supported": False, "error": f"{type(e).__name__}: {e}"[:500]}
+    return {"supported": True}
+
+
 def build_peft(pristine: torch.nn.Module, arts: list, spec, folder: Path) -> PeftModel:
+    """A copy of ``pristine`` with every adapter of ``arts`` loaded into peft from our export."""
     model = copy.deepcopy(pristine)
     peft_model = None
     for i, art in enumerate(tqdm(arts, desc="peft adapters")):
@@ -137,12 +227,12 @@ def build_peft(pristine: torch.nn.Module, arts: list, spec, folder: Path) -> Pef
     return peft_model.eval()
 
 
-def cold_loads(engine: Engine, catalog: Catalog, spec, n_registered: int, n_samples: int = 300) -> dict[str, Any]:
+def cold_loads(engine: Engine, catalog: Catalog, artifact: Callable[[int], AdapterArtifact], n_registered: int,
+               n_samples: int = 300) -> dict[str, Any]:
     """Register ``n_registered`` adapters, then time first loads of a random sample of them."""
     t0 = time.perf_counter()
     for i in tqdm(range(n_registered), desc="registering"):
-        art = random_artifact(spec, r=8, targets=("query", "value"), n_labels=2, seed=100_000 + i)
-        catalog.publish(f"t{i % 100}", f"cold{i}", art, promote=True)
+        catalog.publish(f"t{i % 100}", f"cold{i}", artifact(100_000 + i), promote=True)
     register_s = time.perf_counter() - t0
     picks = random.Random(0).sample(range(n_registered), min(n_samples, n_registered))
     ms = []
@@ -162,11 +252,11 @@ def cold_loads(engine: Engine, catalog: Catalog, spec, n_registered: int, n_samp
             "what": "store read + sha256 check + safetensors decode + base check + layout, into the host resident set"}
 
 
-def memory_per_adapter(engine: Engine, catalog: Catalog, spec, tmp: Path, n: int = 400) -> dict[str, Any]:
+def memory_per_adapter(engine: Engine, catalog: Catalog, artifact: Callable[[int], AdapterArtifact],
+                       n: int = 400) -> dict[str, Any]:
     """Host bytes per resident adapter: tensor bytes, and the process RSS growth per adapter."""
     for i in range(n):
-        catalog.publish("mem", f"m{i}", random_artifact(spec, r=8, targets=("query", "value"), seed=900_000 + i),
-                        promote=True)
+        catalog.publish("mem", f"m{i}", artifact(900_000 + i), promote=True)
     resolved = [engine.resolve("mem", f"m{i}") for i in range(n)]
     proc = psutil.Process()
     before_bytes, before_rss = engine.cache.nbytes, proc.memory_info().rss

@@ -28,6 +28,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min, as the run ends (ours included)
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():

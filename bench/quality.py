@@ -2,6 +2,7 @@
 
     python -m bench.quality --dataset {imdb,bbc,tweets,rotten,drugs} [--quick] [--seeds N]
         [--pooling base|pooler|mean|mean+normalize|cls|max] --out bench/results/quality-imdb.json
+    python -m bench.quality --dataset fashion-mnist [--quick] [--seeds N] --out bench/results/quality-fashion-mnist.json
 
 Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC: 1,225 /
 900; tweets and rotten: 4,000 / 1,000; drugs: all 978 rows, 600 / 378; --quick: 300 / 200;
@@ -16,6 +17,10 @@ declares, ``adapters.pooling``; others override it, to compare).
 
 It also measures serving latency with no training running and while a training worker process
 runs a job (``bench.serving_latency``; ``serving_latency_ms`` in the JSON; ``--skip-latency``).
+
+``--dataset fashion-mnist`` is the image task (``bench.quality_image``: Fashion-MNIST on
+EfficientNet-Lite0, methods lora / head / full, no TF-IDF, no serving latency: see
+``bench.engine --task image``); the JSON and the learning-curve plot have the same shape.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +49,14 @@ SIZES = {"imdb": (2000, 1000), "bbc": (1225, 900), "tweets": (4000, 1000), "rott
 QUICK_SIZES = {name: (300, 200) for name in SIZES}
 METHODS = ("lora", "head", "full", "tfidf")
 TRAINED = ("lora", "head", "full")
+IMAGE_DATASET = "fashion-mnist"  # bench.quality_image
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=sorted(SIZES), required=True)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list, or 'none' for latency only")
+    p.add_argument("--dataset", choices=sorted([*SIZES, IMAGE_DATASET]), required=True)
+    p.add_argument("--methods", default=None,
+                   help="comma list (default: lora,head,full,tfidf; images: lora,head,full), or 'none' for latency only")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per method (default 3, --quick 1)")
     p.add_argument("--pooling", default="base", help="'base' (its configuration's), or e.g. pooler, mean+normalize")
     p.add_argument("--n-train", type=int, default=None, help="training rows (0: all the test set leaves)")
@@ -63,6 +71,40 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = args.seeds or (1 if args.quick else 3)
+    latency = None
+    if args.dataset == IMAGE_DATASET:
+        from bench.quality_image import METHODS as IMAGE_METHODS
+        from bench.quality_image import run_images
+
+        args.methods = args.methods or ",".join(IMAGE_METHODS)
+        part, curves = run_images(args, seeds, log_epoch, summarise)
+        result: dict[str, Any] = {"machine": machine(), "dataset": args.dataset, "quick": args.quick, **part}
+    else:
+        args.methods = args.methods or ",".join(METHODS)
+        result, curves, latency = run_texts(args, seeds)
+    for path in args.include:
+        earlier = json.loads(path.read_text())
+        if (earlier["dataset"], earlier["n_train"], earlier["n_test"]) != (args.dataset, result["n_train"],
+                                                                          result["n_test"]):
+            raise SystemExit(f"{path}: a different dataset or split; cannot include it")
+        for method in METHODS:
+            if method in earlier and method not in result:
+                result[method] = {**earlier[method], "from_run": {"file": path.name, "when": earlier["machine"]["when"]}}
+                curves[method] = earlier.get("curves", {}).get(method, [])
+        if "serving_latency_ms" in earlier and args.skip_latency:
+            result["serving_latency_ms"] = {**earlier["serving_latency_ms"], "from_run": path.name}
+    for a, b in (("lora", "full"), ("lora", "head"), ("head", "tfidf"), ("lora", "tfidf")):
+        if a in result and b in result:
+            result[f"{a}_minus_{b}_points"] = 100 * (result[a]["accuracy"] - result[b]["accuracy"])
+    result["curves"] = curves
+    if latency is not None and not args.skip_latency:
+        result["serving_latency_ms"] = latency()
+    write(args.out, result)
+    plot_curves(args.out.with_suffix(".png"), curves, args.dataset)
+
+
+def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Callable[[], dict[str, Any]]]:
+    """The text data sets: ``(result, curves, serving latency measurement)``."""
     rows = data.load(args.dataset)
     n_train, n_test = (QUICK_SIZES if args.quick else SIZES)[args.dataset]
     n_test = args.n_test or n_test
@@ -108,24 +150,7 @@ def main() -> None:
         result[method] = {**summarise(runs), "trainable_params": res.trainable_params, "total_params": res.total_params,
                           "trainable_fraction": res.trainable_params / res.total_params,
                           "hyperparameters": res.hyperparameters, "runs": runs}
-    for path in args.include:
-        earlier = json.loads(path.read_text())
-        if (earlier["dataset"], earlier["n_train"], earlier["n_test"]) != (args.dataset, len(fit_rows), len(test_rows)):
-            raise SystemExit(f"{path}: a different dataset or split; cannot include it")
-        for method in METHODS:
-            if method in earlier and method not in result:
-                result[method] = {**earlier[method], "from_run": {"file": path.name, "when": earlier["machine"]["when"]}}
-                curves[method] = earlier.get("curves", {}).get(method, [])
-        if "serving_latency_ms" in earlier and args.skip_latency:
-            result["serving_latency_ms"] = {**earlier["serving_latency_ms"], "from_run": path.name}
-    for a, b in (("lora", "full"), ("lora", "head"), ("head", "tfidf"), ("lora", "tfidf")):
-        if a in result and b in result:
-            result[f"{a}_minus_{b}_points"] = 100 * (result[a]["accuracy"] - result[b]["accuracy"])
-    result["curves"] = curves
-    if not args.skip_latency:
-        result["serving_latency_ms"] = serving_latency(base, fit_rows, quick=args.quick)
-    write(args.out, result)
-    plot_curves(args.out.with_suffix(".png"), curves, args.dataset)
+    return result, curves, lambda: serving_latency(base, fit_rows, quick=args.quick)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

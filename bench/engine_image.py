@@ -50,8 +50,7 @@ def image_workload(*, quick: bool, base: VisionBase | None = None) -> Workload:
 
     extra = lora_macs_fraction(pristine, targets, RANK, inputs(1))
     return Workload(
-        title=f"Mixed-tenant throughput ({base.spec.name}, r={RANK} on {len(targets)} pointwise convs, "
-              f"{size} px)",
+        title=f"Mixed tenants ({base.spec.name}, r={RANK} on {len(targets)} 1x1 convs, {size} px)",
         base=base, pristine=pristine,
         artifact=lambda seed: random_image_artifact(base.spec, r=RANK, targets=targets, n_labels=N_LABELS, seed=seed,
                                                     std=ADAPTER_STD),

@@ -46,7 +46,7 @@ from adapters.store import AdapterStore, open_store
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 from service.errors import ApiError
 from service.metrics import Metrics, get_metrics
-from service.settings import TINY_IMAGE_BASE, Settings
+from service.settings import Settings
 
 log = logging.getLogger("tailor.service")
 
@@ -318,11 +318,9 @@ class EngineCaches:
 def load_image_base(setting: str | None) -> Any:
     """The vision base ``TAILOR_IMAGE_BASE_MODEL`` names: the bundled EfficientNet-Lite0 (None),
     a checkpoint directory, or ``tiny[:SEED]`` (a tiny random network of the same layout)."""
-    from adapters.vision.backbone import load_vision_base, tiny_vision_base
+    from adapters.vision.backbone import vision_base_from_setting
 
-    if setting is not None and (setting == TINY_IMAGE_BASE or setting.startswith(TINY_IMAGE_BASE + ":")):
-        return tiny_vision_base(int(setting.partition(":")[2] or 0), device=None)
-    return load_vision_base(setting)
+    return vision_base_from_setting(setting)
 
 
 # How each task's base is loaded from the settings.

@@ -326,3 +326,13 @@ def test_real_backbone_at_another_input_size_has_the_same_weights_and_paddings()
     x = images(2, 128, seed=4)
     with torch.inference_mode():
         assert max_diff(small.model(x), full.model(x)) == 0.0
+
+
+def test_a_setting_names_the_vision_base() -> None:
+    from adapters.vision.backbone import vision_base_from_setting
+
+    assert vision_base_from_setting("tiny:3").fingerprint == tiny_vision_base(3).fingerprint
+    assert vision_base_from_setting("tiny").fingerprint == tiny_vision_base(0).fingerprint
+    assert vision_base_from_setting("tiny:3").fingerprint != tiny_vision_base(4).fingerprint
+    with pytest.raises(ValueError, match="'tiny:x'.*integer SEED"):
+        vision_base_from_setting("tiny:x")

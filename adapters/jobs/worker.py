@@ -113,12 +113,10 @@ def _tasks(value: str) -> tuple[str, ...]:
 def image_bases(setting: str | None, device: str | None, catalog: Catalog) -> TaskBases:
     """The image base and its gate engine (imported here: a text-only worker never loads them).
     ``setting``: None (bundled EfficientNet-Lite0), ``tiny[:SEED]`` or a checkpoint directory."""
-    from adapters.vision.backbone import load_vision_base, tiny_vision_base
+    from adapters.vision.backbone import vision_base_from_setting
 
     log.info("loading the image base (%s)", setting or "bundled")
-    if setting is not None and (setting == "tiny" or setting.startswith("tiny:")):
-        return load_task_bases(tiny_vision_base(int(setting.partition(":")[2] or 0), device=device), catalog)
-    return load_task_bases(load_vision_base(setting, device=device), catalog)
+    return load_task_bases(vision_base_from_setting(setting, device=device), catalog)
 
 
 def main(argv: list[str] | None = None) -> None:

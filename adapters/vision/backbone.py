@@ -299,3 +299,19 @@ def _finish(
     model.to(device=dev, dtype=dt)
     return VisionBase(model=model, spec=spec, device=dev, dtype=dt, input_size=input_size,
                       feature_dim=feature_dim, lora_paths=tuple(lora_paths))
+
+
+TINY_SETTING = "tiny"  # a base setting of "tiny" or "tiny:SEED": tiny_vision_base(SEED), for tests
+
+
+def vision_base_from_setting(setting: str | None, *, device: str | None = None) -> VisionBase:
+    """The vision base a setting names (``TAILOR_IMAGE_BASE_MODEL``, a worker's
+    ``--image-base-model``): None for the bundled EfficientNet-Lite0, ``tiny[:SEED]`` for
+    ``tiny_vision_base(SEED)``, else a checkpoint directory (``load_vision_base``). A ``tiny:``
+    seed that is not an integer is a ``ValueError`` naming the setting."""
+    if setting is not None and (setting == TINY_SETTING or setting.startswith(TINY_SETTING + ":")):
+        seed = setting.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise ValueError(f"vision base {setting!r}: use tiny or tiny:SEED with an integer SEED")
+        return tiny_vision_base(int(seed), device=device)
+    return load_vision_base(setting, device=device)

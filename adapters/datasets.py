@@ -297,7 +297,7 @@ class _Collector:
         self.unit = unit  # "line" (files) or "row" (records)
         self.whole_param = whole_param
         self.examples: list[Example] = []
-        self.first_seen: dict[str, tuple[str, int]] = {}  # text -> (label, where)
+        self.first_seen: dict[Any, tuple[str, Any]] = {}  # text (or image digest) -> (label, where)
         self.rows = 0
         self.duplicates = 0
 
@@ -349,20 +349,27 @@ class _Collector:
         if problem:
             self.fail(where, f"'label' {problem}")
 
-        seen = self.first_seen.get(text)
-        if seen is not None:
-            seen_label, seen_where = seen
-            if seen_label == label:
-                self.duplicates += 1
-                return
-            self.fail(
-                where,
-                f"repeats the text of {self.unit} {seen_where} with a different label "
-                f"({_show(label)} here, {_show(seen_label)} there)",
-                sep=" ",  # reads as a sentence: "line 9 repeats the text of line 2 ..."
-            )
-        self.first_seen[text] = (label, where)
-        self.examples.append(Example(text, label))
+        if self.first_time(text, label, where, "text"):
+            self.examples.append(Example(text, label))
+
+    def first_time(self, key: Any, label: str, where: Any, what: str) -> bool:
+        """True the first time ``key`` (a text, an image's pixel digest) is seen; False for an exact
+        repeat (same label: counted in ``duplicates``, dropped); a repeat with another label fails,
+        naming both rows."""
+        seen = self.first_seen.get(key)
+        if seen is None:
+            self.first_seen[key] = (label, where)
+            return True
+        seen_label, seen_where = seen
+        if seen_label == label:
+            self.duplicates += 1
+            return False
+        self.fail(
+            where,
+            f"repeats the {what} of {self.unit} {seen_where} with a different label "
+            f"({_show(label)} here, {_show(seen_label)} there)",
+            sep=" ",  # reads as a sentence: "line 9 repeats the text of line 2 ..."
+        )
 
     def finish(self) -> Dataset:
         if not self.examples:

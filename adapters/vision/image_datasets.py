@@ -171,7 +171,6 @@ class _ImageCollector(_Collector):
     def __init__(self, limits: ImageDatasetLimits, what: str, *, unit: str) -> None:
         super().__init__(limits.dataset, what, unit=unit, whole_param="file")
         self.image_limits = limits.image
-        self.first_image: dict[bytes, tuple[str, int | str]] = {}  # pixel digest -> (label, where)
 
     def add_image(self, data: bytes, label: Any, where: int | str) -> None:
         lines = self.unit == "line"
@@ -189,19 +188,8 @@ class _ImageCollector(_Collector):
         except InvalidImageError as error:
             self.fail(where, f"{subject}{error.problem}", sep=sep)
         digest = hashlib.sha256(b"%dx%d:" % image.size + image.tobytes()).digest()
-        seen = self.first_image.get(digest)
-        if seen is not None:
-            seen_label, seen_where = seen
-            if seen_label == label:
-                self.duplicates += 1
-                return
-            self.fail(
-                where,
-                f"repeats the image of {self.unit} {seen_where} with a different label "
-                f"({_show(label)} here, {_show(seen_label)} there)",
-                sep=" ",
-            )
-        self.first_image[digest] = (label, where)
+        if not self.first_time(digest, label, where, "image"):
+            return
         self.examples.append(ImageExample(data, label, f"{self.unit} {where}"))  # type: ignore[arg-type]
 
     def finish_images(self) -> ImageDataset:

@@ -34,16 +34,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 
 from adapters.artifact import AdapterManifest
 from adapters.catalog import Catalog
 from adapters.change_listener import NO_LISTENER, ChangeListener
-from adapters import schema
 from adapters.errors import AdapterTaskError, ArtifactError, FingerprintMismatchError, InvalidTaskError, NotFoundError
 from adapters.import_checks import probe_logits
 from adapters.names import validate_name
-from adapters.jobs.adapter_tasks import adapter_task
+from adapters.jobs.adapter_tasks import held_task
 from adapters.peft_format import CONFIG_FILE, TAILOR_FILE, import_peft, unzip_files
 from adapters.quotas import TenantQuotas
 from adapters.registry import VersionRecord
@@ -117,9 +115,7 @@ def import_adapter(catalog: Catalog, engine: Engine, tenant: str, name: str, dat
 def current_task(catalog: Catalog, tenant: str, name: str) -> tuple[str, str] | None:
     """The task ``tenant``'s adapter ``name`` holds (its versions', else an active job's) and
     where that was read; None for a free name (or an unknown tenant: the import says so)."""
-    with catalog.registry.engine.connect() as conn:
-        tid = conn.scalar(select(schema.tenants.c.id).where(schema.tenants.c.name == tenant))
-        return None if tid is None else adapter_task(conn, tid, name)
+    return held_task(catalog.registry.engine, tenant, name)
 
 
 def import_task(catalog: Catalog, tenant: str, name: str, data: bytes, *, given: str | None,

@@ -8,13 +8,15 @@ that will publish its first version. Read inside the caller's transaction:
 
 * ``adapter_task(conn, tenant_id, adapter)`` -> ``(task, why)`` or None for a free name; ``why``
   says where the task was read ("its versions are ...", "an active job ... trains ...").
+* ``held_task(db, tenant, adapter)``: ``adapter_task`` on its own connection, by tenant name
+  (None for an unknown tenant too).
 * ``enforce_adapter_task(conn, tenant_id, adapter, task)`` raises ``AdapterTaskError``
   (a ``ConflictError``: HTTP 409) naming the adapter's task when ``task`` is another one.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Engine, select
 
 from adapters import schema
 from adapters.errors import AdapterTaskError  # noqa: F401 (raised here; importable from here as before)
@@ -41,6 +43,12 @@ def adapter_task(conn: Connection, tenant_id: int, adapter: str, *,
     if job is not None:
         return job.task, f"its active job {job.id} trains {job.task}"
     return None
+
+
+def held_task(db: Engine, tenant: str, adapter: str, *, exclude_job: str | None = None) -> tuple[str, str] | None:
+    with db.connect() as conn:
+        tid = conn.scalar(select(schema.tenants.c.id).where(schema.tenants.c.name == tenant))
+        return None if tid is None else adapter_task(conn, tid, adapter, exclude_job=exclude_job)
 
 
 def enforce_adapter_task(conn: Connection, tenant_id: int, adapter: str, task: str, *,

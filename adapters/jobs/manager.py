@@ -46,7 +46,7 @@ from adapters.errors import ConflictError, NotFoundError, TailorError
 from adapters.fingerprint import BaseSpec
 from adapters.import_checks import check_target_modules
 from adapters.jobs import task_data
-from adapters.jobs.adapter_tasks import AdapterTaskError, adapter_task, enforce_adapter_task
+from adapters.jobs.adapter_tasks import AdapterTaskError, enforce_adapter_task, held_task
 from adapters.jobs.claims import LostJobError, WorkerSide
 from adapters.jobs.files import new_id
 from adapters.jobs.model import (
@@ -151,9 +151,7 @@ class JobManager(WorkerSide):
 
     def adapter_task(self, tenant: str, adapter: str, *, exclude_job: str | None = None) -> str | None:
         """The task of ``tenant``'s adapter (its versions', else an active job's); None if free."""
-        with self._read.connect() as conn:
-            tid = conn.scalar(select(schema.tenants.c.id).where(schema.tenants.c.name == tenant))
-            found = None if tid is None else adapter_task(conn, tid, adapter, exclude_job=exclude_job)
+        found = held_task(self._read, tenant, adapter, exclude_job=exclude_job)
         return None if found is None else found[0]
 
     def check_adapter_task(self, job: Job) -> None:

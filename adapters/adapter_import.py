@@ -132,7 +132,8 @@ def import_task(catalog: Catalog, tenant: str, name: str, data: bytes, *, given:
         except ValueError as e:
             raise InvalidTaskError(f"task: {e}", param="task") from None
     try:
-        files = unzip_files(data, max_bytes=catalog.max_adapter_bytes + ZIP_OVERHEAD) if data else {}
+        files = unzip_files(data, max_bytes=catalog.max_adapter_bytes + ZIP_OVERHEAD,
+                            only=(TAILOR_FILE, CONFIG_FILE)) if data else {}  # not the weights
     except ArtifactError:
         files = {}
     manifest_task = _json_field(files.get(TAILOR_FILE), "task")

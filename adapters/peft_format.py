@@ -25,6 +25,7 @@ import json
 import re
 import zipfile
 import zlib
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -240,8 +241,10 @@ def zip_files(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def unzip_files(data: bytes, *, max_bytes: int, max_members: int = 16) -> dict[str, bytes]:
-    """Read a flat zip of small files; refuses paths, too many members and oversized content."""
+def unzip_files(data: bytes, *, max_bytes: int, max_members: int = 16,
+                only: Collection[str] | None = None) -> dict[str, bytes]:
+    """Read a flat zip of small files; refuses paths, too many members and oversized content.
+    ``only``: inflate just these members (every check still runs on all of them)."""
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
@@ -259,6 +262,9 @@ def unzip_files(data: bytes, *, max_bytes: int, max_members: int = 16) -> dict[s
         name = info.filename.rsplit("/", 1)[-1]  # accept a single wrapping folder
         if name in out or not name or name.startswith("."):
             raise ArtifactError(f"zip member {info.filename!r} is not a plain, unique file name")
+        if only is not None and name not in only:
+            out[name] = b""  # seen (names stay unique), not inflated
+            continue
         try:
             with z.open(info) as f:
                 content = f.read(info.file_size + 1)
@@ -268,4 +274,4 @@ def unzip_files(data: bytes, *, max_bytes: int, max_members: int = 16) -> dict[s
         if len(content) != info.file_size:
             raise ArtifactError(f"zip member {info.filename!r} does not have the size its header says")
         out[name] = content
-    return out
+    return out if only is None else {k: v for k, v in out.items() if k in only}

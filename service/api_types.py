@@ -50,6 +50,19 @@ class KeyCreated(KeyOut):
     api_key: str
 
 
+class TenantUsage(TypedDict):
+    """What one tenant holds (``GET /v1/usage``, admin): counts from the database."""
+
+    tenant: str
+    adapters: int
+    versions: int
+    adapter_bytes: int
+    files: int
+    file_bytes: int
+    active_keys: int
+    jobs: dict[str, int]
+
+
 class Deleted(TypedDict):
     deleted: bool
 

@@ -28,7 +28,7 @@ from adapters.jobs.model import FINISHED
 from service.api_types import (
     AdapterDetail, AdapterSummary, AliasChange, FileOut, ImportedVersion, JobEventOut, JobMethod, JobOut,
     JobStatus, KeyCreated, KeyOut, PredictionOut, PredictResponse, PromoteMode, Task, TenantCreated, TenantOut,
-    VersionOut,
+    TenantUsage, VersionOut,
 )
 
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -168,6 +168,10 @@ class TailorClient:
 
     def revoke_key(self, tenant: str, key_id: str) -> KeyOut:
         return self._json("DELETE", f"/v1/tenants/{tenant}/keys/{key_id}")
+
+    def tenant_usage(self) -> list[TenantUsage]:
+        """Every tenant's adapters, versions, files, active keys and jobs by status (admin)."""
+        return self._json("GET", "/v1/usage")
 
     # -- adapters ---------------------------------------------------------------------------------
 

@@ -9,12 +9,13 @@ forward pass.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from adapters import tenancy
+from adapters import tenancy, usage
 from adapters.errors import TenantBusyError
 from adapters.tasks import TEXT_CLASSIFICATION
 from service import ops
@@ -23,7 +24,7 @@ from service.errors import ApiError
 from service.predict_input import OPENAPI_BODY, read_predict
 from service.schemas import (
     AdapterDetail, AdapterSummary, AliasChange, ImportedVersion, KeyCreated, KeyOut, PredictResponse,
-    PromoteRequest, Task, TenantCreate, TenantCreated, TenantOut,
+    PromoteRequest, Task, TenantCreate, TenantCreated, TenantOut, TenantUsage,
 )
 from service.state import TailorState
 
@@ -74,6 +75,12 @@ def list_keys(name: str, _: Admin, state: State) -> list[dict[str, Any]]:
 def revoke_key(name: str, key_id: str, _: Admin, state: State) -> dict[str, Any]:
     """Revoke a key; the next request made with it is refused."""
     return ops.key_out(tenancy.revoke_key(state.keys, name, key_id, listener=ops.caches(state)))
+
+
+@router.get("/v1/usage", response_model=list[TenantUsage], tags=["admin"])
+def tenant_usage(_: Admin, state: State) -> list[dict[str, Any]]:
+    """Every tenant's adapters, versions, files, active keys and jobs by status, with their bytes."""
+    return [dataclasses.asdict(u) for u in usage.tenant_usage(state.registry.engine)]
 
 
 # -- adapters (tenant key) --------------------------------------------------------------------------

@@ -82,6 +82,19 @@ class KeyCreated(KeyOut):
     api_key: str = Field(description="shown only now; store it")
 
 
+class TenantUsage(Response):
+    """What one tenant holds (``GET /v1/usage``, admin): counts from the database."""
+
+    tenant: str
+    adapters: int
+    versions: int = Field(description="adapter versions, over all its adapters")
+    adapter_bytes: int
+    files: int = Field(description="uploaded datasets")
+    file_bytes: int
+    active_keys: int
+    jobs: dict[str, int] = Field(description="its jobs by status (statuses without jobs left out)")
+
+
 class Deleted(Response):
     deleted: bool = True
 

@@ -32,6 +32,7 @@ CLIENT_METHODS = {
     "POST /v1/tenants": "create_tenant", "GET /v1/tenants": "list_tenants", "GET /v1/tenants/{name}": "get_tenant",
     "DELETE /v1/tenants/{name}": "delete_tenant", "POST /v1/tenants/{name}/keys": "create_key",
     "GET /v1/tenants/{name}/keys": "list_keys", "DELETE /v1/tenants/{name}/keys/{key_id}": "revoke_key",
+    "GET /v1/usage": "tenant_usage",
     "GET /v1/adapters": "list_adapters", "GET /v1/adapters/{name}": "get_adapter",
     "DELETE /v1/adapters/{name}": "delete_adapter", "POST /v1/adapters/{name}/promote": "promote",
     "POST /v1/adapters/{name}/rollback": "rollback", "POST /v1/adapters/{name}/import": "import_adapter",

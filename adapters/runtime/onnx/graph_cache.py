@@ -1,0 +1,166 @@
+"""Exported graphs on disk, shared by every worker and replica that sees the same directory.
+
+Contract:
+
+* A graph is keyed by ``GraphKey``: the base fingerprint, the precision (``fp32``/``int8``),
+  the opset, the graph layout version and the exporter's versions (torch, onnx, onnxruntime).
+  Its file is ``<dir>/<digest>.onnx`` with a sidecar ``<digest>.json`` holding the key and the
+  graph's sha256. Both are written atomically (temporary file, fsync, rename; the sidecar
+  last), so a reader sees a whole graph or none.
+* ``GraphCache.get(key, build)`` returns the graph's bytes: from disk when the sidecar names
+  this key and the bytes match its checksum; otherwise (absent, another base's, corrupt) it
+  logs why, calls ``build()`` and stores the result. Builders of one key are serialised by an
+  advisory file lock, so workers starting together export once and the rest read the file.
+* The graph carries its base fingerprint in its own metadata (``FINGERPRINT_PROP``);
+  ``check_graph_base`` refuses one whose metadata names another base, whatever the sidecar
+  says (the serving layer calls it on every load).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1  # bump when the graph's inputs or outputs change
+FINGERPRINT_PROP = "tailor.base_fingerprint"
+PRECISION_PROP = "tailor.precision"
+PRECISIONS = ("fp32", "int8")
+
+
+class GraphMismatchError(ValueError):
+    """A graph that is not for this base (or this precision)."""
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    fingerprint: str
+    precision: str
+    opset: int
+    layout: int
+    torch: str
+    onnx: str
+    onnxruntime: str
+
+    @classmethod
+    def current(cls, fingerprint: str, precision: str, opset: int) -> GraphKey:
+        import onnx
+        import onnxruntime
+        import torch
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        return cls(fingerprint=fingerprint, precision=precision, opset=opset, layout=LAYOUT_VERSION,
+                   torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:40]
+
+
+class GraphCache:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def paths(self, key: GraphKey) -> tuple[Path, Path]:
+        return self.root / f"{key.digest}.onnx", self.root / f"{key.digest}.json"
+
+    def load(self, key: GraphKey) -> bytes | None:
+        """The stored graph of ``key``, or None (absent, or refused: the reason is logged)."""
+        graph_path, meta_path = self.paths(key)
+        if not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            data = graph_path.read_bytes()
+        except (OSError, ValueError) as e:
+            log.warning("ONNX graph cache: %s unreadable (%s); rebuilding", graph_path.name, e)
+            return None
+        if meta.get("key") != asdict(key):
+            log.warning("ONNX graph cache: %s was built for base %s (%s), not %s (%s); rebuilding",
+                        graph_path.name, str(meta.get("key", {}).get("fingerprint"))[:19],
+                        meta.get("key", {}).get("precision"), key.fingerprint[:19], key.precision)
+            return None
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if meta.get("sha256") != digest:
+            log.warning("ONNX graph cache: %s fails its checksum (%s, expected %s); rebuilding",
+                        graph_path.name, digest[:19], str(meta.get("sha256"))[:19])
+            return None
+        return data
+
+    def store(self, key: GraphKey, data: bytes, extra: dict | None = None) -> None:
+        graph_path, meta_path = self.paths(key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = {"key": asdict(key), "sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                **(extra or {})}
+        _atomic_write(graph_path, data)
+        _atomic_write(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+    def get(self, key: GraphKey, build: Callable[[], tuple[bytes, dict]]) -> tuple[bytes, bool]:
+        """(the graph of ``key``, whether it was built now). ``build()`` returns the graph's
+        bytes and extra facts for the sidecar (export time, parity)."""
+        data = self.load(key)
+        if data is not None:
+            return data, False
+        with self._lock(key):
+            data = self.load(key)  # another process may have built it while we waited
+            if data is not None:
+                return data, False
+            data, extra = build()
+            self.store(key, data, extra)
+            return data, True
+
+    @contextmanager
+    def _lock(self, key: GraphKey) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{key.digest}.lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def stamp(graph: bytes, fingerprint: str, precision: str) -> bytes:
+    """The graph with its base fingerprint and precision in its metadata."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({FINGERPRINT_PROP: fingerprint, PRECISION_PROP: precision})
+    del model.metadata_props[:]
+    for k, v in sorted(props.items()):
+        model.metadata_props.add(key=k, value=v)
+    return model.SerializeToString()
+
+
+def check_graph_base(metadata: dict[str, str], fingerprint: str, precision: str) -> None:
+    """Refuse (``GraphMismatchError``) a graph whose metadata names another base or precision."""
+    got = metadata.get(FINGERPRINT_PROP)
+    if got != fingerprint:
+        raise GraphMismatchError(f"the ONNX graph was exported from base {str(got)[:19]}..., "
+                                 f"not this base {fingerprint[:19]}...")
+    if metadata.get(PRECISION_PROP) != precision:
+        raise GraphMismatchError(f"the ONNX graph is {metadata.get(PRECISION_PROP)}, not {precision}")

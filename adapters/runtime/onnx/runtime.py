@@ -1,0 +1,171 @@
+"""Which runtime runs an engine's forward pass: torch, or ONNX Runtime (fp32 or int8).
+
+Contract:
+
+* ``RuntimeChoice(runtime, quantize)``: ``runtime`` is ``torch``, ``onnx`` or ``auto`` (ONNX on a
+  CPU base that exports, torch on CUDA); ``quantize`` is ``none`` or ``int8`` (ONNX only: the
+  base's weight matmuls in int8, LoRA and heads fp32). Bad values raise ``ValueError``.
+* ``apply_runtime(engine, choice, cache_dir)`` swaps the engine's ``serving`` for an
+  ``OnnxTextServing`` when the choice asks for ONNX and the base can have it, and returns a
+  ``RuntimeReport`` saying what serves and why. It never raises for a base that cannot: a
+  CUDA or non-fp32 base, a task without an ONNX path, or a base whose export fails or
+  disagrees with torch is logged with the reason and keeps torch. Nothing fails at request
+  time: the swap happens before the engine serves. Resolution, caches, slots, the batcher and
+  the heads are the engine's own either way.
+* ``onnx_serving(base, torch_serving, precision, cache_dir)`` is the ONNX serving itself
+  (raising when it cannot be built): the graph comes from the ``GraphCache`` in ``cache_dir``
+  (exported, stamped with the base fingerprint, checked against torch on probe texts with
+  three mixed synthetic adapters, then stored; int8 is quantised from the cached fp32 graph).
+  Tolerance of that check: ``PARITY_TOLERANCE`` (max abs logit difference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.pooling import Pooling
+from adapters.runtime.loaded import LoadedAdapter, VersionKey
+from adapters.runtime.onnx.export import OPSET, ExportError, export_text_graph
+from adapters.runtime.onnx.graph_cache import GraphCache, GraphKey, check_graph_base, stamp
+from adapters.runtime.onnx.quantize import quantize_int8
+from adapters.runtime.onnx.serving import OnnxTextServing, verify
+from adapters.runtime.slots import SlotBank
+from adapters.synthetic import random_artifact
+from adapters.tasks import TEXT_CLASSIFICATION
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnx", "auto")
+QUANTIZE = ("none", "int8")
+PARITY_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    runtime: str = "torch"
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantisation {self.quantize!r}; use one of {', '.join(QUANTIZE)}")
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.quantize == "int8" else "fp32"
+
+
+@dataclass(frozen=True)
+class RuntimeReport:
+    runtime: str  # what serves: "torch" or "onnx"
+    precision: str  # "fp32" / "int8" for ONNX; torch: the base's dtype
+    reason: str  # why this runtime (a fallback names its cause)
+    graph_bytes: int = 0
+    built_seconds: float | None = None  # export (+ quantisation) time when built now, None when read from the cache
+
+    @property
+    def label(self) -> str:
+        return self.runtime if self.runtime == "torch" else f"onnx-{self.precision}"
+
+
+def onnx_unsupported(base: Any, choice: RuntimeChoice) -> str | None:
+    """Why ``base`` cannot serve on ONNX under ``choice`` (None: it may try)."""
+    if base.spec.task != TEXT_CLASSIFICATION:
+        return f"no ONNX path for {base.spec.task} yet"
+    if base.device.type != "cpu":
+        return f"the ONNX path runs on CPU; this base is on {base.device}"
+    if base.dtype != torch.float32:
+        return f"the ONNX path exports fp32 bases; this base is {base.dtype}"
+    return None
+
+
+def apply_runtime(engine: Any, choice: RuntimeChoice, cache_dir: Path | None) -> RuntimeReport:
+    base = engine.base
+    torch_precision = str(base.dtype).removeprefix("torch.")
+    if choice.runtime == "torch":
+        return RuntimeReport("torch", torch_precision, "TAILOR_RUNTIME=torch")
+    why = onnx_unsupported(base, choice)
+    if why is not None:
+        if choice.runtime == "onnx":
+            log.warning("%s base %s: %s; serving on torch", base.spec.task, base.spec.name, why)
+        return RuntimeReport("torch", torch_precision, why)
+    if cache_dir is None:
+        raise ValueError("the ONNX runtime needs a graph cache directory")
+    try:
+        t0 = time.perf_counter()
+        serving, built, size = _onnx_serving(base, engine.serving, choice.precision, cache_dir)
+        seconds = time.perf_counter() - t0 if built else None
+    except Exception as e:  # noqa: BLE001 - any failure here means: this base serves on torch
+        log.warning("%s base %s does not serve on ONNX Runtime (%s); serving on torch", base.spec.task,
+                    base.spec.name, e)
+        return RuntimeReport("torch", torch_precision, f"ONNX export failed: {e}")
+    engine.serving = serving
+    log.info("%s base %s serves on ONNX Runtime %s (graph %.1f MB, %s)", base.spec.task, base.spec.name,
+             choice.precision, size / 1e6, f"exported in {seconds:.1f}s" if built else "from the graph cache")
+    return RuntimeReport("onnx", choice.precision, f"TAILOR_RUNTIME={choice.runtime}", graph_bytes=size,
+                         built_seconds=seconds)
+
+
+def onnx_serving(base: Any, torch_serving: Any, precision: str, cache_dir: Path) -> OnnxTextServing:
+    """The ONNX serving of ``base`` at ``precision`` (raises ``ExportError`` and friends)."""
+    return _onnx_serving(base, torch_serving, precision, cache_dir)[0]
+
+
+def _onnx_serving(base: Any, torch_serving: Any, precision: str,
+                  cache_dir: Path) -> tuple[OnnxTextServing, bool, int]:
+    cache = GraphCache(cache_dir)
+    fp = base.spec.fingerprint
+
+    def build_fp32() -> tuple[bytes, dict]:
+        t0 = time.perf_counter()
+        graph = stamp(export_text_graph(base), fp, "fp32")
+        seconds = time.perf_counter() - t0
+        candidate = OnnxTextServing(torch_serving, graph, precision="fp32")
+        diff = verify(torch_serving, candidate, _probe_slots(base), probe_adapters(base))
+        if not diff <= PARITY_TOLERANCE:
+            raise ExportError(f"the exported graph differs from torch by {diff:.2e} (tolerance {PARITY_TOLERANCE:g})")
+        return graph, {"export_seconds": round(seconds, 3), "parity_max_abs_diff": diff}
+
+    fp32, built = cache.get(GraphKey.current(fp, "fp32", OPSET), build_fp32)
+    graph = fp32
+    if precision == "int8":
+        def build_int8() -> tuple[bytes, dict]:
+            t0 = time.perf_counter()
+            q = stamp(quantize_int8(fp32), fp, "int8")
+            return q, {"quantize_seconds": round(time.perf_counter() - t0, 3)}
+
+        graph, built_q = cache.get(GraphKey.current(fp, "int8", OPSET), build_int8)
+        built = built or built_q
+    serving = OnnxTextServing(torch_serving, graph, precision=precision)
+    check_graph_base(serving.session.get_modelmeta().custom_metadata_map, fp, precision)
+    return serving, built, len(graph)
+
+
+def _probe_slots(base: Any) -> SlotBank:
+    """A slot bank of its own for the parity check (the engine's slots hold real tenants)."""
+    return SlotBank(base.spec.linear_shapes, base.spec.head_in_features, 8, base.device, base.dtype)
+
+
+def probe_adapters(base: Any) -> list[LoadedAdapter]:
+    """Three synthetic adapters unlike each other: ranks 2/4/3, targets query+value / every
+    dense layer (the pooler's too) / key, 2/5/3 labels, the pooler / mean / cls pooling."""
+    spec = base.spec
+    kinds = [(2, ("query", "value"), 2, "pooler"), (4, ("dense",), 5, "mean"), (3, ("key",), 3, "cls")]
+    out = []
+    for i, (r, targets, n_labels, pooling) in enumerate(kinds):
+        targets = tuple(t for t in targets if spec.match_target(t)) or (next(iter(spec.linear_shapes)),)
+        art = random_artifact(spec, r=r, targets=targets, n_labels=n_labels, seed=100 + i)
+        if Pooling(pooling).uses_tokens and not spec.pools_tokens:
+            pooling = "pooler"
+        art = dataclasses.replace(art, manifest=dataclasses.replace(art.manifest, pooling=Pooling(pooling)))
+        key = VersionKey(tenant="probe", adapter=f"probe{i}", version=1, sha256="0" * 64)
+        out.append(LoadedAdapter.from_artifact(key, art, base.dtype))
+    return out

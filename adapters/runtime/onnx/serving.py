@@ -1,0 +1,133 @@
+"""ONNX Runtime behind the task seam: ``OnnxTextServing`` is a ``TaskServing`` whose ``run``
+calls an exported graph instead of the torch model.
+
+Contract:
+
+* ``OnnxTextServing(torch_serving, graph)`` wraps a prepared ``TextServing``: decoding, row
+  checks, collation and probes are the torch serving's own (same tokenizer, same limits);
+  only ``run`` differs. ``graph`` is the bytes of ``adapters.runtime.onnx.export``'s graph
+  (fp32 or int8, same inputs and outputs).
+* ``run(batch, plan, adapters)`` feeds the token tensors and the plan's gathered LoRA tensors
+  (``GraphLayout.feeds``) through IOBinding straight from torch's memory, lets the graph write
+  ``hidden`` and ``pooled`` into torch tensors allocated here (no copy either way), then pools
+  each row its adapter's way and applies the per-row heads in torch, in fp32: the very
+  ``MixedHead`` the torch path uses, so heads and pooling cannot drift between runtimes.
+* Sessions are thread-safe; each call binds its own inputs. ``threads``: ORT's intra-op
+  threads (default: torch's, which the service sets per worker).
+* ``verify(torch_serving, onnx_serving, adapters)`` runs both on the probe texts, with a mixed
+  batch of the given adapters and base rows, and returns the largest absolute logit
+  difference: the graph cache refuses a graph that does not match its base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from adapters.runtime.context import BatchPlan, use_plan
+from adapters.runtime.loaded import LoadedAdapter
+from adapters.runtime.onnx.layout import GraphLayout
+from adapters.tasks.text_classification import TextServing
+
+
+def make_session(graph: bytes, threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxTextServing:
+    """A text base served through an ONNX graph (see the module docstring)."""
+
+    runtime = "onnx"
+
+    def __init__(self, torch_serving: TextServing, graph: bytes, *, precision: str = "fp32",
+                 threads: int | None = None) -> None:
+        self.torch_serving = torch_serving
+        self.base = torch_serving.base
+        self.spec = torch_serving.spec
+        self.precision = precision
+        self.layout = GraphLayout.of(self.spec)
+        self.session = make_session(graph, threads)
+        names = [i.name for i in self.session.get_inputs()]
+        self.token_names = tuple(n for n in names if not n.startswith("lora_"))
+        if names[len(self.token_names):] != self.layout.input_names:
+            raise ValueError("the graph's LoRA inputs are not this base's layout")
+        self.head = getattr(self.base.model, self.base.head_name)
+        self.hidden_size = self.spec.head_in_features
+
+    # -- the torch serving's own row handling ---------------------------------------------------
+
+    def decode(self, raw: Sequence[Any], *, param: str = "inputs", limits: Any = None) -> list[str]:
+        return self.torch_serving.decode(raw, param=param, limits=limits)
+
+    def check_row(self, row: Any, param: str) -> None:
+        self.torch_serving.check_row(row, param)
+
+    def collate(self, rows: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.torch_serving.collate(rows)
+
+    def size(self, batch: dict[str, torch.Tensor]) -> int:
+        return self.torch_serving.size(batch)
+
+    def probe_rows(self) -> list[str]:
+        return self.torch_serving.probe_rows()
+
+    # -- the forward pass --------------------------------------------------------------------------
+
+    def encode(self, batch: dict[str, torch.Tensor], lora: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph alone: (hidden ``[B, T, H]``, pooled ``[B, H]``) for tokens and LoRA inputs."""
+        ids = batch["input_ids"]
+        n, t = int(ids.shape[0]), int(ids.shape[1])
+        tokens = []
+        for name in self.token_names:
+            v = batch.get(name)
+            if v is None:  # a tokenizer that gives no token types: all zeros, as the model assumes
+                v = torch.zeros_like(ids)
+            tokens.append(v.to(torch.int64).contiguous())
+        hidden = torch.empty(n, t, self.hidden_size, dtype=torch.float32)
+        pooled = torch.empty(n, self.hidden_size, dtype=torch.float32)
+        io = self.session.io_binding()
+        for name, v in zip((*self.token_names, *self.layout.input_names), (*tokens, *lora)):
+            io.bind_input(name, "cpu", 0, np.int64 if v.dtype == torch.int64 else np.float32,
+                          list(v.shape), v.data_ptr())
+        io.bind_output("hidden", "cpu", 0, np.float32, list(hidden.shape), hidden.data_ptr())
+        io.bind_output("pooled", "cpu", 0, np.float32, list(pooled.shape), pooled.data_ptr())
+        self.session.run_with_iobinding(io)
+        return hidden, pooled
+
+    def run(self, batch: dict[str, torch.Tensor], plan: BatchPlan,
+            adapters: Sequence[LoadedAdapter | None]) -> torch.Tensor:
+        n = self.size(batch)
+        hidden, pooled = self.encode(batch, self.layout.feeds(plan, n))
+        plan.poolings = self.torch_serving._poolings(adapters)
+        if plan.poolings is not None:
+            plan.tokens = (hidden, batch["attention_mask"])
+        return self.head(pooled)  # MixedHead: per-row pooling and heads, reading the installed plan
+
+
+def verify(torch_serving: TextServing, onnx_serving: OnnxTextServing, slots: Any,
+           adapters: Sequence[LoadedAdapter]) -> float:
+    """Max abs logit difference between the two runtimes on the probe texts, every row mixed
+    (``adapters`` cycled, every third row a base row); ``slots``: a ``SlotBank`` to plan with."""
+    texts = torch_serving.probe_rows()
+    rows: list[LoadedAdapter | None] = [
+        None if (i % 3 == 2 or not adapters) else adapters[i % len(adapters)] for i in range(len(texts))]
+    batch = torch_serving.collate(texts)
+    worst = 0.0
+    with torch.inference_mode():
+        for serving in (torch_serving, onnx_serving):
+            plan = slots.plan(rows)
+            with use_plan(plan):
+                logits = serving.run(batch, plan, rows)
+            if serving is torch_serving:
+                ref = logits.float().clone()
+            else:
+                worst = float((logits.float() - ref).abs().max())
+    return worst

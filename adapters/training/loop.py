@@ -5,9 +5,12 @@ the adapter) is the task's (``adapters.training.task_hooks``); everything here i
 text and images:
 
 AdamW (one parameter group per ``ParamGroup``, each at its ``lr_scale`` times the schedule's
-rate) with linear warmup and decay, gradient clipping at 1.0, validation after every epoch
-(loss, accuracy, macro-F1, confusion matrix), early stopping on validation accuracy, and the
-best epoch's weights restored at the end. Shuffling and dropout are seeded per epoch from
+rate) with linear warmup and decay, gradient clipping at 1.0, validation after every epoch,
+early stopping, and the best epoch's weights restored at the end. What the loss is, what
+validation measures and which epoch is best is the task's objective (``task_hooks.Objective``,
+from ``task.objective()``); a task without one is a classifier (``Classification``: cross-entropy
+against its label ids; validation loss, accuracy, macro-F1, confusion matrix; the best epoch
+has the highest validation accuracy). Shuffling and dropout are seeded per epoch from
 ``seed``, so a run is deterministic on CPU and a run resumed from a checkpoint ends with the
 same weights as one that never stopped.
 
@@ -45,7 +48,7 @@ from adapters.training.divergence import Watch
 from adapters.training.errors import TrainingCancelled, TrainingDiverged, TrainingYielded
 from adapters.training.loop_state import LoopState
 from adapters.training.metrics import classification_metrics
-from adapters.training.task_hooks import LoopSettings, TrainingTask
+from adapters.training.task_hooks import LoopSettings, Objective, TrainingTask
 
 EVAL_CHUNK = 64  # validation rows per forward pass
 
@@ -69,10 +72,9 @@ def fit(task: TrainingTask, hp: LoopSettings, *, callbacks: TrainCallbacks | Non
     best = state.history[state.best_epoch - 1]
     metrics = {
         "method": task.method, "labels": list(task.labels), "n_train": n_train,
-        "n_validation": len(task.val_label_ids),
-        "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"], "val_loss": best["val_loss"],
-        "confusion_matrix": best["confusion_matrix"], "best_epoch": state.best_epoch,
-        "epochs_run": len(state.history), "trainable_params": run.trainable, "total_params": run.total,
+        "n_validation": len(task.val_label_ids), **run.obj.result(best), "best_epoch": state.best_epoch,
+        "epochs_run": len(state.history), "steps": state.step, "trainable_params": run.trainable,
+        "total_params": run.total,
         "train_seconds": round(seconds, 3),
     }
     artifact = task.artifact(metrics)
@@ -96,16 +98,16 @@ class _Loop:
             spec = [{"params": [p for _, p in g.params], "lr_scale": g.lr_scale} for g in groups]
         self.opt = torch.optim.AdamW(spec, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         self.state = LoopState(self.params, self.opt, task.device)
+        self.obj: Objective = task.objective() if hasattr(task, "objective") else Classification(task)
 
     def fit(self, ckpt_dir: Path | None) -> None:
         hp, task, st = self.hp, self.task, self.state
         task.encode(self._poll)
-        ys, vys = task.train_label_ids, task.val_label_ids
-        y, vy = torch.tensor(ys, device=task.device), torch.tensor(vys, device=task.device)
+        ys, obj = task.train_label_ids, self.obj
         steps_per_epoch = math.ceil(len(ys) / hp.batch_size)
         total = steps_per_epoch * hp.epochs
         warmup = int(total * hp.warmup_ratio)
-        watch = Watch.for_data(ys, vys, hp.epochs, hp.patience)
+        watch = obj.watch(hp.epochs, hp.patience)
         fingerprint = task.fingerprint()
         start_epoch, bad_epochs = 1, 0
         resume_at: dict[str, Any] | None = None  # a mid-epoch checkpoint's place in its epoch
@@ -139,7 +141,7 @@ class _Loop:
                 lr = hp.learning_rate * _schedule(st.step, warmup, total)
                 for group in self.opt.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                loss = F.cross_entropy(task.forward(task.train_batch(idx, epoch)), y[idx])
+                loss = obj.loss(task.forward(task.train_batch(idx, epoch)), idx)
                 losses.append(loss.item())
                 why = watch.step(losses, first)
                 if why:  # checked before the update: a NaN never reaches the weights
@@ -152,19 +154,19 @@ class _Loop:
                 if self.cb.on_step and (st.step % 10 == 0 or st.step == total):
                     self.cb.on_step(st.step, total, epoch, sum(losses[-10:]) / len(losses[-10:]))
             train_loss = sum(losses) / len(losses)
-            metrics = {"epoch": epoch, "step": st.step, "train_loss": train_loss, **self._evaluate(vy)}
+            metrics = {"epoch": epoch, "step": st.step, "train_loss": train_loss, **self._evaluate()}
             metrics["collapsed"] = watch.collapsed(metrics)
             st.history.append(metrics)
             if self.cb.on_epoch:
                 self.cb.on_epoch(epoch, dict(metrics))
             self._event("info", f"epoch {epoch}/{hp.epochs}: train loss {train_loss:.4f}, val loss "
-                                f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}"
+                                f"{metrics['val_loss']:.4f}, {obj.describe(metrics)}"
                                 + (" (one label for everything)" if metrics["collapsed"] else ""))
             why = watch.epoch(st.history, st.best_epoch)
             if why:
                 return self._diverged(why)
-            if not metrics["collapsed"] and st.better(metrics):
-                st.keep_best(epoch, metrics["val_accuracy"])
+            if not metrics["collapsed"] and obj.better(metrics, st):
+                st.keep_best(epoch, metrics.get("val_accuracy", 0.0))  # (the accuracy only Classification reads)
                 bad_epochs = 0
             else:
                 bad_epochs += 1
@@ -173,7 +175,7 @@ class _Loop:
             if ckpt_dir is not None:
                 self._save(ckpt_dir, fingerprint, epoch, bad_epochs, done=stop or epoch == hp.epochs)
             if stop:
-                self._event("info", f"early stop: no better validation accuracy for {bad_epochs} epochs")
+                self._event("info", f"early stop: no better {obj.criterion} for {bad_epochs} epochs")
                 break
             if ckpt_dir is not None and epoch < hp.epochs and self._wants_yield(True):
                 raise TrainingYielded(epoch + 1, st.step, mid_epoch=False)
@@ -202,24 +204,57 @@ class _Loop:
             self.cb.on_checkpoint(folder)
 
     @torch.inference_mode()
-    def _evaluate(self, y: torch.Tensor) -> dict[str, Any]:
+    def _evaluate(self) -> dict[str, Any]:
         task = self.task
         task.set_training(False)
-        chunks = []
-        for i in range(0, len(y), EVAL_CHUNK):
+        chunks, n = [], len(task.val_label_ids)
+        for i in range(0, n, EVAL_CHUNK):
             self._poll()
-            idx = torch.arange(i, min(i + EVAL_CHUNK, len(y)), device=task.device)
+            idx = torch.arange(i, min(i + EVAL_CHUNK, n), device=task.device)
             chunks.append(task.forward(task.val_batch(idx)))
-        logits = torch.cat(chunks)
-        preds = logits.argmax(-1)
-        m = classification_metrics(y.tolist(), preds.tolist(), len(task.labels))
-        return {"val_loss": F.cross_entropy(logits.float(), y).item(), "val_accuracy": m["accuracy"],
-                "val_macro_f1": m["macro_f1"], "confusion_matrix": m["confusion_matrix"],
-                "distinct_predictions": len(set(preds.tolist()))}
+        return self.obj.evaluate(chunks)
 
     def _event(self, level: str, message: str) -> None:
         if self.cb.on_event:
             self.cb.on_event(level, message)
+
+
+class Classification:
+    """The objective of a task without one of its own (``task_hooks.Objective``): cross-entropy of
+    ``forward``'s logits against the task's label ids; validation loss, accuracy, macro-F1 and the
+    confusion matrix; the best epoch has the highest accuracy (``LoopState.better``); predictions
+    collapsed to one label are watched for (``divergence.Watch``)."""
+
+    criterion = "validation accuracy"
+
+    def __init__(self, task: TrainingTask) -> None:
+        self.ys, self.vys, self.n_labels = task.train_label_ids, task.val_label_ids, len(task.labels)
+        self.y = torch.tensor(self.ys, device=task.device)
+        self.vy = torch.tensor(self.vys, device=task.device)
+
+    def watch(self, epochs: int, patience: int) -> Watch:
+        return Watch.for_data(self.ys, self.vys, epochs, patience)
+
+    def loss(self, out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, self.y[idx])
+
+    def evaluate(self, outputs: list[torch.Tensor]) -> dict[str, Any]:
+        logits = torch.cat(outputs)
+        preds = logits.argmax(-1)
+        m = classification_metrics(self.vys, preds.tolist(), self.n_labels)
+        return {"val_loss": F.cross_entropy(logits.float(), self.vy).item(), "val_accuracy": m["accuracy"],
+                "val_macro_f1": m["macro_f1"], "confusion_matrix": m["confusion_matrix"],
+                "distinct_predictions": len(set(preds.tolist()))}
+
+    def better(self, metrics: dict[str, Any], state: LoopState) -> bool:
+        return state.better(metrics)
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        return f"val accuracy {metrics['val_accuracy']:.4f}"
+
+    def result(self, best: dict[str, Any]) -> dict[str, Any]:
+        return {"val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
+                "val_loss": best["val_loss"], "confusion_matrix": best["confusion_matrix"]}
 
 
 def _schedule(step: int, warmup: int, total: int) -> float:

@@ -8,7 +8,9 @@ method, how examples become batches, the forward pass, what a checkpoint must ma
 adapter the trained model becomes. One object per run; the loop calls, in this order:
 ``build`` (once), ``encode`` (once), then per step ``set_training(True)`` / ``train_batch`` /
 ``forward``, per validation ``set_training(False)`` / ``val_batch`` / ``forward``, and finally
-``artifact``. ``fingerprint`` may be called at any time (it needs no model).
+``artifact``. ``fingerprint`` may be called at any time (it needs no model). A task may also
+have ``objective()`` (an ``Objective``: loss, validation metrics, the best epoch); without it the
+loop trains it as a classifier (``forward`` gives logits ``[B, len(labels)]``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,41 @@ class LoopSettings(Protocol):
     patience: int
 
     def to_dict(self) -> dict[str, Any]: ...
+
+
+class Objective(Protocol):
+    """What the loop minimises and how it judges a validated epoch. A task may give its own
+    (``TrainingTask.objective()``, optional); one that does not is a classifier
+    (``loop.Classification``)."""
+
+    criterion: str  # what early stopping watches, for messages ("validation accuracy")
+
+    def watch(self, epochs: int, patience: int) -> Any:
+        """The run's divergence watch (``divergence.Watch``: ``step``, ``collapsed``, ``epoch``,
+        ``never_healthy``)."""
+        ...
+
+    def loss(self, out: Any, idx: torch.Tensor) -> torch.Tensor:
+        """The training loss (a scalar with grad) of ``forward``'s output for training examples ``idx``."""
+        ...
+
+    def evaluate(self, outputs: list[Any]) -> dict[str, Any]:
+        """An epoch's validation metrics from ``forward``'s outputs over the whole validation set
+        (in order, chunk by chunk): ``val_loss`` and the objective's own, ``distinct_predictions``
+        among them when ``watch`` reads it."""
+        ...
+
+    def better(self, metrics: dict[str, Any], state: Any) -> bool:
+        """Is this epoch (``metrics``) better than the best so far (``state``: the ``LoopState``)?"""
+        ...
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        """The objective's headline validation figure for the epoch's event, e.g. "val accuracy 0.9"."""
+        ...
+
+    def result(self, best: dict[str, Any]) -> dict[str, Any]:
+        """The best epoch's validation metrics the run's result and the adapter's manifest carry."""
+        ...
 
 
 class TrainingTask(Protocol):

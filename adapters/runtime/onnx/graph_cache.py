@@ -11,9 +11,10 @@ Contract:
   this key and the bytes match its checksum; otherwise (absent, another base's, corrupt) it
   logs why, calls ``build()`` and stores the result. Builders of one key are serialised by an
   advisory file lock, so workers starting together export once and the rest read the file.
-* The graph carries its base fingerprint in its own metadata (``FINGERPRINT_PROP``);
-  ``check_graph_base`` refuses one whose metadata names another base, whatever the sidecar
-  says (the serving layer calls it on every load).
+* The graph carries its base fingerprint and precision in its own metadata
+  (``FINGERPRINT_PROP``, ``PRECISION_PROP``); ``load`` refuses (and ``get`` rebuilds) one whose
+  metadata names another base or precision, whatever the sidecar says, and the serving layer
+  checks the session's metadata again (``check_graph_base``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class GraphCache:
             log.warning("ONNX graph cache: %s fails its checksum (%s, expected %s); rebuilding",
                         graph_path.name, digest[:19], str(meta.get("sha256"))[:19])
             return None
+        try:
+            check_graph_base(graph_metadata(data), key.fingerprint, key.precision)
+        except (GraphMismatchError, ValueError) as e:
+            log.warning("ONNX graph cache: %s refused: %s; rebuilding", graph_path.name, e)
+            return None
         return data
 
     def store(self, key: GraphKey, data: bytes, extra: dict | None = None) -> None:
@@ -154,6 +160,17 @@ def stamp(graph: bytes, fingerprint: str, precision: str) -> bytes:
     for k, v in sorted(props.items()):
         model.metadata_props.add(key=k, value=v)
     return model.SerializeToString()
+
+
+def graph_metadata(graph: bytes) -> dict[str, str]:
+    """The graph's metadata properties (``ValueError`` for bytes that are not an ONNX model)."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(graph)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ValueError(f"not an ONNX model ({type(e).__name__})") from None
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def check_graph_base(metadata: dict[str, str], fingerprint: str, precision: str) -> None:

@@ -15,6 +15,11 @@ Tasks: ``TAILOR_TASKS`` lists the task kinds this deployment serves (default bot
 images (default the bundled EfficientNet-Lite0; a local checkpoint directory; or ``tiny`` /
 ``tiny:SEED``, a tiny random network of the same layout for tests, whose predictions mean
 nothing). A base of a task that is not enabled is never loaded.
+
+Runtime: ``TAILOR_RUNTIME`` runs each base's forward pass on ``torch`` (default), ``onnx`` (ONNX
+Runtime, CPU) or ``auto`` (ONNX on a CPU base that exports, torch on CUDA); ``TAILOR_QUANTIZE``
+``none`` (default) or ``int8`` (ONNX only). A base that cannot serve on ONNX logs why and keeps
+torch (``adapters.runtime.onnx.runtime``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ log = logging.getLogger("tailor.service")
 
 MIB = 1 << 20
 TINY_IMAGE_BASE = "tiny"  # TAILOR_IMAGE_BASE_MODEL=tiny or tiny:SEED: a tiny random vision base (tests)
+# TAILOR_RUNTIME / TAILOR_QUANTIZE values: adapters.runtime.onnx.runtime's RUNTIMES / QUANTIZE (not imported: torch)
+RUNTIMES = ("torch", "onnx", "auto")
+QUANTIZE = ("none", "int8")
 ADMIN_KEY_PREFIX = "ta-"
 MIN_ADMIN_KEY_CHARS = 16
 
@@ -69,6 +77,8 @@ class Settings:
     metrics_tenant_labels: bool = False
     store_gc_hours: float = 6.0  # idle training workers collect the store's garbage this often; 0: never
     access_log: bool = False  # BentoML's one INFO line per request (TAILOR_ACCESS_LOG=1)
+    runtime: str = "torch"  # TAILOR_RUNTIME: torch | onnx | auto
+    quantize: str = "none"  # TAILOR_QUANTIZE: none | int8 (ONNX only)
     admin_key_generated: bool = False
 
     @classmethod
@@ -146,6 +156,8 @@ class Settings:
             metrics_tenant_labels=_bool(env, "TAILOR_METRICS_TENANT_LABELS", False),
             store_gc_hours=_float(env, "TAILOR_STORE_GC_HOURS", 6.0, lo=0.0, hi=24 * 365),
             access_log=_bool(env, "TAILOR_ACCESS_LOG", False),
+            runtime=_choice(env, "TAILOR_RUNTIME", "torch", RUNTIMES),
+            quantize=_choice(env, "TAILOR_QUANTIZE", "none", QUANTIZE),
         )
         return settings.with_admin_key() if admin_key else settings
 
@@ -236,6 +248,15 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}={raw!r}: use 1/0, true/false, yes/no or on/off")
+
+
+def _choice(env: dict[str, str], name: str, default: str, options: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in options:
+        raise SettingsError(f"{name}={raw!r}: use one of {', '.join(options)}")
+    return raw
 
 
 def _range(lo: object, hi: object) -> str:

@@ -207,6 +207,10 @@ class TailorState:
                 base = BASE_LOADERS[task](s)
                 engine = Engine(base, self.catalog, config, on_load=partial(self.metrics.observe_load, task),
                                 on_nonfinite=self.metrics.report_nonfinite)
+                if s.runtime != "torch":  # ONNX Runtime behind the same engine; a base that cannot keeps torch
+                    from adapters.runtime.onnx.runtime import RuntimeChoice, apply_runtime
+
+                    apply_runtime(engine, RuntimeChoice(s.runtime, s.quantize), s.home / "graphs")
                 batchers[task] = MicroBatcher(
                     engine, s.max_batch_size, s.max_wait_ms, on_batch=partial(self.metrics.observe_batch, task),
                     announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows)

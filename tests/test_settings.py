@@ -168,3 +168,22 @@ def test_available_cpus_respects_the_affinity_mask():
     finally:
         os.sched_setaffinity(0, before)
     assert 1 <= available_cpus() <= len(before)
+
+
+def test_runtime_and_quantisation(tmp_path):
+    from adapters.runtime.onnx import runtime as onnx_runtime
+    from service import settings as settings_module
+
+    home = {"TAILOR_HOME": str(tmp_path)}
+    s = Settings.from_env(home, admin_key=False)
+    assert (s.runtime, s.quantize) == ("torch", "none")
+    s = Settings.from_env({**home, "TAILOR_RUNTIME": " ONNX ", "TAILOR_QUANTIZE": "int8"}, admin_key=False)
+    assert (s.runtime, s.quantize) == ("onnx", "int8")
+    assert Settings.from_env({**home, "TAILOR_RUNTIME": "auto"}, admin_key=False).runtime == "auto"
+    # the settings' lists are the runtime's (kept apart so reading settings imports no torch)
+    assert settings_module.RUNTIMES == onnx_runtime.RUNTIMES and settings_module.QUANTIZE == onnx_runtime.QUANTIZE
+    for name, value, words in [("TAILOR_RUNTIME", "tensorrt", "use one of torch, onnx, auto"),
+                               ("TAILOR_QUANTIZE", "int4", "use one of none, int8")]:
+        with pytest.raises(SettingsError, match=name) as e:
+            Settings.from_env({**home, name: value}, admin_key=False)
+        assert words in str(e.value)

@@ -4,7 +4,9 @@ Layout of ``adapter.safetensors`` (no pickle anywhere, so untrusted bytes are sa
 
 * ``lora.<module path>.A`` -- ``[r, in_features]`` (peft's ``lora_A.weight``)
 * ``lora.<module path>.B`` -- ``[out_features, r]`` (peft's ``lora_B.weight``)
-* ``head.weight`` -- ``[num_labels, head_in_features]``, ``head.bias`` -- ``[num_labels]``
+* ``head.weight`` -- ``[num_labels, head_in_features]``, ``head.bias`` -- ``[num_labels]``; absent
+  from the adapter of a head-less task (``adapters.tasks.HEADLESS_TASKS``: text generation), whose
+  manifest has no labels and ``head_in_features`` 0 (decoded, its head is two empty tensors)
 
 Module paths are the base model's own ``named_modules`` paths (e.g.
 ``bert.encoder.layer.0.attention.self.query``). The manifest records the base fingerprint,
@@ -40,7 +42,7 @@ from safetensors.torch import save as st_save
 from adapters.errors import ArtifactError, ChecksumMismatchError, FingerprintMismatchError, TaskMismatchError
 from adapters.fingerprint import BaseSpec
 from adapters.pooling import POOLER, Pooling
-from adapters.tasks import ACCEPTED_NAMES, canonical_task
+from adapters.tasks import ACCEPTED_NAMES, HEADLESS_TASKS, canonical_task
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
@@ -88,6 +90,11 @@ class AdapterManifest:
         """The canonical task (``adapters.tasks.canonical_task`` of ``task``)."""
         return canonical_task(self.task)
 
+    @property
+    def headless(self) -> bool:
+        """An adapter of a task without labels or head (``adapters.tasks.HEADLESS_TASKS``)."""
+        return self.task in HEADLESS_TASKS
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = list(self.labels)
@@ -116,7 +123,8 @@ class AdapterManifest:
                 base_fingerprint=_str(d["base_fingerprint"], "base_fingerprint"),
                 labels=tuple(_str_list(d["labels"], "labels")),
                 lora=lora,
-                head_in_features=_int(d["head_in_features"], "head_in_features", 1, 1 << 16),
+                head_in_features=_int(d["head_in_features"], "head_in_features",
+                                      0 if d.get("task") in HEADLESS_TASKS else 1, 1 << 16),
                 task=_str(d.get("task", "classification"), "task"),
                 weights_sha256=_str(d.get("weights_sha256", ""), "weights_sha256"),
                 weights_bytes=_int(d.get("weights_bytes", 0), "weights_bytes", 0, 1 << 40),
@@ -146,7 +154,11 @@ class AdapterManifest:
             raise ArtifactError(f"unsupported manifest format_version {self.format_version}")
         if self.task not in TASKS:
             raise ArtifactError(f"unsupported task {self.task!r}; supported: {', '.join(TASKS)}")
-        if not 2 <= len(self.labels) <= MAX_LABELS:
+        if self.headless:
+            if self.labels or self.head_in_features:
+                raise ArtifactError(f"a {self.task} adapter has no labels and no head "
+                                    "(labels must be empty, head_in_features 0)")
+        elif not 2 <= len(self.labels) <= MAX_LABELS:
             raise ArtifactError(f"an adapter needs 2 to {MAX_LABELS} labels, got {len(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ArtifactError("labels must be unique")
@@ -193,8 +205,13 @@ class AdapterWeights:
         total = self.head_weight.nbytes + self.head_bias.nbytes
         return total + sum(a.nbytes + b.nbytes for a, b in self.lora.values())
 
+    @property
+    def headless(self) -> bool:
+        """No head (an adapter of a head-less task): both head tensors are empty."""
+        return self.head_weight.numel() == 0 and self.head_bias.numel() == 0
+
     def to_safetensors(self) -> bytes:
-        tensors: dict[str, torch.Tensor] = {
+        tensors: dict[str, torch.Tensor] = {} if self.headless else {
             "head.weight": self.head_weight.contiguous(),
             "head.bias": self.head_bias.contiguous(),
         }
@@ -218,6 +235,8 @@ class AdapterWeights:
             if not m:
                 raise ArtifactError(f"unexpected tensor {key!r} in adapter weights")
             lora_parts.setdefault(m.group(1), {})[m.group(2)] = t
+        if "head.weight" not in tensors and "head.bias" not in tensors:  # a head-less adapter
+            tensors["head.weight"], tensors["head.bias"] = torch.zeros(0, 0), torch.zeros(0)
         for required in ("head.weight", "head.bias"):
             if required not in tensors:
                 raise ArtifactError(f"adapter weights lack {required!r}")
@@ -287,6 +306,10 @@ class AdapterArtifact:
                 named[f"lora.{path}.A"], named[f"lora.{path}.B"] = a, b
             check_tensors(named)
         n = len(m.labels)
+        if m.headless and not w.headless:
+            raise ArtifactError(f"a {m.task} adapter has no head, but its weights hold head.weight/head.bias")
+        if not m.headless and w.headless:
+            raise ArtifactError("adapter weights lack 'head.weight' (a classification adapter needs its head)")
         if tuple(w.head_weight.shape) != (n, m.head_in_features):
             raise ArtifactError(
                 f"head.weight has shape {list(w.head_weight.shape)}, expected [{n}, {m.head_in_features}] "

@@ -6,7 +6,8 @@ classification head is a ``modules_to_save`` module (text: ``SEQ_CLS``; images: 
 layout ``[r, C_in, 1, 1]`` / ``[C_out, r, 1, 1]``: the task's ``peft_task_type`` and
 ``lora_kernel``), plus ``tailor_manifest.json`` with the label names, metrics and pooling peft
 has no place for (plain peft reads the model's own pooled output: an adapter trained on another
-pooling reproduces only when imported back here).
+pooling reproduces only when imported back here). A head-less adapter (text generation:
+``CAUSAL_LM``) has no ``modules_to_save`` and no head tensors either way.
 ``import_peft`` takes such files -- written by us or by anyone's peft training -- and returns a
 checked ``AdapterArtifact`` of the base's task for a given base (a Tailor export of another task
 is a ``TaskMismatchError`` naming both; conv factors are stored without their 1x1 kernel
@@ -41,7 +42,7 @@ from adapters.errors import ArtifactError, TaskMismatchError
 from adapters.fingerprint import BaseSpec
 from adapters.import_checks import ARTIFACT_LABEL_LIMITS, check_target_modules, clean_labels
 from adapters.pooling import POOLER
-from adapters.tasks import get_task, manifest_value
+from adapters.tasks import HEADLESS_TASKS, get_task, manifest_value
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -64,7 +65,7 @@ def export_peft(artifact: AdapterArtifact, spec: BaseSpec) -> dict[str, bytes]:
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": kind.peft_task_type, "r": m.lora.r, "lora_alpha": m.lora.alpha,
         "lora_dropout": m.lora.dropout, "use_rslora": m.lora.use_rslora,
-        "target_modules": targets, "modules_to_save": [spec.head_name],
+        "target_modules": targets, "modules_to_save": None if w.headless else [spec.head_name],
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "base_model_name_or_path": spec.name or None,
         "rank_pattern": {}, "alpha_pattern": {},
@@ -78,8 +79,8 @@ def export_peft(artifact: AdapterArtifact, spec: BaseSpec) -> dict[str, bytes]:
             p: m.lora.alpha * (rp / m.lora.r if not m.lora.use_rslora else (rp / m.lora.r) ** 0.5)
             for p, rp in rank_pattern.items()
         }
-    tensors = {f"{_PREFIX}{spec.head_name}.weight": w.head_weight.contiguous(),
-               f"{_PREFIX}{spec.head_name}.bias": w.head_bias.contiguous()}
+    tensors = {} if w.headless else {f"{_PREFIX}{spec.head_name}.weight": w.head_weight.contiguous(),
+                                     f"{_PREFIX}{spec.head_name}.bias": w.head_bias.contiguous()}
     for path, (a, b) in w.lora.items():
         tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.reshape(*a.shape, *kind.lora_kernel).contiguous()
         tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.reshape(*b.shape, *kind.lora_kernel).contiguous()
@@ -138,8 +139,14 @@ def import_peft(
         raise ArtifactError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
     for key, t in tensors.items():
         check_tensor(key, t)
-    head_w = tensors.pop(f"{_PREFIX}{spec.head_name}.weight", None)
-    head_b = tensors.pop(f"{_PREFIX}{spec.head_name}.bias", None)
+    headless = kind.name in HEADLESS_TASKS
+    if headless and labels:
+        raise ArtifactError(f"a {kind.name} adapter has no labels", param="labels")
+    if headless:  # LoRA alone: a head tensor is refused below as an unexpected tensor
+        head_w, head_b = torch.zeros(0, 0), torch.zeros(0)
+    else:
+        head_w = tensors.pop(f"{_PREFIX}{spec.head_name}.weight", None)
+        head_b = tensors.pop(f"{_PREFIX}{spec.head_name}.bias", None)
     if head_w is None or head_b is None:
         raise ArtifactError(
             f"peft adapter has no classification head: expected {spec.head_name!r} in modules_to_save"
@@ -178,8 +185,9 @@ def import_peft(
             lora[path] = (a, b * (scale_p / base_scale))
 
     n = head_w.shape[0]
-    names = clean_labels(labels or (list(tailor.labels) if tailor else [f"LABEL_{i}" for i in range(n)]),
-                         limits or ARTIFACT_LABEL_LIMITS)
+    names = [] if headless else clean_labels(
+        labels or (list(tailor.labels) if tailor else [f"LABEL_{i}" for i in range(n)]),
+        limits or ARTIFACT_LABEL_LIMITS)
     if len(names) != n:
         raise ArtifactError(f"{len(names)} label names given for a head with {n} outputs")
     manifest = AdapterManifest(

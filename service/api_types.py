@@ -11,7 +11,7 @@ from typing import Any, Literal, TypedDict
 JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled"]
 JobMethod = Literal["lora", "head"]
 PromoteMode = Literal["auto", "always", "never"]
-Task = Literal["text-classification", "image-classification"]
+Task = Literal["text-classification", "image-classification", "text-generation"]
 
 
 class ErrorDetail(TypedDict):

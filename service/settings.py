@@ -30,7 +30,10 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES
+from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES, TEXT_CLASSIFICATION
+
+# served when TAILOR_TASKS is unset: the classifiers; text generation (a 135M-parameter model) only when asked for
+DEFAULT_TASKS = (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
 
 log = logging.getLogger("tailor.service")
 
@@ -54,7 +57,7 @@ class Settings:
     base_model: str | None
     database_url: str
     store_url: str
-    tasks: tuple[str, ...] = TASK_NAMES  # the task kinds served, each on its own base
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # the task kinds served, each on its own base
     image_base_model: str | None = None  # None: the bundled EfficientNet-Lite0
     max_resident: int = 4096
     device_slots: int = 257
@@ -179,10 +182,11 @@ class Settings:
 
 
 def _tasks(env: dict[str, str]) -> tuple[str, ...]:
-    """``TAILOR_TASKS``: a comma list of task names (default every task), in canonical order."""
+    """``TAILOR_TASKS``: a comma list of task names (default ``DEFAULT_TASKS``: both classifiers,
+    not text generation), in canonical order."""
     raw = env.get("TAILOR_TASKS", "").strip()
     if not raw:
-        return TASK_NAMES
+        return DEFAULT_TASKS
     given = [t.strip() for t in raw.split(",") if t.strip()]
     unknown = [t for t in given if t not in TASK_NAMES]
     if unknown or not given:

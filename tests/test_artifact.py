@@ -331,7 +331,7 @@ MANIFEST_CASES = {
     "empty label": (_set("labels", ["pos", "", "neg"]), "must have 1 to 128 characters"),
     "label too long": (_set("labels", ["pos", "x" * 129, "neg"]), "must have 1 to 128 characters"),
     "unknown task": (_set("task", "generation"), "unsupported task .generation.; supported: text-classification, "
-                     "image-classification, classification"),
+                     "image-classification, text-generation, classification"),
     "rank 0": (_set("lora.r", 0), r"'lora.r' must be an integer in 1..256"),
     "rank 257": (_set("lora.r", 257), r"'lora.r' must be an integer in 1..256"),
     "alpha 0": (_set("lora.alpha", 0), "lora.alpha must be a positive number"),

@@ -17,7 +17,7 @@ from tests.image_files import image_folder, make_zip
 
 
 def test_names_and_the_legacy_value():
-    assert TASK_NAMES == ("text-classification", "image-classification")
+    assert TASK_NAMES == ("text-classification", "image-classification", "text-generation")
     assert canonical_task("classification") == TEXT_CLASSIFICATION  # adapters written before kinds
     for name in TASK_NAMES:
         assert canonical_task(name) == name

@@ -2,12 +2,14 @@
 
 Contract:
 
-* A task kind has a name in ``TASK_NAMES`` (``TEXT_CLASSIFICATION``, ``IMAGE_CLASSIFICATION``)
-  and one module here (``text_classification``, ``image_classification``) that owns everything
+* A task kind has a name in ``TASK_NAMES`` (``TEXT_CLASSIFICATION``, ``IMAGE_CLASSIFICATION``,
+  ``TEXT_GENERATION``) and one module here (``text_classification``, ``image_classification``,
+  ``text_generation``) that owns everything
   about it the rest of Tailor must not know: the request field its inputs arrive in, the
   dataset format, how a base is prepared for mixed-tenant serving and how its rows are decoded,
   batched and run (``adapters.tasks.kind.TaskKind`` lists the members, each with its semantics).
-  Store, registry, jobs, cache, slots and batcher stay task-agnostic.
+  Store, registry, jobs, cache, slots and batcher stay task-agnostic. ``HEADLESS_TASKS`` are the
+  kinds whose adapters carry no labels and no head (generation: LoRA weights alone).
 * ``canonical_task(name)`` validates a task name and maps the legacy manifest value
   ``"classification"`` (every adapter written before tasks had kinds) to
   ``"text-classification"``: old adapters keep working. Anything else raises ``ValueError``.
@@ -30,11 +32,15 @@ if TYPE_CHECKING:
 
 TEXT_CLASSIFICATION = "text-classification"
 IMAGE_CLASSIFICATION = "image-classification"
-TASK_NAMES = (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
+TEXT_GENERATION = "text-generation"
+TASK_NAMES = (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, TEXT_GENERATION)
+# tasks whose adapters are LoRA weights alone: no labels, no classification head (adapters.artifact)
+HEADLESS_TASKS = (TEXT_GENERATION,)
 LEGACY_NAMES = {"classification": TEXT_CLASSIFICATION}  # manifests written before task kinds
 ACCEPTED_NAMES = TASK_NAMES + tuple(LEGACY_NAMES)  # what a manifest's ``task`` may say
 _MODULES = {TEXT_CLASSIFICATION: "adapters.tasks.text_classification",
-            IMAGE_CLASSIFICATION: "adapters.tasks.image_classification"}
+            IMAGE_CLASSIFICATION: "adapters.tasks.image_classification",
+            TEXT_GENERATION: "adapters.tasks.text_generation"}
 
 
 def canonical_task(name: Any) -> str:
@@ -67,5 +73,5 @@ def task_of_manifest(manifest: Any) -> str:
     return canonical_task(task)
 
 
-__all__ = ["ACCEPTED_NAMES", "IMAGE_CLASSIFICATION", "LEGACY_NAMES", "TASK_NAMES", "TEXT_CLASSIFICATION",
+__all__ = ["ACCEPTED_NAMES", "HEADLESS_TASKS", "IMAGE_CLASSIFICATION", "TEXT_GENERATION", "LEGACY_NAMES", "TASK_NAMES", "TEXT_CLASSIFICATION",
            "canonical_task", "get_task", "manifest_value", "task_of_manifest"]

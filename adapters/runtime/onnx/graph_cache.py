@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tailor.onnx")
 
 LAYOUT_VERSION = 1  # bump when the graph's inputs or outputs change
 FINGERPRINT_PROP = "tailor.base_fingerprint"

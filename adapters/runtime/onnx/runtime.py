@@ -40,7 +40,7 @@ from adapters.runtime.slots import SlotBank
 from adapters.synthetic import random_artifact
 from adapters.tasks import TEXT_CLASSIFICATION
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tailor.onnx")
 
 RUNTIMES = ("torch", "onnx", "auto")
 QUANTIZE = ("none", "int8")

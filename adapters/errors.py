@@ -139,3 +139,19 @@ class TenantBusyError(TailorError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class AdmissionError(TailorError):
+    """A generation request cannot be admitted within the configured wait: the KV-cache budget
+    is taken by running sequences, or the waiting queue is full. Nothing was started.
+
+    ``retry_after`` is a hint in seconds (HTTP 429, or 503 when the server as a whole is
+    saturated, with Retry-After).
+    """
+
+    code = "admission_refused"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, reason: str = "kv_budget") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason  # "kv_budget" or "queue_full"

@@ -1,9 +1,9 @@
 """Dynamic int8 quantisation of an exported graph: the base's weight matmuls only.
 
 Contract: ``quantize_int8(graph)`` returns the bytes of a graph with the same inputs and
-outputs in which every ``MatMul`` whose second input is a weight (an initializer: the frozen
-base's linear layers) runs as ONNX Runtime's dynamic ``MatMulInteger`` (int8 weights,
-activations quantised per call). Every other ``MatMul`` -- the LoRA down/up projections, whose
+outputs in which every linear layer of the frozen base -- a ``MatMul`` whose second input is a
+weight (an initializer), or the ``Gemm`` a 2-D linear exports as (BERT's pooler) -- runs as ONNX
+Runtime's dynamic ``MatMulInteger`` (int8 weights, activations quantised per call). Every other ``MatMul`` -- the LoRA down/up projections, whose
 weights are graph inputs, and attention's activation products -- stays fp32, listed by name in
 ``nodes_to_exclude`` (ORT's quantiser would otherwise quantise dynamic operands too). The heads
 are not in the graph (torch, fp32). ``weight_matmuls(model)`` tells the two kinds apart.

@@ -2,9 +2,7 @@
 
 Contract:
 
-* ``RuntimeChoice(runtime, quantize)``: ``runtime`` is ``torch``, ``onnx`` or ``auto`` (ONNX on a
-  CPU base that exports, torch on CUDA); ``quantize`` is ``none`` or ``int8`` (ONNX only: the
-  base's weight matmuls in int8, LoRA and heads fp32). Bad values raise ``ValueError``.
+* ``RuntimeChoice(runtime, quantize)`` (``adapters.runtime.onnx.choice``): what is asked for.
 * ``apply_runtime(engine, choice, cache_dir)`` swaps the engine's ``serving`` for an
   ``OnnxTextServing`` when the choice asks for ONNX and the base can have it, and returns a
   ``RuntimeReport`` saying what serves and why. It never raises for a base that cannot: a
@@ -32,6 +30,7 @@ import torch
 
 from adapters.pooling import Pooling
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
+from adapters.runtime.onnx.choice import QUANTIZE, RUNTIMES, RuntimeChoice
 from adapters.runtime.onnx.export import OPSET, ExportError, export_text_graph
 from adapters.runtime.onnx.graph_cache import GraphCache, GraphKey, check_graph_base, stamp
 from adapters.runtime.onnx.quantize import quantize_int8
@@ -41,26 +40,9 @@ from adapters.synthetic import random_artifact
 from adapters.tasks import TEXT_CLASSIFICATION
 
 log = logging.getLogger("tailor.onnx")
+__all__ = ["QUANTIZE", "RUNTIMES", "RuntimeChoice", "RuntimeReport", "apply_runtime", "onnx_serving"]
 
-RUNTIMES = ("torch", "onnx", "auto")
-QUANTIZE = ("none", "int8")
 PARITY_TOLERANCE = 1e-3
-
-
-@dataclass(frozen=True)
-class RuntimeChoice:
-    runtime: str = "torch"
-    quantize: str = "none"
-
-    def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)}")
-        if self.quantize not in QUANTIZE:
-            raise ValueError(f"unknown quantisation {self.quantize!r}; use one of {', '.join(QUANTIZE)}")
-
-    @property
-    def precision(self) -> str:
-        return "int8" if self.quantize == "int8" else "fp32"
 
 
 @dataclass(frozen=True)

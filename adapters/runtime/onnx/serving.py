@@ -62,6 +62,11 @@ class OnnxTextServing:
         self.head = getattr(self.base.model, self.base.head_name)
         self.hidden_size = self.spec.head_in_features
 
+    @property
+    def label(self) -> str:
+        """What runs the forward pass, as the gate records it (``onnx-fp32``, ``onnx-int8``)."""
+        return f"onnx-{self.precision}"
+
     # -- the torch serving's own row handling ---------------------------------------------------
 
     def decode(self, raw: Sequence[Any], *, param: str = "inputs", limits: Any = None) -> list[str]:

@@ -39,7 +39,8 @@ class GateDecision:
 
 def score(engine: Engine, adapter: LoadedAdapter, inputs: Sequence[Any], labels: list[str], *,
           limits: Any = None) -> dict[str, Any]:
-    """Accuracy and macro-F1 of ``adapter`` on (inputs, true label names), via the engine:
+    """Accuracy and macro-F1 of ``adapter`` on (inputs, true label names), via the engine (and
+    ``runtime``: what ran it, ``torch`` or ``onnx-fp32`` / ``onnx-int8``, the serving runtime):
     ``inputs`` as a predict request carries them (texts, image files), decoded by the engine
     (with the task's per-input ``limits``) ``DECODE_CHUNK`` at a time, so a large image
     validation set is never decoded whole."""
@@ -50,7 +51,8 @@ def score(engine: Engine, adapter: LoadedAdapter, inputs: Sequence[Any], labels:
     names = sorted(set(labels) | set(adapter.labels))
     index = {n: i for i, n in enumerate(names)}
     m = classification_metrics([index[t] for t in labels], [index[p.label] for p in preds if p], len(names))
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": len(inputs)}
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": len(inputs),
+            "runtime": getattr(engine.serving, "label", "torch")}
 
 
 def decide(mode: str, candidate: dict[str, Any], prod: dict[str, Any] | None, prod_version: int | None,

@@ -160,6 +160,10 @@ def worker_args(settings: WorkerSettings, *, threads: int | None, device: str | 
         args += ["--threads", str(threads)]
     if device:
         args += ["--device", device]
+    runtime = getattr(settings, "runtime", "torch")  # the gate scores on the serving runtime
+    if runtime != "torch":
+        args += ["--runtime", runtime, "--quantize", getattr(settings, "quantize", "none"),
+                 "--graph-cache", str(settings.home / "graphs")]
     if once:
         args.append("--once")
     return args

@@ -4,7 +4,9 @@ Contract:
 
 * ``TaskBases`` is what a job of one task trains and is gated on: ``trainer_base``, the pristine
   base the trainer copies (never wraps), and ``engine``, the engine that scores candidates for
-  the gate, on its own copy of that base (``scoring_engine``).
+  the gate, on its own copy of that base (``scoring_engine``), running on the runtime and
+  precision serving uses (``runtime``: ONNX / int8 when the service serves on them), so the
+  gate's scores are those of the model that will serve the version.
 * ``WorkerBases(primary, loaders)``: ``primary`` serves the task of its base (``spec.task``:
   the worker's start-up base, text by default); ``loaders`` maps other task names to a function
   that loads theirs. ``get(task)`` returns the task's bases, calling its loader on the first job
@@ -17,12 +19,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from adapters.catalog import Catalog
 from adapters.errors import TailorError
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.tasks import canonical_task
+
+if TYPE_CHECKING:
+    from adapters.runtime.onnx.choice import RuntimeChoice
 
 # The gate scores one adapter at a time: a small resident set is plenty.
 GATE_ENGINE = EngineConfig(max_resident=64, device_slots=33, max_batch_size=32)
@@ -40,13 +46,21 @@ class TaskBases:
     engine: Engine  # scores candidates for the gate, on its own copy of the base
 
 
-def scoring_engine(base: Any, catalog: Catalog) -> Engine:
-    """An engine for the gate on a deep copy of ``base`` (the engine wraps its base's modules)."""
-    return Engine(replace(base, model=copy.deepcopy(base.model)), catalog, GATE_ENGINE)
+def scoring_engine(base: Any, catalog: Catalog, runtime: RuntimeChoice | None = None,
+                   graph_dir: Path | None = None) -> Engine:
+    """An engine for the gate on a deep copy of ``base`` (the engine wraps its base's modules),
+    on ``runtime`` as serving applies it (graphs from ``graph_dir``, the service's cache)."""
+    engine = Engine(replace(base, model=copy.deepcopy(base.model)), catalog, GATE_ENGINE)
+    if runtime is not None and runtime.runtime != "torch":
+        from adapters.runtime.onnx.runtime import apply_runtime
+
+        apply_runtime(engine, runtime, graph_dir)
+    return engine
 
 
-def load_task_bases(base: Any, catalog: Catalog) -> TaskBases:
-    return TaskBases(trainer_base=base, engine=scoring_engine(base, catalog))
+def load_task_bases(base: Any, catalog: Catalog, runtime: RuntimeChoice | None = None,
+                    graph_dir: Path | None = None) -> TaskBases:
+    return TaskBases(trainer_base=base, engine=scoring_engine(base, catalog, runtime, graph_dir))
 
 
 @dataclass

@@ -43,6 +43,7 @@ from adapters.jobs.parent_watch import watch_parent
 from adapters.jobs.runner import WorkerContext, run_job
 from adapters.jobs.task_bases import TaskBases, load_task_bases
 from adapters.registry import Registry
+from adapters.runtime.onnx.choice import QUANTIZE, RUNTIMES, RuntimeChoice
 from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES, TEXT_CLASSIFICATION, canonical_task
 from adapters.schema import create_schema, make_engine
 from adapters.store import AdapterStore, open_store
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated task kinds this worker trains (default: all); the first one's base "
                         "loads at start, the others' on their first job; a job of another task fails saying so")
     p.add_argument("--device", default=None)
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="the serving runtime the gate scores candidates on (TAILOR_RUNTIME)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none", help="its precision (TAILOR_QUANTIZE)")
+    p.add_argument("--graph-cache", type=Path, default=None,
+                   help="the service's ONNX graph cache (TAILOR_HOME/graphs) when --runtime is not torch")
     p.add_argument("--checkpoints", type=Path, required=True)
     p.add_argument("--threads", type=int, default=None, help="torch threads for training")
     p.add_argument("--nice", type=int, default=10,
@@ -110,13 +116,14 @@ def _tasks(value: str) -> tuple[str, ...]:
     return tuple(t for t in TASK_NAMES if t in given)
 
 
-def image_bases(setting: str | None, device: str | None, catalog: Catalog) -> TaskBases:
+def image_bases(setting: str | None, device: str | None, catalog: Catalog, runtime: RuntimeChoice | None = None,
+                graph_dir: Path | None = None) -> TaskBases:
     """The image base and its gate engine (imported here: a text-only worker never loads them).
     ``setting``: None (bundled EfficientNet-Lite0), ``tiny[:SEED]`` or a checkpoint directory."""
     from adapters.vision.backbone import vision_base_from_setting
 
     log.info("loading the image base (%s)", setting or "bundled")
-    return load_task_bases(vision_base_from_setting(setting, device=device), catalog)
+    return load_task_bases(vision_base_from_setting(setting, device=device), catalog, runtime, graph_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,9 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     create_schema(db)
     store = open_store(args.store_url)
     catalog = Catalog(Registry.from_engine(db), store)
+    runtime = RuntimeChoice(args.runtime, args.quantize)  # the gate scores on what serves
     loaders: dict[str, Callable[[], TaskBases]] = {
-        TEXT_CLASSIFICATION: lambda: load_task_bases(load_base(args.base_model, device=args.device), catalog),
-        IMAGE_CLASSIFICATION: lambda: image_bases(args.image_base_model, args.device, catalog),
+        TEXT_CLASSIFICATION: lambda: load_task_bases(load_base(args.base_model, device=args.device), catalog,
+                                                     runtime, args.graph_cache),
+        IMAGE_CLASSIFICATION: lambda: image_bases(args.image_base_model, args.device, catalog, runtime,
+                                                  args.graph_cache),
     }
     first = loaders[args.tasks[0]]()
     ctx = WorkerContext(

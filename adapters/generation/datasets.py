@@ -144,6 +144,9 @@ class GenerationDatasetLimits:
     min_examples: int = 10
     max_messages: int = 100
     max_example_tokens: int = 2048
+    # the base's tokenizer, when the caller has it (the service's generation base): then every
+    # example's length in tokens is checked at upload, not only when a job trains on it
+    tokenizer: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("min_examples", "max_messages", "max_example_tokens"):
@@ -170,11 +173,18 @@ class Encoded:
 # --- public entry points -----------------------------------------------------------------
 
 
+def default_dataset_limits() -> GenerationDatasetLimits:
+    """The limits ``parse_dataset`` applies when given none (no tokenizer: lengths are checked
+    when a job encodes the data, naming the example's line)."""
+    return GenerationDatasetLimits()
+
+
 def parse_dataset(data: bytes, *, format: str | None = None, limits: GenerationDatasetLimits | None = None,
                   tokenizer: ChatTokenizer | None = None, what: str = "training file") -> GenerationDataset:
     """Parse and validate uploaded JSON Lines (``format``: None or ``"jsonl"``); with ``tokenizer``
     every example's templated length is checked against ``limits.max_example_tokens`` too."""
     limits = limits or GenerationDatasetLimits()
+    tokenizer = tokenizer if tokenizer is not None else limits.tokenizer
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DatasetError(f"{what} must be bytes, got {type(data).__name__}", param="file")
     data = bytes(data)
@@ -201,6 +211,7 @@ def from_records(records: Any, *, limits: GenerationDatasetLimits | None = None,
                  tokenizer: ChatTokenizer | None = None, what: str = "training_data") -> GenerationDataset:
     """Validate an in-memory list of chat or prompt/completion records (``param="row N"``, 1-based)."""
     limits = limits or GenerationDatasetLimits()
+    tokenizer = tokenizer if tokenizer is not None else limits.tokenizer
     if not isinstance(records, (list, tuple)):
         raise DatasetError(f"{what} must be a list of objects, got {_kind(records)}", param=what)
     if not records:

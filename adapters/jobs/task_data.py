@@ -25,6 +25,9 @@ task kind of ``adapters.tasks`` (an unknown task is ``InvalidTaskError``, 422, n
   example is called in messages ("texts", "images").
 * ``raw_inputs(ds)``: ``(inputs, limits)``, the examples as a predict request would carry them
   (texts; image files) and the per-input limits to decode them with (``Engine.decode_rows``).
+* Text generation (``adapters.generation.datasets``): stored as that module's ``dump`` form (a
+  header line, then one chat or prompt/completion per line with its source line), split by a
+  seeded shuffle; it has no labels and no ``raw_inputs`` (its gate scores validation loss).
 """
 
 from __future__ import annotations
@@ -40,13 +43,14 @@ from adapters.datasets import (
     Dataset, DatasetLimits, Example, check_validation_set, parse_dataset, stratified_split,
 )
 from adapters.errors import DatasetError, InvalidTaskError  # noqa: F401 (InvalidTaskError: importable from here as before)
-from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, canonical_task, get_task
+from adapters.generation import datasets as generation_data
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TEXT_GENERATION, canonical_task, get_task
 
 if TYPE_CHECKING:
     from adapters.vision.image_datasets import ImageDataset
 
 IMAGE_FORMAT_VERSION = 1
-NOUNS = {TEXT_CLASSIFICATION: "texts", IMAGE_CLASSIFICATION: "images"}
+NOUNS = {TEXT_CLASSIFICATION: "texts", IMAGE_CLASSIFICATION: "images", TEXT_GENERATION: "examples"}
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 
@@ -73,6 +77,8 @@ def task_of(ds: Any) -> str:
     """The task ``ds`` is a dataset of; ``InvalidTaskError`` for anything that is not one."""
     if isinstance(ds, Dataset):
         return TEXT_CLASSIFICATION
+    if isinstance(ds, generation_data.GenerationDataset):
+        return TEXT_GENERATION
     from adapters.vision.image_datasets import ImageDataset
 
     if isinstance(ds, ImageDataset):
@@ -84,10 +90,14 @@ def dump(task: str, ds: Any) -> bytes:
     have = task_of(ds)
     if have != task:
         raise InvalidTaskError(f"a {have} dataset cannot be stored as {task} data", param="task")
+    if task == TEXT_GENERATION:
+        return generation_data.dump(ds)
     return dataset_to_jsonl(ds) if task == TEXT_CLASSIFICATION else _dump_images(ds)
 
 
 def load(task: str, data: bytes) -> Any:
+    if task_name(task) == TEXT_GENERATION:
+        return generation_data.load(data)
     return dataset_from_jsonl(data) if task_name(task) == TEXT_CLASSIFICATION else _load_images(data)
 
 
@@ -120,6 +130,8 @@ def upload_format(task: str, filename: str, format: str | None, data: bytes) -> 
 def split(ds: Any, *, fraction: float, seed: int) -> tuple[Any, Any]:
     if isinstance(ds, Dataset):
         return stratified_split(ds, fraction=fraction, seed=seed)
+    if isinstance(ds, generation_data.GenerationDataset):
+        return generation_data.split(ds, fraction=fraction, seed=seed)
     from adapters.vision.image_datasets import stratified_image_split
 
     return stratified_image_split(ds, fraction=fraction, seed=seed)
@@ -130,6 +142,8 @@ def check_validation(train: Any, validation: Any) -> int:
     returns how many validation examples repeat a training one (texts, or image files)."""
     if isinstance(train, Dataset):
         return check_validation_set(train, validation)
+    if isinstance(train, generation_data.GenerationDataset):
+        return generation_data.check_validation(train, validation)
     return check_validation_set(_by_digest(train), _by_digest(validation))
 
 

@@ -237,6 +237,23 @@ def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat, turn: YieldCheck, sh
     def on_event(level: str, message: str) -> None:
         m.event(job.id, level, message)
 
+    def on_search(record: dict[str, Any]) -> None:  # adapters.training.search: plan, rungs, choice
+        stage = record["stage"]
+        if stage == "plan":
+            text = (f"hyper-parameter search: {len(record['candidates'])} candidates "
+                    f"({', '.join(c['name'] for c in record['candidates'])}), rungs at epochs "
+                    f"{record['rung_epochs']}, budget {record['budget_steps']} steps")
+        elif stage == "rung":
+            text = (f"search rung {record['rung']} (epoch {record['epochs']}): " + ", ".join(
+                f"{c['name']} {c['val_accuracy'] if c['val_accuracy'] is not None else 'failed'}"
+                for c in record["candidates"]) + f"; kept {', '.join(record['kept'])}")
+        elif stage == "chosen":
+            text = (f"search chose {record['chosen']} after {record['steps']} steps "
+                    f"({record['seconds']:.1f} s; budget {record['budget_steps']})")
+        else:
+            text = f"search {stage}: continuing {record.get('chosen')}"
+        m.event(job.id, "info", text, type="search", data=record)
+
     def on_checkpoint(folder: Path) -> None:
         shared.ok = shared_checkpoints.share(m.store, job.tenant, job.id, folder)
         if not shared.ok:
@@ -248,7 +265,7 @@ def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat, turn: YieldCheck, sh
         return shared.ok and not hb.should_stop() and turn(at_epoch_end)
 
     return TrainCallbacks(on_step=on_step, on_epoch=on_epoch, should_stop=hb.should_stop, on_event=on_event,
-                          on_checkpoint=on_checkpoint, should_yield=should_yield)
+                          on_checkpoint=on_checkpoint, should_yield=should_yield, on_search=on_search)
 
 
 def _gate(job: Job, engine: Engine, version: int, val_ds: Any) -> gate.GateDecision:

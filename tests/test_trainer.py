@@ -20,6 +20,7 @@ from adapters.training import (
 )
 from adapters.training import checkpoint
 from adapters.training.divergence import Watch, prior_loss
+from adapters.training.hyperparams import HEAD_LR_SCALE, LORA_PLUS_RATIO
 from adapters.training.metrics import classification_metrics
 from tests.training_data import FAST_HP, sentiment
 
@@ -106,6 +107,29 @@ def test_full_method_is_a_benchmark_anchor_without_an_artifact(base):
     res = run(base, "full", {**FAST_HP, "learning_rate": 1e-3, "epochs": 2})
     assert res.artifact is None and res.trainable_params == res.total_params
     assert_untouched(base, snap)
+
+
+def test_head_rate_lora_plus_and_rslora_train_and_export_to_peft(base, tmp_path):
+    from adapters.training.lr_groups import lora_groups
+
+    hp = {**FAST_HP, "learning_rate": 0.003, "head_lr_scale": 4, "lora_plus_ratio": 8, "use_rslora": True}
+    res = run(base, hp=hp)
+    assert res.metrics["val_accuracy"] >= 0.9 and res.hyperparameters["head_lr_scale"] == 4.0
+    assert res.artifact.manifest.lora.use_rslora and res.artifact.manifest.lora.scale == pytest.approx(16 / 8 ** 0.5)
+    assert peft_accuracy(base, res.artifact, tmp_path / "peft") == pytest.approx(res.metrics["val_accuracy"])
+    # the groups: head, then lora_B, then the rest (lora_A), every parameter once at its scale
+    named = [(n, p) for n, p in res.model.named_parameters() if p.requires_grad]
+    groups = lora_groups(named, base.head_name, head_scale=4, b_scale=8)
+    assert [g.lr_scale for g in groups] == [4.0, 8.0, 1.0]
+    assert all(base.head_name in n.split(".") for n, _ in groups[0].params)
+    assert all("lora_B" in n for n, _ in groups[1].params) and all("lora_A" in n for n, _ in groups[2].params)
+    assert sorted(n for g in groups for n, _ in g.params) == sorted(n for n, _ in named)
+    assert [g.lr_scale for g in lora_groups(named, base.head_name)] == [1.0]  # no scales: one group
+    with pytest.raises(ValueError, match="b_scale"):
+        lora_groups(named, base.head_name, b_scale=0)
+    # a different head rate is a different run (and checkpoint), not the same one
+    other = run(base, hp={**hp, "head_lr_scale": 1})
+    assert not torch.equal(other.artifact.weights.head_weight, res.artifact.weights.head_weight)
 
 
 def test_same_seed_same_weights_other_seed_differs(base):
@@ -255,6 +279,8 @@ def test_divergence_watch_rules():
     ({"epochs": 0}, "epochs"), ({"learning_rate": -1}, "learning_rate"), ({"batch_size": 2.5}, "batch_size"),
     ({"lora_r": "big"}, "lora_r"), ({"epochz": 3}, "epochz"), ({"target_modules": []}, "target_modules"),
     ({"seed": True}, "seed"), ({"lora_dropout": float("nan")}, "lora_dropout"),
+    ({"use_rslora": 1}, "use_rslora"), ({"search": "yes"}, "search"), ({"head_lr_scale": 0}, "head_lr_scale"),
+    ({"lora_plus_ratio": "big"}, "lora_plus_ratio"),
 ])
 def test_invalid_hyperparameters_name_the_field(bad, param):
     with pytest.raises(HyperparameterError) as e:
@@ -307,6 +333,7 @@ def test_auto_resolves_for_small_and_large_sets():
     assert Hyperparameters().resolve(100, "full").learning_rate == 5e-5
     assert Hyperparameters().resolve(100, "head").learning_rate == 5e-3
     assert Hyperparameters(epochs=3, lora_r=4).resolve(100, "lora").lora_alpha == 8  # alpha follows r
+    assert (small.head_lr_scale, small.lora_plus_ratio, small.use_rslora) == (HEAD_LR_SCALE, LORA_PLUS_RATIO, False)
 
 
 def test_classification_metrics():

@@ -19,4 +19,5 @@ def sentiment(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 # what a tiny random model needs to learn the set above in a few seconds
-FAST_HP = {"epochs": 12, "learning_rate": 0.01, "batch_size": 16, "patience": 12, "seed": 0}
+# "search": False -- the hyper-parameter search (on by default for small sets) is tested in test_search.py
+FAST_HP = {"epochs": 12, "learning_rate": 0.01, "batch_size": 16, "patience": 12, "seed": 0, "search": False}

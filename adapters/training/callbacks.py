@@ -5,7 +5,8 @@ the last (``loss``: the mean of the last 10); ``on_epoch(epoch, metrics)`` after
 validation; ``should_stop()`` polled between batches (True: ``TrainingCancelled``);
 ``on_event(level, message)`` for human-readable news; ``on_checkpoint(folder)`` after each
 checkpoint is written; ``should_yield(at_epoch_end)`` -- give the worker back now? (see
-``adapters.training.loop``, "Yielding").
+``adapters.training.loop``, "Yielding"); ``on_search(record)`` for the hyper-parameter
+search's rungs and choice (``adapters.training.search``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class TrainCallbacks:
     on_checkpoint: Callable[[Path], None] | None = None  # after each checkpoint is saved
     # give the worker back now? (argument: at an epoch end)
     should_yield: Callable[[bool], bool] | None = None
+    # the hyper-parameter search's news: each rung's candidates and scores, then its choice
+    # (a JSON-able dict with "stage"; see adapters.training.search)
+    on_search: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass

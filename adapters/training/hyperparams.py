@@ -36,6 +36,11 @@ from adapters.strict import is_number, is_whole, known_items
 AUTO = "auto"
 LR = {"lora": 1e-3, "head": 5e-3, "full": 5e-5}
 AUTO_TARGETS = ("query", "key", "value", "dense")  # every linear layer of a BERT-family encoder
+HEAD_LR_SCALE = 1.0  # auto: the head's rate over the LoRA rate
+LORA_PLUS_RATIO = 1.0  # auto: lora_B's rate over lora_A's
+SEARCH_MAX_EXAMPLES = 1000  # auto search: on up to this many training examples
+SEARCH_MIN_EPOCHS = 3  # and for runs of at least this many epochs
+SEARCHED = ("learning_rate", "lora_r")  # what the search may choose, each only when "auto"
 
 
 class HyperparameterError(TailorError, ValueError):
@@ -56,10 +61,15 @@ class ResolvedHyperparameters:
     lora_alpha: float
     lora_dropout: float
     target_modules: tuple[str, ...]
+    head_lr_scale: float = 1.0  # the new head's rate over learning_rate (LoRA method)
+    lora_plus_ratio: float = 1.0  # LoRA+: lora_B's rate over lora_A's
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    search: tuple[str, ...] = ()  # fields the search picks (adapters.training.search); () = none
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["search"] = list(self.search)
         return d
 
 
@@ -69,7 +79,9 @@ _RULES: dict[str, tuple[type, float, float]] = {
     "weight_decay": (float, 0.0, 1.0), "warmup_ratio": (float, 0.0, 0.5), "max_length": (int, 8, 512),
     "seed": (int, 0, 2**31 - 1), "patience": (int, 1, 100), "lora_r": (int, 1, 256),
     "lora_alpha": (float, 1e-3, 4096.0), "lora_dropout": (float, 0.0, 0.9),
+    "head_lr_scale": (float, 0.01, 1000.0), "lora_plus_ratio": (float, 0.01, 1000.0),
 }
+_BOOLS = ("use_rslora", "search")
 
 
 class RequestedSettings:
@@ -112,6 +124,10 @@ class Hyperparameters(RequestedSettings):
     lora_alpha: float | str = AUTO
     lora_dropout: float | str = AUTO
     target_modules: tuple[str, ...] | str = AUTO
+    head_lr_scale: float | str = AUTO
+    lora_plus_ratio: float | str = AUTO
+    use_rslora: bool | str = AUTO
+    search: bool | str = AUTO
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -136,11 +152,32 @@ class Hyperparameters(RequestedSettings):
             lora_r=r, lora_alpha=float(self._or("lora_alpha", 2 * r)),
             lora_dropout=float(self._or("lora_dropout", 0.1)),
             target_modules=tuple(self._or("target_modules", AUTO_TARGETS)),
+            head_lr_scale=float(self._or("head_lr_scale", HEAD_LR_SCALE)),
+            lora_plus_ratio=float(self._or("lora_plus_ratio", LORA_PLUS_RATIO)),
+            use_rslora=bool(self._or("use_rslora", False)),
+            search=self._search_fields(n_train, method, epochs),
         )
+
+    def _search_fields(self, n_train: int, method: str, epochs: int) -> tuple[str, ...]:
+        """What the search picks: the auto ones of ``SEARCHED`` for a LoRA run, when ``search``
+        is true, or "auto" and the training set has at most ``SEARCH_MAX_EXAMPLES`` examples;
+        nothing for a run of under ``SEARCH_MIN_EPOCHS`` epochs (no room for a short rung)."""
+        on = self.search if isinstance(self.search, bool) else n_train <= SEARCH_MAX_EXAMPLES
+        if method != "lora" or not on or epochs < SEARCH_MIN_EPOCHS:
+            return ()
+        chosen = tuple(f for f in SEARCHED if getattr(self, f) == AUTO)
+        if "lora_r" in chosen and self.lora_alpha == AUTO:
+            chosen += ("lora_alpha",)  # it follows the rank the search picks (2 * r)
+        return chosen
 
 
 def _check(key: str, value: Any) -> Any:
     if isinstance(value, str) and value == AUTO:
+        return value
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise HyperparameterError(f"{key} must be \"auto\", true or false, got {value!r}",
+                                      param=f"hyperparameters.{key}")
         return value
     if key == "target_modules":
         ok = isinstance(value, (list, tuple)) and value and all(

@@ -3,7 +3,9 @@
 The trainable model is a deep copy of ``base.model`` (never the shared base) with a fresh head
 for the tenant's labels, trained one of three ways:
 
-* ``lora`` -- peft LoRA on the chosen linear layers plus the head (the product path);
+* ``lora`` -- peft LoRA on the chosen linear layers plus the head (the product path), the head
+  at ``head_lr_scale`` and LoRA's B at ``lora_plus_ratio`` times the rate (``lr_groups``),
+  rsLoRA scaling when ``use_rslora``;
 * ``head`` -- the head alone on frozen features, computed once through a forward hook on the
   head (the feature-extraction baseline); the artifact format needs a LoRA pair, so its
   artifact carries a rank-1 pair with B = 0 -- an exact no-op -- on the first linear layer;
@@ -34,9 +36,13 @@ from adapters.fingerprint import BaseSpec
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, import_peft
 from adapters.pooling import POOLER, attach
 from adapters.training.hyperparams import HyperparameterError, ResolvedHyperparameters
+from adapters.training.lr_groups import lora_groups
 from adapters.training.task_hooks import ParamGroup, Poll
 
 FEATURE_CHUNK = 64  # texts per forward pass when computing frozen features
+# settings added after checkpoints existed, at the value that changes nothing (search: what is
+# left to choose, not how this run trains)
+_NEUTRAL: dict[str, Any] = {"head_lr_scale": 1.0, "lora_plus_ratio": 1.0, "use_rslora": False, "search": []}
 
 
 class TextTask:
@@ -63,7 +69,7 @@ class TextTask:
                 p.requires_grad_(False)
             cfg = LoraConfig(task_type="SEQ_CLS", r=hp.lora_r, lora_alpha=hp.lora_alpha,
                              lora_dropout=hp.lora_dropout, target_modules=list(hp.target_modules),
-                             modules_to_save=[base.head_name])
+                             modules_to_save=[base.head_name], use_rslora=hp.use_rslora)
             model = get_peft_model(model, cfg)
         else:
             for name, p in model.named_parameters():
@@ -73,7 +79,11 @@ class TextTask:
         return self.model
 
     def param_groups(self) -> list[ParamGroup]:
-        return [ParamGroup([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.method != "lora":
+            return [ParamGroup(named)]
+        return lora_groups(named, self.base.head_name, head_scale=self.hp.head_lr_scale,
+                           b_scale=self.hp.lora_plus_ratio)
 
     def encode(self, poll: Poll) -> None:
         self._train, self._val = self._inputs(self.train_texts, poll), self._inputs(self.val_texts, poll)
@@ -93,7 +103,11 @@ class TextTask:
         self.model.train(on)
 
     def fingerprint(self) -> str:
-        what = [self.method, list(self.labels), self.hp.to_dict(), self.base.spec.fingerprint]
+        settings = self.hp.to_dict()
+        for name, neutral in _NEUTRAL.items():  # runs that use none of these keep their checkpoints
+            if settings[name] == neutral:
+                del settings[name]
+        what = [self.method, list(self.labels), settings, self.base.spec.fingerprint]
         if self.pooling != POOLER:  # (pooler runs keep the checkpoints they had before pooling was recorded)
             what.append(self.pooling.to_dict())
         h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())

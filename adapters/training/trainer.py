@@ -2,7 +2,9 @@
 
 ``train(base, train_texts, train_label_ids, labels, val_texts, val_label_ids, method=..., hp=...,
 callbacks=..., checkpoint_dir=..., threads=...)`` checks the data and settings, resolves
-``"auto"`` hyper-parameters for the data size and method, and runs the shared training loop
+``"auto"`` hyper-parameters for the data size and method (with the search on, the
+learning rate and rank are picked by successive halving: ``adapters.training.search``), and
+runs the shared training loop
 (``adapters.training.loop``: schedule, validation, early stopping, divergence, checkpoints,
 yielding) on a ``TextTask`` (``adapters.training.text_task``: the model per method, batches,
 pooling, the adapter). It never touches ``base.model``. Images: ``adapters.training.image_task``.
@@ -19,6 +21,7 @@ from adapters.training.callbacks import TrainCallbacks, TrainResult
 from adapters.training.errors import TrainingCancelled, TrainingDiverged, TrainingYielded
 from adapters.training.hyperparams import HyperparameterError, Hyperparameters, ResolvedHyperparameters
 from adapters.training.loop import fit
+from adapters.training.search import search_fit
 from adapters.training.text_task import TextTask
 
 METHODS = ("lora", "head", "full")
@@ -43,6 +46,12 @@ def train(
     if isinstance(max_pos, int) and rhp.max_length > max_pos:
         raise HyperparameterError(f"max_length {rhp.max_length} exceeds the base model's {max_pos} positions",
                                   param="hyperparameters.max_length")
+    if rhp.search and method == "lora":  # successive halving over what is left to choose
+        def make_task(h: ResolvedHyperparameters) -> TextTask:
+            return TextTask(base, labels, method, h, train_texts, train_label_ids, val_texts, val_label_ids)
+
+        return search_fit(make_task, rhp, len(train_texts), callbacks=callbacks, checkpoint_dir=checkpoint_dir,
+                          threads=threads)
     task = TextTask(base, labels, method, rhp, train_texts, train_label_ids, val_texts, val_label_ids)
     return fit(task, rhp, callbacks=callbacks, checkpoint_dir=checkpoint_dir, threads=threads)
 

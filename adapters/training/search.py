@@ -1,0 +1,256 @@
+"""Hyper-parameter search by successive halving: ``search_fit(make_task, hp, ...)``.
+
+What it does (``hp.search`` names the fields it picks: ``learning_rate`` and/or ``lora_r``,
+with ``lora_alpha`` following the rank as ``2 * r`` when it is auto too; see
+``hyperparams.Hyperparameters``, which turns the search on by default for LoRA runs of at most
+``SEARCH_MAX_EXAMPLES`` examples, and off for a field given explicitly):
+
+* **Candidates**: the product of ``LR_FACTORS`` times the auto learning rate and
+  ``RANKS`` (each only for a searched field): 9 when both are searched, 3 when one is. Every
+  candidate is the full run it would be on its own (same epochs, schedule, patience, seed);
+  only the searched fields differ.
+* **Rungs** (successive halving, ``ETA`` = 3): with ``K = ceil(log3(n))`` rungs for ``n``
+  candidates, rung ``k`` trains every survivor up to ``ceil(E / 3**(K - k))`` epochs of its own
+  schedule (``E``: the run's epochs), scores it on validation (its best healthy epoch's accuracy
+  so far, ties to the lower validation loss, as the loop keeps epochs) and keeps the best third
+  (rounded up). Ties go to the earlier candidate in the fixed order (middle values first), so
+  the choice is a function of the data and the seed only: with the search on, a run is as
+  deterministic as one without (CPU). A candidate that diverges or stops early is scored on
+  what it reached and trains no further.
+* **Continuation**: the last survivor is *continued*, not retrained: its checkpoint (the
+  loop's yield/resume, exact on CPU) is resumed to the end of its schedule with the caller's
+  callbacks and checkpoint folder (progress, fair-share yields and shared checkpoints work as
+  in a plain run). So the result equals a plain run with the chosen values.
+* **Budget**: the search trains at most ``plan.budget_epochs`` epochs in all (9 candidates,
+  ``E`` = 30: 9 x 4 + 3 x 6 + 1 x 20 = 74 epochs, 2.5x a plain run; 3 candidates: 3 x 10 + 20 =
+  50, 1.7x), fewer when candidates stop early; ``budget_steps`` and the steps and seconds
+  actually spent are reported. No yield to other tenants happens inside the rungs (the final
+  continuation yields as usual); a cancel (``should_stop``) stops it at once.
+* **Events** (``TrainCallbacks.on_search``, JSON-able dicts): ``{"stage": "plan", ...}`` with
+  the candidates and budget, one ``{"stage": "rung", ...}`` per rung with every survivor's
+  epochs, validation accuracy and loss and who goes on, then ``{"stage": "chosen", ...}`` with
+  the winner, the steps and seconds spent. A job resumed after its search ended (its checkpoint
+  folder holds a candidate's checkpoint) skips the search: ``{"stage": "resumed", ...}``.
+
+Candidates train in ``<checkpoint_dir>/search/<i>`` (a temporary folder without one), wiped
+when a search starts so an interrupted search reruns from scratch, identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from adapters.training import checkpoint
+from adapters.training.callbacks import TrainCallbacks, TrainResult
+from adapters.training.errors import TrainingDiverged, TrainingYielded
+from adapters.training.hyperparams import ResolvedHyperparameters
+from adapters.training.loop import fit
+from adapters.training.task_hooks import TrainingTask
+
+LR_FACTORS = (1.0, 0.5, 2.0)  # times the auto learning rate; middle first (ties keep it)
+RANKS = (8, 4, 16)
+ETA = 3  # successive halving keeps the best 1/ETA at each rung
+SEARCH_DIR = "search"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    index: int
+    values: dict[str, Any]  # the searched fields' values
+    hp: ResolvedHyperparameters  # the full run it stands for (search=())
+
+    @property
+    def name(self) -> str:
+        short = {"learning_rate": "lr", "lora_r": "r"}
+        return ",".join(f"{short[k]}={v:g}" for k, v in self.values.items() if k in short)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    candidates: list[Candidate]
+    rungs: list[int]  # epochs each rung trains survivors up to; the last is the run's epochs
+    steps_per_epoch: int
+
+    @property
+    def budget_epochs(self) -> int:
+        """Epochs trained when no candidate stops early: survivors x new epochs, per rung."""
+        alive, done, total = len(self.candidates), 0, 0
+        for epochs in self.rungs:
+            total += alive * (epochs - done)
+            alive, done = max(1, math.ceil(alive / ETA)), epochs
+        return total
+
+    @property
+    def budget_steps(self) -> int:
+        return self.budget_epochs * self.steps_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.rungs[-1]
+        return {"candidates": [{"name": c.name, **c.values} for c in self.candidates], "rung_epochs": self.rungs,
+                "budget_epochs": self.budget_epochs, "budget_steps": self.budget_steps,
+                "plain_run_steps": e * self.steps_per_epoch,
+                "budget_vs_plain_run": round(self.budget_epochs / e, 3)}
+
+
+def plan(hp: ResolvedHyperparameters, n_train: int) -> SearchPlan:
+    """The candidates and rungs for ``hp.search`` (a ``ValueError`` if it names nothing to pick)."""
+    if not hp.search:
+        raise ValueError("no hyper-parameter is left to search (hp.search is empty)")
+    lrs = [hp.learning_rate * f for f in LR_FACTORS] if "learning_rate" in hp.search else [hp.learning_rate]
+    ranks = list(RANKS) if "lora_r" in hp.search else [hp.lora_r]
+    candidates = []
+    for r in ranks:
+        for lr in lrs:
+            values: dict[str, Any] = {}
+            if "learning_rate" in hp.search:
+                values["learning_rate"] = lr
+            if "lora_r" in hp.search:
+                values["lora_r"] = r
+            if "lora_alpha" in hp.search:
+                values["lora_alpha"] = float(2 * r)
+            candidates.append(Candidate(len(candidates), values, replace(hp, search=(), **values)))
+    k = math.ceil(math.log(len(candidates), ETA) - 1e-9) if len(candidates) > 1 else 0
+    rungs = sorted({max(1, math.ceil(hp.epochs / ETA ** (k - i))) for i in range(k)} | {hp.epochs})
+    return SearchPlan(candidates, rungs, max(1, math.ceil(n_train / hp.batch_size)))
+
+
+@dataclass
+class _Run:
+    cand: Candidate
+    folder: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    result: TrainResult | None = None  # set once it ran to its end (or stopped early)
+    failed: str | None = None  # diverged with no healthy epoch
+
+    @property
+    def epochs(self) -> int:
+        return self.history[-1]["epoch"] if self.history else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.failed is not None
+
+    def score(self) -> tuple[float, float]:
+        """(best healthy validation accuracy, minus its validation loss); ties to the lower loss."""
+        healthy = [h for h in self.history if not h.get("collapsed")]
+        if self.failed is not None or not healthy:
+            return (-1.0, -math.inf)
+        best = max(h["val_accuracy"] for h in healthy)
+        loss = min(h["val_loss"] for h in healthy if h["val_accuracy"] >= best - 1e-4)
+        return (round(best, 6), -loss)
+
+    def report(self) -> dict[str, Any]:
+        acc, loss = self.score()
+        return {"name": self.cand.name, **self.cand.values, "epochs": self.epochs,
+                "val_accuracy": acc if acc >= 0 else None, "val_loss": -loss if math.isfinite(loss) else None,
+                **({"stopped": "early" if self.result is not None else "diverged"} if self.finished else {})}
+
+
+def search_fit(make_task: Callable[[ResolvedHyperparameters], TrainingTask], hp: ResolvedHyperparameters,
+               n_train: int, *, callbacks: TrainCallbacks | None = None, checkpoint_dir: Path | None = None,
+               threads: int | None = None) -> TrainResult:
+    """Pick ``hp.search``'s fields by successive halving and train the winner to its end (see the
+    module docstring); the result is the winner's, with ``metrics["search"]`` describing the search."""
+    cb = callbacks or TrainCallbacks()
+    p = plan(hp, n_train)
+    tell = cb.on_search or (lambda record: None)
+    if checkpoint_dir is not None:
+        resumed = _resumed(p, make_task, checkpoint_dir)
+        if resumed is not None:
+            tell({"stage": "resumed", "chosen": resumed.name, "values": resumed.values})
+            result = fit(make_task(resumed.hp), resumed.hp, callbacks=cb, checkpoint_dir=checkpoint_dir,
+                         threads=threads)
+            result.metrics["search"] = {"resumed": True, "chosen": resumed.name, "values": resumed.values}
+            return result
+    with tempfile.TemporaryDirectory(prefix="tailor-search-") as tmp:
+        root = (checkpoint_dir / SEARCH_DIR) if checkpoint_dir is not None else Path(tmp)
+        shutil.rmtree(root, ignore_errors=True)  # an interrupted search reruns from scratch
+        return _Search(p, make_task, cb, root, threads, tell).run(hp, checkpoint_dir)
+
+
+class _Search:
+    def __init__(self, p: SearchPlan, make_task: Callable[[ResolvedHyperparameters], TrainingTask],
+                 cb: TrainCallbacks, root: Path, threads: int | None, tell: Callable[[dict[str, Any]], None]) -> None:
+        self.plan, self.make_task, self.cb, self.threads, self.tell = p, make_task, cb, threads, tell
+        self.runs = [_Run(c, root / str(c.index)) for c in p.candidates]
+        self.steps = 0
+
+    def run(self, hp: ResolvedHyperparameters, checkpoint_dir: Path | None) -> TrainResult:
+        t0 = time.perf_counter()
+        self.tell({"stage": "plan", "searched": list(hp.search), **self.plan.to_dict()})
+        alive = self.runs
+        for i, epochs in enumerate(self.plan.rungs[:-1]):
+            for r in alive:
+                self._advance(r, epochs)
+            ranked = sorted(alive, key=lambda r: (r.score()[0], r.score()[1], -r.cand.index), reverse=True)
+            keep = ranked[: max(1, math.ceil(len(alive) / ETA))]
+            self.tell({"stage": "rung", "rung": i, "epochs": epochs, "steps_so_far": self.steps,
+                       "candidates": [r.report() for r in alive], "kept": [r.cand.name for r in keep]})
+            alive = keep
+        winner = alive[0]
+        if winner.failed is not None:  # every candidate diverged: a plain run would have too
+            raise TrainingDiverged(f"{winner.failed} (every candidate of the hyper-parameter search diverged)")
+        if winner.result is not None:  # it stopped early in a rung: nothing left to train
+            result = winner.result
+        else:
+            before = winner.history[-1]["step"] if winner.history else 0
+            result = self._final(winner, checkpoint_dir)
+            self.steps += result.metrics["steps"] - before
+        seconds = time.perf_counter() - t0
+        record = {**self.plan.to_dict(), "chosen": winner.cand.name, "values": winner.cand.values,
+                  "candidates": [r.report() for r in self.runs], "steps": self.steps, "seconds": round(seconds, 3)}
+        self.tell({"stage": "chosen", **record})
+        result.metrics["search"] = record
+        result.metrics["train_seconds"] = round(seconds, 3)
+        result.seconds = seconds
+        return result
+
+    def _advance(self, r: _Run, until: int) -> None:
+        """Train ``r`` up to epoch ``until`` of its schedule (or its end); no caller callbacks but
+        the cancel poll."""
+        if r.finished or r.epochs >= until:
+            return
+        before = r.history[-1]["step"] if r.history else 0
+        cb = TrainCallbacks(should_stop=self.cb.should_stop,
+                            on_epoch=lambda epoch, m: r.history.append({"epoch": epoch, **m}),
+                            should_yield=lambda at_end: at_end and r.epochs >= until)
+        try:
+            r.result = fit(self.make_task(r.cand.hp), r.cand.hp, callbacks=cb, checkpoint_dir=r.folder,
+                           threads=self.threads)
+            self.steps += r.result.metrics["steps"] - before
+        except TrainingYielded:
+            self.steps += r.history[-1]["step"] - before
+        except TrainingDiverged as e:
+            r.failed = str(e)
+            self.steps += (r.history[-1]["step"] if r.history else 0) - before
+
+    def _final(self, winner: _Run, checkpoint_dir: Path | None) -> TrainResult:
+        """Continue the winner to its end in ``checkpoint_dir`` (its own folder without one), with
+        the caller's callbacks."""
+        folder = winner.folder
+        if checkpoint_dir is not None:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for name in (checkpoint.TENSORS, checkpoint.STATE):  # the JSON last, as checkpoint.save does
+                shutil.copyfile(winner.folder / name, checkpoint_dir / f".{name}.search")
+                (checkpoint_dir / f".{name}.search").replace(checkpoint_dir / name)
+            folder = checkpoint_dir
+        return fit(self.make_task(winner.cand.hp), winner.cand.hp, callbacks=self.cb, checkpoint_dir=folder,
+                   threads=self.threads)
+
+
+def _resumed(p: SearchPlan, make_task: Callable[[ResolvedHyperparameters], TrainingTask],
+             folder: Path) -> Candidate | None:
+    """The candidate whose checkpoint ``folder`` holds (its search had ended), if any."""
+    try:
+        saved = json.loads((folder / checkpoint.STATE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return next((c for c in p.candidates if make_task(c.hp).fingerprint() == saved), None)

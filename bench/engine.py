@@ -11,6 +11,10 @@ host bytes per resident adapter.
 
 ``--task text`` (default): MiniLM, r=8 query/value adapters, 64 tokens; 10,000 registered
 adapters (500 with --quick); ``tailor`` is ``Engine.forward`` on tokenised inputs.
+With ``--task text`` the same run also times ONNX Runtime (``bench.engine_onnx``): the plain
+base exported (fp32, int8) and Tailor's engine serving through ``adapters.runtime.onnx`` (fp32,
+int8) on the same batches, interleaved with the torch methods, plus export time, graph size,
+parity with torch and paired ratios (``onnx.paired_ratios``).
 ``--task image``: ``bench.engine_image`` (EfficientNet-Lite0, Conv2d LoRA on its pointwise
 convolutions; ``tailor`` is ``Engine.predict_rows`` on decoded images).
 
@@ -69,6 +73,7 @@ class Workload:
     n_memory: int = 400  # adapters made resident to measure bytes per adapter
     counts: tuple[int, ...] = COUNTS  # distinct adapters per batch
     notes: dict[str, Any] = field(default_factory=dict)  # anything else the JSON should say
+    onnx: bool = False  # also time ONNX Runtime (bench.engine_onnx; text bases)
 
 
 def main() -> None:
@@ -113,7 +118,7 @@ def text_workload(*, quick: bool, base: Any = None) -> Workload:
         row=lambda batch, i: {k: v[i : i + 1] for k, v in batch.items()},
         tailor=lambda engine, batch, rows: engine.forward(batch, rows),
         describe={"tokens": TOKENS, "rank": 8, "targets": ["query", "value"]},
-        rounds=7 if quick else 21, n_registered=500 if quick else 10_000,
+        rounds=7 if quick else 21, n_registered=500 if quick else 10_000, onnx=True,
     )
 
 
@@ -130,10 +135,16 @@ def run(w: Workload, tmp: Path) -> dict[str, Any]:
     peft_model = build_peft(w.pristine, arts, base.spec, tmp / "peft").to(base.device)
     pristine = w.pristine.eval()
 
-    rows_per_s: dict[str, dict[str, float]] = {m: {} for m in METHODS}
+    rig = None
+    if w.onnx:
+        from bench.engine_onnx import METHODS as ONNX_METHODS, OnnxRig, ratios as onnx_ratios
+
+        rig = OnnxRig.build(base, pristine, catalog, engine.config, tmp)
+    rows_per_s: dict[str, dict[str, float]] = {m: {} for m in METHODS + (ONNX_METHODS if rig else ())}
     max_diff = 0.0
     peft_mixed = peft_mixed_support(w, peft_model)
-    paired: dict[str, dict[str, float]] = {m: {} for m in METHODS if m != "tailor"}
+    paired: dict[str, dict[str, float]] = {m: {} for m in rows_per_s if m != "tailor"}
+    onnx_paired: dict[str, dict[str, float]] = {}
     for k in tqdm(w.counts, desc="throughput"):
         n = max(BASE_ROWS, k)
         batch = w.inputs(n)
@@ -163,7 +174,12 @@ def run(w: Workload, tmp: Path) -> dict[str, Any]:
         fns = {"base": run_base, "tailor": run_tailor, "peft_mixed": run_peft, "naive_swap": run_naive}
         if not peft_mixed["supported"]:
             del fns["peft_mixed"]
+        if rig is not None:
+            rig.check(k, batch, rows, ours)
+            fns.update(rig.fns(batch, rows))
         times = interleaved(fns, rounds=w.rounds)
+        if rig is not None:
+            onnx_paired[str(k)] = onnx_ratios(times)
         for m, ts in times.items():
             rows_per_s[m][str(k)] = n / median(ts)
             if m != "tailor":  # the same round's times: robust to the machine's load drifting
@@ -186,6 +202,13 @@ def run(w: Workload, tmp: Path) -> dict[str, Any]:
                      if engine.config.tune_allocator else "default",
         "peft_mixed": peft_mixed,
         "max_abs_diff_vs_peft": max_diff,
+        **({} if rig is None else {"onnx": {
+            "graphs": rig.facts, "parity_vs_torch": rig.parity, "paired_ratios": onnx_paired,
+            "paired_what": "median over rounds of (slower method's time / faster method's time) in the same round: "
+                           "X_vs_Y is how many times faster X ran than Y",
+            "plan_and_feeds_ms": rig.outside_ms,
+            "plan_and_feeds_what": "per batch, outside the graph: SlotBank.plan + GraphLayout.feeds (the most an "
+                                   "in-graph gather of a stacked slot bank could save)"}}),
         "cold_load_ms": cold,
         **per_adapter,
         "adapter_file_bytes": records[0].nbytes,

@@ -63,3 +63,9 @@ def test_the_text_workload_runs_on_a_tiny_text_base(tmp_path):
     result = run(w, tmp_path)
     assert result["peft_mixed"] == {"supported": True} and result["max_abs_diff_vs_peft"] <= 1e-4
     assert set(result["rows_per_s"]["naive_swap"]) == {"1", "2"} and result["batch"]["tokens"] == 64
+    # the ONNX Runtime rows (bench.engine_onnx): timed on the same batches, fp32 equal to torch
+    assert all(set(result["rows_per_s"][m]) == {"1", "2"} for m in ("onnx_base", "onnx_fp32", "onnx_int8"))
+    onnx = result["onnx"]
+    assert max(p["fp32"]["max_abs_diff"] for p in onnx["parity_vs_torch"].values()) <= 1e-4
+    assert onnx["graphs"]["fp32"]["graph_bytes"] > 0 and onnx["graphs"]["int8"]["first_start_seconds"] > 0
+    assert set(onnx["paired_ratios"]["2"]) >= {"onnx_int8_vs_tailor", "onnx_fp32_vs_onnx_base"}

@@ -15,13 +15,13 @@ from adapters.jobs.runner import WorkerContext, run_job
 from adapters.registry import Registry
 from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
-from adapters.training import Hyperparameters, TrainCallbacks, train
+from adapters.training import HyperparameterError, Hyperparameters, TrainCallbacks, train
 from adapters.training.hyperparams import SEARCH_MAX_EXAMPLES
 from adapters.training.search import plan
 from tests.training_data import sentiment
 
 LABELS = ("neg", "pos")
-# 9 epochs: rungs at 1, 3 and 9 epochs; 80 examples at batch 16: 5 steps an epoch
+# 9 epochs: rungs at 1, 3 and 9 epochs (6 candidates, then 2, then 1); 80 examples at batch 16: 5 steps an epoch
 SEARCH_HP = {"epochs": 9, "batch_size": 16, "patience": 9, "seed": 0, "search": True}
 
 
@@ -65,14 +65,14 @@ def test_candidates_rungs_and_choice_are_reported_within_the_budget(searched):
     assert [r["stage"] for r in records] == ["plan", "rung", "rung", "chosen"]
     p, rung0, rung1, chosen = records
     names = [c["name"] for c in p["candidates"]]
-    assert len(names) == len(set(names)) == 9  # learning rate x rank, both auto here
+    assert len(names) == len(set(names)) == 6  # learning rate x rank, both auto here
     assert {c["learning_rate"] for c in p["candidates"]} == {5e-4, 1e-3, 2e-3}
-    assert {c["lora_r"] for c in p["candidates"]} == {4, 8, 16}
+    assert {c["lora_r"] for c in p["candidates"]} == {4, 8}  # never above the default: no slower batches
     assert all(c["lora_alpha"] == 2 * c["lora_r"] for c in p["candidates"])
     assert p["rung_epochs"] == [1, 3, 9]
-    assert p["budget_epochs"] == 9 * 1 + 3 * 2 + 1 * 6 and p["budget_steps"] == 5 * p["budget_epochs"]
+    assert p["budget_epochs"] == 6 * 1 + 2 * 2 + 1 * 6 and p["budget_steps"] == 5 * p["budget_epochs"]
     # every candidate reached the rung and was scored; the best third goes on, best first
-    assert [c["name"] for c in rung0["candidates"]] == names and len(rung0["kept"]) == 3
+    assert [c["name"] for c in rung0["candidates"]] == names and len(rung0["kept"]) == 2
     assert all(c["epochs"] == 1 and c["val_accuracy"] is not None for c in rung0["candidates"])
     score = {c["name"]: (c["val_accuracy"], -c["val_loss"]) for c in rung0["candidates"]}
     assert min(score[n] for n in rung0["kept"]) >= max(score[n] for n in names if n not in rung0["kept"])
@@ -84,7 +84,7 @@ def test_candidates_rungs_and_choice_are_reported_within_the_budget(searched):
         == chosen["values"]
     assert res.metrics["search"]["chosen"] == chosen["chosen"] and len(res.history) == 9
     # compute: no candidate stopped early (patience 9), so the budget is spent exactly
-    assert chosen["steps"] == p["budget_steps"] <= 2.5 * p["plain_run_steps"]
+    assert chosen["steps"] == p["budget_steps"] <= 2 * p["plain_run_steps"]
     assert res.metrics["train_seconds"] == chosen["seconds"] > 0
 
 
@@ -116,17 +116,21 @@ def test_explicit_hyperparameters_turn_the_search_off_for_those_fields(base):
     assert Hyperparameters.from_dict({"lora_alpha": 3}).resolve(small, "lora").search == ("learning_rate", "lora_r")
     assert Hyperparameters.from_dict({"search": False}).resolve(small, "lora").search == ()
     assert Hyperparameters().resolve(SEARCH_MAX_EXAMPLES + 1, "lora").search == ()  # too big to be cheap
-    assert Hyperparameters.from_dict({"search": True}).resolve(5000, "lora").search  # asked for
-    assert Hyperparameters.from_dict({"epochs": 2, "search": True}).resolve(small, "lora").search == ()
+    assert Hyperparameters.from_dict({"search": True, "epochs": 6}).resolve(5000, "lora").search  # asked for
+    assert Hyperparameters.from_dict({"epochs": 5}).resolve(small, "lora").search == ()  # < 6 epochs: over budget
+    for asked, method in (({"epochs": 5, "search": True}, "lora"), ({"search": True}, "head")):
+        with pytest.raises(HyperparameterError, match="search needs method lora and at least 6 epochs") as e:
+            Hyperparameters.from_dict(asked).resolve(small, method)
+        assert e.value.param == "hyperparameters.search"
     assert Hyperparameters().resolve(small, "head").search == Hyperparameters().resolve(small, "full").search == ()
     # an explicit learning rate and alpha stay what they were in every candidate
     p = plan(Hyperparameters.from_dict({"epochs": 9, "learning_rate": 0.01, "lora_alpha": 3}).resolve(small, "lora"),
              small)
-    assert [c.values for c in p.candidates] == [{"lora_r": 8}, {"lora_r": 4}, {"lora_r": 16}]
+    assert [c.values for c in p.candidates] == [{"lora_r": 8}, {"lora_r": 4}]
     assert {(c.hp.learning_rate, c.hp.lora_alpha) for c in p.candidates} == {(0.01, 3.0)}
-    assert p.rungs == [3, 9] and p.budget_epochs == 3 * 3 + 6
+    assert p.rungs == [3, 9] and p.budget_epochs == 2 * 3 + 6
     res, records = run(base, {**SEARCH_HP, "learning_rate": 0.01})
-    assert [c["name"] for c in records[0]["candidates"]] == ["r=8", "r=4", "r=16"]
+    assert [c["name"] for c in records[0]["candidates"]] == ["r=8", "r=4"]
     assert res.hyperparameters["learning_rate"] == 0.01
     with pytest.raises(ValueError, match="no hyper-parameter is left to search"):
         plan(Hyperparameters.from_dict({"search": False}).resolve(small, "lora"), small)
@@ -159,7 +163,7 @@ def test_a_jobs_events_carry_the_search(tmp_path):
     assert run_job(job, ctx) == "succeeded"
     events = [e for e in jobs.events("acme", job.id) if e.type == "search"]
     assert [e.data["stage"] for e in events] == ["plan", "rung", "chosen"]
-    assert "3 candidates (r=8, r=4, r=16)" in events[0].message and "budget" in events[0].message
+    assert "2 candidates (r=8, r=4)" in events[0].message and "budget" in events[0].message
     assert events[-1].data["chosen"] in events[0].message and events[-1].data["steps"] <= events[0].data["budget_steps"]
     done = jobs.get("acme", job.id)
     assert done.metrics["search"]["chosen"] == events[-1].data["chosen"]

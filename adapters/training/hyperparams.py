@@ -39,7 +39,7 @@ AUTO_TARGETS = ("query", "key", "value", "dense")  # every linear layer of a BER
 HEAD_LR_SCALE = 1.0  # auto: the head's rate over the LoRA rate
 LORA_PLUS_RATIO = 1.0  # auto: lora_B's rate over lora_A's
 SEARCH_MAX_EXAMPLES = 1000  # auto search: on up to this many training examples
-SEARCH_MIN_EPOCHS = 3  # and for runs of at least this many epochs
+SEARCH_MIN_EPOCHS = 6  # and for runs of at least this many epochs (its budget: <= 2 plain runs)
 SEARCHED = ("learning_rate", "lora_r")  # what the search may choose, each only when "auto"
 
 
@@ -161,7 +161,12 @@ class Hyperparameters(RequestedSettings):
     def _search_fields(self, n_train: int, method: str, epochs: int) -> tuple[str, ...]:
         """What the search picks: the auto ones of ``SEARCHED`` for a LoRA run, when ``search``
         is true, or "auto" and the training set has at most ``SEARCH_MAX_EXAMPLES`` examples;
-        nothing for a run of under ``SEARCH_MIN_EPOCHS`` epochs (no room for a short rung)."""
+        nothing for a run of under ``SEARCH_MIN_EPOCHS`` epochs (its budget would pass two plain
+        runs), where an explicit ``search: true`` is an error, as it is for another method."""
+        if self.search is True and (method != "lora" or epochs < SEARCH_MIN_EPOCHS):
+            raise HyperparameterError(
+                f"search needs method lora and at least {SEARCH_MIN_EPOCHS} epochs; this run is {method} "
+                f"with {epochs} epochs (set epochs, or leave search \"auto\")", param="hyperparameters.search")
         on = self.search if isinstance(self.search, bool) else n_train <= SEARCH_MAX_EXAMPLES
         if method != "lora" or not on or epochs < SEARCH_MIN_EPOCHS:
             return ()

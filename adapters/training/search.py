@@ -6,14 +6,15 @@ with ``lora_alpha`` following the rank as ``2 * r`` when it is auto too; see
 ``SEARCH_MAX_EXAMPLES`` examples, and off for a field given explicitly):
 
 * **Candidates**: the product of ``LR_FACTORS`` times the auto learning rate and
-  ``RANKS`` (each only for a searched field): 9 when both are searched, 3 when one is. Every
+  ``RANKS`` (each only for a searched field): 6 when both are searched, 3 or 2 when one is.
+  Ranks stop at the default 8: adapters never grow larger or make mixed batches slower. Every
   candidate is the full run it would be on its own (same epochs, schedule, patience, seed);
   only the searched fields differ.
 * **Rungs** (successive halving, ``ETA`` = 3): with ``K = ceil(log3(n))`` rungs for ``n``
-  candidates, rung ``k`` trains every survivor up to ``ceil(E / 3**(K - k))`` epochs of its own
+  candidates, rung ``k`` trains every survivor up to ``max(1, E // 3**(K - k))`` epochs of its own
   schedule (``E``: the run's epochs), scores it on validation (its best healthy epoch's accuracy
   so far, ties to the lower validation loss, as the loop keeps epochs) and keeps the best third
-  (rounded up). Ties go to the earlier candidate in the fixed order (middle values first), so
+  (rounded up; only the best after the last rung). Ties go to the earlier candidate in the fixed order (middle values first), so
   the choice is a function of the data and the seed only: with the search on, a run is as
   deterministic as one without (CPU). A candidate that diverges or stops early is scored on
   what it reached and trains no further.
@@ -21,9 +22,10 @@ with ``lora_alpha`` following the rank as ``2 * r`` when it is auto too; see
   loop's yield/resume, exact on CPU) is resumed to the end of its schedule with the caller's
   callbacks and checkpoint folder (progress, fair-share yields and shared checkpoints work as
   in a plain run). So the result equals a plain run with the chosen values.
-* **Budget**: the search trains at most ``plan.budget_epochs`` epochs in all (9 candidates,
-  ``E`` = 30: 9 x 4 + 3 x 6 + 1 x 20 = 74 epochs, 2.5x a plain run; 3 candidates: 3 x 10 + 20 =
-  50, 1.7x), fewer when candidates stop early; ``budget_steps`` and the steps and seconds
+* **Budget**: the search trains at most ``plan.budget_epochs`` epochs in all, at most twice a
+  plain run's ``E`` for the ``E >= 6`` it needs (``hyperparams.SEARCH_MIN_EPOCHS``); e.g. 6
+  candidates, ``E`` = 30: 6 x 3 + 2 x 7 + 1 x 20 = 52 epochs, 1.73x; ``E`` = 10: 17, 1.7x;
+  ``E`` = 6: 12, 2x. Fewer when candidates stop early. ``budget_steps`` and the steps and seconds
   actually spent are reported. No yield to other tenants happens inside the rungs (the final
   continuation yields as usual); a cancel (``should_stop``) stops it at once.
 * **Events** (``TrainCallbacks.on_search``, JSON-able dicts): ``{"stage": "plan", ...}`` with
@@ -56,7 +58,9 @@ from adapters.training.loop import fit
 from adapters.training.task_hooks import TrainingTask
 
 LR_FACTORS = (1.0, 0.5, 2.0)  # times the auto learning rate; middle first (ties keep it)
-RANKS = (8, 4, 16)
+# never above the default 8: the engine pads every resident slot to the largest rank in the
+# stack, so one tenant's r=16 would make every tenant's mixed batch pay for 16
+RANKS = (8, 4)
 ETA = 3  # successive halving keeps the best 1/ETA at each rung
 SEARCH_DIR = "search"
 
@@ -73,6 +77,11 @@ class Candidate:
         return ",".join(f"{short[k]}={v:g}" for k, v in self.values.items() if k in short)
 
 
+def survivors(alive: int, rung: int, n_rungs: int) -> int:
+    """How many go on after search rung ``rung``: the best third, and one after the last."""
+    return 1 if rung >= n_rungs - 2 else max(1, math.ceil(alive / ETA))
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     candidates: list[Candidate]
@@ -83,9 +92,9 @@ class SearchPlan:
     def budget_epochs(self) -> int:
         """Epochs trained when no candidate stops early: survivors x new epochs, per rung."""
         alive, done, total = len(self.candidates), 0, 0
-        for epochs in self.rungs:
+        for i, epochs in enumerate(self.rungs):
             total += alive * (epochs - done)
-            alive, done = max(1, math.ceil(alive / ETA)), epochs
+            alive, done = survivors(alive, i, len(self.rungs)), epochs
         return total
 
     @property
@@ -118,7 +127,7 @@ def plan(hp: ResolvedHyperparameters, n_train: int) -> SearchPlan:
                 values["lora_alpha"] = float(2 * r)
             candidates.append(Candidate(len(candidates), values, replace(hp, search=(), **values)))
     k = math.ceil(math.log(len(candidates), ETA) - 1e-9) if len(candidates) > 1 else 0
-    rungs = sorted({max(1, math.ceil(hp.epochs / ETA ** (k - i))) for i in range(k)} | {hp.epochs})
+    rungs = sorted({max(1, hp.epochs // ETA ** (k - i)) for i in range(k)} | {hp.epochs})
     return SearchPlan(candidates, rungs, max(1, math.ceil(n_train / hp.batch_size)))
 
 
@@ -191,7 +200,7 @@ class _Search:
             for r in alive:
                 self._advance(r, epochs)
             ranked = sorted(alive, key=lambda r: (r.score()[0], r.score()[1], -r.cand.index), reverse=True)
-            keep = ranked[: max(1, math.ceil(len(alive) / ETA))]
+            keep = ranked[: survivors(len(alive), i, len(self.plan.rungs))]
             self.tell({"stage": "rung", "rung": i, "epochs": epochs, "steps_so_far": self.steps,
                        "candidates": [r.report() for r in alive], "kept": [r.cand.name for r in keep]})
             alive = keep

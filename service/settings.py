@@ -14,7 +14,12 @@ Tasks: ``TAILOR_TASKS`` lists the task kinds this deployment serves (default bot
 ``TAILOR_BASE_MODEL`` for text (default the bundled MiniLM), ``TAILOR_IMAGE_BASE_MODEL`` for
 images (default the bundled EfficientNet-Lite0; a local checkpoint directory; or ``tiny`` /
 ``tiny:SEED``, a tiny random network of the same layout for tests, whose predictions mean
-nothing). A base of a task that is not enabled is never loaded.
+nothing). A base of a task that is not enabled is never loaded. Text generation
+(``text-generation``, not served unless listed) loads ``TAILOR_GENERATION_BASE_MODEL``: unset for
+the bundled SmolLM2-135M-Instruct, ``tiny[:SEED]`` (a tiny random Llama, tests) or a local
+causal-LM directory; ``TAILOR_GENERATION_KV_CACHE_BYTES`` bounds its KV cache (default 512 MiB)
+and ``TAILOR_GENERATION_ADMISSION_TIMEOUT_S`` how long a request waits for room in it before a
+429 with Retry-After (default 10).
 
 Runtime: ``TAILOR_RUNTIME`` runs each base's forward pass on ``torch`` (default), ``onnx`` (ONNX
 Runtime, CPU) or ``auto`` (ONNX on a CPU base that exports, torch on CUDA); ``TAILOR_QUANTIZE``
@@ -59,6 +64,9 @@ class Settings:
     store_url: str
     tasks: tuple[str, ...] = DEFAULT_TASKS  # the task kinds served, each on its own base
     image_base_model: str | None = None  # None: the bundled EfficientNet-Lite0
+    generation_base_model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    generation_kv_cache_bytes: int = 512 * MIB  # the generation engine's KV-cache budget
+    generation_admission_timeout_s: float = 10.0  # a request waits this long for KV room, then 429
     max_resident: int = 4096
     device_slots: int = 257
     max_batch_size: int = 32
@@ -106,6 +114,7 @@ class Settings:
 
         tasks = _tasks(env)
         image_base_model = _image_base_model(env)
+        generation_base_model = _generation_base_model(env)
 
         database_url = env.get("TAILOR_DATABASE_URL") or f"sqlite:///{home / 'tailor.db'}"
         if "://" not in database_url:
@@ -138,6 +147,10 @@ class Settings:
         settings = cls(
             home=home, admin_key=given, base_model=base_model, database_url=database_url,
             store_url=store_url, tasks=tasks, image_base_model=image_base_model,
+            generation_base_model=generation_base_model,
+            generation_kv_cache_bytes=_int(env, "TAILOR_GENERATION_KV_CACHE_BYTES", 512 * MIB, lo=1024),
+            generation_admission_timeout_s=_float(env, "TAILOR_GENERATION_ADMISSION_TIMEOUT_S", 10.0, lo=0.0,
+                                                  hi=3600.0),
             max_resident=_int(env, "TAILOR_MAX_RESIDENT", 4096, lo=1),
             device_slots=device_slots, max_batch_size=max_batch_size,
             max_wait_ms=_float(env, "TAILOR_MAX_WAIT_MS", 5.0, lo=0.0, hi=10_000.0),
@@ -212,6 +225,27 @@ def _image_base_model(env: dict[str, str]) -> str | None:
                             "folder, or leave it unset for the bundled EfficientNet-Lite0)")
     if not (p / "config.json").is_file():
         raise SettingsError(f"TAILOR_IMAGE_BASE_MODEL={raw!r} holds no config.json naming its architecture")
+    return str(p.resolve())
+
+
+def _generation_base_model(env: dict[str, str]) -> str | None:
+    """``TAILOR_GENERATION_BASE_MODEL``: None (the bundled SmolLM2), ``tiny[:SEED]``, or a local
+    causal-LM directory holding a ``config.json`` (architecture and weights are checked when the
+    base loads: ``adapters.generation.base``)."""
+    raw = env.get("TAILOR_GENERATION_BASE_MODEL", "").strip()
+    if not raw:
+        return None
+    if raw == TINY_IMAGE_BASE or raw.startswith(TINY_IMAGE_BASE + ":"):
+        seed = raw.partition(":")[2]
+        if seed and not seed.isdigit():
+            raise SettingsError(f"TAILOR_GENERATION_BASE_MODEL={raw!r}: use tiny or tiny:SEED with an integer SEED")
+        return raw
+    p = Path(raw).expanduser()
+    if not p.is_dir():
+        raise SettingsError(f"TAILOR_GENERATION_BASE_MODEL={raw!r} is not a directory (give a local causal-LM "
+                            "folder, or leave it unset for the bundled SmolLM2-135M-Instruct)")
+    if not (p / "config.json").is_file():
+        raise SettingsError(f"TAILOR_GENERATION_BASE_MODEL={raw!r} holds no config.json naming its architecture")
     return str(p.resolve())
 
 

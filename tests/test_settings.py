@@ -50,6 +50,10 @@ def test_defaults(tmp_path):
     ("TAILOR_TASKS", ",", "one or more of text-classification, image-classification"),
     ("TAILOR_IMAGE_BASE_MODEL", "/does/not/exist", "not a directory"),
     ("TAILOR_IMAGE_BASE_MODEL", "tiny:one", "integer SEED"),
+    ("TAILOR_GENERATION_BASE_MODEL", "/does/not/exist", "not a directory"),
+    ("TAILOR_GENERATION_BASE_MODEL", "tiny:x", "integer SEED"),
+    ("TAILOR_GENERATION_KV_CACHE_BYTES", "12", "out of range"),
+    ("TAILOR_GENERATION_ADMISSION_TIMEOUT_S", "soon", "not a number"),
     ("TAILOR_MAX_IMAGES", "0", "out of range"),
     ("TAILOR_MAX_IMAGE_BYTES", "lots", "not an integer"),
 ])
@@ -78,6 +82,24 @@ def test_tasks_and_the_image_base(tmp_path):
     (tmp_path / "vision" / "config.json").write_text('{"architecture": "efficientnet-lite0"}')
     given = Settings.from_env({**env, "TAILOR_IMAGE_BASE_MODEL": str(tmp_path / "vision")})
     assert given.image_base_model == str((tmp_path / "vision").resolve())
+
+
+def test_text_generation_is_served_only_when_asked_for(tmp_path):
+    env = {"TAILOR_HOME": str(tmp_path), "TAILOR_ADMIN_KEY": "k" * 20}
+    s = Settings.from_env(env)
+    assert "text-generation" not in s.tasks and s.generation_base_model is None
+    assert (s.generation_kv_cache_bytes, s.generation_admission_timeout_s) == (512 << 20, 10.0)
+    g = Settings.from_env({**env, "TAILOR_TASKS": "text-generation,text-classification",
+                           "TAILOR_GENERATION_BASE_MODEL": "tiny:3", "TAILOR_GENERATION_KV_CACHE_BYTES": "65_536",
+                           "TAILOR_GENERATION_ADMISSION_TIMEOUT_S": "0.5"})
+    assert g.tasks == ("text-classification", "text-generation") and g.generation_base_model == "tiny:3"
+    assert (g.generation_kv_cache_bytes, g.generation_admission_timeout_s) == (65536, 0.5)
+    (tmp_path / "lm").mkdir()
+    with pytest.raises(SettingsError, match="TAILOR_GENERATION_BASE_MODEL.*no config.json"):
+        Settings.from_env({**env, "TAILOR_GENERATION_BASE_MODEL": str(tmp_path / "lm")})
+    (tmp_path / "lm" / "config.json").write_text('{"model_type": "llama"}')
+    given = Settings.from_env({**env, "TAILOR_GENERATION_BASE_MODEL": str(tmp_path / "lm")})
+    assert given.generation_base_model == str((tmp_path / "lm").resolve())
 
 
 def test_credentials_in_an_s3_url_are_refused_and_not_echoed(tmp_path):

@@ -352,13 +352,13 @@ class Scheduler:
         req.finishing = True
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=req.generated)
 
-        def end() -> None:
-            req.stream._finish(delta, usage)
+        def end() -> None:  # the hook first: a caller who sees the end finds it counted
             if self.hooks.on_finish is not None:
                 try:
                     self.hooks.on_finish(usage, finish)  # type: ignore[arg-type]
                 except Exception:  # noqa: BLE001 - metrics never fail a request
                     pass
+            req.stream._finish(delta, usage)
         return end
 
     @staticmethod

@@ -8,20 +8,28 @@ The decision and both scores are recorded on the job so the tenant can see why.
 
 ``GateDecision.reason`` says why, never what follows (the job's message adds "is now prod" or
 "kept as a candidate" itself, so the outcome is said once).
+
+A task whose adapters are not scored by accuracy has its own gate, named in ``TASK_GATES`` and
+returned by ``task_gate(task)`` (text generation: validation loss, ``adapters.jobs.generation_gate``);
+it returns a ``GateDecision`` too, with ``baseline`` (what the candidate must beat besides prod).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from adapters.runtime.engine import Engine
 from adapters.runtime.loaded import LoadedAdapter
+from adapters.tasks import TEXT_GENERATION
 from adapters.training.metrics import classification_metrics
 
 DECODE_CHUNK = 256  # validation inputs decoded at once (224 x 224 images: ~150 MB as tensors)
+# tasks with their own gate: module with ``judge(job, trainer_base, catalog, version, validation)``
+TASK_GATES = {TEXT_GENERATION: "adapters.jobs.generation_gate"}
 
 
 @dataclass(frozen=True)
@@ -32,9 +40,19 @@ class GateDecision:
     prod: dict[str, Any] | None
     prod_version: int | None
     majority_rate: float
+    baseline: dict[str, Any] | None = None  # a task gate's yardstick besides prod (generation: the base model)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["baseline"] is None:  # classification decisions read as they always did
+            del d["baseline"]
+        return d
+
+
+def task_gate(task: str) -> Callable[..., GateDecision] | None:
+    """The ``judge`` of ``task``'s own gate, or None: the task is scored by accuracy (``score``/``decide``)."""
+    module = TASK_GATES.get(task)
+    return None if module is None else importlib.import_module(module).judge  # type: ignore[no-any-return]
 
 
 def score(engine: Engine, adapter: LoadedAdapter, inputs: Sequence[Any], labels: list[str], *,

@@ -107,8 +107,10 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             assert result.artifact is not None
             m.check_adapter_task(job)  # its adapter may have become another task's meanwhile
             record = ctx.catalog.publish(job.tenant, job.adapter, result.artifact.made_by_job(job.id),
-                                         spec=bases.engine.base.spec)
-            decision = _gate(job, bases.engine, record.version, val_ds)
+                                         spec=bases.trainer_base.spec)
+            own_gate = gate.task_gate(job.task)  # a task's own gate (generation: validation loss), else accuracy
+            decision = own_gate(job, bases.trainer_base, ctx.catalog, record.version, val_ds) if own_gate \
+                else _gate(job, bases.engine, record.version, val_ds)
             if decision.promote:
                 ctx.catalog.registry.set_alias(job.tenant, job.adapter, "prod", record.version)
             m.succeed(job.id, ctx.worker_id, version=record.version, metrics=result.metrics,

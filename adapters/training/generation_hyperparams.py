@@ -1,0 +1,123 @@
+"""Hyper-parameters of a text-generation run: each may be ``"auto"``, resolved from the data size and the base.
+
+The fields mean what they mean for text classification (``adapters.training.hyperparams``,
+checked by the same rules); ``max_length`` is the longest example in tokens after the chat
+template (an example over it is refused, naming its line: never truncated, which would cut the
+answer the loss is on). Only ``method="lora"`` trains generation adapters (a generation adapter
+has no head, and full fine-tuning produces no adapter).
+
+Auto values and why:
+
+* LoRA r=8, alpha 16, dropout 0.05 on every linear layer of the decoder (``AUTO_TARGETS``: the
+  attention q/k/v/o and MLP gate/up/down projections; ~0.3% of SmolLM2-135M's parameters,
+  ~1.8 MB per adapter in fp32). All-linear LoRA is what QLoRA found necessary to match full
+  fine-tuning on chat data; attention-only LoRA learns formats more slowly.
+* Learning rate 1e-3 under 1,000 training examples, 5e-4 from 1,000 and 2e-4 from 10,000 (AdamW,
+  warmup 6%, linear decay, weight decay 0). LoRA on small decoders tolerates 1e-3 for short
+  runs; long runs on many examples want a smaller rate for the same total update.
+* Batch 8 under 1,000 examples, 16 above (padded per batch to its longest example: short chats
+  cost little). Epochs aim at ~``TARGET_STEPS`` optimizer steps, clamped to 1..``MAX_EPOCHS``:
+  50 examples (40 train after the validation split) -> 10 epochs x 5 steps; 500 -> 6 x 57;
+  5,000 -> 1 x 282; 20,000 -> 1 x 1,125. A chat model over-fits a small set within a few
+  epochs, so small sets get more passes but never more than ``MAX_EPOCHS``; early stopping on
+  validation loss (patience 2) and the best epoch's weights keep the over-fitted tail out.
+* ``max_length`` 2048 tokens (the dataset limit's default), capped at the base's context.
+
+These are the usual LoRA fine-tuning values for small instruction models, checked on the
+benchmark (``python -m bench.quality --dataset chatterbot-format``), not a tuned result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from adapters.training.hyperparams import AUTO, HyperparameterError, RequestedSettings, _check
+
+AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHOD = "lora"
+TARGET_STEPS = 300
+MAX_EPOCHS = 10
+MAX_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class ResolvedGenerationHyperparameters:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    max_length: int
+    seed: int
+    patience: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass(frozen=True)
+class GenerationHyperparameters(RequestedSettings):
+    """What a client asks for; every field may be ``"auto"``; checked on construction (a
+    ``HyperparameterError`` naming ``hyperparameters.<field>``)."""
+
+    epochs: int | str = AUTO
+    batch_size: int | str = AUTO
+    learning_rate: float | str = AUTO
+    weight_decay: float | str = AUTO
+    warmup_ratio: float | str = AUTO
+    max_length: int | str = AUTO
+    seed: int | str = 0
+    patience: int | str = AUTO
+    lora_r: int | str = AUTO
+    lora_alpha: float | str = AUTO
+    lora_dropout: float | str = AUTO
+    target_modules: tuple[str, ...] | str = AUTO
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "max_length" and not (isinstance(value, str) and value == AUTO):
+                value = _max_length(value)
+            else:
+                value = _check(name, value)
+            object.__setattr__(self, name, value)
+
+    def resolve(self, n_train: int, method: str = METHOD, max_context: int = MAX_LENGTH) \
+            -> ResolvedGenerationHyperparameters:
+        """Concrete values for ``n_train`` training examples on a base of ``max_context`` tokens."""
+        if method != METHOD:
+            raise HyperparameterError(f"text-generation adapters train with method 'lora' only, got {method!r}",
+                                      param="method")
+        batch = self._or("batch_size", 8 if n_train < 1000 else 16)
+        steps_per_epoch = max(1, math.ceil(n_train / batch))
+        epochs = self._or("epochs", min(MAX_EPOCHS, max(1, round(TARGET_STEPS / steps_per_epoch))))
+        lr = 1e-3 if n_train < 1000 else 5e-4 if n_train < 10_000 else 2e-4
+        max_length = self._or("max_length", min(MAX_LENGTH, max_context))
+        if max_length > max_context:
+            raise HyperparameterError(f"max_length {max_length} exceeds the base model's {max_context} positions",
+                                      param="hyperparameters.max_length")
+        r = self._or("lora_r", 8)
+        return ResolvedGenerationHyperparameters(
+            epochs=epochs, batch_size=batch, learning_rate=float(self._or("learning_rate", lr)),
+            weight_decay=float(self._or("weight_decay", 0.0)), warmup_ratio=float(self._or("warmup_ratio", 0.06)),
+            max_length=max_length, seed=self._or("seed", 0), patience=self._or("patience", 2),
+            lora_r=r, lora_alpha=float(self._or("lora_alpha", 2 * r)),
+            lora_dropout=float(self._or("lora_dropout", 0.05)),
+            target_modules=tuple(self._or("target_modules", AUTO_TARGETS)),
+        )
+
+
+def _max_length(value: Any) -> int:
+    """Generation's examples are longer than classification's texts: 8..32768 tokens."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 32768:
+        raise HyperparameterError(f"max_length must be \"auto\" or an integer between 8 and 32768, got {value!r}",
+                                  param="hyperparameters.max_length")
+    return value

@@ -285,3 +285,27 @@ def test_a_cancelled_generation_job_registers_nothing(base: CausalBase, tmp_path
     with pytest.raises(AdapterNotFoundError):
         world.registry.list_versions("acme", "assistant")  # nothing was registered
     assert not (tmp_path / "ckpts" / job.id).exists()
+
+
+def test_a_worker_process_trains_generation_jobs(tmp_path: Path) -> None:
+    """``python -m adapters.jobs.worker --tasks text-generation --generation-base-model tiny:0``:
+    its first (and only) base is the causal LM, there is no gate engine, and the job runs to its
+    end with the generation trainer and gate."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'tailor.db'}"
+    Registry(url).create_tenant("acme")
+    jm = JobManager(Registry(url).engine, LocalStore(tmp_path / "store"))
+    ds = from_records(chats(), limits=GenerationDatasetLimits(min_examples=5))
+    job = jm.submit("acme", "assistant", training=ds, hyperparameters={**FAST, "epochs": 2})
+    done = subprocess.run(
+        [sys.executable, "-m", "adapters.jobs.worker", "--database-url", url, "--store-url", str(tmp_path / "store"),
+         "--checkpoints", str(tmp_path / "ckpt"), "--tasks", "text-generation", "--generation-base-model", "tiny:0",
+         "--once", "--threads", "1", "--nice", "0"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = jm.get("acme", job.id)
+    assert got.status == "succeeded" and got.error is None, got.error
+    assert got.result["promoted"] and got.result["gate"]["baseline"]["val_loss"] > got.metrics["val_loss"]
+    assert "loading the generation base (tiny:0)" in done.stderr and "MiniLM" not in done.stderr

@@ -154,6 +154,8 @@ def worker_args(settings: WorkerSettings, *, threads: int | None, device: str | 
         args += ["--base-model", settings.base_model]
     if settings.image_base_model:
         args += ["--image-base-model", settings.image_base_model]
+    if getattr(settings, "generation_base_model", None):  # None: the bundled SmolLM2
+        args += ["--generation-base-model", settings.generation_base_model]
     if tuple(settings.tasks) != TASK_NAMES:
         args += ["--tasks", ",".join(settings.tasks)]
     if threads:

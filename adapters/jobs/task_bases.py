@@ -43,7 +43,9 @@ class BaseUnavailableError(TailorError):
 @dataclass
 class TaskBases:
     trainer_base: Any  # pristine: the trainer copies it, never wraps it
-    engine: Engine  # scores candidates for the gate, on its own copy of the base
+    # scores candidates for the gate, on its own copy of the base; None for a task whose gate scores
+    # on trainer_base itself (text generation: adapters.jobs.generation_gate)
+    engine: Engine | None
 
 
 def scoring_engine(base: Any, catalog: Catalog, runtime: RuntimeChoice | None = None,
@@ -71,7 +73,7 @@ class WorkerBases:
 
     def get(self, task: str) -> TaskBases:
         task = canonical_task(task)
-        if task == self.primary.engine.base.spec.task:
+        if task == self.primary.trainer_base.spec.task:
             return self.primary
         if task not in self._loaded:
             loader = self.loaders.get(task)
@@ -88,4 +90,4 @@ class WorkerBases:
 
     def loaded(self) -> list[str]:
         """The tasks whose bases are loaded now (the primary's first)."""
-        return [self.primary.engine.base.spec.task, *self._loaded]
+        return [self.primary.trainer_base.spec.task, *self._loaded]

@@ -44,7 +44,7 @@ from adapters.jobs.runner import WorkerContext, run_job
 from adapters.jobs.task_bases import TaskBases, load_task_bases
 from adapters.registry import Registry
 from adapters.runtime.onnx.choice import QUANTIZE, RUNTIMES, RuntimeChoice
-from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES, TEXT_CLASSIFICATION, canonical_task
+from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES, TEXT_CLASSIFICATION, TEXT_GENERATION, canonical_task
 from adapters.schema import create_schema, make_engine
 from adapters.store import AdapterStore, open_store
 
@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-base-model", default=None,
                    help="local vision checkpoint directory, or tiny[:SEED] (tests) (default: bundled "
                         "EfficientNet-Lite0); loaded on the first image job")
+    p.add_argument("--generation-base-model", default=None,
+                   help="local causal-LM directory, or tiny[:SEED] (tests) (default: bundled SmolLM2-135M-Instruct); "
+                        "loaded on the first text-generation job")
     p.add_argument("--tasks", type=_tasks, default=TASK_NAMES,
                    help="comma-separated task kinds this worker trains (default: all); the first one's base "
                         "loads at start, the others' on their first job; a job of another task fails saying so")
@@ -126,6 +129,15 @@ def image_bases(setting: str | None, device: str | None, catalog: Catalog, runti
     return load_task_bases(vision_base_from_setting(setting, device=device), catalog, runtime, graph_dir)
 
 
+def generation_bases(setting: str | None, device: str | None) -> TaskBases:
+    """The generation base (imported here: a classification worker never loads it); its gate
+    scores on this pristine base (``adapters.jobs.generation_gate``), so there is no gate engine."""
+    from adapters.generation.base import load_causal_base
+
+    log.info("loading the generation base (%s)", setting or "bundled")
+    return TaskBases(trainer_base=load_causal_base(setting, device=device), engine=None)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -148,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      runtime, args.graph_cache),
         IMAGE_CLASSIFICATION: lambda: image_bases(args.image_base_model, args.device, catalog, runtime,
                                                   args.graph_cache),
+        TEXT_GENERATION: lambda: generation_bases(args.generation_base_model, args.device),
     }
     first = loaders[args.tasks[0]]()
     ctx = WorkerContext(

@@ -87,11 +87,16 @@ class KeyCache:
                 del self._known[digest]
             self._generation += 1
 
-    def _refresh(self) -> None:
-        if self._clock() < self._next_poll or not self._poll_lock.acquire(blocking=False):
+    def refresh_ahead(self, margin: float) -> None:
+        """Poll now if the next poll is due within ``margin`` seconds (a background thread's
+        call, ``adapters.runtime.resolver.Freshener``, so ``peek`` rarely finds a poll due)."""
+        self._refresh(margin)
+
+    def _refresh(self, margin: float = 0.0) -> None:
+        if self._clock() < self._next_poll - margin or not self._poll_lock.acquire(blocking=False):
             return
         try:
-            if self._clock() < self._next_poll:  # another thread polled while we waited
+            if self._clock() < self._next_poll - margin:  # another thread polled while we waited
                 return
             self._poll()
         finally:

@@ -41,7 +41,9 @@ from adapters.quotas import TenantQuotas
 from adapters.registry import Registry
 from adapters.schema import safe_url
 from adapters.runtime.batcher import MicroBatcher
+from adapters.runtime.core_share import CoreShare, instance_path
 from adapters.runtime.engine import Engine, EngineConfig
+from adapters.runtime.resolver import Freshener
 from adapters.store import AdapterStore, open_store
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 from service.errors import ApiError
@@ -58,9 +60,13 @@ class RateLimiter:
     ``TAILOR_RATE_LIMIT`` (default 50); 0 means unlimited. Buckets live in each worker process.
     A refusal is a 429 whose Retry-After (whole seconds, 1..``MAX_RETRY_AFTER``) is when the
     next token is due. Checked right after the key, before the body is read or queued.
+    A quota is re-read ``QUOTA_TTL`` s after it was read, off the request path: ``check`` keeps
+    using it and ``refresh_stale`` (the worker's background ``Freshener``) re-reads it; only a
+    tenant never seen, or not seen for ``QUOTA_MAX_AGE`` s, is read before its request.
     """
 
     QUOTA_TTL = 5.0
+    QUOTA_MAX_AGE = 30.0
     MAX_RETRY_AFTER = 3600
 
     def __init__(self, default_rate: float, registry: Registry) -> None:
@@ -68,20 +74,29 @@ class RateLimiter:
         self.registry = registry
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
         self._rates: dict[str, tuple[float, float]] = {}  # tenant -> (rate, fetched at)
+        self._used: set[str] = set()  # tenants checked since their quota was last read
         self._lock = threading.Lock()
 
-    def needs_refresh(self, tenant: str) -> bool:
-        """True when ``check`` would read the tenant's quota from the database (call
-        ``refresh`` first, off the event loop, to keep ``check`` free of I/O)."""
+    def needs_refresh(self, tenant: str, now: float | None = None) -> bool:
+        """True when the tenant's quota should be read before its request (call ``refresh``
+        first, off the event loop, to keep ``check`` free of I/O)."""
         cached = self._rates.get(tenant)
-        return cached is None or time.monotonic() - cached[1] >= self.QUOTA_TTL
+        return cached is None or (time.monotonic() if now is None else now) - cached[1] >= self.QUOTA_MAX_AGE
 
     def refresh(self, tenant: str) -> None:
         self._rate(tenant, time.monotonic(), force=True)
 
+    def refresh_stale(self, now: float | None = None) -> None:
+        """Re-read the quotas older than ``QUOTA_TTL`` of the tenants checked since their last read."""
+        now = time.monotonic() if now is None else now
+        for tenant in [t for t in list(self._used) if now - self._rates.get(t, (0.0, -math.inf))[1] >= self.QUOTA_TTL]:
+            self._used.discard(tenant)
+            self._rate(tenant, now, force=True)
+
     def _rate(self, tenant: str, now: float, force: bool = False) -> float:
         cached = self._rates.get(tenant)
-        if not force and cached is not None and now - cached[1] < self.QUOTA_TTL:
+        if not force and cached is not None:
+            self._used.add(tenant)
             return cached[0]
         # fetched outside the bucket lock: a database round trip must not serialise requests
         try:
@@ -128,6 +143,8 @@ class TailorState:
     engines: dict[str, Engine] = field(default_factory=dict)  # by task, once every enabled base is loaded
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)  # by task, beside its engine
     load_error: str | None = None
+    freshener: Freshener | None = None  # keeps the key cache, resolvers and quotas fresh off the request path
+    cores: CoreShare | None = None  # idle serving cores lent to a forward pass
     db_retry_initial_s: float = 1.0
     db_retry_max_s: float = 30.0
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -201,6 +218,7 @@ class TailorState:
         config = EngineConfig(max_resident=s.max_resident, device_slots=s.device_slots,
                               max_batch_size=s.max_batch_size)
         engines, batchers = {}, {}
+        self.cores = core_share(s)
         for task in s.tasks:
             try:
                 t0 = time.perf_counter()
@@ -213,7 +231,7 @@ class TailorState:
                     apply_runtime(engine, RuntimeChoice(s.runtime, s.quantize), s.home / "graphs")
                 batchers[task] = MicroBatcher(
                     engine, s.max_batch_size, s.max_wait_ms, on_batch=partial(self.metrics.observe_batch, task),
-                    announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows)
+                    announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows, cores=self.cores)
             except Exception as e:
                 self.load_error = f"{task} base: {type(e).__name__}: {e}"
                 log.exception("loading the %s base model failed; the service stays unready", task)
@@ -224,6 +242,9 @@ class TailorState:
             log.info("loaded %s base model %r on %s (%s...) in %.1fs with %d torch threads", task, base.spec.name,
                      base.device, base.fingerprint[:19], time.perf_counter() - t0, torch.get_num_threads())
         self.engines, self.batchers = engines, batchers
+        ahead = config.resolve_poll_seconds / 4  # poll a little before requests would have to
+        self.freshener = Freshener([*(partial(e.resolver.refresh_ahead, ahead) for e in engines.values()),
+                                    partial(self.key_cache.refresh_ahead, ahead), self.limiter.refresh_stale], ahead)
         self._ready.set()
         self.metrics.ready.set(1)
         log.info("ready: serving %s", ", ".join(s.tasks))
@@ -298,8 +319,12 @@ class TailorState:
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
+        if self.freshener is not None:
+            self.freshener.close()
         for batcher in self.batchers.values():
             batcher.close()
+        if self.cores is not None:
+            self.cores.close()
         self.registry.close()
 
 
@@ -365,6 +390,15 @@ def serving_workers(s: Settings) -> int:
     if torch.cuda.is_available():
         return 1
     return min(MAX_AUTO_WORKERS, serving_cores(s))
+
+
+def core_share(s: Settings) -> CoreShare:
+    """The idle cores this worker may borrow for a forward pass: from the other serving workers
+    of its instance on CPU (``adapters.runtime.core_share``), none with one worker or a GPU."""
+    share = serving_threads(s)
+    if serving_workers(s) < 2 or torch.cuda.is_available():
+        return CoreShare.disabled(share)
+    return CoreShare(instance_path(), max(share, serving_cores(s)), share)
 
 
 def serving_threads(s: Settings) -> int:

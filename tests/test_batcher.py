@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 
@@ -176,32 +177,77 @@ def test_a_lone_request_runs_after_max_wait(world):
         assert batcher.batches == 1 and batcher.recent[-1].size == 1
 
 
-def test_announced_arrivals_cut_the_wait_short(world):
+HOUR_MS = 3_600_000  # a batching window no test could sit out: answered at all = not held for it
+
+
+def test_a_lone_announced_request_is_not_held_for_the_window(world):
     engine, adapters = world
     a = adapters["t5"]
-    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=5000, announced_arrivals=True) as batcher:
-        t0 = time.monotonic()
-        with batcher.incoming():
-            lone = batcher.submit([(a, "alone")])
-        lone.result(timeout=30)
-        assert time.monotonic() - t0 < 2.5, "nobody was on the way: the lone request must not wait 5 s"
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=HOUR_MS, announced_arrivals=True) as batcher:
+        for text in ("alone", "alone again"):
+            with batcher.incoming():  # as the route does: its own submit ends its announcement
+                lone = batcher.submit([(a, text)])
+            assert lone.result(timeout=60)[0].label in a.labels
+        assert batcher.held == 0, "a lone request must be taken at once, not held for its own announcement"
+        assert batcher.batches == 2
 
-        # Someone announced: the batcher holds the first row for them and merges both.
+
+def test_another_announced_request_holds_the_batch_open(world):
+    engine, adapters = world
+    a = adapters["t5"]
+    other = contextvars.copy_context()  # another request (its own asyncio task or thread)
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=HOUR_MS, announced_arrivals=True) as batcher:
         arriving = batcher.incoming()
-        arriving.__enter__()
-        first = batcher.submit([(a, "first")])
-        wait_until(lambda: batcher.waiting)
+        other.run(arriving.__enter__)
+        with batcher.incoming():
+            first = batcher.submit([(a, "first")])
+        wait_until(lambda: batcher.waiting)  # held for the announced one
         assert not first.done()
-        second = batcher.submit([(a, "second")])
-        arriving.__exit__(None, None, None)
-        first.result(timeout=30), second.result(timeout=30)
-        assert batcher.recent[-1].requests == 2 and batcher.batches == 2
+        second = other.run(batcher.submit, [(a, "second")])
+        other.run(arriving.__exit__, None, None, None)
+        first.result(timeout=60), second.result(timeout=60)
+        assert batcher.recent[-1].requests == 2 and batcher.batches == 1 and batcher.held == 1
 
-        # An announced request that fails before submitting releases the wait too.
-        t0 = time.monotonic()
-        with pytest.raises(KeyError):
+
+def test_an_announced_request_that_fails_before_submitting_releases_the_wait(world):
+    engine, adapters = world
+    a = adapters["t5"]
+    other = contextvars.copy_context()
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=HOUR_MS, announced_arrivals=True) as batcher:
+        failing = batcher.incoming()
+        other.run(failing.__enter__)
+        with batcher.incoming():
+            waiting = batcher.submit([(a, "waits for the failing one")])
+        wait_until(lambda: batcher.waiting)
+        error = KeyError("unknown adapter")  # it fails before its submit: its exit ends the announcement
+        assert not other.run(failing.__exit__, KeyError, error, None)  # and does not swallow the error
+        assert waiting.result(timeout=60)[0].label in a.labels
+
+
+def test_announcements_belong_to_their_own_asyncio_task(world):
+    """Two requests on one event loop: the first to submit ends only its own announcement, so
+    its rows wait for the second, which is still on its way; both share one forward pass."""
+    engine, adapters = world
+    a = adapters["t6"]
+
+    async def scenario(batcher: MicroBatcher) -> None:
+        second_may_submit = asyncio.Event()
+
+        async def request(text: str, gate: asyncio.Event | None) -> list:
             with batcher.incoming():
-                waiting = batcher.submit([(a, "waits for the failing one")])
-                raise KeyError("unknown adapter")
-        waiting.result(timeout=30)
-        assert time.monotonic() - t0 < 2.5
+                if gate is not None:
+                    await gate.wait()
+                future = batcher.submit([(a, text)])
+            return await asyncio.wrap_future(future)
+
+        first = asyncio.create_task(request("first", None))
+        second = asyncio.create_task(request("second", second_may_submit))
+        while not batcher.waiting:  # the first one's rows are held for the second
+            await asyncio.sleep(0.001)
+        assert not first.done()
+        second_may_submit.set()
+        await asyncio.gather(first, second)
+
+    with MicroBatcher(engine, max_batch_size=32, max_wait_ms=HOUR_MS, announced_arrivals=True) as batcher:
+        asyncio.run(scenario(batcher))
+        assert batcher.batches == 1 and batcher.recent[-1].requests == 2

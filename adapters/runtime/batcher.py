@@ -35,8 +35,13 @@ Other behaviour:
 * With ``announced_arrivals=True`` the wait is cut short when nobody is on the way: callers
   wrap the work before their ``submit`` (parsing, authentication, adapter lookup) in
   ``with batcher.incoming():``, and the batcher waits for more rows only while such an
-  announced request is pending. A lone request at low load then runs at once instead of
-  sitting out ``max_wait_ms``; under load, batches fill as before.
+  announced request is pending. A ``submit`` made inside its own ``incoming()`` block (same
+  thread or asyncio task) ends that announcement in the same step as it queues the rows, so a
+  lone request is taken at once, never held for its own announcement to end. A lone request
+  at low load therefore runs at once instead of sitting out ``max_wait_ms``; under load,
+  batches fill as before.
+* ``cores`` (``adapters.runtime.core_share.CoreShare``): every forward pass runs inside
+  ``cores.lend()``, so a pass may use the cores the instance's other workers leave idle.
 * A request larger than its share of a batch is split across consecutive batches; its result
   is reassembled in order and resolved when its last row is done.
 * A caller that cancels its future (e.g. a client that went away) has its remaining rows
@@ -45,7 +50,7 @@ Other behaviour:
 * Counters: ``batches``, ``rows``, ``errors``, ``isolated``, ``recent`` (the last batches'
   sizes, distinct adapters and requests) and an ``on_batch(size, n_adapters, seconds)``
   callback for metrics. ``waiting`` is true while the thread holds a forming batch open for
-  more rows (tests and diagnostics).
+  more rows, ``held`` counts the batches it held open (tests and diagnostics).
 
 ``predict(rows)`` is the asyncio face: it awaits the same future without blocking the loop.
 """
@@ -59,11 +64,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from adapters.errors import AdapterOutputError
+from adapters.runtime.core_share import CoreShare
 from adapters.runtime.engine import Engine, Prediction
 from adapters.runtime.fair_queue import FairQueue
 from adapters.runtime.loaded import LoadedAdapter
@@ -74,6 +81,19 @@ Row = tuple[LoadedAdapter, Any]  # (adapter, row input of the engine's task)
 OnBatch = Callable[[int, int, float], None]
 Slice = tuple["_Request", int, int]  # a request's rows [start, stop) in one batch
 Outcome = list["Prediction | AdapterOutputError | None"] | Exception
+
+
+class _Arrival:
+    """One announced request (``incoming()``); ``pending`` until it submits or gives up."""
+
+    __slots__ = ("batcher", "pending")
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self.batcher, self.pending = batcher, True
+
+
+# the announcement of the request running in this context (thread or asyncio task), if any
+_ARRIVAL: ContextVar[_Arrival | None] = ContextVar("tailor_batcher_arrival", default=None)
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,7 @@ class MicroBatcher:
         self, engine: Engine, max_batch_size: int = 32, max_wait_ms: float = 5.0, *,
         on_batch: OnBatch | None = None, history: int = 1024, name: str = "tailor-batcher",
         announced_arrivals: bool = False, max_queued_rows_per_tenant: int | None = None,
+        cores: CoreShare | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -122,11 +143,13 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
         self.announced_arrivals = announced_arrivals
+        self.cores = cores
         self._incoming = 0  # announced requests that have not submitted yet
         self._queue: FairQueue[_Request] = FairQueue(max_queued_rows_per_tenant)
         self._cond = threading.Condition()
         self._closed = False
         self.waiting = False
+        self.held = 0  # batches held open for more rows (a lone announced request never is)
         self.batches = 0
         self.rows = 0
         self.errors = 0
@@ -158,24 +181,34 @@ class MicroBatcher:
             req.future.set_result([])
             return req.future
         owner = tenant if tenant is not None else rows[0][0].key.tenant
+        arrival = _ARRIVAL.get()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._queue.push(owner, req)
+            if arrival is not None and arrival.batcher is self and arrival.pending:
+                arrival.pending = False  # it has arrived: nothing more is on its way from it
+                self._incoming -= 1
             self._cond.notify()
         return req.future
 
     @contextmanager
     def incoming(self) -> Iterator[None]:
-        """Announce a request that will ``submit`` before this block ends (or never, if it fails)."""
+        """Announce a request that will ``submit`` before this block ends (or never, if it fails).
+        Its ``submit`` inside the block ends the announcement (see the module doc)."""
+        arrival = _Arrival(self)
+        token = _ARRIVAL.set(arrival)
         with self._cond:
             self._incoming += 1
         try:
             yield
         finally:
+            _ARRIVAL.reset(token)
             with self._cond:
-                self._incoming -= 1
-                self._cond.notify()
+                if arrival.pending:
+                    arrival.pending = False
+                    self._incoming -= 1
+                    self._cond.notify()
 
     async def predict(self, rows: list[Row], tenant: str | None = None) -> list[Prediction]:
         return await asyncio.wrap_future(self.submit(rows, tenant))
@@ -216,13 +249,16 @@ class MicroBatcher:
                 oldest = self._queue.oldest_arrival()
                 deadline = (oldest if oldest is not None else time.monotonic()) + self.max_wait
                 self.waiting = True
+                held = False
                 while (self._queue.rows < self.max_batch_size and not self._closed
                        and (self._incoming > 0 or not self.announced_arrivals)):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
+                    held = True
                     self._cond.wait(left)
                 self.waiting = False
+                self.held += held
                 if self._closed:
                     return None
                 taken = self._queue.take(self.max_batch_size)
@@ -236,20 +272,24 @@ class MicroBatcher:
             if taken is None:
                 return
             t0 = time.perf_counter()
-            outcomes = self._forward(taken, top=True)
+            with self._lend():
+                outcomes = self._forward(taken, top=True)
             elapsed = time.perf_counter() - t0
-            for (req, a, b), outcome in zip(taken, outcomes):
-                _deliver(req, a, b, outcome)
             n_rows = sum(b - a for _, a, b in taken)
             n_adapters = len({row[0].key for req, a, b in taken for row in req.rows[a:b]})
-            self.batches += 1
+            self.batches += 1  # counted before any caller sees its answer
             self.rows += n_rows
             self.recent.append(BatchRecord(n_rows, n_adapters, len({id(r) for r, _, _ in taken}), elapsed))
+            for (req, a, b), outcome in zip(taken, outcomes):
+                _deliver(req, a, b, outcome)
             if self.on_batch is not None:
                 try:
                     self.on_batch(n_rows, n_adapters, elapsed)
                 except Exception:  # metrics must never break serving
                     log.exception("on_batch callback failed")
+
+    def _lend(self) -> AbstractContextManager[Any]:
+        return self.cores.lend() if self.cores is not None else nullcontext()
 
     def _forward(self, part: list[Slice], top: bool = False) -> list[Outcome]:
         """One outcome per slice: its rows' results, or the exception that fails its request.

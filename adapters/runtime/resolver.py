@@ -14,6 +14,14 @@ resident adapters go on working) and the failure is logged once, not per poll; p
 retried with backoff, and the first successful poll replays every change missed meanwhile.
 A miss then raises the registry's ``DatabaseUnavailableError`` (a 503). Only one thread polls
 at a time; the others serve from the cache meanwhile instead of queueing behind a slow poll.
+
+``refresh_ahead(margin)`` polls when the next poll is due within ``margin`` seconds.
+``Freshener`` is a daemon thread that calls such refreshers (resolvers, the key cache, the
+rate limiter's quotas) a little before they fall due, so requests find memory fresh and almost
+never poll themselves: a poll on the request path costs a thread hop and a query, and polls
+driven only by requests lag when requests do (a promotion would wait for the next request
+that happens to poll). The guarantee does not depend on the thread: memory older than
+``poll_seconds`` is never answered from (``cached`` returns None, ``resolve`` polls first).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 from adapters.registry import Registry, VersionRecord
 
@@ -94,11 +103,15 @@ class Resolver:
             self._generation += 1
             self.invalidations += len(doomed)
 
-    def _refresh(self) -> None:
-        if time.monotonic() < self._next_poll or not self._poll_lock.acquire(blocking=False):
+    def refresh_ahead(self, margin: float) -> None:
+        """Poll now if the next poll is due within ``margin`` seconds (``Freshener``)."""
+        self._refresh(margin)
+
+    def _refresh(self, margin: float = 0.0) -> None:
+        if time.monotonic() < self._next_poll - margin or not self._poll_lock.acquire(blocking=False):
             return
         try:
-            if time.monotonic() < self._next_poll:
+            if time.monotonic() < self._next_poll - margin:
                 return
             self._poll()
         finally:
@@ -137,3 +150,39 @@ class Resolver:
                         "until it is back", e)
         backoff = min(MAX_POLL_BACKOFF_S, self.poll_seconds * 2 ** min(self._failures, 8))
         self._next_poll = time.monotonic() + backoff
+
+
+class Freshener:
+    """A daemon thread that calls each of ``refreshers`` every ``interval`` seconds (each one
+    cheap unless something is due: ``Resolver.refresh_ahead``, ``KeyCache.refresh_ahead``, a
+    rate limiter's stale quotas). A refresher that raises is logged and called again next time.
+    ``run_once()`` does one round in the caller's thread (tests); ``close()`` stops the thread.
+    """
+
+    def __init__(self, refreshers: Sequence[Callable[[], None]], interval: float, *,
+                 name: str = "tailor-freshener", start: bool = True) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.refreshers, self.interval = list(refreshers), interval
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        if start:
+            self._thread.start()
+
+    def run_once(self) -> None:
+        for refresh in self.refreshers:
+            try:
+                refresh()
+            except Exception:  # noqa: BLE001 - freshness is retried next round; requests still poll
+                log.exception("background refresh failed")
+        self.rounds += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.run_once()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)

@@ -1,0 +1,162 @@
+"""CoreShare: a lone forward pass borrows the cores the instance's other workers leave idle.
+
+Several "processes" are played in one by giving each CoreShare its own pid; liveness is
+injected, and so is the function that sets torch's threads (recorded, not applied).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapters.base import tiny_base
+from adapters.catalog import Catalog
+from adapters.registry import Registry
+from adapters.runtime.batcher import MicroBatcher
+from adapters.runtime.core_share import CoreShare
+from adapters.runtime.engine import Engine, EngineConfig
+from adapters.store import LocalStore
+from adapters.synthetic import random_artifact
+
+
+class Threads:
+    """torch.set_num_threads / get_num_threads of one pretend process."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.n, self.calls = n, 0
+
+    def set(self, n: int) -> None:
+        self.n, self.calls = n, self.calls + 1
+
+    def get(self) -> int:
+        return self.n
+
+
+class Machine:
+    """The machine's runnable tasks right now, as /proc/loadavg would say (our thread included)."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus, self.others = cpus, 0
+
+    def runnable(self) -> int:
+        return 1 + self.others
+
+
+QUIET = Machine(cpus=64)  # nothing else runs: only the claims decide
+
+
+def worker(path: Path, pid: int, live: set[int], total: int = 2, share: int = 1,
+           machine: Machine = QUIET) -> tuple[CoreShare, Threads]:
+    threads = Threads(share)
+    live.add(pid)
+    return CoreShare(path, total, share, set_threads=threads.set, get_threads=threads.get,
+                     alive=lambda p: p in live, pid=pid, runnable=machine.runnable, cpus=machine.cpus), threads
+
+
+def test_a_lone_pass_takes_every_idle_core_and_a_busy_peer_keeps_its_share(tmp_path: Path) -> None:
+    live: set[int] = set()
+    a, ta = worker(tmp_path / "cores", 101, live)
+    b, tb = worker(tmp_path / "cores", 102, live)
+    with a.lend() as n:
+        assert n == 2 and ta.n == 2  # b is idle: a borrows its core
+        with b.lend() as m:
+            assert m == 1 and tb.n == 1  # a holds both: b still gets its own share, no wait
+    with b.lend() as m:
+        assert m == 2 and tb.n == 2  # a released its claim
+    assert a.lending and b.lending
+
+
+def test_nothing_is_borrowed_from_a_machine_busy_with_other_work(tmp_path: Path) -> None:
+    live: set[int] = set()
+    box = Machine(cpus=2)
+    a, ta = worker(tmp_path / "cores", 151, live, machine=box)
+    with a.lend() as n:
+        assert n == 2  # only our thread is runnable: the other core is idle
+    box.others = 1  # another process (a test run, a training job) is running
+    with a.lend() as n:
+        assert n == 1 and ta.n == 1
+    box.others = 12
+    with a.lend() as n:
+        assert n == 1
+    four = Machine(cpus=4)
+    b, _ = worker(tmp_path / "cores4", 152, live, total=4, machine=four)
+    four.others = 2
+    with b.lend() as n:
+        assert n == 2  # one idle core beyond ours: borrow just that one
+
+
+def test_a_dead_workers_claim_is_ignored(tmp_path: Path) -> None:
+    live: set[int] = set()
+    a, _ = worker(tmp_path / "cores", 201, live)
+    b, _ = worker(tmp_path / "cores", 202, live)
+    held = a.lend()
+    assert held.__enter__() == 2
+    with b.lend() as m:
+        assert m == 1
+    live.discard(201)  # a is SIGKILLed mid-pass: its slot still says 2
+    with b.lend() as m:
+        assert m == 2
+
+
+def test_four_workers_on_four_cores_share_what_is_idle(tmp_path: Path) -> None:
+    live: set[int] = set()
+    ws = [worker(tmp_path / "cores", 300 + i, live, total=4, share=1)[0] for i in range(4)]
+    first = ws[0].lend()
+    assert first.__enter__() == 4
+    second = ws[1].lend()
+    assert second.__enter__() == 1  # the first holds all four
+    first.__exit__(None, None, None)
+    with ws[2].lend() as n:
+        assert n == 3  # the second still holds one
+    second.__exit__(None, None, None)
+
+
+def test_overlapping_passes_of_one_process_share_one_claim(tmp_path: Path) -> None:
+    live: set[int] = set()
+    a, ta = worker(tmp_path / "cores", 401, live)
+    b, _ = worker(tmp_path / "cores", 402, live)
+    with a.lend() as n:  # e.g. the text batcher
+        with a.lend() as m:  # and the image batcher, at the same time
+            assert n == m == 2
+        with b.lend() as k:
+            assert k == 1  # a's claim lasts until its last pass ends
+    assert ta.calls == 1  # threads are set when they change, not per pass
+    with b.lend() as k:
+        assert k == 2
+
+
+def test_disabled_or_unusable_sharing_keeps_the_share(tmp_path: Path) -> None:
+    threads = Threads(3)
+    off = CoreShare.disabled(1)
+    assert not off.lending
+    with off.lend() as n:
+        assert n == 1
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    broken = CoreShare(blocked / "cores", 2, 1, set_threads=threads.set, get_threads=threads.get)
+    assert not broken.lending
+    with broken.lend() as n:
+        assert n == 1 and threads.n == 1
+    with pytest.raises(ValueError):
+        CoreShare(None, 1, 2)
+
+
+def test_the_batcher_runs_each_forward_pass_inside_a_lend(tmp_path: Path) -> None:
+    base = tiny_base(seed=3)
+    catalog = Catalog(Registry(f"sqlite:///{tmp_path}/r.db"), LocalStore(tmp_path / "store"))
+    engine = Engine(base, catalog, EngineConfig(max_resident=4, device_slots=9, max_batch_size=8))
+    catalog.registry.create_tenant("acme")
+    catalog.publish("acme", "clf", random_artifact(base.spec, seed=1), promote=True, spec=base.spec)
+    adapter = engine.acquire(engine.resolve("acme", "clf"))
+    live: set[int] = set()
+    mine, threads = worker(tmp_path / "cores", 501, live)
+    peer, _ = worker(tmp_path / "cores", 502, live)
+    with MicroBatcher(engine, max_batch_size=8, max_wait_ms=0, cores=mine) as batcher:
+        batcher.submit([(adapter, "alone")]).result(timeout=60)
+        assert mine.threads_of_last_lend == 2 and threads.n == 2  # the peer was idle: both cores
+        with peer.lend():
+            batcher.submit([(adapter, "beside a busy peer")]).result(timeout=60)
+        assert mine.threads_of_last_lend == 1 and threads.n == 1
+    with peer.lend() as n:
+        assert n == 2  # the batcher's pass released its claim when it ended

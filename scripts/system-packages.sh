@@ -5,6 +5,7 @@
 #   nginx              the local cluster's tenant-affinity router (tests/test_cluster.py, bench.cluster)
 #   kubernetes-client  kubectl, to render deploy/k8s (tests/test_k8s.py)
 #   dataset-fashion-mnist  Fashion-MNIST images for the image benchmarks and marked image tests
+#   chromium           a real headless browser for the web console's tests (tests/test_console_browser.py)
 # Best effort: without root or apt-get the tests that need a missing program skip and say why.
 # --dry-run (or TAILOR_SYSTEM_PACKAGES=skip): say what is present and what is missing, install nothing.
 set -uo pipefail
@@ -16,14 +17,16 @@ have_postgresql() { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/
 have_nginx() { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }
 have_kubernetes-client() { command -v kubectl >/dev/null 2>&1; }
 have_dataset-fashion-mnist() { [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; }
+have_chromium() { command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; }
 declare -A why=(
   [postgresql]="the registry on PostgreSQL: tests/test_postgres.py, tests/test_cluster.py, deploy/local"
   [nginx]="the local cluster's tenant-affinity router: tests/test_cluster.py, bench.cluster"
   [kubernetes-client]="kubectl, which renders deploy/k8s: tests/test_k8s.py"
   [dataset-fashion-mnist]="Fashion-MNIST images: bench.quality --dataset fashion-mnist, tests/test_image_datasets.py"
+  [chromium]="the web console's browser tests (headless, driven by Playwright): tests/test_console_browser.py"
 )
 need=()
-for pkg in postgresql nginx kubernetes-client dataset-fashion-mnist; do
+for pkg in postgresql nginx kubernetes-client dataset-fashion-mnist chromium; do
   if "have_$pkg"; then
     say "$pkg: present (for ${why[$pkg]})"
   else

@@ -36,7 +36,8 @@ def test_bentoml_build_makes_a_complete_bento(tmp_path):
 
     src = bento / "src"
     for needed in ("service/service.py", "service/routes.py", "adapters/runtime/engine.py",
-                   "adapters/migrations/alembic.ini", "adapters/migrations/versions/0001_initial.py"):
+                   "adapters/migrations/alembic.ini", "adapters/migrations/versions/0001_initial.py",
+                   "service/console/index.html", "service/console/vendor/uplot-1.6.32/uPlot.esm.js"):
         assert (src / needed).is_file(), f"{needed} missing from the bento"
     assert not (src / "tests").exists() and not (src / "bench").exists()
 

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "system-packages.sh"
-PACKAGES = ("postgresql", "nginx", "kubernetes-client", "dataset-fashion-mnist")
+PACKAGES = ("postgresql", "nginx", "kubernetes-client", "dataset-fashion-mnist", "chromium")
 
 
 def dry_run(path: str | None = None) -> tuple[int, list[str]]:

@@ -1,0 +1,285 @@
+"""The web console at /ui in a real browser (Debian's chromium driven by Playwright) against a real
+``bentoml serve`` with a training worker: the operator creates a tenant and copies its key; the
+tenant uploads data (progress bar), starts a job, watches the loss curve grow to completion,
+promotes the version and predicts in the playground; another tenant sees none of it; labels and
+file names holding HTML are shown as text and run nothing; the key never reaches a URL, a cookie
+or the server log.
+
+Skips (saying why) without chromium (``scripts/system-packages.sh`` installs it) or Playwright.
+Screenshots of the main pages go to a temporary folder, or to ``$TAILOR_CONSOLE_SCREENSHOTS``
+when set (``docs/console/`` holds the README's copies). About 40-60 s on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service_fixture import Served, save_tiny_base, serving
+from tests.training_data import FAST_HP, sentiment
+
+CHROMIUM = os.environ.get("TAILOR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+XSS = "<img src=x onerror=alert(1)>"
+FILE_NAME = f"{XSS}.jsonl"
+TIMEOUT_MS = 60_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no chromium at {CHROMIUM} (scripts/system-packages.sh installs Debian's chromium)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("console")
+    model_dir = save_tiny_base(root / "model", seed=1, initializer_range=0.3)  # trains in seconds
+    with serving(root / "home", model_dir, {"TAILOR_TRAIN_WORKERS": "1"}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("TAILOR_CONSOLE_SCREENSHOTS") or tmp_path / "shots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class Watch:
+    """What a page did that it must not: dialogs, script errors, CSP violations, and every URL it
+    requested (to look for the key)."""
+
+    def __init__(self, page: Any) -> None:
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        self.urls: list[str] = []
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("request", lambda r: self.urls.append(r.url))
+
+
+def new_page(browser: Any, server: Served) -> tuple[Any, Any, Watch]:
+    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    return context, page, Watch(page)
+
+
+def sign_in(page: Any, key: str) -> None:
+    page.goto("/ui/")
+    page.fill("#api-key", key)
+    page.click("form.signin button[type=submit]")
+    page.wait_for_selector("#sign-out")
+
+
+def sign_out(page: Any) -> None:
+    page.click("#sign-out")
+    page.wait_for_selector("#api-key")
+    assert page.evaluate("Object.keys(sessionStorage).length") == 0
+
+
+def no_injected_markup(page: Any) -> None:
+    """The HTML-looking label and file name never became elements."""
+    assert page.locator("img[src='x']").count() == 0
+    assert page.evaluate("document.querySelectorAll('[onerror]').length") == 0
+
+
+def test_console_files_carry_strict_security_headers(server: Served) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.get("/ui")
+        assert r.status_code in (307, 308) and r.headers["location"] == "/ui/"
+        for path in ("/ui/", "/ui/js/app.js", "/ui/console.css", "/ui/vendor/uplot-1.6.32/uPlot.esm.js", "/ui/nope.js"):
+            r = c.get(path)
+            assert r.status_code == (404 if path.endswith("nope.js") else 200), path
+            csp = r.headers["content-security-policy"]
+            directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+            assert directives["default-src"] == "'self'" and directives["script-src"] == "'self'"
+            assert directives["style-src"] == "'self'" and directives["frame-ancestors"] == "'none'"
+            assert "unsafe" not in csp, csp
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["referrer-policy"] == "no-referrer"
+        assert c.get("/ui/js/app.js").headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript")
+        # nothing outside the console folder is served through it
+        assert c.get("/ui/%2e%2e/app.py").status_code == 404
+        assert c.get("/ui/..%2fconsole_routes.py").status_code == 404
+        # the API keeps its JSON 404 for unknown paths
+        assert c.get("/uix").json()["error"]["code"] == "not_found"
+
+
+def test_console_sources_use_no_inline_script_style_or_html_sinks() -> None:
+    root = Path(__file__).resolve().parents[1] / "service" / "console"
+    html = (root / "index.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), "inline script"
+    assert not re.search(r"\sstyle=|\son[a-z]+=", html), "inline style or handler"
+    ours = [p for p in (root / "js").rglob("*.js")]
+    assert len(ours) >= 8
+    for path in ours:
+        text = path.read_text()
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+                     "setAttribute(\"style", "localStorage", "document.cookie"):
+            assert sink not in text, f"{path.name} uses {sink}"
+
+
+def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path: Path) -> None:
+    context, page, watch = new_page(browser, server)
+
+    # -- the operator signs in, creates a tenant and copies its key -----------------------------
+    sign_in(page, server.admin_key)
+    assert page.url.endswith("#/operator")
+    page.wait_for_selector("#health-ready:has-text('yes')")
+    page.fill("#tenant-name", "acme")
+    page.click("#tenant-form button[type=submit]")
+    shown = page.locator("#tenant-created #new-key")
+    shown.wait_for()
+    page.click("#tenant-created #copy-key")
+    page.wait_for_selector("#tenant-created [role=status]:has-text('Copied')")
+    key = page.evaluate("navigator.clipboard.readText()")
+    assert key == shown.input_value() and key.startswith("tk-")
+    page.wait_for_selector("#tenants-table tr[data-tenant='acme']")
+    # a bad name: the API's refusal names the field, next to the form; nothing is created
+    page.fill("#tenant-name", "acme")
+    page.click("#tenant-form button[type=submit]")
+    page.wait_for_selector("#tenant-error:has-text('already exists')")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_key}"}) as admin:
+        other = admin.post("/v1/tenants", json={"name": "globex"}).json()["api_key"]
+        assert [t["name"] for t in admin.get("/v1/tenants").json()] == ["acme", "globex"]
+    sign_out(page)
+
+    # -- the tenant uploads data with a progress bar ----------------------------------------------
+    sign_in(page, key)
+    assert page.url.endswith("#/adapters")
+    page.wait_for_selector("#view .empty")
+    page.click("nav a[href='#/new-job']")
+    rows = [{**r, "label": XSS if r["label"] == "neg" else r["label"]} for r in sentiment(160)]
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    page.set_input_files("#dataset-file", files=[{"name": FILE_NAME, "mimeType": "application/json", "buffer": data}])
+    page.click("#upload")
+    page.wait_for_selector("#uploaded-file")
+    assert page.locator("#upload-progress").evaluate("p => p.value") == 1
+    assert XSS in page.locator("#uploaded-file").inner_text()
+    # a bad row is refused with the line named, next to the upload
+    page.set_input_files("#dataset-file", files=[{"name": "bad.jsonl", "mimeType": "application/json",
+                                                 "buffer": data + b'\n{"text": "", "label": "pos"}\n'}])
+    page.click("#upload")
+    page.wait_for_selector("#upload-error:not([hidden])")
+    assert re.search(r"line 161", page.locator("#upload-error").inner_text()), page.locator("#upload-error").inner_text()
+    no_injected_markup(page)
+
+    # -- starts a job (custom hyper-parameters, promote by hand) and watches it train --------------
+    page.fill("#adapter-name", "sentiment")
+    page.select_option("#training-file", index=1)
+    page.select_option("#promote", "never")
+    page.check("#hp-custom")
+    fields = {"epochs", "learning_rate", "batch_size", "lora_r", "patience", "seed"}  # the form's own inputs
+    for name, value in FAST_HP.items():
+        if name in fields:
+            page.fill(f"#hp-{name}", str(value))
+    page.fill("#hp-extra", json.dumps({k: v for k, v in FAST_HP.items() if k not in fields}))
+    page.click("#start-job")
+    page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+    job_id = page.url.rsplit("/", 1)[1]
+    page.wait_for_selector("#loss-chart:not([data-points='0'])")  # (no wait_for_function: the CSP forbids eval)
+    first = int(page.locator("#loss-chart").get_attribute("data-points"))
+    page.wait_for_selector("h1[data-status=succeeded]", timeout=120_000)
+    page.wait_for_selector("#val-chart:not([data-points='0'])")
+    points = int(page.locator("#loss-chart").get_attribute("data-points"))
+    epochs = int(page.locator("#val-chart").get_attribute("data-points"))
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as api:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        events = api.get(f"/v1/jobs/{job_id}/events").json()
+    loss_steps = {e["data"]["step"] for e in events if e["type"] == "metrics" and "train_loss" in (e["data"] or {})}
+    assert points == len(loss_steps) > first  # the curve grew while the job ran, to its last sample
+    assert epochs == job["progress"]["epoch"] == FAST_HP["epochs"]
+    assert page.locator("#loss-chart canvas").count() == 1 and page.locator("#val-chart canvas").count() == 1
+    assert "promote=never" in page.locator("#gate").inner_text()
+    assert "learning_rate" in page.locator("#hyperparameters").inner_text()
+    page.wait_for_selector("#job-progress[data-fraction='1']")
+    page.screenshot(path=shots / "job.png", full_page=True)
+
+    # -- promotes the candidate ----------------------------------------------------------------------
+    page.locator("a[href='#/adapters/sentiment']").first.click()
+    page.wait_for_selector("#versions-table tr[data-version='1'] .badge-candidate")
+    page.click("#versions-table tr[data-version='1'] button.promote")
+    page.wait_for_selector("#versions-table tr[data-version='1'] .badge-prod")
+    assert XSS in page.locator("#versions-table").inner_text()
+    no_injected_markup(page)
+    page.screenshot(path=shots / "adapters.png", full_page=True)
+
+    # -- predicts in the playground: every label's score as a bar -----------------------------------
+    page.click("nav a[href='#/playground']")
+    page.wait_for_selector("#playground-text")
+    page.fill("#playground-text", f"great great the day one\nawful awful the day two\n{XSS}")
+    page.click("#predict")
+    page.wait_for_selector("#predictions li.prediction")
+    assert page.locator("#predictions li.prediction").count() == 3
+    assert page.locator("#predictions li.prediction").first.locator(".bar").count() == 2
+    predicted = page.locator("#predictions .predicted").all_inner_texts()
+    assert predicted[:2] == ["pos", XSS], predicted
+    assert page.locator("#predictions .input-text").nth(2).inner_text() == XSS
+    no_injected_markup(page)
+    page.screenshot(path=shots / "playground.png", full_page=True)
+    sign_out(page)
+
+    # -- another tenant sees none of it --------------------------------------------------------------
+    sign_in(page, other)
+    page.wait_for_selector("#view .empty")
+    assert "sentiment" not in page.locator("#view").inner_text()
+    page.goto("/ui/#/jobs")
+    page.wait_for_selector("#view .empty")
+    page.goto(f"/ui/#/jobs/{job_id}")
+    page.wait_for_selector("#view .error:not([hidden])")
+    assert "not found" in page.locator("#view .error").inner_text()
+    assert page.locator("#loss-chart").get_attribute("data-points") == "0"
+    page.goto("/ui/#/adapters/sentiment")
+    page.wait_for_selector("#view .error:not([hidden])")
+    assert "not found" in page.locator("#view .error").inner_text()
+    sign_out(page)
+
+    # -- the operator's view counts what acme made ---------------------------------------------------
+    sign_in(page, server.admin_key)
+    row = page.locator("#tenants-table tr[data-tenant='acme']")
+    row.locator("td.adapters:has-text('1')").wait_for()
+    assert "succeeded 1" in row.locator("td.jobs").inner_text()
+    page.wait_for_selector("#health-tasks th:has-text('text-classification')")
+    row.locator("button.show-keys").click()
+    panel = page.locator(".keys-panel[data-tenant='acme']")
+    panel.locator("tr[data-key]").first.wait_for()
+    page.screenshot(path=shots / "operator.png", full_page=True)
+    # a second key, shown once, then revoked (after an in-page confirmation): refused at once
+    panel.locator("button.create-key").click()
+    extra = panel.locator("#new-key").input_value()
+    panel.locator("tr[data-key]").nth(1).wait_for()
+    assert httpx.get(f"{server.url}/v1/adapters", headers={"Authorization": f"Bearer {extra}"}).status_code == 200
+    extra_id = httpx.get(f"{server.url}/v1/tenants/acme/keys",
+                         headers={"Authorization": f"Bearer {server.admin_key}"}).json()[-1]["key_id"]
+    panel.locator(f"tr[data-key='{extra_id}'] button.revoke").click()
+    panel.locator(".confirm button.danger").click()
+    panel.locator(f"tr[data-key='{extra_id}'] td:has-text('revoked')").wait_for()
+    assert httpx.get(f"{server.url}/v1/adapters", headers={"Authorization": f"Bearer {extra}"}).status_code == 401
+    sign_out(page)
+
+    # -- nothing ran, nothing leaked -------------------------------------------------------------------
+    assert watch.dialogs == []
+    assert not [e for e in watch.errors if "Failed to load resource" not in e], watch.errors
+    for secret in (key, other, extra, server.admin_key):
+        assert not any(secret in u for u in watch.urls)
+        assert secret not in server.log_tail(100_000)
+    assert context.cookies() == []
+    context.close()

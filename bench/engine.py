@@ -177,6 +177,10 @@ def run(w: Workload, tmp: Path) -> dict[str, Any]:
         if rig is not None:
             rig.check(k, batch, rows, ours)
             fns.update(rig.fns(batch, rows))
+            if k == max(w.counts):  # the design not kept: the slot bank gathered inside the graph
+                from bench.engine_onnx import compare_slot_bank_graph
+
+                rig.alternative = compare_slot_bank_graph(base, rig.engines["fp32"], batch, rows, w.rounds)
         times = interleaved(fns, rounds=w.rounds)
         if rig is not None:
             onnx_paired[str(k)] = onnx_ratios(times)
@@ -207,6 +211,7 @@ def run(w: Workload, tmp: Path) -> dict[str, Any]:
             "paired_what": "median over rounds of (slower method's time / faster method's time) in the same round: "
                            "X_vs_Y is how many times faster X ran than Y",
             "plan_and_feeds_ms": rig.outside_ms,
+            "slot_bank_in_graph": rig.alternative,
             "plan_and_feeds_what": "per batch, outside the graph: SlotBank.plan + GraphLayout.feeds (the most an "
                                    "in-graph gather of a stacked slot bank could save)"}}),
         "cold_load_ms": cold,

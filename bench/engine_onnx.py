@@ -47,6 +47,7 @@ class OnnxRig:
     facts: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     outside_ms: dict[str, float] = field(default_factory=dict)
+    alternative: dict[str, Any] = field(default_factory=dict)  # compare_slot_bank_graph at the largest count
 
     @classmethod
     def build(cls, base: Any, pristine: torch.nn.Module, catalog: Catalog, config: EngineConfig,
@@ -142,3 +143,97 @@ def ratios(times: dict[str, list[float]]) -> dict[str, float]:
         "onnx_base_int8_vs_base": ("onnx_base_int8", "base"),
     }
     return {name: r for name, (a, b) in pairs.items() if (r := paired(a, b)) is not None}
+
+
+# -- the alternative: the stacked slot bank and a per-row slot index as graph inputs ---------------
+
+class SlotBankGraph:
+    """The design the kept one was measured against: the graph takes the engine's whole slot
+    bank (per group ``A [S, d_in, C_cap]``, per module ``B [S, R_cap, d_out]``, columns at the
+    bank's rank capacities) and ``slot_idx [B]``, and gathers each row's weights inside the graph
+    (``Gather``). Built from the exporter's own layers (a benchmark-only variant)."""
+
+    def __init__(self, base: Any, slots: Any) -> None:
+        from adapters.runtime.onnx import export as ex
+        from adapters.runtime.onnx.layout import GraphLayout
+        from adapters.runtime.lora_layer import MultiLoraLinear
+        from adapters.pooling import backbone
+
+        layout = GraphLayout.of(base.spec)
+
+        class Gathered(ex._Feeds):
+            def set(self, tensors: tuple[torch.Tensor, ...]) -> None:
+                idx = tensors[-1]
+                super().set(tuple(t.index_select(0, idx) for t in tensors[:-1]))
+
+        model = copy.deepcopy(base.model).float().eval()
+        feeds = Gathered(layout)
+        for p in base.spec.linear_shapes:
+            parent_path, _, child = p.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            layer = getattr(parent, child)
+            lin = layer.base_layer if isinstance(layer, MultiLoraLinear) else layer
+            setattr(parent, child, ex._GraphLora(lin, p, feeds))
+        sample = base.tokenize(["a short text", "and a second, somewhat longer text to pad"])
+        names = tuple(n for n in ex.TOKEN_INPUTS if n in sample)
+        wrapper = ex._Wrapper(backbone(model), feeds, names).eval()
+        lora = layout.sample(batch=3)
+        args = tuple(sample[n] for n in names) + tuple(lora) + (torch.tensor([0, 2]),)
+        axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
+        for n, spec_axes in layout.dynamic_axes().items():
+            axes[n] = {k: ("slots" if v == "lora_batch" else v) for k, v in spec_axes.items()}
+        axes["slot_idx"] = {0: "batch"}
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, args, buf, dynamo=False, opset_version=OPSET,
+                              input_names=[*names, *layout.input_names, "slot_idx"], output_names=["hidden", "pooled"],
+                              dynamic_axes={**axes, "hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}})
+        self.session = make_session(buf.getvalue())
+        self.layout, self.slots, self.names = layout, slots, names
+
+    def bank_inputs(self) -> list[torch.Tensor]:
+        """The bank's stacks as they are (no copy), in the layout's input order."""
+        bank = self.slots
+        s = bank.capacity
+        a = [bank._groups[g.name].a if bank._groups[g.name].a is not None else torch.zeros(s, g.d_in, 0)
+             for g in self.layout.groups]
+        b = [bank._b[m] if m in bank._b else torch.zeros(s, 0, self.layout.shapes[m][1])
+             for g in self.layout.groups for m in g.modules]
+        return [t.contiguous() for t in a + b]
+
+    def run(self, batch: dict[str, torch.Tensor], rows: list) -> Any:
+        with torch.inference_mode():
+            self.slots.plan(rows)  # makes the batch's adapters resident (its gathered copy is unused here)
+            idx = torch.tensor([0 if r is None else self.slots._slot_of[r.key] for r in rows])
+        feeds = {n: batch[n].numpy() if n in batch else np.zeros_like(batch["input_ids"].numpy()) for n in self.names}
+        feeds.update({n: t.numpy() for n, t in zip(self.layout.input_names, self.bank_inputs())})
+        feeds["slot_idx"] = idx.numpy()
+        return self.session.run(None, feeds)
+
+
+def compare_slot_bank_graph(base: Any, engine: Engine, batch: dict[str, torch.Tensor], rows: list,
+                            rounds: int) -> dict[str, Any]:
+    """Time the kept design's graph call (gathered inputs, ``plan`` + ``feeds`` included) against
+    the slot-bank variant's (assignment + in-graph gather), interleaved on one batch."""
+    from bench.common import interleaved
+
+    variant = SlotBankGraph(base, engine.slots)
+    serving = engine.serving
+    n = len(rows)
+
+    def kept() -> Any:
+        with torch.inference_mode():
+            plan = engine.slots.plan(rows)
+            return serving.encode(batch, serving.layout.feeds(plan, n))
+
+    kept_pooled = kept()[1]
+    variant_pooled = torch.from_numpy(variant.run(batch, rows)[1])
+    times = interleaved({"gathered_inputs": kept, "slot_bank_in_graph": lambda: variant.run(batch, rows)},
+                        rounds=rounds)
+    return {"rows": n, "distinct_adapters": len({r.key for r in rows if r is not None}),
+            "ms": {k: float(np.median(v) * 1e3) for k, v in times.items()},
+            "paired_slot_bank_vs_gathered": float(np.median(
+                [g / s for g, s in zip(times["gathered_inputs"], times["slot_bank_in_graph"])])),
+            "max_abs_diff_pooled": float((kept_pooled - variant_pooled).abs().max()),
+            "slot_bank_capacity": engine.slots.capacity}

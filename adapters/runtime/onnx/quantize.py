@@ -11,6 +11,7 @@ are not in the graph (torch, fp32). ``weight_matmuls(model)`` tells the two kind
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -39,11 +40,21 @@ def quantize_int8(graph: bytes) -> bytes:
     weights, others = weight_matmuls(model)
     if not weights:
         raise ValueError("the graph has no weight matmul to quantise")
-    with tempfile.TemporaryDirectory(prefix="tailor-int8-") as tmp:
-        out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], nodes_to_exclude=others,
-                         weight_type=QuantType.QInt8, per_channel=False)
-        result = onnx.load(str(out))
+    quiet = _NoPreprocessAdvice()
+    logging.getLogger().addFilter(quiet)  # ORT advises shape pre-processing on the root logger each time
+    try:
+        with tempfile.TemporaryDirectory(prefix="tailor-int8-") as tmp:
+            out = Path(tmp) / "int8.onnx"
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], nodes_to_exclude=others,
+                             weight_type=QuantType.QInt8, per_channel=False)
+            result = onnx.load(str(out))
+    finally:
+        logging.getLogger().removeFilter(quiet)
     del result.metadata_props[:]
     result.metadata_props.extend(model.metadata_props)
     return result.SerializeToString()
+
+
+class _NoPreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()

@@ -3,6 +3,7 @@
     python -m bench.quality --dataset {imdb,bbc,tweets,rotten,drugs} [--quick] [--seeds N]
         [--pooling base|pooler|mean|mean+normalize|cls|max] --out bench/results/quality-imdb.json
     python -m bench.quality --dataset fashion-mnist [--quick] [--seeds N] --out bench/results/quality-fashion-mnist.json
+    python -m bench.quality --dataset chatterbot-topics [--quick] [--seeds N] --out bench/results/quality-generation.json
 
 Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC: 1,225 /
 900; tweets and rotten: 4,000 / 1,000; drugs: all 978 rows, 600 / 378; --quick: 300 / 200;
@@ -21,6 +22,8 @@ runs a job (``bench.serving_latency``; ``serving_latency_ms`` in the JSON; ``--s
 ``--dataset fashion-mnist`` is the image task (``bench.quality_image``: Fashion-MNIST on
 EfficientNet-Lite0, methods lora / head / full, no TF-IDF, no serving latency: see
 ``bench.engine --task image``); the JSON and the learning-curve plot have the same shape.
+``--dataset chatterbot-topics`` is text generation (``bench.quality_generation``: SmolLM2 base,
+base told the format, LoRA; format rate, topic exact match and test loss on held-out questions).
 """
 
 from __future__ import annotations
@@ -50,11 +53,12 @@ QUICK_SIZES = {name: (300, 200) for name in SIZES}
 METHODS = ("lora", "head", "full", "tfidf")
 TRAINED = ("lora", "head", "full")
 IMAGE_DATASET = "fashion-mnist"  # bench.quality_image
+GENERATION_DATASET = "chatterbot-topics"  # bench.quality_generation
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=sorted([*SIZES, IMAGE_DATASET]), required=True)
+    p.add_argument("--dataset", choices=sorted([*SIZES, IMAGE_DATASET, GENERATION_DATASET]), required=True)
     p.add_argument("--methods", default=None,
                    help="comma list (default: lora,head,full,tfidf; images: lora,head,full), or 'none' for latency only")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per method (default 3, --quick 1)")
@@ -78,6 +82,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = args.seeds or (1 if args.quick else 3)
     latency = None
+    if args.dataset == GENERATION_DATASET:  # its own JSON and plot (no labels, no TF-IDF, no latency)
+        from bench.quality_generation import main_generation
+
+        return main_generation(args, seeds)
     if args.dataset == IMAGE_DATASET:
         from bench.quality_image import METHODS as IMAGE_METHODS
         from bench.quality_image import run_images

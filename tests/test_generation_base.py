@@ -21,7 +21,7 @@ from adapters.synthetic import random_artifact
 from adapters.tasks import TEXT_GENERATION, get_task
 
 # content-addressed (keyed by the GGUF's sha256) and written atomically: safe to share between runs
-CACHE = Path(tempfile.gettempdir()) / "tailor-test-bases"
+CACHE = Path(tempfile.gettempdir()) / "tailor-test" / "bases"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from adapters.runtime.loaded import LoadedAdapter
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 
-CACHE = Path(tempfile.gettempdir()) / "tailor-test-bases"
+CACHE = Path(tempfile.gettempdir()) / "tailor-test" / "bases"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -25,7 +25,7 @@ from adapters.registry import Registry
 from adapters.runtime.context import use_plan
 from adapters.store import LocalStore
 
-CACHE = Path(tempfile.gettempdir()) / "tailor-test-bases"
+CACHE = Path(tempfile.gettempdir()) / "tailor-test" / "bases"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -182,6 +182,7 @@ def _convert_gguf(gguf: Path, folder: Path, *, with_model: bool) -> None:
     hf_logging.set_verbosity_error()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # readable like any other model folder (mkdtemp makes it private)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tokenizer.save_pretrained(str(tmp))

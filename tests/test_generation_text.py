@@ -1,0 +1,109 @@
+"""Text in and out of generation (issue 16 item 3): sampling parameters checked with clear
+errors, seeded sampling reproducible and nucleus-bounded, incremental detokenisation that only
+ever shows valid, final UTF-8 and equals decoding everything at once, stop strings across token
+boundaries; the generation benchmark's smoke run on the tiny base."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.errors import InvalidInputError
+from adapters.generation.base import tokenizer_cache
+from adapters.generation.detok import TextAssembler
+from adapters.generation.sampling import Sampler, SamplingParams
+
+CACHE = Path(tempfile.gettempdir()) / "tailor-test" / "bases"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_cache(CACHE)), local_files_only=True)
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**6}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"stop": ("a", "b", "c", "d", "e")}, "stop"), ({"stop": ("",)}, "stop[0]"), ({"stop": ("ok", 3)}, "stop[1]"),
+    ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": 1.5}, "seed"),
+])
+def test_sampling_params_are_checked_naming_the_field(kw, param):
+    with pytest.raises(InvalidInputError) as e:
+        SamplingParams(**kw)
+    assert e.value.param == param and param.split("[")[0] in e.value.message
+
+
+def test_seeded_sampling_repeats_and_stays_in_the_nucleus():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.5
+    params = SamplingParams(temperature=0.8, top_p=0.5, seed=42)
+    a = [Sampler(params).pick(logits) for _ in range(3)]
+    s1, s2 = Sampler(params), Sampler(params)
+    run1, run2 = [s1.pick(logits) for _ in range(50)], [s2.pick(logits) for _ in range(50)]
+    assert run1 == run2 and len(set(a)) == 1
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    sorted_p, order = torch.sort(probs, descending=True)
+    nucleus = set(order[: int((torch.cumsum(sorted_p, 0) < 0.5).sum()) + 1].tolist())
+    assert set(run1) <= nucleus and len(set(run1)) > 1
+    other = Sampler(SamplingParams(temperature=0.8, top_p=0.5, seed=43))
+    assert [other.pick(logits) for _ in range(50)] != run1
+    assert Sampler(SamplingParams(temperature=0)).pick(logits) == int(torch.argmax(logits))
+
+
+def test_incremental_text_equals_decoding_everything_and_is_always_valid(tokenizer):
+    text = "Grüße aus Köln 🙂 — 東京 and plain words, then more emoji 🎉🎉 done."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    asm = TextAssembler(tokenizer)
+    pieces = [asm.add(i) for i in ids]
+    pieces.append(asm.flush())
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) > 5  # it streams, not one blob at the end
+
+
+def test_stop_strings_across_token_boundaries_are_never_shown(tokenizer):
+    text = "The answer is 42. END OF ANSWER and then more text"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for stop in ("END OF ANSWER", "42.", "s 4", "more text"):
+        asm = TextAssembler(tokenizer, (stop, "never-there"))
+        shown = ""
+        for i in ids:
+            shown += asm.add(i)
+            assert stop not in shown
+            if asm.stopped:
+                break
+        assert asm.stopped and shown == text[: text.index(stop)] and asm.add(ids[-1]) == ""
+    # held-back text that never became a stop string is shown at the end
+    asm = TextAssembler(tokenizer, ("text!",))
+    shown = "".join(asm.add(i) for i in ids)
+    assert not shown.endswith("text") and shown + asm.flush() == text
+
+
+def test_the_generation_benchmark_runs_on_the_tiny_base(tmp_path, monkeypatch):
+    from bench import generate
+
+    out = tmp_path / "gen.json"
+    monkeypatch.setenv("TAILOR_HOME", str(CACHE.parent))  # the tiny base's tokenizer: the shared cache
+    monkeypatch.setattr(sys, "argv", ["bench.generate", "--base", "tiny", "--concurrency", "1", "3",
+                                      "--max-tokens", "3", "--rounds", "1", "--out", str(out)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate.main()
+    finally:
+        torch.set_num_threads(before)
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"1", "3"} and out.with_suffix(".png").is_file()
+    row = result["results"]["3"]
+    for method in ("mixed", "base", "peft"):
+        assert row[method]["tokens_per_s"] > 0 and row[method]["ttft_p50_s"] >= 0
+    assert len(row["ratios_mixed_base"]) == 1 and set(result["targets_met"]) == {
+        "mixed_vs_base_ge_0.9_at_8_and_32", "mixed_vs_peft_ge_2_at_32"}

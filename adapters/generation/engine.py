@@ -22,6 +22,10 @@ Contract (the HTTP layer codes against these names):
   an adapter of another task or base) and ``AdmissionError(retry_after=...)`` when it cannot be
   admitted within ``config.admission_timeout_s`` (KV budget) or the waiting queue is full: never
   an out-of-memory. ``submit_async`` is the same for an event loop (it never blocks the loop).
+* ``probe(artifact)`` (the import check, ``adapters.import_checks.probe_logits``): the candidate
+  adapter, under a key no stored version can have, generates ``PROBE_TOKENS`` greedy tokens of a
+  probe chat through the scheduler like any request; non-finite logits refuse it
+  (``ArtifactError``, ``param`` ``file``). Its device slot is freed afterwards.
 * ``stats()``: active sequences, waiting requests, KV-cache bytes in use and budget (metrics);
   hooks ``on_first_token(seconds)``, ``on_token(seconds between tokens)``,
   ``on_finish(usage, finish_reason)`` feed the service's histograms and counters.
@@ -31,13 +35,14 @@ Contract (the HTTP layer codes against these names):
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.artifact import check_task
+from adapters.artifact import AdapterArtifact, check_task
 from adapters.catalog import Catalog
-from adapters.errors import ArtifactError, InvalidInputError
+from adapters.errors import AdapterOutputError, ArtifactError, InvalidInputError
 from adapters.generation.base import CausalBase
 from adapters.generation.decoder import Decoder
 from adapters.generation.detok import TextAssembler
@@ -55,6 +60,8 @@ from adapters.runtime.slots import SlotBank
 from adapters.tasks import TEXT_GENERATION, task_of_manifest
 
 ROLES = ("system", "user", "assistant")
+PROBE_CHAT = ({"role": "user", "content": "Hello! Can you help me?"},)
+PROBE_TOKENS = 2
 MAX_MESSAGES = 256
 
 
@@ -95,7 +102,8 @@ class GenerationEngine:
         if self.config.tune_allocator:
             tune_allocator()
         wrap_linears(base.model, list(base.spec.linear_shapes))
-        self.slots = SlotBank(base.spec.linear_shapes, 0, self.config.device_slots, base.device, base.dtype)
+        self.slots = SlotBank(base.spec.linear_shapes, 0, self.config.device_slots, base.device, base.dtype,
+                              separate=("o_proj", "down_proj"))  # they read the attention / MLP outputs
         self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds)
         self.cache = ResidentCache(max_count=self.config.max_resident, max_bytes=self.config.max_resident_bytes,
                                    on_load=on_load)
@@ -235,6 +243,24 @@ class GenerationEngine:
         self.scheduler.enqueue(req)
         await self.scheduler.wait_admitted_async(req)
         return req.stream
+
+    def probe(self, artifact: AdapterArtifact) -> None:
+        """Refuse (``ArtifactError``) an adapter whose logits are not finite on a probe chat."""
+        key = VersionKey(tenant="_probe", adapter="_import", version=0, sha256=f"probe-{uuid.uuid4().hex}")
+        loaded = LoadedAdapter.from_artifact(key, artifact, self.base.dtype)
+        try:
+            stream = self.submit(self.encode_chat(list(PROBE_CHAT)), loaded,
+                                 SamplingParams(max_tokens=PROBE_TOKENS, temperature=0.0))
+            for _ in stream:
+                pass
+        except AdapterOutputError:
+            lora = artifact.manifest.lora
+            raise ArtifactError(
+                f"the adapter gives non-finite logits (NaN or infinity) on a probe chat: its weights or its scale "
+                f"(lora_alpha {lora.alpha:g} / r {lora.r} = {lora.scale:g}) overflow the forward pass. Check the "
+                "adapter's lora_alpha and weights.", param="file") from None
+        finally:
+            self.slots.drop(lambda k: k == key)
 
     def stats(self) -> dict[str, int]:
         """Active sequences, waiting requests, KV bytes in use and budget, steps, tokens generated."""

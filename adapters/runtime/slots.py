@@ -50,8 +50,11 @@ class _Group:
 class SlotBank:
     def __init__(
         self, linear_shapes: dict[str, tuple[int, int]], head_in_features: int, capacity: int,
-        device: torch.device, dtype: torch.dtype,
+        device: torch.device, dtype: torch.dtype, separate: tuple[str, ...] = (),
     ) -> None:
+        """``separate``: module names (last path part) that read another input than their
+        siblings (a decoder's ``o_proj`` reads the attention output, not q/k/v's input): each
+        gets a group of its own, so its siblings' down-projection is not recomputed for it."""
         if capacity < 2:
             raise ValueError("a slot bank needs at least 2 slots (slot 0 is the base model)")
         self.capacity = capacity
@@ -60,7 +63,7 @@ class SlotBank:
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, str] = {}
         for path, (d_in, _) in linear_shapes.items():
-            parent = path.rpartition(".")[0]
+            parent = path if path.rpartition(".")[2] in separate else path.rpartition(".")[0]
             g = self._groups.setdefault(parent, _Group(paths=[], d_in=d_in))
             if g.d_in != d_in:  # siblings with different inputs cannot share a down-projection
                 parent = path

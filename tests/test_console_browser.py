@@ -41,7 +41,7 @@ if not Path(CHROMIUM).is_file():
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("console")
     model_dir = save_tiny_base(root / "model", seed=1, initializer_range=0.3)  # trains in seconds
-    with serving(root / "home", model_dir, {"TAILOR_TRAIN_WORKERS": "1"}) as s:
+    with serving(root / "home", model_dir, {"TAILOR_TRAIN_WORKERS": "1"}, ready_timeout=240) as s:  # a busy CI box
         yield s
 
 
@@ -101,42 +101,6 @@ def no_injected_markup(page: Any) -> None:
     assert page.evaluate("document.querySelectorAll('[onerror]').length") == 0
 
 
-def test_console_files_carry_strict_security_headers(server: Served) -> None:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        r = c.get("/ui")
-        assert r.status_code in (307, 308) and r.headers["location"] == "/ui/"
-        for path in ("/ui/", "/ui/js/app.js", "/ui/console.css", "/ui/vendor/uplot-1.6.32/uPlot.esm.js", "/ui/nope.js"):
-            r = c.get(path)
-            assert r.status_code == (404 if path.endswith("nope.js") else 200), path
-            csp = r.headers["content-security-policy"]
-            directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
-            assert directives["default-src"] == "'self'" and directives["script-src"] == "'self'"
-            assert directives["style-src"] == "'self'" and directives["frame-ancestors"] == "'none'"
-            assert "unsafe" not in csp, csp
-            assert r.headers["x-content-type-options"] == "nosniff"
-            assert r.headers["referrer-policy"] == "no-referrer"
-        assert c.get("/ui/js/app.js").headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript")
-        # nothing outside the console folder is served through it
-        assert c.get("/ui/%2e%2e/app.py").status_code == 404
-        assert c.get("/ui/..%2fconsole_routes.py").status_code == 404
-        # the API keeps its JSON 404 for unknown paths
-        assert c.get("/uix").json()["error"]["code"] == "not_found"
-
-
-def test_console_sources_use_no_inline_script_style_or_html_sinks() -> None:
-    root = Path(__file__).resolve().parents[1] / "service" / "console"
-    html = (root / "index.html").read_text()
-    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), "inline script"
-    assert not re.search(r"\sstyle=|\son[a-z]+=", html), "inline style or handler"
-    ours = [p for p in (root / "js").rglob("*.js")]
-    assert len(ours) >= 8
-    for path in ours:
-        text = path.read_text()
-        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
-                     "setAttribute(\"style", "localStorage", "document.cookie"):
-            assert sink not in text, f"{path.name} uses {sink}"
-
-
 def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path: Path) -> None:
     context, page, watch = new_page(browser, server)
 
@@ -179,7 +143,8 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
                                                  "buffer": data + b'\n{"text": "", "label": "pos"}\n'}])
     page.click("#upload")
     page.wait_for_selector("#upload-error:not([hidden])")
-    assert re.search(r"line 161", page.locator("#upload-error").inner_text()), page.locator("#upload-error").inner_text()
+    refusal = page.locator("#upload-error").inner_text()
+    assert "line 161" in refusal and "'text' is empty" in refusal, refusal
     no_injected_markup(page)
 
     # -- starts a job (custom hyper-parameters, promote by hand) and watches it train --------------
@@ -235,6 +200,14 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     assert page.locator("#predictions .input-text").nth(2).inner_text() == XSS
     no_injected_markup(page)
     page.screenshot(path=shots / "playground.png", full_page=True)
+
+    # -- exports the version as a peft zip ------------------------------------------------------------
+    page.goto("/ui/#/adapters/sentiment")
+    with page.expect_download() as download:
+        page.click("#versions-table tr[data-version='1'] button.export")
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name == "sentiment-v1.zip" and saved.read_bytes()[:4] == b"PK\x03\x04"
     sign_out(page)
 
     # -- another tenant sees none of it --------------------------------------------------------------
@@ -273,6 +246,27 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     panel.locator(".confirm button.danger").click()
     panel.locator(f"tr[data-key='{extra_id}'] td:has-text('revoked')").wait_for()
     assert httpx.get(f"{server.url}/v1/adapters", headers={"Authorization": f"Bearer {extra}"}).status_code == 401
+    sign_out(page)
+
+    # -- the tenant cancels a second job, then deletes the adapter (after confirming) ----------------
+    sign_in(page, key)
+    page.click("nav a[href='#/new-job']")
+    page.wait_for_selector("#training-file option:nth-child(2)", state="attached")
+    page.fill("#adapter-name", "sentiment")
+    page.select_option("#training-file", index=1)
+    page.click("#start-job")
+    page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+    page.click("#cancel-job")
+    page.wait_for_selector("h1[data-status=cancelled]")
+    page.goto("/ui/#/adapters/sentiment")
+    page.click("#delete-adapter")
+    page.click(".confirm button:has-text('Cancel')")
+    assert page.locator(".confirm").count() == 0 and page.url.endswith("#/adapters/sentiment")
+    assert page.locator("#versions-table tr[data-version='1']").count() == 1  # nothing deleted
+    page.click("#delete-adapter")
+    page.click(".confirm button.danger")
+    page.wait_for_url(re.compile(r"#/adapters$"))
+    page.wait_for_selector("#view .empty")
     sign_out(page)
 
     # -- nothing ran, nothing leaked -------------------------------------------------------------------

@@ -91,11 +91,18 @@ export function showError(box, err) {
   box.hidden = !err;
 }
 
-// A two-column table of an object's keys and values (values shown as text, objects as JSON).
+// A value as one line of text: lists of plain values comma-separated, other objects as JSON.
+function shown(v) {
+  if (Array.isArray(v) && !v.length) return "none";
+  if (Array.isArray(v) && v.every((x) => x === null || typeof x !== "object")) return v.map((x) => fmtNum(x)).join(", ");
+  return typeof v === "object" && v !== null ? JSON.stringify(v) : fmtNum(v);
+}
+
+// A two-column table of an object's keys and values (as text).
 export function kvTable(obj, cls = "kv") {
   const rows = Object.entries(obj || {}).map(([k, v]) => h("tr", {},
     h("th", { scope: "row", text: k }),
-    h("td", { text: typeof v === "object" && v !== null ? JSON.stringify(v) : fmtNum(v) })));
+    h("td", { text: shown(v) })));
   return h("table", { class: cls }, h("tbody", {}, rows));
 }
 

@@ -12,8 +12,10 @@ tokens, scores on the held-out test set and writes ``{method: {accuracy, macro_f
 train_seconds, trainable_params, ...}}`` plus a PNG of the learning curves. With ``--seeds N``
 (default 3, --quick 1) every trained method runs with training seeds 0..N-1 on the same split:
 ``accuracy``, ``macro_f1`` and ``train_seconds`` are means over them (``accuracy_std``, and each
-run under ``runs``); ``tfidf`` (TF-IDF + logistic regression, ``bench.tfidf``) is deterministic
-and runs once. The heads read the base's pooling (``--pooling base``: what its configuration
+run under ``runs``; a run that fails -- ``TrainingDiverged``, what a tenant gets as a failed
+job -- is recorded with its reason and left out of the means: ``n_failed``); ``tfidf`` (TF-IDF +
+logistic regression, ``bench.tfidf``) is deterministic and runs once. ``--variants`` adds LoRA
+runs with other hyper-parameters (method ``lora:NAME``) to the same run, for comparisons. The heads read the base's pooling (``--pooling base``: what its configuration
 declares, ``adapters.pooling``; others override it, to compare).
 
 It also measures serving latency with no training running and while a training worker process
@@ -40,7 +42,7 @@ import torch
 
 from adapters.base import load_base
 from adapters.pooling import Pooling
-from adapters.training import Hyperparameters, TrainCallbacks, train
+from adapters.training import Hyperparameters, TrainCallbacks, TrainingDiverged, train
 from adapters.training.metrics import classification_metrics
 from bench import data
 from bench.common import machine, parser, save_figure, write
@@ -108,7 +110,7 @@ def main() -> None:
         if "serving_latency_ms" in earlier and args.skip_latency:
             result["serving_latency_ms"] = {**earlier["serving_latency_ms"], "from_run": path.name}
     for a, b in (("lora", "full"), ("lora", "head"), ("head", "tfidf"), ("lora", "tfidf")):
-        if a in result and b in result:
+        if a in result and b in result and result[a]["accuracy"] is not None and result[b]["accuracy"] is not None:
             result[f"{a}_minus_{b}_points"] = 100 * (result[a]["accuracy"] - result[b]["accuracy"])
     result["curves"] = curves
     if latency is not None and not args.skip_latency:
@@ -157,8 +159,15 @@ def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Ca
             hp = Hyperparameters.from_dict({"seed": seed, "max_length": 128, **args.hyperparameters,
                                             **variant(args.variants, method)})
             t0 = time.perf_counter()
-            res = train(base, texts["fit"], ys["fit"], labels, texts["val"], ys["val"], method=method.split(":")[0],
-                        hp=hp, callbacks=cb, threads=args.threads)
+            try:
+                res = train(base, texts["fit"], ys["fit"], labels, texts["val"], ys["val"], method=method.split(":")[0],
+                            hp=hp, callbacks=cb, threads=args.threads)
+            except TrainingDiverged as e:  # what a tenant would get: a failed job, no adapter
+                runs.append({"seed": seed, "failed": e.message, "train_seconds": time.perf_counter() - t0,
+                             "epochs_run": len(history)})
+                curves.setdefault(method, history)
+                print(f"{method} seed {seed}: failed: {e.message}")
+                continue
             seconds = time.perf_counter() - t0
             m = classification_metrics(ys["test"], predict(res.model, base, texts["test"]), len(labels))
             runs.append({"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": seconds,
@@ -168,8 +177,12 @@ def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Ca
             if seed == 0:
                 curves[method] = history
             print(f"{method} seed {seed}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s")
-        result[method] = {**summarise(runs), "trainable_params": res.trainable_params, "total_params": res.total_params,
-                          "trainable_fraction": res.trainable_params / res.total_params,
+        ok = [r for r in runs if "failed" not in r]
+        if not ok:
+            result[method] = {"accuracy": None, "failed": runs[0]["failed"], "n_failed": len(runs), "runs": runs}
+            continue
+        result[method] = {**summarise(ok), "n_failed": len(runs) - len(ok), "trainable_params": res.trainable_params,
+                          "total_params": res.total_params, "trainable_fraction": res.trainable_params / res.total_params,
                           "hyperparameters": res.hyperparameters, "runs": runs}
     return result, curves, lambda: serving_latency(base, fit_rows, quick=args.quick)
 

@@ -19,6 +19,19 @@ Batch 16 (32 from 5,000 examples), max length 128 tokens, warmup 6% of steps, we
 0.01; lora_alpha follows 2 * lora_r. Resolved examples: 50 -> 30 epochs x 4 steps; 500 ->
 19 x 32; 5,000 -> 4 x 157; 50,000 -> 2 x 1,563.
 
+LoRA's learning-rate split and scaling: ``head_lr_scale`` (the new head's rate over
+``learning_rate``), ``lora_plus_ratio`` (LoRA+: lora_B's rate over lora_A's) and ``use_rslora``
+(scale alpha / sqrt(r)); auto values ``HEAD_LR_SCALE``, ``LORA_PLUS_RATIO`` and False, with what
+was measured for them at those constants. None changes the adapter's size or serving cost.
+
+``search`` (``"auto"``, true or false): successive halving over learning rate x rank
+(``adapters.training.search``) picks whichever of ``learning_rate`` and ``lora_r`` are still
+``"auto"`` (``lora_alpha`` follows the rank when it is auto too); given explicitly, a field is
+never searched. Auto turns it on for LoRA runs of at most ``SEARCH_MAX_EXAMPLES`` (1,000)
+training examples, which the epoch rule gives 10 to 30 epochs of ~600 steps: the search then
+costs at most 2 plain runs (1.73x at 30 epochs), minutes on CPU for such sets. Runs of under
+``SEARCH_MIN_EPOCHS`` epochs never search (an explicit ``search: true`` there is an error).
+
 Every explicit value is checked on construction (``Hyperparameters(...)`` or ``from_dict``):
 a wrong type, a value out of range or an unknown field raises ``HyperparameterError`` (a
 ``ValueError``) whose ``param`` is ``hyperparameters.<field>``.

@@ -20,6 +20,10 @@ Checks (each ``{"value", "target", "ok"}``; the run passes when all hold):
   ``job_submit_to_running_max_s`` <= 120 s: no tenant's small job waits long behind others'.
 * ``promotion_served_max_s``: <= 1 s -- from each change's response to the first answer, to a
   request sent after that response, from the new version; a change never served counts as inf.
+  It includes that request's own latency; ``promotions`` also reports when that request was
+  sent (``served_request_sent_s``) and the last request sent after the change that still got
+  the old version (``stale_request_sent_s``: the switch came later than that), which bound
+  the switch itself from both sides.
 * ``worker_respawned``: the killed worker came back (a new pid answered 200).
 * ``processes_left_behind``: 0 -- no process of the server's tree (a training worker orphaned
   by the killed serving worker, say) outlived ``bentoml serve``'s SIGTERM; any are killed.
@@ -280,12 +284,18 @@ def promotion_summary(rec: Recorder, timeline: Timeline, rel: Any, workers: int)
                 firsts.setdefault(a.worker, a.received - c.received)
                 sent_first = a.sent - c.received if sent_first is None else min(sent_first, a.sent - c.received)
         served = min(firsts.values(), default=None)
+        # the last request sent after the response that still got the old version: the server
+        # resolved it no earlier than it was sent, so the switch came later than that
+        stale_sent = max((a.sent - c.received for a in by_tenant[c.tenant]
+                          if c.received <= a.sent < until and json.loads(a.body).get("version") == c.old),
+                         default=None)
         in_probe = [s for s in firsts.values() if s <= PROBE_DEADLINE_S]
         changes.append({"tenant": c.tenant, "kind": c.kind, "at_s": rel(c.received), "old": c.old, "new": c.new,
                         "call_s": round(c.received - c.sent, 4),
                         "served_s": None if served is None else round(served, 4),
                         # when that request was sent: the rest of served_s is its own latency
                         "served_request_sent_s": None if sent_first is None else round(sent_first, 4),
+                        "stale_request_sent_s": None if stale_sent is None else round(stale_sent, 4),
                         "every_worker_s": round(max(in_probe), 4) if len(in_probe) >= workers else None,
                         "workers_served": len(firsts)})
     served = [c["served_s"] for c in changes if c["served_s"] is not None]
@@ -295,6 +305,9 @@ def promotion_summary(rec: Recorder, timeline: Timeline, rel: Any, workers: int)
             "served_p50_s": percentile(served, 0.5), "served_max_s": max(served, default=None),
             "served_request_sent_max_s": max((c["served_request_sent_s"] for c in changes
                                               if c["served_request_sent_s"] is not None), default=None),
+            # a lower bound of the slowest switch, free of request latency (served_max_s includes it)
+            "stale_request_sent_max_s": max((c["stale_request_sent_s"] for c in changes
+                                             if c["stale_request_sent_s"] is not None), default=None),
             "every_worker_p50_s": percentile(every, 0.5), "every_worker_max_s": max(every, default=None),
             "changes": changes}
 

@@ -43,6 +43,7 @@ from adapters.schema import safe_url
 from adapters.runtime.batcher import MicroBatcher
 from adapters.runtime.core_share import CoreShare, instance_path
 from adapters.runtime.engine import Engine, EngineConfig
+from adapters.runtime.memory import HeapTrimmer
 from adapters.runtime.resolver import Freshener
 from adapters.store import AdapterStore, open_store
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
@@ -244,7 +245,8 @@ class TailorState:
         self.engines, self.batchers = engines, batchers
         ahead = config.resolve_poll_seconds / 4  # poll a little before requests would have to
         self.freshener = Freshener([*(partial(e.resolver.refresh_ahead, ahead) for e in engines.values()),
-                                    partial(self.key_cache.refresh_ahead, ahead), self.limiter.refresh_stale], ahead)
+                                    partial(self.key_cache.refresh_ahead, ahead), self.limiter.refresh_stale,
+                                    HeapTrimmer()], ahead)
         self._ready.set()
         self.metrics.ready.set(1)
         log.info("ready: serving %s", ", ".join(s.tasks))

@@ -11,6 +11,18 @@ Two measures keep a resident adapter at about its tensor bytes (measured: ~600 K
   the packed adapter) comes from the heap, which fragments and is never returned to the OS.
   With the threshold fixed, such buffers are mmapped and freed back on eviction. It is a
   process-wide allocator setting (not Python state), applied once; a no-op off glibc.
+
+A serving process also needs its heap handed back as it goes, or its RSS creeps for minutes
+under a steady mix of requests (the soak saw a serving worker grow ~0.5 MB/s for five minutes,
++13% after warm-up, then level off, with nothing of ours growing: freed memory the allocator
+kept). Two more measures:
+
+* ``tune_allocator`` also caps glibc's arenas at ``ARENA_MAX`` (2): by default every thread
+  that allocates may get its own arena, up to 8 per core (the request thread pool alone has
+  40 threads), and each keeps its own free memory.
+* ``HeapTrimmer`` calls ``malloc_trim(0)`` at most every ``interval_s`` seconds (a background
+  thread's call, ``adapters.runtime.resolver.Freshener``): glibc then returns the free pages
+  of every arena to the OS. It costs a few milliseconds on a ~1 GB heap.
 """
 
 from __future__ import annotations
@@ -18,25 +30,60 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+ARENA_MAX = 2
 _tuned = False
 
 
-def tune_allocator(threshold: int = 64 * 1024) -> bool:
+def _libc() -> Any:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def tune_allocator(threshold: int = 64 * 1024, arena_max: int = ARENA_MAX) -> bool:
     global _tuned  # process-wide by nature: the C allocator has one setting per process
     if _tuned:
         return True
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
+        libc = _libc()
         _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        if arena_max > 0:
+            libc.mallopt(_M_ARENA_MAX, arena_max)
     except (OSError, AttributeError):
         log.info("malloc tuning unavailable on this platform")
     return _tuned
+
+
+def trim_heap() -> bool:
+    """Give the allocator's free pages back to the OS (glibc ``malloc_trim(0)``); False off glibc."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+class HeapTrimmer:
+    """Callable: ``trim()`` (default ``trim_heap``) when ``interval_s`` has passed since the last one."""
+
+    def __init__(self, interval_s: float = 30.0, *, trim: Callable[[], bool] = trim_heap,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s, self._trim, self._clock = interval_s, trim, clock
+        self._last = clock()
+        self.trims = 0
+
+    def __call__(self) -> None:
+        now = self._clock()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            self._trim()
+            self.trims += 1
 
 
 def pack(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service_fixture import Served, save_tiny_base, serving
+from tests.image_files import distinct
+from tests.service_fixture import Served, image_base, save_tiny_base, serving
 from tests.training_data import FAST_HP, sentiment
 
 CHROMIUM = os.environ.get("TAILOR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -93,6 +94,15 @@ def sign_out(page: Any) -> None:
     page.click("#sign-out")
     page.wait_for_selector("#api-key")
     assert page.evaluate("Object.keys(sessionStorage).length") == 0
+
+
+def image_adapter_zip() -> bytes:
+    """A random LoRA adapter (peft files, zipped) on the vision base the server loads."""
+    from adapters.peft_format import export_peft, zip_files
+    from adapters.synthetic import random_image_artifact
+
+    spec = image_base().spec
+    return zip_files(export_peft(random_image_artifact(spec, seed=11, n_labels=3), spec))
 
 
 def no_injected_markup(page: Any) -> None:
@@ -201,6 +211,27 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     no_injected_markup(page)
     page.screenshot(path=shots / "playground.png", full_page=True)
 
+    # -- an image adapter (imported through the API) takes images from the file picker -----------------
+    labels = ["shoe", "boot", XSS]
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as api:
+        r = api.post("/v1/adapters/products/import", data={"labels": json.dumps(labels)},
+                     files={"file": ("products.zip", image_adapter_zip())})
+        assert r.status_code == 201, r.text
+    page.goto("/ui/#/playground/products")
+    page.wait_for_selector("#playground-images")
+    page.set_input_files("#playground-images", files=[
+        {"name": f"{XSS}.png", "mimeType": "image/png", "buffer": distinct(3, size=(24, 20))},
+        {"name": "boot.jpg", "mimeType": "image/jpeg", "buffer": distinct(99, fmt="JPEG", size=(32, 32))}])
+    page.wait_for_selector("#playground-panel img.thumb >> nth=1")
+    page.click("#predict")
+    page.wait_for_selector("#prediction-meta:has-text('products v1')")
+    preds = page.locator("#predictions li.prediction")
+    assert preds.count() == 2 and preds.first.locator(".bar").count() == 3
+    assert set(page.locator("#predictions .score-label").all_inner_texts()) == set(labels)
+    assert page.locator("#predictions .input-text").first.inner_text() == f"{XSS}.png"
+    no_injected_markup(page)
+    page.screenshot(path=shots / "playground-images.png", full_page=True)
+
     # -- exports the version as a peft zip ------------------------------------------------------------
     page.goto("/ui/#/adapters/sentiment")
     with page.expect_download() as download:
@@ -228,7 +259,7 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     # -- the operator's view counts what acme made ---------------------------------------------------
     sign_in(page, server.admin_key)
     row = page.locator("#tenants-table tr[data-tenant='acme']")
-    row.locator("td.adapters:has-text('1')").wait_for()
+    row.locator("td.adapters:has-text('2')").wait_for()  # sentiment and products
     assert "succeeded 1" in row.locator("td.jobs").inner_text()
     page.wait_for_selector("#health-tasks th:has-text('text-classification')")
     row.locator("button.show-keys").click()
@@ -266,7 +297,8 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     page.click("#delete-adapter")
     page.click(".confirm button.danger")
     page.wait_for_url(re.compile(r"#/adapters$"))
-    page.wait_for_selector("#view .empty")
+    page.wait_for_selector("#adapters-table tr[data-adapter='products']")
+    assert page.locator("#adapters-table tr[data-adapter='sentiment']").count() == 0
     sign_out(page)
 
     # -- nothing ran, nothing leaked -------------------------------------------------------------------

@@ -107,3 +107,20 @@ def test_the_generation_benchmark_runs_on_the_tiny_base(tmp_path, monkeypatch):
         assert row[method]["tokens_per_s"] > 0 and row[method]["ttft_p50_s"] >= 0
     assert len(row["ratios_mixed_base"]) == 1 and set(result["targets_met"]) == {
         "mixed_vs_base_ge_0.9_at_8_and_32", "mixed_vs_peft_ge_2_at_32"}
+
+
+def test_kv_buffers_hold_finite_values_in_every_column_a_row_may_mask():
+    """A masked column enters attention as 0 x value: uninitialised memory (NaN) there would
+    poison a row's output (seen once in a benchmark before buffers were zeroed)."""
+    from adapters.errors import CapacityError
+    from adapters.generation.kv import KVCache
+
+    kv = KVCache(2, 2, 4, device=torch.device("cpu"), dtype=torch.float32, budget_bytes=2 * 2 * 2 * 4 * 4 * 400)
+    kv.ensure(2, 10, live=0)
+    assert all(bool((t == 0).all()) for t in kv.k + kv.v)
+    kv.k[0][:2, :, :10] = 1.0
+    kv.ensure(3, 40, live=2)  # grows: the live rows' content is kept, the rest is zero
+    assert bool((kv.k[0][:2, :, :10] == 1).all()) and bool((kv.k[0][:2, :, 10:] == 0).all())
+    assert bool((kv.k[0][2:] == 0).all()) and kv.nbytes <= kv.budget_bytes
+    with pytest.raises(CapacityError):
+        kv.ensure(100, 100, live=3)

@@ -5,7 +5,9 @@ Contract:
 * Per layer, ``k[l]`` and ``v[l]`` are ``[rows_cap, kv_heads, width_cap, head_dim]`` buffers.
   Row ``i`` holds sequence ``i`` of the scheduler's active list, its tokens at columns
   ``0..length-1`` (left-aligned: no shifting when sequences join, every row writes its own next
-  column); columns past a row's length are masked by the decoder and overwritten in order.
+  column); columns past a row's length are masked by the decoder and overwritten in order; they
+  always hold finite values (new buffers are zeroed, every write is a real key or value): a
+  masked value still enters attention, multiplied by 0.
   Rows ``0..n-1`` are the active ones, so the decoder reads plain views ``[:n]``, never gathers.
 * ``ensure(rows, width)`` makes room for that many rows of that many columns, reallocating
   (copying the live rows) only when the buffers are too small; ``move_row`` copies one row over
@@ -65,8 +67,10 @@ class KVCache:
             new_width = int(new_width * 1.5)
         shape = (new_rows, self.kv_heads, new_width, self.head_dim)
         old_w = self.width_cap
-        k = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
-        v = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
+        # zeros, not empty: a masked column still enters attention as weight 0 x value, and 0 x NaN
+        # (uninitialised memory) is NaN, so every column a row may mask must hold a finite value
+        k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
+        v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
         if live and self.k:
             for layer in range(self.n_layers):
                 k[layer][:live, :, :old_w].copy_(self.k[layer][:live])

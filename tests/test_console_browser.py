@@ -114,6 +114,13 @@ def no_injected_markup(page: Any) -> None:
 def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path: Path) -> None:
     context, page, watch = new_page(browser, server)
 
+    # -- a wrong key is refused on the sign-in form, and nothing is kept ---------------------------
+    page.goto("/ui/")
+    page.fill("#api-key", "tk-not-a-key")
+    page.click("form.signin button[type=submit]")
+    page.wait_for_selector("form.signin .error:has-text('invalid')")
+    assert page.evaluate("Object.keys(sessionStorage).length") == 0 and page.locator("#sign-out").count() == 0
+
     # -- the operator signs in, creates a tenant and copies its key -----------------------------
     sign_in(page, server.admin_key)
     assert page.url.endswith("#/operator")

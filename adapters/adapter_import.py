@@ -45,7 +45,7 @@ from adapters.jobs.adapter_tasks import held_task
 from adapters.peft_format import CONFIG_FILE, TAILOR_FILE, import_peft, unzip_files
 from adapters.quotas import TenantQuotas
 from adapters.registry import VersionRecord
-from adapters.tasks import canonical_task
+from adapters.tasks import HEADLESS_TASKS, canonical_task, get_task
 
 if TYPE_CHECKING:
     from adapters.runtime.engine import Engine
@@ -124,7 +124,8 @@ def import_task(catalog: Catalog, tenant: str, name: str, data: bytes, *, given:
     ``InvalidTaskError`` for an unknown one); the task the zip's ``tailor_manifest.json`` names (a
     Tailor export); the task the adapter holds already; the task whose base's classification head
     (``heads``: task -> module name, e.g. ``classifier`` / ``_fc``) the peft config lists in
-    ``modules_to_save``; ``default``. A zip that cannot be read gives ``default``: the import
+    ``modules_to_save``; the head-less task among ``heads`` whose peft ``task_type`` the config
+    names (``CAUSAL_LM``: text generation); ``default``. A zip that cannot be read gives ``default``: the import
     itself then says what is wrong with it."""
     if given is not None and given.strip():
         try:
@@ -148,6 +149,10 @@ def import_task(catalog: Catalog, tenant: str, name: str, data: bytes, *, given:
     saved = _json_field(files.get(CONFIG_FILE), "modules_to_save")
     for task, head in heads.items():
         if isinstance(saved, list) and head in saved:
+            return task
+    peft_type = _json_field(files.get(CONFIG_FILE), "task_type")
+    for task in heads:  # a head-less task peft names by its task_type (CAUSAL_LM: text generation)
+        if task in HEADLESS_TASKS and peft_type is not None and peft_type == get_task(task).peft_task_type:
             return task
     return default
 

@@ -34,6 +34,7 @@ from adapters.datasets import DatasetLimits, label_count_problem, label_problem
 from adapters.errors import ArtifactError, TailorError
 from adapters.fingerprint import BaseSpec
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
+from adapters.tasks import TEXT_GENERATION
 from adapters.tasks.text_classification import PROBE_TEXTS
 
 if TYPE_CHECKING:
@@ -93,7 +94,10 @@ def probe_logits(engine: Engine, artifact: AdapterArtifact, texts: Sequence[Any]
     """Run ``artifact`` through ``engine``'s mixed forward on ``texts`` (row inputs of the engine's
     task; None: its ``probe_rows``); refuse it (ArtifactError, ``param="file"``) if a logit is NaN
     or infinite. The probe holds a device slot only while it runs, under a key no stored version
-    can have."""
+    can have. A text-generation engine probes through its own scheduler (``GenerationEngine.probe``)."""
+    if engine.base.spec.task == TEXT_GENERATION:
+        engine.probe(artifact)  # type: ignore[attr-defined]
+        return
     key = VersionKey(tenant="_probe", adapter="_import", version=0, sha256=f"probe-{uuid.uuid4().hex}")
     loaded = LoadedAdapter.from_artifact(key, artifact, engine.base.dtype)
     step = max(1, engine.config.max_batch_size)

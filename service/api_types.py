@@ -12,16 +12,19 @@ JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "c
 JobMethod = Literal["lora", "head"]
 PromoteMode = Literal["auto", "always", "never"]
 Task = Literal["text-classification", "image-classification", "text-generation"]
+ChatRole = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length"]
 
 
 class ErrorDetail(TypedDict):
     code: str
     message: str
     param: str | None
+    type: str | None
 
 
 class ErrorResponse(TypedDict):
-    """Every 4xx and 5xx answer: ``{"error": {"code", "message", "param"?}}``."""
+    """Every 4xx and 5xx answer: ``{"error": {"code", "message", "param", "type"}}`` (OpenAI's shape)."""
 
     error: ErrorDetail
 
@@ -174,3 +177,84 @@ class JobEventOut(TypedDict):
     type: str
     message: str
     data: dict[str, Any] | None
+
+
+class CompletionUsage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(TypedDict):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class ChatCompletion(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class ChunkDelta(TypedDict):
+    role: Literal["assistant"] | None
+    content: str | None
+
+
+class ChatChunkChoice(TypedDict):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChatCompletionChunk(TypedDict):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChunkChoice]
+    usage: CompletionUsage | None
+
+
+class CompletionChoice(TypedDict):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class Completion(TypedDict):
+    """A text completion, and each chunk of a streamed one (``finish_reason`` null until the last)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None
+
+
+class Model(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[Model]

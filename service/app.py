@@ -30,6 +30,7 @@ from service.console_routes import mount_console
 from service.errors import error_response
 from service.gate import TenantGate
 from service.jobs_routes import router as jobs_router
+from service.openai_routes import router as openai_router
 from service.routes import router
 from service.schemas import ErrorResponse
 from service.settings import MIB, Settings
@@ -40,7 +41,8 @@ log = logging.getLogger("tailor.service")
 API_DESCRIPTION = """\
 One frozen base model per task, many tenants: each tenant classifies text or images through its
 own LoRA adapters. Send `Authorization: Bearer <key>`: the admin key for `/v1/tenants`, a tenant's key
-for everything else. Errors are `{"error": {"code", "message", "param"}}`.
+for everything else. Errors are `{"error": {"code", "message", "param", "type"}}` (OpenAI's shape). Text
+generation (when served) speaks OpenAI's API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 """
 _UPLOAD_PATHS = re.compile(r"^/v1/(files|adapters/[^/]+/import)/?$")
 _PREDICT_PATH = re.compile(r"^/v1/predict/?$")
@@ -177,6 +179,7 @@ def create_app(state: TailorState | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(jobs_router, responses=ERROR_RESPONSES)
+    app.include_router(openai_router, responses=ERROR_RESPONSES)  # /v1/chat/completions, /v1/completions, /v1/models
 
     assets = _swagger_assets()
     if assets is not None:
@@ -198,7 +201,8 @@ def create_app(state: TailorState | None = None) -> FastAPI:
     mount_console(app)  # the web console at /ui (before the catch-all below)
 
     # Last: every other path is a JSON 404 (or 405 when the path exists with other methods).
-    known = [r for r in (*router.routes, *jobs_router.routes) if isinstance(getattr(r, "methods", None), set)]
+    known = [r for r in (*router.routes, *jobs_router.routes, *openai_router.routes)
+             if isinstance(getattr(r, "methods", None), set)]
 
     @app.api_route("/{path:path}", methods=_METHODS, include_in_schema=False)
     def unknown(request: Request, path: str) -> JSONResponse:

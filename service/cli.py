@@ -7,13 +7,16 @@
     tailor predict sentiment "great service" "awful food"
     tailor predict products --image shoe.jpg boot.png     # an image adapter
     tailor train products photos.zip --wait             # a zip of label/<image> folders: images
+    tailor train support-bot chats.jsonl --wait         # {"messages": [...]} lines: text generation
+    tailor chat support-bot "Where is my order?"        # the reply streams to the terminal
     tailor adapters promote sentiment 2 ; tailor adapters rollback sentiment
     tailor adapters export sentiment -o sentiment.zip
     tailor worker                                       # a training worker (TAILOR_* settings)
 
 The server is ``--url`` or ``$TAILOR_URL`` (default http://127.0.0.1:3000); the key is
 ``--key`` or ``$TAILOR_API_KEY``. What a command prints on stdout is JSON (``predict --tsv``
-prints ``label<TAB>score<TAB>text`` lines instead, when asked); errors go to stderr as
+prints ``label<TAB>score<TAB>text`` lines instead, when asked; ``chat`` prints the reply's text as
+it arrives, ``--json`` the whole chat.completion instead); errors go to stderr as
 ``error: <status> <code>: <message>`` with exit status 1. Progress (bars on a terminal, event
 lines elsewhere) goes to stderr. A group given alone lists: ``tailor files``, ``tailor jobs``,
 ``tailor adapters``, ``tailor tenants``.
@@ -32,7 +35,7 @@ from typing import Any, cast
 import httpx
 
 from adapters.jobs.model import METHODS, PROMOTE_MODES
-from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES
+from adapters.tasks import IMAGE_CLASSIFICATION, TASK_NAMES, TEXT_GENERATION
 from service.api_types import JobOut, Task
 from service.client import TailorAPIError, TailorClient
 from service.job_progress import JobProgress
@@ -127,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "per input")
     pd.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the default; older scripts pass it
 
+    ch = sub.add_parser("chat", help="chat with a generation adapter (tenant key); the reply streams as it comes",
+                        description="Sends MESSAGE (words joined; '-' reads stdin) as the user's turn to "
+                                    "/v1/chat/completions and prints the reply as it is generated.")
+    ch.add_argument("adapter", help='"name", "name@3", "name@prod", or the base model\'s name (tailor models)')
+    ch.add_argument("message", nargs="+")
+    ch.add_argument("--system", help="a system message before it")
+    ch.add_argument("--max-tokens", type=int)
+    ch.add_argument("--temperature", type=float)
+    ch.add_argument("--top-p", type=float)
+    ch.add_argument("--seed", type=int)
+    ch.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    ch.add_argument("--json", action="store_true", help="print the whole chat.completion as JSON, not streamed")
+    sub.add_parser("models", help="the generation adapters and base model this key may chat with")
+
     f = sub.add_parser("files", help="training data files (tenant key); alone, lists them").add_subparsers(dest="cmd")
     up = f.add_parser("upload")
     up.add_argument("path", type=Path)
@@ -191,15 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _task_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=TASK_NAMES,
-                        help=f"what a local data file trains (default: {IMAGE_CLASSIFICATION} for a .zip, else "
-                             "the server's default, text-classification)")
+                        help=f"what a local data file trains (default: from the data: {IMAGE_CLASSIFICATION} for "
+                             f"a .zip or JSON Lines of images, {TEXT_GENERATION} for JSON Lines of chats "
+                             "({\"messages\"}) or {\"prompt\", \"completion\"}, else text-classification)")
+
+
+SNIFF_BYTES = 1 << 20  # how much of a local file is read to tell its task
 
 
 def _file_task(path: Path, task: str | None) -> Task | None:
-    """The task to upload ``path`` for: ``task`` when given, images for a zip, else the server's default."""
-    if task is None and path.suffix.lower() == ".zip":
+    """The task to upload ``path`` for: ``task`` when given; else from the data: images for a zip,
+    and for JSON Lines the first record's keys (``messages``, or ``prompt`` and ``completion``: text
+    generation; ``image``: images); else None (the server's default, text-classification)."""
+    if task is not None:
+        return cast("Task", task)
+    if path.suffix.lower() == ".zip":
         return IMAGE_CLASSIFICATION
-    return cast("Task | None", task)
+    try:
+        with path.open("rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return None  # not a local file (an uploaded file's id): the server knows its task
+    for line in head.splitlines():
+        if line.strip():
+            try:
+                first = json.loads(line)
+            except ValueError:
+                return None  # CSV, or a broken line the upload names
+            if isinstance(first, dict) and ("messages" in first or {"prompt", "completion"} <= first.keys()):
+                return TEXT_GENERATION
+            if isinstance(first, dict) and "image" in first:
+                return IMAGE_CLASSIFICATION
+            return None
+    return None
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
@@ -248,7 +289,7 @@ def _train(client: TailorClient, args: argparse.Namespace, progress: bool) -> Jo
     try:
         training = _data_file(client, args.file, progress, made, args.task)
         # a validation file is of the training file's task
-        task = args.task or _file_task(Path(args.file), None)
+        task = _file_task(Path(args.file), args.task)
         validation = _data_file(client, args.validation, progress, made, task) if args.validation else None
         return _create_job(client, args, training, validation)
     except (TailorAPIError, OSError):
@@ -262,6 +303,23 @@ def _create_job(client: TailorClient, args: argparse.Namespace, training_file: s
                 validation_file: str | None) -> JobOut:
     return client.create_job(args.adapter, training_file=training_file, validation_file=validation_file,
                              method=args.method, promote=args.promote, hyperparameters=dict(args.hp))
+
+
+def _chat(client: TailorClient, args: argparse.Namespace) -> int:
+    """``tailor chat``: the reply to stdout as it is generated (or whole, as JSON, with --json)."""
+    text = sys.stdin.read() if args.message == ["-"] else " ".join(args.message)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": text}]
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed, "stop": args.stop}
+    if args.json:
+        _print(client.chat(args.adapter, messages, **sampling))
+        return 0
+    for piece in client.chat_stream(args.adapter, messages, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
 
 
 def run(args: argparse.Namespace, client: TailorClient) -> int:
@@ -320,6 +378,10 @@ def run(args: argparse.Namespace, client: TailorClient) -> int:
                 print(f"{p['label']}\t{p['score']:.4f}\t{text}")
         else:
             _print(result)
+    elif g == "chat":
+        return _chat(client, args)
+    elif g == "models":
+        _print(client.list_models()["data"])
     elif g == "train":
         job = _train(client, args, progress)
         if not args.wait:

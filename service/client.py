@@ -7,15 +7,20 @@
     acme.import_adapter("sentiment", "adapter.zip")          # or a peft save_pretrained folder
     acme.predict("sentiment", ["great service"])["predictions"][0]["label"]
     acme.predict("products", images=["shoe.jpg", png_bytes])   # an image adapter: paths or bytes
+    for text in acme.chat_stream("support-bot", "Where is my order?"):   # a generation adapter
+        print(text, end="", flush=True)
 
 Every non-2xx answer raises ``TailorAPIError(status, code, message, param)``. Only httpx is
 needed (tqdm for progress bars, optional). What a method returns is the JSON answer, typed by
-``service.api_types`` (generated from the service's own response models, ``service.schemas``).
+``service.api_types`` (generated from the service's own response models, ``service.schemas``);
+chat, completions and models are OpenAI's shapes (the official ``openai`` client works against
+the same routes).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -26,9 +31,9 @@ import httpx
 
 from adapters.jobs.model import FINISHED
 from service.api_types import (
-    AdapterDetail, AdapterSummary, AliasChange, FileOut, ImportedVersion, JobEventOut, JobMethod, JobOut,
-    JobStatus, KeyCreated, KeyOut, PredictionOut, PredictResponse, PromoteMode, Task, TenantCreated, TenantOut,
-    TenantUsage, VersionOut,
+    AdapterDetail, AdapterSummary, AliasChange, ChatCompletion, Completion, FileOut, ImportedVersion, JobEventOut,
+    JobMethod, JobOut, JobStatus, KeyCreated, KeyOut, Model, ModelList, PredictionOut, PredictResponse, PromoteMode,
+    Task, TenantCreated, TenantOut, TenantUsage, VersionOut,
 )
 
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -203,8 +208,6 @@ class TailorClient:
             filename = path.name if path.is_file() else f"{path.name}.zip"
         form: dict[str, str] = {}
         if labels is not None:
-            import json
-
             form["labels"] = json.dumps(labels)
         if promote is not None:
             form["promote"] = "true" if promote else "false"
@@ -256,6 +259,82 @@ class TailorClient:
         if isinstance(inputs, str):
             inputs = [inputs]
         return self._json("POST", "/v1/predict", json={"adapter": adapter, "inputs": list(inputs or [])})
+
+    # -- text generation (OpenAI's routes) ---------------------------------------------------------
+
+    def list_models(self) -> ModelList:
+        """The generation adapters (as refs) and the base model this key may use (``["data"]``)."""
+        return self._json("GET", "/v1/models")
+
+    def get_model(self, model: str) -> Model:
+        return self._json("GET", f"/v1/models/{model}")
+
+    def chat(self, model: str, messages: str | list[dict[str, Any]], *, max_tokens: int | None = None,
+             max_completion_tokens: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, stop: str | list[str] | None = None, seed: int | None = None,
+             n: int | None = None, stream: bool = False, stream_options: dict[str, Any] | None = None,
+             user: str | None = None) -> ChatCompletion:
+        """A chat completion from ``model`` (an adapter ref or the base's name). ``messages``: a list
+        of ``{"role", "content"}``, or one user message's text. With ``stream`` the answer arrives as
+        server-sent events and is returned whole (``chat_stream`` yields it as it comes)."""
+        body = _generation_body(model, max_tokens=max_tokens, max_completion_tokens=max_completion_tokens,
+                                temperature=temperature, top_p=top_p, stop=stop, seed=seed, n=n, user=user,
+                                stream_options=stream_options)
+        body["messages"] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        if not stream:
+            return self._json("POST", "/v1/chat/completions", json=body)
+        chunks = list(self._events("/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}))
+        text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c["choices"])
+        finish = next(c["choices"][0]["finish_reason"] for c in reversed(chunks) if c["choices"])
+        head = {k: chunks[0][k] for k in ("id", "created", "model", "system_fingerprint")}
+        return {**head, "object": "chat.completion", "usage": chunks[-1]["usage"],  # type: ignore[typeddict-item]
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish, "logprobs": None}]}
+
+    def chat_stream(self, model: str, messages: str | list[dict[str, Any]], **sampling: Any) -> Iterator[str]:
+        """The reply's text as it is generated (``chat``'s sampling arguments), piece by piece."""
+        body = _generation_body(model, **sampling)
+        body["messages"] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        for chunk in self._events("/v1/chat/completions", body):
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    yield text
+
+    def complete(self, model: str, prompt: str | list[str], *, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, stop: str | list[str] | None = None,
+                 seed: int | None = None, n: int | None = None, stream: bool = False,
+                 stream_options: dict[str, Any] | None = None, user: str | None = None) -> Completion:
+        """A text completion of ``prompt`` (no chat template) from ``model``; ``stream`` as in ``chat``."""
+        body = _generation_body(model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                seed=seed, n=n, user=user, stream_options=stream_options)
+        body["prompt"] = prompt
+        if not stream:
+            return self._json("POST", "/v1/completions", json=body)
+        chunks = list(self._events("/v1/completions", {**body, "stream_options": {"include_usage": True}}))
+        pieces = [c for c in chunks if c["choices"]]
+        head = {k: chunks[0][k] for k in ("id", "object", "created", "model", "system_fingerprint")}
+        return {**head, "usage": chunks[-1]["usage"],  # type: ignore[typeddict-item]
+                "choices": [{"index": 0, "text": "".join(c["choices"][0]["text"] for c in pieces),
+                             "finish_reason": pieces[-1]["choices"][0]["finish_reason"], "logprobs": None}]}
+
+    def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The chunks of a streamed answer (``stream: true``), parsed as they arrive."""
+        with self._http.stream("POST", path, json={**body, "stream": True}) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise _error(r)
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return
+                chunk = json.loads(line[6:])
+                if "error" in chunk:  # the engine failed mid-stream (the status was sent already)
+                    err = chunk["error"]
+                    raise TailorAPIError(r.status_code, str(err.get("code")), str(err.get("message")),
+                                         err.get("param"), chunk)
+                yield chunk
 
     # -- files and jobs ---------------------------------------------------------------------------
 
@@ -331,6 +410,11 @@ class TailorClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
             time.sleep(interval)
+
+
+def _generation_body(model: str, **fields: Any) -> dict[str, Any]:
+    """A chat or completion request's body: ``model`` and the fields that are set."""
+    return {"model": model, **{k: v for k, v in fields.items() if v is not None}}
 
 
 def _image_file(image: str | os.PathLike[str] | bytes, i: int) -> tuple[str, bytes, str]:

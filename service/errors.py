@@ -1,4 +1,10 @@
-"""Every error leaves the service as ``{"error": {"code", "message", "param"?}}``.
+"""Every error leaves the service as ``{"error": {"code", "message", "param", "type"}}``.
+
+The same shape is OpenAI's (``message``, ``type``, ``param``, ``code``), so the OpenAI-compatible
+routes and every other route share it: ``param`` is always present (null when no field is at
+fault) and ``type`` is the error's class by status, as OpenAI names them (``ERROR_TYPES``:
+``invalid_request_error``, ``authentication_error``, ``permission_error``, ``not_found_error``,
+``rate_limit_error``, ``server_error``).
 
 Library errors map by class (``adapters.errors`` codes stay the wire codes); FastAPI's
 validation errors become 422 naming the field path (malformed JSON: 400); HTTP exceptions
@@ -23,7 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import (
-    ArtifactError, CapacityError, ConflictError, DatasetError, InvalidNameError,
+    AdmissionError, ArtifactError, CapacityError, ConflictError, DatasetError, InvalidNameError,
     NotFoundError, TailorError, UnavailableError,
 )
 from adapters.vision.images import ImageTooLargeError
@@ -74,12 +80,19 @@ def header_safe(value: str) -> str:
     return "".join(c if c >= " " and c != "\x7f" else " " for c in text)
 
 
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    """The OpenAI-style ``type`` of an error of HTTP ``status``."""
+    return ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+
+
 def body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
-    """The error body ``{"error": {"code", "message", "param"?, **extra}}``; always encodable
-    (see ``json_safe``); ``extra`` entries that are None are left out."""
-    err: dict[str, Any] = {"code": code, "message": message}
-    if param is not None:
-        err["param"] = param
+    """The error body ``{"error": {"code", "message", "param", **extra}}`` (``param`` null when
+    None); always encodable (see ``json_safe``); ``extra`` entries that are None are left out."""
+    err: dict[str, Any] = {"code": code, "message": message, "param": param}
     err.update({k: v for k, v in extra.items() if v is not None})
     return {"error": json_safe(err)}
 
@@ -88,13 +101,16 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
                    headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     """A JSON error response that renders whatever the texts in it hold (see ``body``)."""
     safe_headers = {header_safe(k): header_safe(v) for k, v in headers.items()} if headers else None
-    return JSONResponse(body(code, message, param, **extra), status_code=status, headers=safe_headers)
+    return JSONResponse(body(code, message, param, type=error_type(status), **extra), status_code=status,
+                        headers=safe_headers)
 
 
 def status_of(e: TailorError) -> int:
     """The HTTP status of a library error (by class; the most specific class wins)."""
     if isinstance(e, NotFoundError):  # AdapterNotFoundError included
         return 404
+    if isinstance(e, AdmissionError):  # no room in the KV cache in time (429), or the server is saturated (503)
+        return 503 if e.reason == "queue_full" else 429
     if isinstance(e, ImageTooLargeError):  # over the byte or pixel limit of one image
         return 413
     if isinstance(e, ConflictError):
@@ -153,6 +169,8 @@ def install(app: FastAPI) -> None:
     async def _tailor(request: Request, e: TailorError) -> JSONResponse:
         status = status_of(e)
         headers = {"Retry-After": "1"} if status == 503 else None
+        if isinstance(e, AdmissionError):  # a generation request found no room: when to try again
+            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
         return error_response(status, e.code, e.message, e.param, headers, line=getattr(e, "line", None))
 
     @app.exception_handler(RequestValidationError)

@@ -7,12 +7,19 @@ histograms from every worker are summed on scrape; gauges say how they combine
 resident adapter cache) carries a ``task`` label: each task has its own engine and batcher.
 A ``tenant`` label is added only when ``TAILOR_METRICS_TENANT_LABELS=1`` (it multiplies series
 by the tenant count).
+
+Text generation (``tailor_generation_*``, label ``task``): time to first token and inter-token
+latency histograms (from the engine's hooks), tokens generated, requests by finish reason (and
+``cancelled``), and gauges of active sequences, waiting requests (queue depth) and KV-cache bytes
+in use and budgeted, copied from ``GenerationEngine.stats()`` by ``sync_generation`` (a
+background thread calls it twice a second).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -23,6 +30,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # training runs take seconds (tiny data) to hours
 JOB_SECONDS_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 log = logging.getLogger("tailor.service")
@@ -76,7 +84,24 @@ class Metrics:
                                     ["reason"])
         self.ready = Gauge("tailor_ready", "1 once every enabled task's base model is loaded and its engine built",
                            multiprocess_mode="livemin")
+        self.time_to_first_token = Histogram("tailor_generation_time_to_first_token_seconds",
+                                             "From admission to a sequence's first token", task,
+                                             buckets=_LATENCY_BUCKETS)
+        self.inter_token = Histogram("tailor_generation_inter_token_seconds", "Between a sequence's tokens", task,
+                                     buckets=_TOKEN_BUCKETS)
+        self.tokens_generated = Counter("tailor_generation_tokens", "Tokens generated (every sequence)", task)
+        self.generation_requests = Counter("tailor_generation_requests", "Generation requests by how they ended",
+                                           ["task", "finish_reason"])
+        self.active_sequences = Gauge("tailor_generation_active_sequences", "Sequences being decoded", task,
+                                      multiprocess_mode="livesum")
+        self.queue_depth = Gauge("tailor_generation_waiting_requests", "Requests waiting for room in the KV cache",
+                                 task, multiprocess_mode="livesum")
+        self.kv_cache_bytes = Gauge("tailor_generation_kv_cache_bytes", "KV-cache bytes allocated", task,
+                                    multiprocess_mode="livesum")
+        self.kv_cache_budget = Gauge("tailor_generation_kv_cache_budget_bytes", "KV-cache budget in bytes", task,
+                                     multiprocess_mode="livesum")
         self._seen: dict[str, CacheStats] = {}  # by task: the counts already turned into increments
+        self._tokens_seen: dict[str, int] = {}  # by task: engine tokens already counted
         self._sync_lock = threading.Lock()
 
     def predicted(self, task: str, tenant: str, rows: int) -> None:
@@ -111,6 +136,28 @@ class Metrics:
                     setattr(seen, name, now)
             self.resident.labels(task).set(stats.resident)
             self.resident_bytes.labels(task).set(stats.resident_bytes)
+
+    def first_token(self, task: str, seconds: float) -> None:
+        self.time_to_first_token.labels(task).observe(seconds)
+
+    def next_token(self, task: str, seconds: float) -> None:
+        self.inter_token.labels(task).observe(seconds)
+
+    def generation_ended(self, task: str, finish_reason: str) -> None:
+        """One generation request ended: ``stop``, ``length``, ``cancelled`` or ``error``."""
+        self.generation_requests.labels(task, finish_reason).inc()
+
+    def sync_generation(self, task: str, stats: Mapping[str, int]) -> None:
+        """Copy a generation engine's ``stats()`` into the gauges and the token counter."""
+        with self._sync_lock:
+            tokens, before = int(stats.get("tokens_generated", 0)), self._tokens_seen.get(task, 0)
+            if tokens > before:
+                self.tokens_generated.labels(task).inc(tokens - before)
+                self._tokens_seen[task] = tokens
+        self.active_sequences.labels(task).set(stats.get("active_sequences", 0))
+        self.queue_depth.labels(task).set(stats.get("waiting_requests", 0))
+        self.kv_cache_bytes.labels(task).set(stats.get("kv_cache_bytes", 0))
+        self.kv_cache_budget.labels(task).set(stats.get("kv_cache_budget_bytes", 0))
 
     def set_jobs(self, counts: dict[str, int]) -> None:
         for status in (*STATUSES, *counts):

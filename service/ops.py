@@ -27,7 +27,7 @@ from adapters.quotas import TenantQuotas
 from adapters.registry import AdapterInfo, Tenant, VersionRecord
 from adapters.runtime.engine import Engine, ResolvedAdapter
 from adapters.runtime.loaded import LoadedAdapter
-from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, get_task, task_of_manifest
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TEXT_GENERATION, get_task, task_of_manifest
 from adapters.version_status import version_status
 from adapters.vision.images import ImageLimits
 from service.errors import ApiError
@@ -166,6 +166,9 @@ def acquire(state: TailorState, tenant: str, rows: PredictRows) -> tuple[Resolve
     if task not in state.settings.tasks:
         raise ApiError(422, "task_not_served", f"adapter {rows.adapter!r} is of task {task}; this service does "
                        f"not serve {task} (it serves {', '.join(state.settings.tasks)})", param="adapter")
+    if task == TEXT_GENERATION:  # no inputs or images make a generation adapter classify
+        raise ApiError(422, "task_mismatch", f"adapter {rows.adapter!r} is of task {task}: call POST "
+                       f"/v1/chat/completions or /v1/completions with model={rows.adapter!r}", param="adapter")
     if task != rows.task:
         field = get_task(task).input_field
         raise ApiError(422, "task_mismatch", f"adapter {rows.adapter!r} is of task {task}: send {field}, not "

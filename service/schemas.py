@@ -1,6 +1,7 @@
 """Request and response bodies of the HTTP API (pydantic; unknown request fields are 422).
 
-The one place an API shape is written. The job enums come from ``adapters.jobs.model``; the
+The one place an API shape is written (text generation's are OpenAI's, at the end). The job
+enums come from ``adapters.jobs.model``; the
 client's TypedDicts (``service/api_types.py``) are generated from the ``Response`` models here
 by ``python -m service.api_typegen`` (``tests/test_client_shapes.py`` fails until they match).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from adapters.jobs.model import METHODS, PROMOTE_MODES, STATUSES
 from adapters.tasks import TASK_NAMES
@@ -42,10 +43,12 @@ class ErrorDetail(Response):
     code: str = Field(description="a stable machine-readable code, e.g. adapter_not_found")
     message: str
     param: str | None = Field(default=None, description="the request field at fault, when there is one")
+    type: str | None = Field(default=None, description="the error's class, as OpenAI names them: "
+                                                       "invalid_request_error, authentication_error, ...")
 
 
 class ErrorResponse(Response):
-    """Every 4xx and 5xx answer: ``{"error": {"code", "message", "param"?}}``."""
+    """Every 4xx and 5xx answer: ``{"error": {"code", "message", "param", "type"}}`` (OpenAI's shape)."""
 
     error: ErrorDetail
 
@@ -261,3 +264,141 @@ class JobEventOut(Response):
     type: str
     message: str
     data: dict[str, Any] | None = None
+
+
+# -- text generation: OpenAI's shapes (/v1/chat/completions, /v1/completions, /v1/models) --------------
+# Field names, ``object`` values and nesting are OpenAI's, so the official ``openai`` client reads
+# them unchanged. Types are checked here; the sampling ranges are the library's
+# (``adapters.generation.sampling.SamplingParams``), which refuses a bad value naming it.
+
+GENERATION_MODEL = f"the tenant's generation adapter: {ADAPTER_REF}; or the base model's public name (GET /v1/models)"
+ChatRole = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length"]
+
+
+class TextPart(Request):
+    """One part of a message's content given as a list (only text parts are served)."""
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(Request):
+    role: ChatRole
+    content: StrictStr | list[TextPart] = Field(description="the message's text (or a list of text parts)")
+    name: StrictStr | None = Field(default=None, description="accepted and ignored, as a participant's name")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Request):
+    include_usage: StrictBool = Field(default=False, description="a last chunk with usage (and no choices)")
+
+
+class _Sampling(Request):
+    model: StrictStr = Field(description=GENERATION_MODEL, max_length=ADAPTER_REF_MAX_CHARS,
+                             examples=["support-bot"])
+    max_tokens: int | None = Field(default=None, strict=True, description="most tokens to generate")
+    temperature: float | None = Field(default=None, strict=True, description="0..2 (0: greedy); default 1")
+    top_p: float | None = Field(default=None, strict=True, description="nucleus sampling mass in (0, 1]; default 1")
+    stop: StrictStr | list[StrictStr] | None = Field(default=None, description="up to 4 stop strings; not "
+                                                                              "included in the text")
+    seed: int | None = Field(default=None, strict=True, description="a fixed seed gives the same text")
+    n: int | None = Field(default=None, strict=True, description="completions per request: only 1")
+    stream: StrictBool = Field(default=False, description="server-sent events of chunks, then data: [DONE]")
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = Field(default=None, description="accepted and ignored")
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, through the base's "
+                                                                  "chat template")
+    max_completion_tokens: int | None = Field(default=None, strict=True,
+                                              description="most tokens to generate (wins over max_tokens)")
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] = Field(description="the text to continue (a list of one is accepted)")
+
+
+class CompletionUsage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Response):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = Field(default=None, description="what served it: adapter@version, or the "
+                                                                     "base model")
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class ChunkDelta(Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Response):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: CompletionUsage | None = None
+
+
+class CompletionChoice(Response):
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class Completion(Response):
+    """A text completion, and each chunk of a streamed one (``finish_reason`` null until the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class Model(Response):
+    id: str = Field(description="what to pass as model: an adapter ref (name, name@alias) or the base's name")
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = Field(description="the tenant, or 'tailor' for the base model")
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -3,8 +3,11 @@
 ``TailorState.open(settings)`` connects what is cheap (database, store, key store, files,
 jobs) at once, so tenant administration works from the first second; ``load()`` then loads
 one frozen base per enabled task (``TAILOR_TASKS``: text and image classification by default)
-and builds its engine and micro-batcher (seconds). Rows of different tasks never share a
-forward pass: each task has its own engine (device slots, resident adapters) and batcher.
+and builds its engine and micro-batcher (seconds); text generation, when enabled, gets a
+``GenerationEngine`` instead (continuous batching on its own scheduler thread, no micro-batcher),
+kept in ``engines`` beside the others so adapter changes and freshness reach it too. Rows of
+different tasks never share a forward pass: each task has its own engine (device slots,
+resident adapters) and batcher.
 ``ready`` turns true only when every enabled base is loaded; routes that need a model answer
 503 until then, and 422 ``task_not_served`` for a task this deployment does not enable.
 
@@ -26,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,10 +49,13 @@ from adapters.runtime.engine import Engine, EngineConfig
 from adapters.runtime.memory import HeapTrimmer
 from adapters.runtime.resolver import Freshener
 from adapters.store import AdapterStore, open_store
-from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TEXT_GENERATION
 from service.errors import ApiError
 from service.metrics import Metrics, get_metrics
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from adapters.generation.engine import GenerationEngine
 
 log = logging.getLogger("tailor.service")
 
@@ -141,7 +147,9 @@ class TailorState:
     files: Files
     jobs: JobManager
     pool: WorkerPool | None = None  # the training workers, in the one serving process that runs them
-    engines: dict[str, Engine] = field(default_factory=dict)  # by task, once every enabled base is loaded
+    engines: dict[str, Any] = field(default_factory=dict)  # by task, once every enabled base is loaded: an Engine,
+    # or for text generation a GenerationEngine (require_generator)
+    generation_metrics: Freshener | None = None  # copies the generation engine's stats into the gauges
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)  # by task, beside its engine
     load_error: str | None = None
     freshener: Freshener | None = None  # keeps the key cache, resolvers and quotas fresh off the request path
@@ -221,6 +229,8 @@ class TailorState:
         engines, batchers = {}, {}
         self.cores = core_share(s)
         for task in s.tasks:
+            if task == TEXT_GENERATION:
+                continue  # below: no micro-batcher
             try:
                 t0 = time.perf_counter()
                 base = BASE_LOADERS[task](s)
@@ -242,6 +252,21 @@ class TailorState:
             engines[task] = engine
             log.info("loaded %s base model %r on %s (%s...) in %.1fs with %d torch threads", task, base.spec.name,
                      base.device, base.fingerprint[:19], time.perf_counter() - t0, torch.get_num_threads())
+        if TEXT_GENERATION in s.tasks:
+            try:
+                t0 = time.perf_counter()
+                engines[TEXT_GENERATION] = generation_engine(s, self.catalog, self.metrics)
+            except Exception as e:
+                self.load_error = f"{TEXT_GENERATION} base: {type(e).__name__}: {e}"
+                log.exception("loading the %s base model failed; the service stays unready", TEXT_GENERATION)
+                for batcher in batchers.values():
+                    batcher.close()
+                return
+            self.generation_metrics = Freshener(
+                [lambda g=engines[TEXT_GENERATION]: self.metrics.sync_generation(TEXT_GENERATION, g.stats())], 0.5,
+                name="tailor-generation-metrics")
+            log.info("loaded %s base model %r in %.1fs", TEXT_GENERATION, engines[TEXT_GENERATION].base.spec.name,
+                     time.perf_counter() - t0)
         self.engines, self.batchers = engines, batchers
         ahead = config.resolve_poll_seconds / 4  # poll a little before requests would have to
         self.freshener = Freshener([*(partial(e.resolver.refresh_ahead, ahead) for e in engines.values()),
@@ -272,6 +297,11 @@ class TailorState:
         if task not in self.settings.tasks:
             raise ApiError(422, "task_not_served", f"this service does not serve {task} (it serves "
                            f"{', '.join(self.settings.tasks)})", param=param)
+
+    def require_generator(self) -> GenerationEngine:
+        """The text-generation engine: 422 ``task_not_served`` unless enabled, 503 until loaded."""
+        engine: GenerationEngine = self.require_engine(TEXT_GENERATION, param="model")  # type: ignore[assignment]
+        return engine
 
     def require_batcher(self, task: str) -> MicroBatcher:
         self.require_engine(task)  # built together with the batcher
@@ -325,6 +355,11 @@ class TailorState:
             self.freshener.close()
         for batcher in self.batchers.values():
             batcher.close()
+        if self.generation_metrics is not None:
+            self.generation_metrics.close()
+        generator = self.engines.get(TEXT_GENERATION)
+        if generator is not None:
+            generator.close()  # stops its scheduler thread; streams still open end with an error
         if self.cores is not None:
             self.cores.close()
         self.registry.close()
@@ -352,6 +387,23 @@ def load_image_base(setting: str | None) -> Any:
     from adapters.vision.backbone import vision_base_from_setting
 
     return vision_base_from_setting(setting)
+
+
+def generation_engine(s: Settings, catalog: Catalog, metrics: Metrics) -> GenerationEngine:
+    """The text-generation engine on ``TAILOR_GENERATION_BASE_MODEL`` (bases cached under
+    ``TAILOR_HOME/bases``), its KV budget and admission wait from the settings, its hooks feeding
+    the ``tailor_generation_*`` metrics. Its scheduler thread runs until ``close()``."""
+    from adapters.generation.base import load_causal_base
+    from adapters.generation.engine import GenerationConfig, GenerationEngine
+
+    task = TEXT_GENERATION
+    base = load_causal_base(s.generation_base_model, cache_dir=s.home / "bases")
+    config = GenerationConfig(max_resident=s.max_resident, kv_budget_bytes=s.generation_kv_cache_bytes,
+                              admission_timeout_s=s.generation_admission_timeout_s)
+    return GenerationEngine(base, catalog, config, on_load=partial(metrics.observe_load, task),
+                            on_first_token=partial(metrics.first_token, task),
+                            on_token=partial(metrics.next_token, task),
+                            on_finish=lambda usage, reason: metrics.generation_ended(task, reason))
 
 
 # How each task's base is loaded from the settings.

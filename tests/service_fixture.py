@@ -9,7 +9,11 @@ process). Server output goes to
 
 ``start_served(home, model_dir, overrides)`` / ``stop_served(s)`` (or ``with serving(...)``)
 do the same for tests that need other settings (several workers, training workers) or that
-stop a service and start it again on the same home. Each instance gets its own BentoML home
+stop a service and start it again on the same home. ``served_generation`` (session-scoped,
+used only by the generation tests) also serves text generation on the tiny random Llama
+(``TAILOR_GENERATION_BASE_MODEL=tiny:GENERATION_BASE_SEED``; ``generation_base()`` is the same
+base in this process) with a 1 MiB KV cache (2,048 tokens of it) and a 1 s admission wait, so a
+long sequence makes the next request wait and be refused with Retry-After. Each instance gets its own BentoML home
 (``service.instance``), so its ``/metrics`` are its own: none is shared with another test's
 server or a service running beside the suite.
 """
@@ -19,8 +23,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +52,14 @@ LIMITS = {
     "TAILOR_MAX_IMAGE_PIXELS": str(1 << 20),
 }
 IMAGE_BASE_SEED = 5
+GENERATION_BASE_SEED = 3
+BASES_CACHE = Path(tempfile.gettempdir()) / "tailor-test-bases"  # SmolLM2's tokenizer, converted once
+GENERATION = {
+    "TAILOR_TASKS": "text-classification,text-generation",
+    "TAILOR_GENERATION_BASE_MODEL": f"tiny:{GENERATION_BASE_SEED}",
+    "TAILOR_GENERATION_KV_CACHE_BYTES": str(1 << 20),
+    "TAILOR_GENERATION_ADMISSION_TIMEOUT_S": "1",
+}
 
 
 @dataclass
@@ -188,4 +202,29 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("served")
     model_dir = save_tiny_base(root / "model")
     with serving(root / "home", model_dir) as s:
+        yield s
+
+
+def generation_base() -> Any:
+    """The causal base ``served_generation`` loads (``tiny:GENERATION_BASE_SEED``), built here."""
+    from adapters.generation.base import tiny_causal_base
+
+    return tiny_causal_base(GENERATION_BASE_SEED, cache_dir=BASES_CACHE)
+
+
+def seed_bases(home: Path) -> None:
+    """Give ``home`` the tokenizer the tiny causal base needs (``TAILOR_HOME/bases``), copied from
+    this machine's test cache instead of converted again from the GGUF by the served process."""
+    from adapters.generation.base import tokenizer_cache
+
+    folder = tokenizer_cache(BASES_CACHE)
+    shutil.copytree(folder, home / "bases" / folder.name, dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def served_generation(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("served-generation")
+    model_dir = save_tiny_base(root / "model")
+    seed_bases(root / "home")
+    with serving(root / "home", model_dir, GENERATION, ready_timeout=2 * READY_TIMEOUT_S) as s:  # two bases
         yield s

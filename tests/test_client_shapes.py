@@ -41,6 +41,8 @@ CLIENT_METHODS = {
     "DELETE /v1/files/{file_id}": "delete_file", "POST /v1/jobs": "create_job", "GET /v1/jobs": "list_jobs",
     "GET /v1/jobs/{job_id}": "get_job", "GET /v1/jobs/{job_id}/events": "job_events",
     "POST /v1/jobs/{job_id}/cancel": "cancel_job",
+    "POST /v1/chat/completions": "chat", "POST /v1/completions": "complete", "GET /v1/models": "list_models",
+    "GET /v1/models/{model}": "get_model",
 }
 # where a client method's parameter has another name than the API's (an upload's file)
 RENAMED = {"import_adapter": {"file": "source"}, "upload_file": {"file": "path"}}

@@ -154,11 +154,13 @@ def test_the_error_builder_renders_whatever_it_is_given():
                               details=[{"param": SURROGATE, "message": "m"}], score=float("nan"))
     err = json.loads(response.body.decode("utf-8"))["error"]
     assert err == {"code": "invalid_request", "message": "bad \\ud800", "param": "x.\\ud800",
+                   "type": "invalid_request_error",
                    "details": [{"param": "\\ud800", "message": "m"}], "score": "nan"}
     assert response.headers["retry-after"] == "1  X-Injected: 1"  # one header, no line break
     assert "x-injected" not in response.headers
     assert response.headers["x-name"] == "caf\u00e9 \\u540d"
     assert body("c", "plain é 名", "p") == {"error": {"code": "c", "message": "plain é 名", "param": "p"}}
+    assert body("c", "m") == {"error": {"code": "c", "message": "m", "param": None}}  # always present
 
 
 # -- bodies FastAPI cannot parse -------------------------------------------------------------------

@@ -238,6 +238,11 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     assert page.locator("#predictions .input-text").first.inner_text() == f"{XSS}.png"
     no_injected_markup(page)
     page.screenshot(path=shots / "playground-images.png", full_page=True)
+    # the API's refusal shows on the page, which keeps working: prod had no earlier version
+    page.goto("/ui/#/adapters/products")
+    page.click("#rollback")
+    page.wait_for_selector("#view .error:has-text('nothing to roll back to')")
+    assert page.locator("#versions-table tr[data-version='1'] .badge-prod").count() == 1
 
     # -- exports the version as a peft zip ------------------------------------------------------------
     page.goto("/ui/#/adapters/sentiment")

@@ -262,14 +262,29 @@ def test_a_generation_job_trains_gates_and_publishes_an_adapter_that_answers_in_
     question = from_records(chats(["lantern"]), limits=GenerationDatasetLimits(min_examples=1)).examples[0]
     assert greedy(served, base, question).startswith(ANSWER)  # a question it never saw
     assert not greedy(base.model, base, question).startswith(ANSWER[:5])
+    # and as served: the generation engine (its own copy of the base) with the tenant's prod adapter
+    from adapters.generation.engine import GenerationEngine
+    from adapters.generation.sampling import SamplingParams
 
-    # a second job that learns next to nothing (learning rate ~0) is kept as a candidate: prod is better
-    again = world.submit(chats(), {**FAST, "epochs": 1, "learning_rate": 1e-8})
+    engine = GenerationEngine(tiny_causal_base(0), world.catalog)
+    try:
+        prompt = engine.encode_chat([{"role": "user", "content": "Tell me about the lantern."}])
+        assert prompt == encode_prompt(question, base.tokenizer)  # training prompted exactly as serving does
+        params = SamplingParams(max_tokens=4, temperature=0)
+        adapter = engine.acquire(engine.resolve("acme", "assistant"))
+        assert engine.submit(prompt, adapter, params).text().startswith(ANSWER)
+        assert not engine.submit(prompt, None, params).text().startswith(ANSWER[:5])
+    finally:
+        engine.close()
+
+    # a second job of one epoch learns less: better than the base, worse than prod -> kept as a candidate
+    again = world.submit(chats(), {**FAST, "epochs": 1})
     job2 = world.jobs.claim("w1")
     assert job2 is not None and job2.id == again.id and run_job(job2, world.ctx) == "succeeded"
     kept = world.jobs.get("acme", job2.id)
-    assert kept.version == 2 and not kept.result["promoted"]
-    assert kept.result["gate"]["candidate"]["val_loss"] == pytest.approx(gate["baseline"]["val_loss"], abs=1e-3)
+    assert kept.version == 2 and not kept.result["promoted"], kept.result
+    second = kept.result["gate"]["candidate"]["val_loss"]
+    assert gate["candidate"]["val_loss"] + 0.2 < second < gate["baseline"]["val_loss"] - 0.2
     assert f"is above prod v1's {gate['candidate']['val_loss']:.4f} on the same data" in kept.result["gate"]["reason"]
     assert kept.result["gate"]["prod_version"] == 1 and world.registry.resolve("acme", "assistant", "prod").version == 1
 

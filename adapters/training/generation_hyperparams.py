@@ -9,22 +9,24 @@ has no head, and full fine-tuning produces no adapter).
 Auto values and why:
 
 * LoRA r=8, alpha 16, dropout 0.05 on every linear layer of the decoder (``AUTO_TARGETS``: the
-  attention q/k/v/o and MLP gate/up/down projections; ~0.3% of SmolLM2-135M's parameters,
-  ~1.8 MB per adapter in fp32). All-linear LoRA is what QLoRA found necessary to match full
-  fine-tuning on chat data; attention-only LoRA learns formats more slowly.
+  attention q/k/v/o and MLP gate/up/down projections: on SmolLM2-135M 2.44 M parameters, 1.8% of
+  the base, ~9.8 MB per adapter in fp32). All-linear LoRA is what QLoRA found necessary to match
+  full fine-tuning on chat data; attention-only LoRA learns formats more slowly.
 * Learning rate 1e-3 under 1,000 training examples, 5e-4 from 1,000 and 2e-4 from 10,000 (AdamW,
   warmup 6%, linear decay, weight decay 0). LoRA on small decoders tolerates 1e-3 for short
   runs; long runs on many examples want a smaller rate for the same total update.
 * Batch 8 under 1,000 examples, 16 above (padded per batch to its longest example: short chats
   cost little). Epochs aim at ~``TARGET_STEPS`` optimizer steps, clamped to 1..``MAX_EPOCHS``:
-  50 examples (40 train after the validation split) -> 10 epochs x 5 steps; 500 -> 6 x 57;
+  50 examples (40 train after the validation split) -> 10 epochs x 5 steps; 500 -> 5 x 57;
   5,000 -> 1 x 282; 20,000 -> 1 x 1,125. A chat model over-fits a small set within a few
   epochs, so small sets get more passes but never more than ``MAX_EPOCHS``; early stopping on
   validation loss (patience 2) and the best epoch's weights keep the over-fitted tail out.
 * ``max_length`` 2048 tokens (the dataset limit's default), capped at the base's context.
 
-These are the usual LoRA fine-tuning values for small instruction models, checked on the
-benchmark (``python -m bench.quality --dataset chatterbot-format``), not a tuned result.
+These are the usual LoRA fine-tuning values for small instruction models, not a tuned result:
+the one measurement so far is ``python -m bench.quality --dataset chatterbot-topics --quick``
+(3 epochs instead of the auto 10; bench/results/quality-generation-quick.json), on the shared,
+heavily loaded 2-core machine.
 """
 
 from __future__ import annotations

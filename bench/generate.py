@@ -120,6 +120,51 @@ def run_peft(model: Any, tokenizer: Any, names: list[str], prompt_ids: list[list
     return tokens, time.perf_counter() - t0
 
 
+def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[list[int]], rounds: int
+               ) -> dict[str, Any]:
+    """What one decode step and the batch's bookkeeping cost, measured apart from the closed loop:
+    a decode step of C rows with C distinct adapters vs the same rows on the base (interleaved),
+    building the batch plan (gathering C adapters' weights), retiring a row (copying the last
+    row's KV into the hole) and growing the KV buffers. The scheduler is idle meanwhile."""
+    from adapters.runtime.context import use_plan
+    from bench.common import interleaved
+
+    c = len(loaded)
+    dec = engine.decoder
+    kv = dec.new_cache(2 << 30)
+    width = max(map(len, prompt_ids)) + 64
+    kv.ensure(c, width, live=0)
+    t = max(map(len, prompt_ids))
+    ids = torch.tensor([p + [0] * (t - len(p)) for p in prompt_ids])
+    dec.prefill(ids, [len(p) for p in prompt_ids], kv, 0)
+    positions = torch.tensor([len(p) for p in prompt_ids])
+    nxt = torch.full((c,), 42)
+    plan = engine.slots.plan(loaded)
+
+    def mixed() -> None:
+        with use_plan(plan):
+            dec.decode(nxt, positions, kv)
+
+    def base() -> None:
+        dec.decode(nxt, positions, kv)
+
+    times = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
+    plan_t = interleaved({"plan": lambda: engine.slots.plan(loaded)}, rounds=3)["plan"]
+    move_t = interleaved({"move": lambda: kv.move_row(c - 1, 0, int(positions[-1]))}, rounds=3)["move"]
+    grow_t = []
+    for _ in range(2):
+        k2 = dec.new_cache(2 << 30)
+        k2.ensure(c, width, live=0)
+        t0 = time.perf_counter()
+        k2.ensure(c, 2 * width, live=c)
+        grow_t.append(time.perf_counter() - t0)
+    step_mixed, step_base = median(times["mixed"]), median(times["base"])
+    return {"rows": c, "decode_step_ms": {"mixed": 1e3 * step_mixed, "base": 1e3 * step_base},
+            "decode_step_ratio_base_over_mixed": step_base / step_mixed,
+            "plan_build_ms": 1e3 * median(plan_t), "retire_row_copy_ms": 1e3 * median(move_t),
+            "kv_grow_copy_ms": 1e3 * median(grow_t), "kv_row_width": width}
+
+
 def build(base_setting: str, n_adapters: int, rank: int, targets: tuple[str, ...], max_batch: int,
           workdir: Path) -> tuple[CausalBase, GenerationEngine, list[Any], Any]:
     base = tiny_causal_base(0) if base_setting == "tiny" else load_causal_base(None)
@@ -169,13 +214,14 @@ def main() -> None:
         base, engine, loaded, model = build(args.base, max(conc), args.rank, tuple(args.targets), max(conc), Path(tmp))
         try:
             results = bench(engine, loaded, model, base, conc, max_tokens, requests, rounds)
+            costs = {str(c): step_costs(engine, loaded[:c], prompts(engine, c), rounds) for c in conc if c > 1}
         finally:
             engine.close()
     out = {
         "benchmark": "generate", "quick": args.quick, "base": base.name, "device": str(base.device),
         "dtype": str(base.dtype).replace("torch.", ""), "rank": args.rank, "targets": list(args.targets),
         "adapter_bytes": loaded[0].nbytes, "max_tokens": max_tokens, "requests_per_client": requests,
-        "rounds": rounds, "machine": machine(), "results": results,
+        "rounds": rounds, "machine": machine(), "results": results, "step_costs": costs,
         "targets_met": {
             "mixed_vs_base_ge_0.9_at_8_and_32": all(results[str(c)]["ratio_mixed_base"] >= 0.9 for c in conc if c >= 8),
             "mixed_vs_peft_ge_2_at_32": results[str(max(conc))]["ratio_mixed_peft"] >= 2.0,

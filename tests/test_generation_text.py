@@ -105,6 +105,7 @@ def test_the_generation_benchmark_runs_on_the_tiny_base(tmp_path, monkeypatch):
     row = result["results"]["3"]
     for method in ("mixed", "base", "peft"):
         assert row[method]["tokens_per_s"] > 0 and row[method]["ttft_p50_s"] >= 0
+    assert result["step_costs"]["3"]["decode_step_ms"]["mixed"] > 0 and set(result["step_costs"]) == {"3"}
     assert len(row["ratios_mixed_base"]) == 1 and set(result["targets_met"]) == {
         "mixed_vs_base_ge_0.9_at_8_and_32", "mixed_vs_peft_ge_2_at_32"}
 

@@ -63,3 +63,17 @@ def test_tailor_chat_streams_the_reply(served_generation, chatter, capsys):  # n
     assert cli.main([*base, "chat", "nobody", "hi"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: 404 model_not_found") and "nobody" in err
+
+
+def test_tailor_train_sends_chats_as_a_text_generation_job(served_generation, chatter, tmp_path, capsys):  # noqa: F811
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": str(2 * i)}]} for i in range(12)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--url", served_generation.url, "--key", chatter]
+    assert cli.main([*base, "train", "bot", str(path)]) == 0  # no --task: the task comes from the data
+    job = json.loads(capsys.readouterr().out)
+    assert job["task"] == "text-generation" and job["adapter"] == "bot" and job["status"] == "queued", job
+    with TailorClient(served_generation.url, chatter) as client:
+        assert client.get_file(job["training_file"])["task"] == "text-generation"
+        client.cancel_job(job["id"])  # no training workers here: it would stay queued

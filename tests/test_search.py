@@ -73,8 +73,9 @@ def test_candidates_rungs_and_choice_are_reported_within_the_budget(searched):
     assert p["budget_epochs"] == 6 * 1 + 2 * 2 + 1 * 6 and p["budget_steps"] == 5 * p["budget_epochs"]
     # every candidate reached the rung and was scored; the best third goes on, best first
     assert [c["name"] for c in rung0["candidates"]] == names and len(rung0["kept"]) == 2
-    assert all(c["epochs"] == 1 and c["val_accuracy"] is not None for c in rung0["candidates"])
-    score = {c["name"]: (c["val_accuracy"], -c["val_loss"]) for c in rung0["candidates"]}
+    assert all(c["epochs"] == 1 and c["val_loss"] is not None for c in rung0["candidates"])
+    score = {c["name"]: (-c["val_loss"], c["val_accuracy"] if c["val_accuracy"] is not None else -1)
+             for c in rung0["candidates"]}
     assert min(score[n] for n in rung0["kept"]) >= max(score[n] for n in names if n not in rung0["kept"])
     assert [c["name"] for c in rung1["candidates"]] == rung0["kept"]
     assert all(c["epochs"] == 3 for c in rung1["candidates"]) and len(rung1["kept"]) == 1

@@ -133,7 +133,15 @@ function tenantsView(host, life) {
     }
   });
   host.append(h("section", { class: "card" }, h("h2", { text: "Tenants" }), form, createErr, created, err, body, keysHost));
-  life.every(async () => { await load(); return true; }, 10000);
+  life.every(async () => {
+    try {
+      await load();
+      showError(err, null);
+    } catch (e) {
+      showError(err, e);
+    }
+    return true;
+  }, 10000);
 }
 
 export function render(main) {

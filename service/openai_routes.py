@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -46,6 +46,8 @@ Tenant = Annotated[str, Depends(require_tenant)]
 
 router = APIRouter(tags=["openai"])
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# what a request whose client left before its answer "answers" (nobody reads it; nginx's 499 in the metrics)
+CLIENT_GONE = Response(status_code=499)
 T = TypeVar("T")
 
 
@@ -80,7 +82,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
         usage = body.stream_options is not None and body.stream_options.include_usage
         return _sse(request, state, stream, reply.chat_events(stream, usage))
     text = await _until_done(request, state, stream, _collect(stream))
-    return reply.chat(text, stream)
+    return CLIENT_GONE if text is None else reply.chat(text, stream)
 
 
 @router.post("/v1/completions", response_model=Completion)
@@ -103,7 +105,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant,
         usage = body.stream_options is not None and body.stream_options.include_usage
         return _sse(request, state, stream, reply.completion_events(stream, usage))
     text = await _until_done(request, state, stream, _collect(stream))
-    return reply.completion(text, stream)
+    return CLIENT_GONE if text is None else reply.completion(text, stream)
 
 
 # -- answers ----------------------------------------------------------------------------------------
@@ -173,19 +175,25 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _until_done(request: Request, state: TailorState, stream: GenerationStream, work: Awaitable[T]) -> T:
-    """``work`` (a coroutine reading ``stream``), unless the client leaves first: then the stream is
-    cancelled (its sequence freed at the engine's next step) and so is ``work``."""
+async def _until_done(request: Request, state: TailorState, stream: GenerationStream,
+                      work: Awaitable[T]) -> T | None:
+    """``work`` (a coroutine reading ``stream``); None when the client left first: then the stream is
+    cancelled (its sequence freed at the engine's next step), which ends ``work`` at once."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself was cancelled (the server is stopping)
+        _cancel(state, stream)
+        task.cancel()
+        raise
     finally:
         watch.cancel()
-        if not task.done():
-            _cancel(state, stream)
-            task.cancel()
-    return await task
+    if task in done:
+        return task.result()
+    _cancel(state, stream)
+    await task  # ends at once: a cancelled stream has ended
+    return None
 
 
 def _cancel(state: TailorState, stream: GenerationStream) -> None:

@@ -237,3 +237,77 @@ def compare_slot_bank_graph(base: Any, engine: Engine, batch: dict[str, torch.Te
                 [g / s for g, s in zip(times["gathered_inputs"], times["slot_bank_in_graph"])])),
             "max_abs_diff_pooled": float((kept_pooled - variant_pooled).abs().max()),
             "slot_bank_capacity": engine.slots.capacity}
+
+
+def main() -> None:
+    """``python -m bench.engine_onnx [--quick] --out FILE``: the ONNX rows with the torch rows
+    they are compared with (``base``, ``tailor``) on the same batches, interleaved -- the full
+    ``bench.engine`` run without peft, ``set_adapter`` and the cold-load/memory phases (for a
+    machine too busy to run all of it)."""
+    import os
+    import tempfile
+
+    from adapters.base import load_base
+    from adapters.registry import Registry
+    from adapters.store import LocalStore
+    from bench.common import interleaved, machine, parser, plot_lines, write
+    from bench.engine import BASE_ROWS, COUNTS, text_workload
+
+    p = parser("ONNX Runtime vs torch, mixed-tenant batches (MiniLM)")
+    p.add_argument("--rounds", type=int, default=None)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    w = text_workload(quick=args.quick, base=load_base())
+    rounds = args.rounds or (5 if args.quick else 15)
+    with tempfile.TemporaryDirectory(prefix="tailor-bench-onnx-") as tmp_name:
+        tmp = Path(tmp_name)
+        catalog = Catalog(Registry(f"sqlite:///{tmp}/registry.db"), LocalStore(tmp / "store"))
+        catalog.registry.create_tenant("bench", quotas={"max_adapters": 1000})
+        engine = Engine(w.base, catalog, EngineConfig(device_slots=129, max_batch_size=128))
+        for i in range(max(COUNTS)):
+            catalog.publish("bench", f"a{i}", w.artifact(i), promote=True)
+        loaded = [engine.acquire(engine.resolve("bench", f"a{i}")) for i in range(max(COUNTS))]
+        pristine = w.pristine.eval()
+        rig = OnnxRig.build(w.base, pristine, catalog, engine.config, tmp)
+        rows_per_s: dict[str, dict[str, float]] = {m: {} for m in ("base", "tailor", *METHODS)}
+        paired: dict[str, dict[str, float]] = {}
+        for k in COUNTS:
+            n = max(BASE_ROWS, k)
+            batch = w.inputs(n)
+            rows = [loaded[i % k] for i in range(n)]
+            ours = torch.stack(list(engine.forward(batch, rows).logits))
+            rig.check(k, batch, rows, ours)
+            fns = {"base": lambda: _plain(w, pristine, batch), "tailor": lambda: engine.forward(batch, rows),
+                   **rig.fns(batch, rows)}
+            times = interleaved(fns, rounds=rounds)
+            for m, ts in times.items():
+                rows_per_s[m][str(k)] = n / float(np.median(ts))
+            paired[str(k)] = ratios(times)
+            if k == 32:
+                rig.alternative = compare_slot_bank_graph(w.base, rig.engines["fp32"], batch, rows, rounds)
+            print(k, {m: round(v[str(k)], 1) for m, v in rows_per_s.items()}, paired[str(k)], flush=True)
+    result = {
+        "task": "text", "quick": args.quick, "machine": machine(), "device": "cpu", "dtype": "float32",
+        "what": "bench.engine's ONNX rows beside its torch base and tailor rows (no peft, set_adapter, cold loads)",
+        "batch": {"rows": {str(k): max(BASE_ROWS, k) for k in COUNTS}, **w.describe, "rounds": rounds,
+                  "statistic": "median"},
+        "rows_per_s": rows_per_s,
+        "onnx": {"graphs": rig.facts, "parity_vs_torch": rig.parity, "paired_ratios": paired,
+                 "paired_what": "median over rounds of (slower method's time / faster method's time) in the same "
+                                "round: X_vs_Y is how many times faster X ran than Y",
+                 "plan_and_feeds_ms": rig.outside_ms, "slot_bank_in_graph": rig.alternative},
+    }
+    write(args.out, result)
+    plot_lines(args.out.with_suffix(".png"), "Mixed-tenant throughput, torch vs ONNX Runtime (MiniLM, r=8 q/v, 64 tokens)",
+               "distinct adapters in the batch", "rows / s",
+               {m: {int(k): v for k, v in per.items()} for m, per in rows_per_s.items()}, logx=True)
+
+
+def _plain(w: Any, model: torch.nn.Module, batch: Any) -> Any:
+    with torch.inference_mode():
+        return w.call(model, batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,9 +9,10 @@ Contract:
   ``pooled`` (its pooled output ``[B, H]``, what a ``*ForSequenceClassification`` head reads).
   Pooling and the per-row heads stay in torch after the graph (fp32, tiny). Batch, sequence,
   LoRA batch, rank and column axes are dynamic.
-* The export runs on a deep copy of the model (the serving model is never touched) whose
-  ``MultiLoraLinear`` layers are replaced by ``_GraphLora`` layers computing
-  ``y = base(x) + (x @ A_group)[..., cols] @ B`` from the inputs. The legacy TorchScript
+* The export runs on a deep copy of the model (``graph_copy``: the serving model is never
+  touched) whose ``MultiLoraLinear`` layers are replaced by ``_GraphLora`` layers computing
+  ``y = base(x) + (x @ A_group)[..., cols] @ B`` from the inputs (1x1 convs: ``_GraphConvLora``,
+  the same at every pixel; ``adapters.runtime.onnx.export_image`` exports vision bases). The legacy TorchScript
   exporter (``dynamo=False``) is used: it needs no ``onnxscript``.
 * Anything that stops the export (an unsupported op, a model without a backbone) raises
   ``ExportError`` naming why; the caller serves on torch instead. The exported graph is
@@ -31,6 +32,7 @@ from torch import nn
 
 from adapters.base import BaseModel
 from adapters.pooling import backbone
+from adapters.runtime.lora_conv import MultiLoraConv1x1, is_plain_pointwise
 from adapters.runtime.lora_layer import MultiLoraLinear
 from adapters.runtime.onnx.layout import GraphLayout
 
@@ -61,12 +63,13 @@ class _Feeds:
         self.b = {n.partition(".")[2]: t for n, t in zip(names[n_groups:], tensors[n_groups:])}
         self._down = {}
 
-    def delta(self, path: str, x: torch.Tensor) -> torch.Tensor:
+    def delta_rows(self, path: str, rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """``rows [B, N, d_in]`` -> this module's delta ``[B, N, d_out]``. Siblings reading the
+        same input (``key``) share one ``x @ A`` of the whole group."""
         group = self.group_of[path]
         cached = self._down.get(group)
-        if cached is None or cached[0] is not x:  # siblings reading the same input share x @ A
-            rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, d_in]; a 2-D input is T = 1
-            cached = (x, torch.matmul(rows, self.a[group]))
+        if cached is None or cached[0] is not key:
+            cached = (key, torch.matmul(rows, self.a[group]))
             self._down[group] = cached
         xa = cached[1]
         start: Any = 0
@@ -75,7 +78,12 @@ class _Feeds:
                 break
             start = start + self.b[m].shape[1]
         b = self.b[path]
-        return torch.matmul(xa[..., start:start + b.shape[1]], b).reshape(*x.shape[:-1], b.shape[2])
+        return torch.matmul(xa[..., start:start + b.shape[1]], b)
+
+    def delta(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """A linear layer's delta for ``x [..., d_in]`` (a 2-D input is one row of one token)."""
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        return self.delta_rows(path, rows, x).reshape(*x.shape[:-1], self.b[path].shape[2])
 
 
 class _GraphLora(nn.Module):
@@ -95,6 +103,23 @@ class _GraphLora(nn.Module):
         return self.base_layer(x) + self.feeds.delta(self.path, x)
 
 
+class _GraphConvLora(nn.Module):
+    """A 1x1 convolution's LoRA: the linear delta at every pixel (``x`` as ``[B, H*W, C]``)."""
+
+    def __init__(self, base_layer: nn.Conv2d, path: str, feeds: _Feeds) -> None:
+        super().__init__()
+        self.base_layer, self.path, self.feeds = base_layer, path, feeds
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        rows = x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+        return y + self.feeds.delta_rows(self.path, rows, x).transpose(1, 2).reshape(y.shape)
+
+
 class _Wrapper(nn.Module):
     def __init__(self, inner: nn.Module, feeds: _Feeds, token_names: tuple[str, ...]) -> None:
         super().__init__()
@@ -110,44 +135,60 @@ class _Wrapper(nn.Module):
         return out.last_hidden_state, pooled
 
 
-def export_text_graph(base: BaseModel, path: Path | None = None, *, opset: int = OPSET) -> bytes:
-    """Export ``base`` (see the module docstring); returns the graph's bytes (also written to
-    ``path`` when given). Raises ``ExportError``."""
+def graph_copy(base: Any) -> tuple[nn.Module, _Feeds, GraphLayout]:
+    """A deep copy of ``base.model`` (fp32, eval) whose adapted layers read their LoRA from the
+    returned ``_Feeds``: linears become ``_GraphLora``, 1x1 convs ``_GraphConvLora``."""
     if base.device.type != "cpu":
         raise ExportError(f"the ONNX export runs on CPU; this base is on {base.device}")
     layout = GraphLayout.of(base.spec)
     model = copy.deepcopy(base.model).float().eval()
-    inner = backbone(model)
-    if inner is None:
-        raise ExportError(f"{type(model).__name__} has no backbone to export")
     feeds = _Feeds(layout)
     for p in base.spec.linear_shapes:
         parent_path, _, child = p.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         layer = getattr(parent, child)
-        lin = layer.base_layer if isinstance(layer, MultiLoraLinear) else layer
-        if not isinstance(lin, nn.Linear):
-            raise ExportError(f"{p} is a {type(lin).__name__}, not a linear layer")
-        setattr(parent, child, _GraphLora(lin, p, feeds))
-    sample_tokens = base.tokenize(["a short text", "and a second, somewhat longer text to pad"])
-    token_names = tuple(n for n in TOKEN_INPUTS if n in sample_tokens)
-    wrapper = _Wrapper(inner, feeds, token_names).eval()  # export restores the mode it found
-    args = tuple(sample_tokens[n] for n in token_names) + tuple(layout.sample(batch=2))
-    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in token_names}
-    axes.update(layout.dynamic_axes())
-    axes.update({"hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}})
+        inner = layer.base_layer if isinstance(layer, (MultiLoraLinear, MultiLoraConv1x1)) else layer
+        if isinstance(inner, nn.Linear):
+            setattr(parent, child, _GraphLora(inner, p, feeds))
+        elif is_plain_pointwise(inner):
+            setattr(parent, child, _GraphConvLora(inner, p, feeds))
+        else:
+            raise ExportError(f"{p} is a {type(inner).__name__}, neither a linear layer nor a plain 1x1 conv")
+    return model, feeds, layout
+
+
+def export_module(wrapper: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str],
+                  output_names: list[str], axes: dict[str, dict[int, str]], opset: int) -> bytes:
+    """``torch.onnx.export`` (legacy exporter) to bytes; any failure is an ``ExportError``."""
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python values are expected
-            torch.onnx.export(wrapper, args, buf, dynamo=False, opset_version=opset,
-                              input_names=[*token_names, *layout.input_names], output_names=list(OUTPUTS),
-                              dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(wrapper.eval(), args, buf, dynamo=False, opset_version=opset,  # export restores the mode
+                              input_names=input_names, output_names=output_names, dynamic_axes=axes,
+                              do_constant_folding=True)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - any exporter failure means: serve this base on torch
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def export_text_graph(base: BaseModel, path: Path | None = None, *, opset: int = OPSET) -> bytes:
+    """Export ``base`` (see the module docstring); returns the graph's bytes (also written to
+    ``path`` when given). Raises ``ExportError``."""
+    model, feeds, layout = graph_copy(base)
+    inner = backbone(model)
+    if inner is None:
+        raise ExportError(f"{type(model).__name__} has no backbone to export")
+    sample_tokens = base.tokenize(["a short text", "and a second, somewhat longer text to pad"])
+    token_names = tuple(n for n in TOKEN_INPUTS if n in sample_tokens)
+    wrapper = _Wrapper(inner, feeds, token_names)
+    args = tuple(sample_tokens[n] for n in token_names) + tuple(layout.sample(batch=2))
+    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in token_names}
+    axes.update(layout.dynamic_axes())
+    axes.update({"hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}})
+    data = export_module(wrapper, args, [*token_names, *layout.input_names], list(OUTPUTS), axes, opset)
     if path is not None:
         Path(path).write_bytes(data)
     return data

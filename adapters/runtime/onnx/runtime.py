@@ -3,8 +3,8 @@
 Contract:
 
 * ``RuntimeChoice(runtime, quantize)`` (``adapters.runtime.onnx.choice``): what is asked for.
-* ``apply_runtime(engine, choice, cache_dir)`` swaps the engine's ``serving`` for an
-  ``OnnxTextServing`` when the choice asks for ONNX and the base can have it, and returns a
+* ``apply_runtime(engine, choice, cache_dir)`` swaps the engine's ``serving`` for its task's
+  ONNX serving (``PATHS``: ``OnnxTextServing``, ``OnnxImageServing``) when the choice asks for ONNX and the base can have it, and returns a
   ``RuntimeReport`` saying what serves and why. It never raises for a base that cannot: a
   CUDA or non-fp32 base, a task without an ONNX path, or a base whose export fails or
   disagrees with torch is logged with the reason and keeps torch. Nothing fails at request
@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,30 @@ from adapters.pooling import Pooling
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.onnx.choice import QUANTIZE, RUNTIMES, RuntimeChoice
 from adapters.runtime.onnx.export import OPSET, ExportError, export_text_graph
+from adapters.runtime.onnx.export_image import export_image_graph
 from adapters.runtime.onnx.graph_cache import GraphCache, GraphKey, check_graph_base, stamp
 from adapters.runtime.onnx.quantize import quantize_int8
 from adapters.runtime.onnx.serving import OnnxTextServing, verify
+from adapters.runtime.onnx.serving_image import OnnxImageServing
 from adapters.runtime.slots import SlotBank
 from adapters.synthetic import random_artifact
-from adapters.tasks import TEXT_CLASSIFICATION
+from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
 log = logging.getLogger("tailor.onnx")
 __all__ = ["QUANTIZE", "RUNTIMES", "RuntimeChoice", "RuntimeReport", "apply_runtime", "onnx_serving"]
 
 PARITY_TOLERANCE = 1e-3
+# per task kind: how its base exports, and the serving that runs the graph
+PATHS: dict[str, tuple[Callable[[Any], bytes], Callable[..., Any]]] = {
+    TEXT_CLASSIFICATION: (export_text_graph, OnnxTextServing),
+    IMAGE_CLASSIFICATION: (export_image_graph, OnnxImageServing),
+}
+# per task kind: three probe adapters unlike each other (rank, targets, labels, pooling)
+PROBES: dict[str, list[tuple[int, tuple[str, ...], int, str]]] = {
+    TEXT_CLASSIFICATION: [(2, ("query", "value"), 2, "pooler"), (4, ("dense",), 5, "mean"), (3, ("key",), 3, "cls")],
+    IMAGE_CLASSIFICATION: [(2, ("_expand_conv",), 2, "pooler"), (4, ("_project_conv",), 5, "pooler"),
+                           (3, ("_conv_head",), 3, "pooler")],
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,7 @@ class RuntimeReport:
 
 def onnx_unsupported(base: Any, choice: RuntimeChoice) -> str | None:
     """Why ``base`` cannot serve on ONNX under ``choice`` (None: it may try)."""
-    if base.spec.task != TEXT_CLASSIFICATION:
+    if base.spec.task not in PATHS:
         return f"no ONNX path for {base.spec.task} yet"
     if base.device.type != "cpu":
         return f"the ONNX path runs on CPU; this base is on {base.device}"
@@ -96,21 +110,22 @@ def apply_runtime(engine: Any, choice: RuntimeChoice, cache_dir: Path | None) ->
                          built_seconds=seconds)
 
 
-def onnx_serving(base: Any, torch_serving: Any, precision: str, cache_dir: Path) -> OnnxTextServing:
+def onnx_serving(base: Any, torch_serving: Any, precision: str, cache_dir: Path) -> Any:
     """The ONNX serving of ``base`` at ``precision`` (raises ``ExportError`` and friends)."""
     return _onnx_serving(base, torch_serving, precision, cache_dir)[0]
 
 
 def _onnx_serving(base: Any, torch_serving: Any, precision: str,
-                  cache_dir: Path) -> tuple[OnnxTextServing, bool, int]:
+                  cache_dir: Path) -> tuple[Any, bool, int]:
     cache = GraphCache(cache_dir)
     fp = base.spec.fingerprint
+    export, serving_class = PATHS[base.spec.task]
 
     def build_fp32() -> tuple[bytes, dict]:
         t0 = time.perf_counter()
-        graph = stamp(export_text_graph(base), fp, "fp32")
+        graph = stamp(export(base), fp, "fp32")
         seconds = time.perf_counter() - t0
-        candidate = OnnxTextServing(torch_serving, graph, precision="fp32")
+        candidate = serving_class(torch_serving, graph, precision="fp32")
         diff = verify(torch_serving, candidate, _probe_slots(base), probe_adapters(base))
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(f"the exported graph differs from torch by {diff:.2e} (tolerance {PARITY_TOLERANCE:g})")
@@ -126,7 +141,7 @@ def _onnx_serving(base: Any, torch_serving: Any, precision: str,
 
         graph, built_q = cache.get(GraphKey.current(fp, "int8", OPSET), build_int8)
         built = built or built_q
-    serving = OnnxTextServing(torch_serving, graph, precision=precision)
+    serving = serving_class(torch_serving, graph, precision=precision)
     check_graph_base(serving.session.get_modelmeta().custom_metadata_map, fp, precision)
     return serving, built, len(graph)
 
@@ -137,12 +152,12 @@ def _probe_slots(base: Any) -> SlotBank:
 
 
 def probe_adapters(base: Any) -> list[LoadedAdapter]:
-    """Three synthetic adapters unlike each other: ranks 2/4/3, targets query+value / every
-    dense layer (the pooler's too) / key, 2/5/3 labels, the pooler / mean / cls pooling."""
+    """Three synthetic adapters unlike each other (``PROBES``; text: ranks 2/4/3, targets
+    query+value / every dense layer (the pooler's too) / key, 2/5/3 labels, the pooler / mean /
+    cls pooling; images: the expand / project / head 1x1 convs)."""
     spec = base.spec
-    kinds = [(2, ("query", "value"), 2, "pooler"), (4, ("dense",), 5, "mean"), (3, ("key",), 3, "cls")]
     out = []
-    for i, (r, targets, n_labels, pooling) in enumerate(kinds):
+    for i, (r, targets, n_labels, pooling) in enumerate(PROBES[spec.task]):
         targets = tuple(t for t in targets if spec.match_target(t)) or (next(iter(spec.linear_shapes)),)
         art = random_artifact(spec, r=r, targets=targets, n_labels=n_labels, seed=100 + i)
         if Pooling(pooling).uses_tokens and not spec.pools_tokens:

@@ -14,7 +14,7 @@ Contract:
   ``MixedHead`` the torch path uses, so heads and pooling cannot drift between runtimes.
 * Sessions are thread-safe; each call binds its own inputs. ``threads``: ORT's intra-op
   threads (default: torch's, which the service sets per worker).
-* ``verify(torch_serving, onnx_serving, adapters)`` runs both on the probe texts, with a mixed
+* ``verify(torch_serving, onnx_serving, slots, adapters)`` runs both on the probe rows, with a mixed
   batch of the given adapters and base rows, and returns the largest absolute logit
   difference: the graph cache refuses a graph that does not match its base.
 """
@@ -45,6 +45,23 @@ def make_session(graph: bytes, threads: int | None = None) -> ort.InferenceSessi
     return ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def bind_input(io: ort.IOBinding, name: str, v: torch.Tensor) -> None:
+    """Bind a contiguous CPU tensor (int64 or fp32) as an input, in place: ORT reads torch's memory."""
+    io.bind_input(name, "cpu", 0, np.int64 if v.dtype == torch.int64 else np.float32, list(v.shape), v.data_ptr())
+
+
+def bind_output(io: ort.IOBinding, name: str, out: torch.Tensor) -> None:
+    """Bind a preallocated fp32 tensor as an output: ORT writes straight into it."""
+    io.bind_output(name, "cpu", 0, np.float32, list(out.shape), out.data_ptr())
+
+
+def check_layout(session: ort.InferenceSession, layout: GraphLayout, leading: int) -> None:
+    """Refuse a graph whose LoRA inputs (after ``leading`` others) are not ``layout``'s."""
+    names = [i.name for i in session.get_inputs()]
+    if names[leading:] != layout.input_names:
+        raise ValueError("the graph's LoRA inputs are not this base's layout")
+
+
 class OnnxTextServing:
     """A text base served through an ONNX graph (see the module docstring)."""
 
@@ -60,8 +77,7 @@ class OnnxTextServing:
         self.session = make_session(graph, threads)
         names = [i.name for i in self.session.get_inputs()]
         self.token_names = tuple(n for n in names if not n.startswith("lora_"))
-        if names[len(self.token_names):] != self.layout.input_names:
-            raise ValueError("the graph's LoRA inputs are not this base's layout")
+        check_layout(self.session, self.layout, len(self.token_names))
         self.head = getattr(self.base.model, self.base.head_name)
         self.hidden_size = self.spec.head_in_features
 
@@ -103,10 +119,9 @@ class OnnxTextServing:
         pooled = torch.empty(n, self.hidden_size, dtype=torch.float32)
         io = self.session.io_binding()
         for name, v in zip((*self.token_names, *self.layout.input_names), (*tokens, *lora)):
-            io.bind_input(name, "cpu", 0, np.int64 if v.dtype == torch.int64 else np.float32,
-                          list(v.shape), v.data_ptr())
-        io.bind_output("hidden", "cpu", 0, np.float32, list(hidden.shape), hidden.data_ptr())
-        io.bind_output("pooled", "cpu", 0, np.float32, list(pooled.shape), pooled.data_ptr())
+            bind_input(io, name, v)
+        bind_output(io, "hidden", hidden)
+        bind_output(io, "pooled", pooled)
         self.session.run_with_iobinding(io)
         return hidden, pooled
 
@@ -120,9 +135,9 @@ class OnnxTextServing:
         return self.head(pooled)  # MixedHead: per-row pooling and heads, reading the installed plan
 
 
-def verify(torch_serving: TextServing, onnx_serving: OnnxTextServing, slots: Any,
-           adapters: Sequence[LoadedAdapter]) -> float:
-    """Max abs logit difference between the two runtimes on the probe texts, every row mixed
+def verify(torch_serving: Any, onnx_serving: Any, slots: Any, adapters: Sequence[LoadedAdapter]) -> float:
+    """Max abs logit difference between the two runtimes (any task's serving and its ONNX twin)
+    on the task's probe rows, every row mixed
     (``adapters`` cycled, every third row a base row); ``slots``: a ``SlotBank`` to plan with."""
     texts = torch_serving.probe_rows()
     rows: list[LoadedAdapter | None] = [

@@ -84,9 +84,10 @@ class Metrics:
                                     ["reason"])
         self.ready = Gauge("tailor_ready", "1 once every enabled task's base model is loaded and its engine built",
                            multiprocess_mode="livemin")
-        self.time_to_first_token = Histogram("tailor_generation_time_to_first_token_seconds",
-                                             "From admission to a sequence's first token", task,
-                                             buckets=_LATENCY_BUCKETS)
+        self.time_to_first_token = Histogram(
+            "tailor_generation_time_to_first_token_seconds",
+            "From a request's submission (its wait for KV room included) to its first token", task,
+            buckets=_LATENCY_BUCKETS)
         self.inter_token = Histogram("tailor_generation_inter_token_seconds", "Between a sequence's tokens", task,
                                      buckets=_TOKEN_BUCKETS)
         self.tokens_generated = Counter("tailor_generation_tokens", "Tokens generated (every sequence)", task)

@@ -2,11 +2,12 @@
 
 ``mount_console(app)`` adds ``/ui`` (a redirect to ``/ui/``) and the files under ``/ui/``
 (``index.html`` for the directory; HTML, CSS and JavaScript modules, the vendored uPlot; no
-build step); a missing file is a plain-text 404. It must run before the app's catch-all JSON 404 route. Every console response,
-a 404 included, carries the security headers of ``SECURITY_HEADERS``: a Content-Security-Policy
-that allows only same-origin scripts, styles, images (and ``data:``/``blob:`` images for
-previews) and connections, no inline script or style attribute, no ``eval``, no framing; and
-``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``, ``X-Frame-Options: DENY``.
+build step); a missing file is a plain-text 404. It must run before the app's catch-all JSON
+404 route. Every console response, a 404 included, carries ``SECURITY_HEADERS``: a
+Content-Security-Policy that allows only same-origin scripts, styles, images (and
+``data:``/``blob:`` images for previews) and connections, no inline script or style attribute,
+no ``eval``, no framing; ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``,
+``X-Frame-Options: DENY``.
 
 The console has no routes of its own beyond these files: it reads and writes through the
 public ``/v1`` API with the key the user signs in with (kept in the page's session storage).

@@ -166,7 +166,7 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
 
 
 def build(base_setting: str, n_adapters: int, rank: int, targets: tuple[str, ...], max_batch: int,
-          workdir: Path) -> tuple[CausalBase, GenerationEngine, list[Any], Any]:
+          workdir: Path, with_peft: bool = True) -> tuple[CausalBase, GenerationEngine, list[Any], Any]:
     base = tiny_causal_base(0) if base_setting == "tiny" else load_causal_base(None)
     pristine = copy.deepcopy(base.model)
     catalog = Catalog(Registry(f"sqlite:///{workdir}/registry.db"), LocalStore(workdir / "store"))
@@ -178,6 +178,8 @@ def build(base_setting: str, n_adapters: int, rank: int, targets: tuple[str, ...
         catalog.registry.create_tenant(tenant)
         art = random_generation_artifact(base.spec, r=rank, targets=targets, seed=i, std=0.02)
         catalog.publish(tenant, "chat", art, promote=True, spec=base.spec)
+        if not with_peft:
+            continue
         folder = workdir / f"peft{i}"
         folder.mkdir()
         for name, data in export_peft(art, base.spec).items():
@@ -186,8 +188,8 @@ def build(base_setting: str, n_adapters: int, rank: int, targets: tuple[str, ...
             model = peft.PeftModel.from_pretrained(pristine, str(folder), adapter_name=f"a{i}")
         else:
             model.load_adapter(str(folder), adapter_name=f"a{i}")
-    assert model is not None
-    model.eval()
+    if model is not None:
+        model.eval()
     config = GenerationConfig(max_batch_size=max_batch, device_slots=max_batch + 1, kv_budget_bytes=2 << 30,
                               admission_timeout_s=600)
     engine = GenerationEngine(base, catalog, config)
@@ -205,11 +207,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", nargs="+", default=list(ALL_TARGETS))
+    p.add_argument("--step-costs-only", action="store_true",
+                   help="only the decode-step and bookkeeping costs (no closed loop, no peft)")
     args = p.parse_args()
     conc = args.concurrency or [1, 8, 32]
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     requests = args.requests or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 3)
+    if args.step_costs_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            base, engine, loaded, _ = build(args.base, max(conc), args.rank, tuple(args.targets), max(conc),
+                                            Path(tmp), with_peft=False)
+            try:
+                costs = {str(c): step_costs(engine, loaded[:c], prompts(engine, c), rounds) for c in conc if c > 1}
+            finally:
+                engine.close()
+        write(args.out, {"benchmark": "generate --step-costs-only", "quick": args.quick, "base": base.name,
+                         "rank": args.rank, "targets": list(args.targets), "adapter_bytes": loaded[0].nbytes,
+                         "machine": machine(), "step_costs": costs})
+        return
     with tempfile.TemporaryDirectory() as tmp:
         base, engine, loaded, model = build(args.base, max(conc), args.rank, tuple(args.targets), max(conc), Path(tmp))
         try:

@@ -324,3 +324,16 @@ def test_a_worker_process_trains_generation_jobs(tmp_path: Path) -> None:
     assert got.status == "succeeded" and got.error is None, got.error
     assert got.result["promoted"] and got.result["gate"]["baseline"]["val_loss"] > got.metrics["val_loss"]
     assert "loading the generation base (tiny:0)" in done.stderr and "MiniLM" not in done.stderr
+
+
+def test_parsing_generation_settings_does_not_import_the_generation_trainer() -> None:
+    """``JobManager.submit`` parses a job's settings: that must not load the training code."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from adapters.jobs.trainers import trainer_for\n"
+            "trainer_for('text-generation').parse({'epochs': 2, 'max_length': 1024})\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('adapters.training.generation_task', 'peft')))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

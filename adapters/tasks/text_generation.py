@@ -43,10 +43,10 @@ def parse_dataset(data: bytes, *, format: str | None = None, limits: Any = None,
 
 
 def trainer() -> TaskTrainer:
-    """``adapters.training.generation_task``'s trainer (imported here, on first use)."""
-    from adapters.training import generation_task
+    """``adapters.training.generation_trainer``'s trainer (its settings parse without the training code)."""
+    from adapters.training import generation_trainer
 
-    return generation_task.trainer()
+    return generation_trainer.trainer()
 
 
 def serving(base: Any) -> Any:

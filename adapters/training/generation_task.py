@@ -1,5 +1,5 @@
 """Text generation as a training task (``task_hooks.TrainingTask``) on a frozen ``CausalBase``,
-``train_generation`` (what a job runner calls for a generation job) and ``trainer()``.
+and ``train_generation`` (what a job runner calls for a generation job; ``generation_trainer`` names it).
 
 The trainable model is a deep copy of ``base.model`` (never the shared base) in fp32 with peft
 LoRA on the decoder's linear layers (``target_modules``; auto: every one, q/k/v/o and
@@ -40,7 +40,6 @@ from torch import nn
 from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
 from adapters.generation.datasets import Encoded, GenerationDataset, encode_all
 from adapters.tasks import TEXT_GENERATION, manifest_value
-from adapters.tasks.kind import TaskTrainer
 from adapters.training.callbacks import TrainCallbacks, TrainResult
 from adapters.training.divergence import Watch
 from adapters.training.generation_hyperparams import (
@@ -52,18 +51,6 @@ from adapters.training.task_hooks import ParamGroup, Poll
 
 EVAL_ROWS = 8  # validation examples per forward pass inside one of the loop's chunks
 IGNORE = -100
-
-
-def trainer() -> TaskTrainer:
-    """The text-generation job trainer (``adapters.tasks.kind.TaskTrainer``)."""
-
-    def resolve(hp: GenerationHyperparameters, n: int, method: str, base: Any) -> ResolvedGenerationHyperparameters:
-        return resolve_generation_hyperparameters(hp, n, method, base)
-
-    def train(base: Any, train_ds: GenerationDataset, val_ds: GenerationDataset, **kw: Any) -> TrainResult:
-        return train_generation(base, train_ds, val_ds, **kw)
-
-    return TaskTrainer(parse=GenerationHyperparameters.from_dict, resolve=resolve, train=train)
 
 
 def resolve_generation_hyperparameters(hp: GenerationHyperparameters, n_train: int, method: str,

@@ -45,7 +45,7 @@ import torch
 
 from adapters.generation.base import CausalBase, load_causal_base
 from adapters.generation.datasets import (
-    GenerationDataset, GenerationDatasetLimits, GenerationExample, Message, encode, encode_prompt, from_records,
+    GenerationDatasetLimits, GenerationExample, Message, encode, encode_prompt, from_records,
 )
 from adapters.jobs.generation_gate import merged, score
 from adapters.training import TrainCallbacks
@@ -268,4 +268,4 @@ def _short(m: dict[str, Any]) -> str:
     return ", ".join(f"{k} {m[k]:.4f}" for k in ("format_rate", "topic_accuracy", "test_loss") if k in m)
 
 
-__all__ = ["DATASET", "GenerationDataset", "main_generation", "run_generation"]
+__all__ = ["DATASET", "main_generation", "run_generation"]

@@ -2,9 +2,8 @@
 
 Handlers declared ``def`` run in FastAPI's threadpool (database and store work blocks);
 ``predict`` is ``async`` and sends its blocking parts (registry, store, image decoding) to the
-threadpool, then awaits the micro-batcher's future; only a lone request (an idle batcher,
-nobody else on the way: ``MicroBatcher.run_alone``) runs its forward pass on the event loop,
-sparing it two thread hand-offs when there is nothing else to serve.
+threadpool, then awaits the micro-batcher's future, so the event loop never waits on a
+forward pass.
 """
 
 from __future__ import annotations
@@ -168,17 +167,13 @@ async def predict(request: Request, tenant: Tenant, state: State) -> dict[str, A
         resolved, loaded = hit or await run_in_threadpool(ops.acquire, state, tenant, rows)
         inputs = await run_in_threadpool(ops.decode_rows, state, engine, rows) if rows.field == "images" \
             else ops.decode_rows(state, engine, rows)  # texts: a cheap check, on the loop
-        pairs = [(loaded, row) for row in inputs]
         try:
-            # an idle batcher runs a lone request here, on the loop: no thread hand-offs
-            preds = batcher.run_alone(pairs, tenant)
-            future = batcher.submit(pairs, tenant) if preds is None else None
+            future = batcher.submit([(loaded, row) for row in inputs], tenant)
         except TenantBusyError as e:
             state.metrics.refused_rows.labels("queue_full").inc()
             raise ApiError(429, "tenant_queue_full", e.message,
                            headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
-    if future is not None:
-        preds = await asyncio.wrap_future(future)
+    preds = await asyncio.wrap_future(future)
     state.metrics.predicted(rows.task, tenant, len(preds))
     return {
         "adapter": resolved.key.adapter, "version": resolved.key.version,

@@ -251,36 +251,3 @@ def test_announcements_belong_to_their_own_asyncio_task(world):
     with MicroBatcher(engine, max_batch_size=32, max_wait_ms=HOUR_MS, announced_arrivals=True) as batcher:
         asyncio.run(scenario(batcher))
         assert batcher.batches == 1 and batcher.recent[-1].requests == 2
-
-
-def test_an_idle_batcher_runs_a_lone_request_in_the_callers_thread(world):
-    engine, adapters = world
-    a, b = adapters["t2"], adapters["t3"]
-    with MicroBatcher(engine, max_batch_size=4, max_wait_ms=HOUR_MS, announced_arrivals=True) as batcher:
-        expected = batcher.submit([(a, "one"), (b, "two")]).result(timeout=60)
-        with batcher.incoming():
-            got = batcher.run_alone([(a, "one"), (b, "two")])
-        assert got is not None and all(same(p, q) for p, q in zip(got, expected))
-        assert batcher.alone == 1 and batcher.batches == 2 and batcher.held == 0
-        assert batcher.run_alone([(a, str(i)) for i in range(5)]) is None  # over max_batch_size: submit
-        with pytest.raises(Exception, match="inputs\\[0\\]"):
-            batcher.run_alone([(a, "bad \ud800")])  # refused exactly as submit refuses it
-        assert batcher.batches == 2
-
-
-def test_run_alone_declines_when_there_is_something_to_batch_with(world):
-    engine, adapters = world
-    a = adapters["t2"]
-    other = contextvars.copy_context()
-    with MicroBatcher(engine, max_batch_size=4, max_wait_ms=HOUR_MS, announced_arrivals=True) as batcher:
-        arriving = batcher.incoming()
-        other.run(arriving.__enter__)  # another request is on its way
-        with batcher.incoming():
-            assert batcher.run_alone([(a, "mine")]) is None  # wait for it instead: one pass for both
-            first = batcher.submit([(a, "mine")])
-        wait_until(lambda: batcher.waiting)
-        assert batcher.run_alone([(a, "third")]) is None  # rows are queued
-        second = other.run(batcher.submit, [(a, "theirs")])
-        other.run(arriving.__exit__, None, None, None)
-        first.result(timeout=60), second.result(timeout=60)
-        assert batcher.alone == 0 and batcher.batches == 1 and batcher.recent[-1].requests == 2

@@ -40,10 +40,6 @@ Other behaviour:
   lone request is taken at once, never held for its own announcement to end. A lone request
   at low load therefore runs at once instead of sitting out ``max_wait_ms``; under load,
   batches fill as before.
-* ``run_alone(rows)`` runs a request's rows at once in the caller's thread when there is
-  nothing to batch them with (nothing queued, no pass running, nobody else announced): a
-  lone request then makes no thread hand-off at all. It returns None, doing nothing, when the
-  batcher is not idle; the caller then ``submit``s as usual.
 * ``cores`` (``adapters.runtime.core_share.CoreShare``): every forward pass runs inside
   ``cores.lend()``, so a pass may use the cores the instance's other workers leave idle.
 * A request larger than its share of a batch is split across consecutive batches; its result
@@ -149,13 +145,11 @@ class MicroBatcher:
         self.announced_arrivals = announced_arrivals
         self.cores = cores
         self._incoming = 0  # announced requests that have not submitted yet
-        self._busy = False  # a pass is running (the batching thread's, or a run_alone caller's)
         self._queue: FairQueue[_Request] = FairQueue(max_queued_rows_per_tenant)
         self._cond = threading.Condition()
         self._closed = False
         self.waiting = False
         self.held = 0  # batches held open for more rows (a lone announced request never is)
-        self.alone = 0  # passes run by run_alone in their caller's thread
         self.batches = 0
         self.rows = 0
         self.errors = 0
@@ -175,7 +169,13 @@ class MicroBatcher:
         ``TaskMismatchError`` for an adapter of another task and ``TenantBusyError`` when the
         tenant already has too many rows waiting.
         """
-        rows = self._checked(rows)
+        rows = list(rows)
+        field = self.engine.task.input_field
+        for i, row in enumerate(rows):
+            if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], LoadedAdapter)):
+                raise TypeError(f"row {i} must be a (LoadedAdapter, row input) tuple")
+            self.engine.check_row(row[1], f"{field}[{i}]")
+            self.engine.check_adapter(row[0])
         req = _Request(rows, time.monotonic())
         if not rows:
             req.future.set_result([])
@@ -191,51 +191,6 @@ class MicroBatcher:
                 self._incoming -= 1
             self._cond.notify()
         return req.future
-
-    def run_alone(self, rows: list[Row], tenant: str | None = None) -> list[Prediction] | None:
-        """Run ``rows`` now, in the calling thread, when there is nothing to batch them with:
-        nothing queued, no pass running, no request announced but the caller's own, and at most
-        ``max_batch_size`` rows. Returns their predictions, raises what their request would fail
-        with (the same checks and forward as ``submit``: split on error, non-finite outputs), or
-        returns None without doing anything when the batcher is not idle (then ``submit``).
-
-        A lone request so skips the two thread hand-offs (to the batching thread and back) that
-        cost it most on a busy machine; the batching thread waits meanwhile.
-        """
-        rows = self._checked(rows)
-        if not rows:
-            return []
-        if len(rows) > self.max_batch_size:
-            return None
-        arrival = _ARRIVAL.get()
-        mine = arrival is not None and arrival.batcher is self and arrival.pending
-        with self._cond:
-            if self._closed or self._busy or self._queue.rows or self._incoming > int(mine):
-                return None
-            self._busy = True
-            if mine:
-                assert arrival is not None
-                arrival.pending = False
-                self._incoming -= 1
-        try:
-            req = _Request(rows, time.monotonic())
-            self._run_batch([(req, 0, len(rows))])
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-        self.alone += 1
-        return req.future.result(timeout=0)
-
-    def _checked(self, rows: list[Row]) -> list[Row]:
-        rows = list(rows)
-        field = self.engine.task.input_field
-        for i, row in enumerate(rows):
-            if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], LoadedAdapter)):
-                raise TypeError(f"row {i} must be a (LoadedAdapter, row input) tuple")
-            self.engine.check_row(row[1], f"{field}[{i}]")
-            self.engine.check_adapter(row[0])
-        return rows
 
     @contextmanager
     def incoming(self) -> Iterator[None]:
@@ -287,8 +242,8 @@ class MicroBatcher:
         """Wait for rows, then take up to max_batch_size of them fairly; None once closed."""
         with self._cond:
             while True:
-                while (not self._queue.rows or self._busy) and not self._closed:
-                    self._cond.wait()  # (busy: a run_alone pass is running in its caller's thread)
+                while not self._queue.rows and not self._closed:
+                    self._cond.wait()
                 if self._closed:
                     return None
                 oldest = self._queue.oldest_arrival()
@@ -308,7 +263,6 @@ class MicroBatcher:
                     return None
                 taken = self._queue.take(self.max_batch_size)
                 if taken:
-                    self._busy = True
                     return taken
                 # everything queued was cancelled: wait again
 
@@ -317,30 +271,22 @@ class MicroBatcher:
             taken = self._take()
             if taken is None:
                 return
-            try:
-                self._run_batch(taken)
-            finally:
-                with self._cond:
-                    self._busy = False
-
-    def _run_batch(self, taken: list[Slice]) -> None:
-        """One merged pass over ``taken``, its bookkeeping, and every caller's answer."""
-        t0 = time.perf_counter()
-        with self._lend():
-            outcomes = self._forward(taken, top=True)
-        elapsed = time.perf_counter() - t0
-        n_rows = sum(b - a for _, a, b in taken)
-        n_adapters = len({row[0].key for req, a, b in taken for row in req.rows[a:b]})
-        self.batches += 1  # counted before any caller sees its answer
-        self.rows += n_rows
-        self.recent.append(BatchRecord(n_rows, n_adapters, len({id(r) for r, _, _ in taken}), elapsed))
-        for (req, a, b), outcome in zip(taken, outcomes):
-            _deliver(req, a, b, outcome)
-        if self.on_batch is not None:
-            try:
-                self.on_batch(n_rows, n_adapters, elapsed)
-            except Exception:  # metrics must never break serving
-                log.exception("on_batch callback failed")
+            t0 = time.perf_counter()
+            with self._lend():
+                outcomes = self._forward(taken, top=True)
+            elapsed = time.perf_counter() - t0
+            n_rows = sum(b - a for _, a, b in taken)
+            n_adapters = len({row[0].key for req, a, b in taken for row in req.rows[a:b]})
+            self.batches += 1  # counted before any caller sees its answer
+            self.rows += n_rows
+            self.recent.append(BatchRecord(n_rows, n_adapters, len({id(r) for r, _, _ in taken}), elapsed))
+            for (req, a, b), outcome in zip(taken, outcomes):
+                _deliver(req, a, b, outcome)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(n_rows, n_adapters, elapsed)
+                except Exception:  # metrics must never break serving
+                    log.exception("on_batch callback failed")
 
     def _lend(self) -> AbstractContextManager[Any]:
         return self.cores.lend() if self.cores is not None else nullcontext()

@@ -16,7 +16,7 @@ from adapters.registry import Registry
 from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
 from adapters.training import HyperparameterError, Hyperparameters, TrainCallbacks, train
-from adapters.training.hyperparams import SEARCH_MAX_EXAMPLES
+from adapters.training.hyperparams import AUTO_SEARCH, SEARCH_MAX_EXAMPLES
 from adapters.training.search import plan
 from tests.training_data import sentiment
 
@@ -108,14 +108,18 @@ def test_the_search_is_deterministic_for_a_seed(base, searched):
 
 
 def test_explicit_hyperparameters_turn_the_search_off_for_those_fields(base):
-    small = 80
-    auto = Hyperparameters.from_dict({"epochs": 9}).resolve(small, "lora")
-    assert auto.search == ("learning_rate", "lora_r", "lora_alpha")  # on by default for a small set
-    assert Hyperparameters.from_dict({"learning_rate": 0.01}).resolve(small, "lora").search == ("lora_r", "lora_alpha")
-    assert Hyperparameters.from_dict({"lora_r": 4}).resolve(small, "lora").search == ("learning_rate",)
-    assert Hyperparameters.from_dict({"lora_r": 4, "learning_rate": 0.01}).resolve(small, "lora").search == ()
-    assert Hyperparameters.from_dict({"lora_alpha": 3}).resolve(small, "lora").search == ("learning_rate", "lora_r")
+    small, on = 80, {"search": True}
+    assert Hyperparameters.from_dict(on).resolve(small, "lora").search == ("learning_rate", "lora_r", "lora_alpha")
+    assert Hyperparameters.from_dict({**on, "learning_rate": 0.01}).resolve(small, "lora").search \
+        == ("lora_r", "lora_alpha")
+    assert Hyperparameters.from_dict({**on, "lora_r": 4}).resolve(small, "lora").search == ("learning_rate",)
+    assert Hyperparameters.from_dict({**on, "lora_r": 4, "learning_rate": 0.01}).resolve(small, "lora").search == ()
+    assert Hyperparameters.from_dict({**on, "lora_alpha": 3}).resolve(small, "lora").search \
+        == ("learning_rate", "lora_r")
     assert Hyperparameters.from_dict({"search": False}).resolve(small, "lora").search == ()
+    # "auto": the rule when AUTO_SEARCH is on (small LoRA runs only), else nothing
+    assert Hyperparameters().resolve(small, "lora").search == (("learning_rate", "lora_r", "lora_alpha")
+                                                                if AUTO_SEARCH else ())
     assert Hyperparameters().resolve(SEARCH_MAX_EXAMPLES + 1, "lora").search == ()  # too big to be cheap
     assert Hyperparameters.from_dict({"search": True, "epochs": 6}).resolve(5000, "lora").search  # asked for
     assert Hyperparameters.from_dict({"epochs": 5}).resolve(small, "lora").search == ()  # < 6 epochs: over budget
@@ -125,7 +129,7 @@ def test_explicit_hyperparameters_turn_the_search_off_for_those_fields(base):
         assert e.value.param == "hyperparameters.search"
     assert Hyperparameters().resolve(small, "head").search == Hyperparameters().resolve(small, "full").search == ()
     # an explicit learning rate and alpha stay what they were in every candidate
-    p = plan(Hyperparameters.from_dict({"epochs": 9, "learning_rate": 0.01, "lora_alpha": 3}).resolve(small, "lora"),
+    p = plan(Hyperparameters.from_dict({**on, "epochs": 9, "learning_rate": 0.01, "lora_alpha": 3}).resolve(small, "lora"),
              small)
     assert [c.values for c in p.candidates] == [{"lora_r": 8}, {"lora_r": 4}]
     assert {(c.hp.learning_rate, c.hp.lora_alpha) for c in p.candidates} == {(0.01, 3.0)}

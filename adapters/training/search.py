@@ -2,8 +2,9 @@
 
 What it does (``hp.search`` names the fields it picks: ``learning_rate`` and/or ``lora_r``,
 with ``lora_alpha`` following the rank as ``2 * r`` when it is auto too; see
-``hyperparams.Hyperparameters``, which turns the search on by default for LoRA runs of at most
-``SEARCH_MAX_EXAMPLES`` examples, and off for a field given explicitly):
+``hyperparams.Hyperparameters``: ``search: true`` turns it on for a LoRA run, "auto" only
+where ``AUTO_SEARCH`` says so -- off for now, as measured -- and a field given explicitly is
+never searched):
 
 * **Candidates**: the product of ``LR_FACTORS`` times the auto learning rate and
   ``RANKS`` (each only for a searched field): 6 when both are searched, 3 or 2 when one is.
@@ -17,8 +18,8 @@ with ``lora_alpha`` following the rank as ``2 * r`` when it is auto too; see
   of several points, and an early epoch that still predicts one label (a slow start, which the
   loop forgives) has no accuracy worth ranking, while the loss is smooth; measured on tweets,
   ranking by accuracy after one epoch dropped both faster rates for the slowest by chance --
-  and keeps the best third
-  (rounded up; only the best after the last rung). Ties go to the earlier candidate in the fixed order (middle values first), so
+  and keeps the best third (rounded up; only the best after the last rung). Ties go to the
+  earlier candidate in the fixed order (middle values first), so
   the choice is a function of the data and the seed only: with the search on, a run is as
   deterministic as one without (CPU). A candidate that diverges or stops early is scored on
   what it reached and trains no further.

@@ -64,6 +64,25 @@ export async function api(method, path, { json, form, query, key } = {}) {
   return body;
 }
 
+// A streamed POST (server-sent events): the Response once its status is OK, for the caller to
+// read its body; an error status throws ApiError like api(). signal: an AbortController's.
+export async function openStream(path, json, signal) {
+  let r;
+  try {
+    r = await fetch(new URL(path, window.location.origin), {
+      method: "POST", headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+      body: JSON.stringify(json), credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer", signal });
+  } catch (e) {
+    if (e && e.name === "AbortError") throw e;
+    throw new ApiError(0, "network_error", `the service did not answer (${e.message})`);
+  }
+  if (!r.ok) {
+    const body = await r.json().catch(() => null);
+    throw unauthorized(errorFrom(r.status, body, `${r.status} ${r.statusText}`));
+  }
+  return r;
+}
+
 // A binary download through fetch (the key stays in a header): {blob, filename}.
 export async function download(path) {
   const r = await fetch(new URL(path, window.location.origin),

@@ -1,4 +1,5 @@
-// Learning curves with the vendored uPlot: training loss per step, validation metrics per epoch.
+// Learning curves with the vendored uPlot: training loss per step, validation metrics per epoch
+// (a classifier's accuracy, macro-F1 and loss; a generator's loss and perplexity, log scale).
 //
 // lossChart(host) / validationChart(host) return {update(...), stop()}: update takes the samples
 // gathered from the job's metrics events so far and returns how many x values it draws; the chart
@@ -38,7 +39,9 @@ export function lossChart(host) {
   };
 }
 
-export function validationChart(host) {
+// task: a job's task; text generation has no accuracy or F1 but a loss and its perplexity.
+export function validationChart(host, task) {
+  if (task === "text-generation") return generationValidationChart(host);
   const { plot, stop } = make(host, {
     title: "Validation per epoch",
     scales: { x: { time: false }, score: { range: [0, 1] }, loss: {} },
@@ -56,6 +59,28 @@ export function validationChart(host) {
     update(points) {
       plot.setData([points.map((p) => p.epoch), points.map((p) => num(p.val_accuracy)),
                     points.map((p) => num(p.val_macro_f1)), points.map((p) => num(p.val_loss))]);
+    },
+    stop,
+  };
+}
+
+function generationValidationChart(host) {
+  const { plot, stop } = make(host, {
+    title: "Validation per epoch",
+    scales: { x: { time: false }, loss: {}, ppl: { distr: 3, log: 10 } },
+    axes: [{ label: "epoch" }, { scale: "loss", label: "val loss" },
+           { scale: "ppl", side: 1, label: "val perplexity (log)", grid: { show: false } }],
+    series: [
+      { label: "epoch" },
+      { label: "val loss", scale: "loss", stroke: "#dc2626", width: 2, points: { show: true } },
+      { label: "val perplexity", scale: "ppl", stroke: "#0891b2", width: 2, dash: [6, 4], points: { show: true } },
+    ],
+  }, [[], [], []]);
+  const pos = (x) => (typeof x === "number" && x > 0 ? x : null);
+  return {
+    update(points) {
+      plot.setData([points.map((p) => p.epoch), points.map((p) => (typeof p.val_loss === "number" ? p.val_loss : null)),
+                    points.map((p) => pos(p.val_perplexity))]);
     },
     stop,
   };

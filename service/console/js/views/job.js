@@ -1,8 +1,9 @@
 // One job: live training-loss and validation curves (polling GET /v1/jobs/{id} and its events),
 // progress, events, hyper-parameters as resolved, dataset, the gate's decision and why; cancel.
 //
-// Step events (data.total_steps: the loss every few steps) and epoch events (data.val_accuracy:
-// the epoch's mean training loss at its last step, and the validation metrics) draw the curves;
+// Step events (data.total_steps: the loss every few steps) and epoch events (data.epoch with
+// val_accuracy or, for text generation, val_perplexity: the epoch's mean training loss at its last
+// step, and the validation metrics) draw the curves; the validation chart is drawn for the job's task;
 // both are keyed by step/epoch, so a resumed job's repeats do not double.
 // The chart hosts carry data-points (how many samples they draw) for tests and screen readers.
 
@@ -36,7 +37,7 @@ export function render(main, id) {
     h("section", { class: "card" }, h("h2", { text: "Events" }), events));
 
   const loss = lossChart(lossHost);
-  const val = validationChart(valHost);
+  let val = null;  // drawn once the job's task is known
   const steps = new Map();
   const epochs = new Map();
   let after = 0;
@@ -47,7 +48,8 @@ export function render(main, id) {
     for (const e of list) {
       after = Math.max(after, e.id);
       const d = e.data && typeof e.data === "object" ? e.data : null;
-      if (e.type === "metrics" && d && typeof d.val_accuracy === "number" && typeof d.epoch === "number") {
+      if (e.type === "metrics" && d && typeof d.epoch === "number"
+          && (typeof d.val_accuracy === "number" || typeof d.val_perplexity === "number")) {
         epochs.set(d.epoch, d);
         valChanged = true;
         continue;
@@ -66,7 +68,7 @@ export function render(main, id) {
       const epochLoss = [...epochs.values()].filter((d) => typeof d.step === "number" && typeof d.train_loss === "number");
       lossHost.dataset.points = String(loss.update([...steps.values()], epochLoss));
     }
-    if (valChanged) {
+    if (valChanged && val) {
       const pts = [...epochs.values()].sort((a, b) => a.epoch - b.epoch);
       val.update(pts);
       valHost.dataset.points = String(pts.length);
@@ -133,6 +135,7 @@ export function render(main, id) {
     let j;
     try {
       j = await api("GET", `/v1/jobs/${enc(id)}`);
+      if (!val && life.alive) val = validationChart(valHost, j.task);
       let page;
       do {
         page = await api("GET", `/v1/jobs/${enc(id)}/events`, { query: { after, limit: 1000 } });
@@ -147,5 +150,5 @@ export function render(main, id) {
     drawJob(j);
     return ACTIVE.has(j.status);  // a finished job's events are all read: stop polling
   }, POLL_MS);
-  return () => { life.stop(); loss.stop(); val.stop(); };
+  return () => { life.stop(); loss.stop(); if (val) val.stop(); };
 }

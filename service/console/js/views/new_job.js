@@ -6,11 +6,14 @@ import { api, ApiError, upload } from "../api.js";
 import { h, replace, errorBox, showError, fmtBytes, fmtTime, NAME_RE } from "../dom.js";
 
 const TASKS = [["text-classification", "Text classification (JSONL or CSV of text,label)"],
-               ["image-classification", "Image classification (zip of label/<image> folders, or JSONL)"]];
+               ["image-classification", "Image classification (zip of label/<image> folders, or JSONL)"],
+               ["text-generation", 'Text generation (JSONL of chats {"messages": [...]} or {"prompt", "completion"})']];
 const HP_FIELDS = [["epochs", "int", "1-100"], ["learning_rate", "float", "e.g. 0.001"], ["batch_size", "int", "1-512"],
                    ["lora_r", "int", "LoRA rank"], ["patience", "int", "early-stop epochs"], ["seed", "int", "0+"]];
 
-function fileLabel(f) { return `${f.filename} · ${f.rows} rows · ${f.labels.length} labels · ${f.task} · ${fmtTime(f.created_at)}`; }
+// generation data has examples (chats or prompt/completion pairs), no labels
+function rowsOf(f) { return f.task === "text-generation" ? `${f.rows} examples` : `${f.rows} rows · ${f.labels.length} labels`; }
+function fileLabel(f) { return `${f.filename} · ${rowsOf(f)} · ${f.task} · ${fmtTime(f.created_at)}`; }
 
 export function render(main) {
   let alive = true;
@@ -59,7 +62,7 @@ export function render(main) {
   const uploadForm = h("form", { class: "card", id: "upload-form", method: "post", action: "" },
     h("h2", { text: "1. Data" }),
     h("label", { for: "task", text: "Task" }), task,
-    h("label", { for: "dataset-file", text: "Labelled data file" }), fileInput,
+    h("label", { for: "dataset-file", text: "Data file" }), fileInput,
     h("div", { class: "row" }, h("button", { type: "submit", id: "upload", text: "Upload" }), progress, progressText),
     uploadErr, uploaded);
   uploadForm.addEventListener("submit", async (e) => {
@@ -83,7 +86,8 @@ export function render(main) {
       progressText.textContent = `uploaded ${fmtBytes(f.bytes)}`;
       replace(uploaded, h("p", { class: "ok", id: "uploaded-file", dataset: { fileId: f.id } },
         h("span", { class: "mono", text: f.id }), " ", h("span", { text: f.filename }),
-        ` · ${f.rows} rows · labels: `, h("span", { class: "labels", text: f.labels.join(", ") }),
+        f.task === "text-generation" ? ` · ${f.rows} examples`
+          : [` · ${f.rows} rows · labels: `, h("span", { class: "labels", text: f.labels.join(", ") })],
         f.duplicates_dropped ? ` · ${f.duplicates_dropped} duplicates dropped` : ""));
       await loadFiles(f.id);
     } catch (e2) {

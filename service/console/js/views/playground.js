@@ -2,12 +2,13 @@
 // task, and see each prediction with every label's score as a bar (POST /v1/predict).
 //
 // Inputs are drawn by a panel per task kind (PANELS). A task kind without a panel shows a note,
-// never a wrong form. Generation adapters get a chat panel here once the service has
-// /v1/chat/completions: add PANELS["text-generation"] = chatPanel (a message list and a composer
-// that posts the OpenAI-style body), nothing else in this file changes.
+// never a wrong form. A panel with ownControls (the chat panel of text-generation adapters,
+// views/chat.js: POST /v1/chat/completions, streamed) has its own buttons and results: the form's
+// submit goes to its send(model), and Predict and Predictions hide.
 
 import { api } from "../api.js";
 import { h, replace, bar, errorBox, showError, fmtNum } from "../dom.js";
+import { chatPanel } from "./chat.js";
 
 const MAX_LINES = 16;
 
@@ -46,7 +47,7 @@ function imagePanel() {
   };
 }
 
-const PANELS = { "text-classification": textPanel, "image-classification": imagePanel };
+const PANELS = { "text-classification": textPanel, "image-classification": imagePanel, "text-generation": chatPanel };
 
 function prediction(shown, p) {
   const scores = Object.entries(p.scores).sort((a, b) => b[1] - a[1]);
@@ -82,6 +83,8 @@ export function render(main, preselect) {
     replace(panelHost, panel ? panel.node
       : h("p", { class: "muted", text: a ? `No playground for ${a.task || "an adapter without versions"} yet.` : "" }));
     go.disabled = !panel;
+    go.hidden = Boolean(panel && panel.ownControls);
+    resultsCard.hidden = go.hidden;
   }
   adapterSel.addEventListener("change", choosePanel);
 
@@ -94,6 +97,7 @@ export function render(main, preselect) {
     e.preventDefault();
     showError(err, null);
     if (!panel) return;
+    if (panel.ownControls) { panel.send(adapterSel.value + versionSel.value); return; }
     const req = panel.request(adapterSel.value + versionSel.value);
     if (!req) { showError(err, { message: "give at least one input", param: "inputs" }); return; }
     go.disabled = true;
@@ -108,7 +112,8 @@ export function render(main, preselect) {
       go.disabled = false;
     }
   });
-  main.append(form, h("section", { class: "card" }, h("h2", { text: "Predictions" }), meta, results));
+  const resultsCard = h("section", { class: "card" }, h("h2", { text: "Predictions" }), meta, results);
+  main.append(form, resultsCard);
 
   api("GET", "/v1/adapters").then((list) => {
     if (!alive) return;

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.artifact import AdapterArtifact, check_task
+from adapters.artifact import AdapterArtifact
 from adapters.catalog import Catalog
 from adapters.errors import AdapterOutputError, ArtifactError, InvalidInputError
 from adapters.generation.base import CausalBase
@@ -49,15 +49,14 @@ from adapters.generation.detok import TextAssembler
 from adapters.generation.sampling import Sampler, SamplingParams
 from adapters.generation.scheduler import Hooks, Request, Scheduler, SchedulerConfig
 from adapters.generation.stream import FinishReason, GenerationStream, Usage
-from adapters.names import parse_ref, validate_name
 from adapters.runtime.cache import ResidentCache
-from adapters.runtime.engine import ResolvedAdapter
+from adapters.runtime.adapter_access import AdapterAccess
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.lora_layer import wrap_linears
 from adapters.runtime.memory import tune_allocator
 from adapters.runtime.resolver import Resolver
 from adapters.runtime.slots import SlotBank
-from adapters.tasks import TEXT_GENERATION, task_of_manifest
+from adapters.tasks import TEXT_GENERATION
 
 ROLES = ("system", "user", "assistant")
 PROBE_CHAT = ({"role": "user", "content": "Hello! Can you help me?"},)
@@ -84,7 +83,7 @@ class GenerationConfig:
                                max_prefill_tokens=self.max_prefill_tokens)
 
 
-class GenerationEngine:
+class GenerationEngine(AdapterAccess):
     def __init__(
         self, base: CausalBase, catalog: Catalog, config: GenerationConfig | None = None, *,
         on_load: Callable[[float], None] | None = None,
@@ -95,6 +94,7 @@ class GenerationEngine:
         if base.spec.task != TEXT_GENERATION:
             raise TypeError(f"a generation engine needs a {TEXT_GENERATION} base, not {base.spec.task}")
         self.base = base
+        self.task_name = TEXT_GENERATION
         self.catalog = catalog
         self.config = config or GenerationConfig()
         if self.config.device_slots - 1 < self.config.max_batch_size:
@@ -112,56 +112,6 @@ class GenerationEngine:
                                    self.config.scheduler(), Hooks(on_first_token, on_token, on_finish))
         self.scheduler.start()
         self._template_lock = threading.Lock()  # tokenizers are not documented thread-safe
-
-    # -- resolution and loading (as adapters.runtime.engine.Engine) ---------------------------
-
-    def resolve(self, tenant: str, ref: str) -> ResolvedAdapter:
-        validate_name(tenant, "tenant")
-        name, selector = parse_ref(ref)
-        record = self.resolver.resolve(tenant, name, selector)
-        key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
-        return ResolvedAdapter(key=key, record=record)
-
-    def resident(self, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter] | None:
-        """``resolve`` + ``acquire`` from memory alone, or None when that needs I/O."""
-        validate_name(tenant, "tenant")
-        name, selector = parse_ref(ref)
-        record = self.resolver.cached(tenant, name, selector)
-        if record is None:
-            return None
-        key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
-        loaded = self.cache.peek(key)
-        return None if loaded is None else (ResolvedAdapter(key=key, record=record), loaded)
-
-    def acquire(self, resolved: ResolvedAdapter) -> LoadedAdapter:
-        return self.cache.get(resolved.key, lambda: self._load(resolved))
-
-    def prefetch(self, tenant: str, refs: list[str]) -> list[LoadedAdapter]:
-        return [self.acquire(self.resolve(tenant, ref)) for ref in refs]
-
-    def _load(self, resolved: ResolvedAdapter) -> LoadedAdapter:
-        try:
-            task = task_of_manifest(resolved.record.manifest)
-        except ValueError as e:
-            raise ArtifactError(f"adapter manifest: {e}", param="adapter") from None
-        check_task(task, TEXT_GENERATION)  # before any bytes are read
-        artifact = self.catalog.read(resolved.record, self.base.spec)
-        return LoadedAdapter.from_artifact(resolved.key, artifact, self.base.dtype)
-
-    def refresh(self, tenant: str, adapter: str | None = None) -> None:
-        self.resolver.invalidate(tenant, adapter)
-
-    def forget(self, tenant: str, adapter: str | None = None) -> None:
-        def match(k: VersionKey) -> bool:
-            return k.tenant == tenant and (adapter is None or k.adapter == adapter)
-
-        self.resolver.invalidate(tenant, adapter)
-        self.cache.discard(match)
-        self.slots.drop(match)
-
-    def check_adapter(self, adapter: LoadedAdapter) -> None:
-        """Refuse (``TaskMismatchError``) an adapter of another task than text generation."""
-        check_task(adapter.manifest.kind, TEXT_GENERATION)
 
     # -- text -----------------------------------------------------------------------------------
 

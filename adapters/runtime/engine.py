@@ -43,18 +43,16 @@ from typing import Any
 
 import torch
 
-from adapters.artifact import check_task
 from adapters.catalog import Catalog
-from adapters.errors import AdapterOutputError, ArtifactError
-from adapters.names import parse_ref, validate_name
-from adapters.registry import VersionRecord
+from adapters.errors import AdapterOutputError
+from adapters.runtime.adapter_access import AdapterAccess, ResolvedAdapter  # noqa: F401 - re-exported
 from adapters.runtime.cache import ResidentCache
 from adapters.runtime.context import use_plan
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.memory import tune_allocator
 from adapters.runtime.resolver import Resolver
 from adapters.runtime.slots import SlotBank
-from adapters.tasks import get_task, task_of_manifest
+from adapters.tasks import get_task
 from adapters.tasks.kind import TaskKind, TaskServing
 
 
@@ -66,16 +64,6 @@ class EngineConfig:
     max_batch_size: int = 64
     tune_allocator: bool = True  # see adapters.runtime.memory
     resolve_poll_seconds: float = 0.25  # how stale a cached prod alias may be (see resolver)
-
-
-@dataclass(frozen=True)
-class ResolvedAdapter:
-    key: VersionKey
-    record: VersionRecord
-
-    @property
-    def ref(self) -> str:
-        return f"{self.key.adapter}@{self.key.version}"
 
 
 @dataclass(frozen=True)
@@ -92,7 +80,7 @@ class BatchOutput:
     finite: list[bool]  # per row: every logit is finite (a base row: its features are)
 
 
-class Engine:
+class Engine(AdapterAccess):
     def __init__(
         self, base: Any, catalog: Catalog, config: EngineConfig | None = None, *,
         on_load: Callable[[float], None] | None = None,
@@ -104,6 +92,7 @@ class Engine:
         ``on_nonfinite(key)`` once per version the first time its outputs are not finite."""
         self.base = base
         self.task: TaskKind = get_task(base.spec.task)
+        self.task_name = self.task.name
         self.on_nonfinite = on_nonfinite
         self._nonfinite: set[VersionKey] = set()
         self._nonfinite_lock = threading.Lock()
@@ -120,58 +109,14 @@ class Engine:
         self.cache = ResidentCache(max_count=self.config.max_resident,
                                    max_bytes=self.config.max_resident_bytes, on_load=on_load)
 
-    # -- resolution and loading -----------------------------------------------------------
-
-    def resolve(self, tenant: str, ref: str) -> ResolvedAdapter:
-        validate_name(tenant, "tenant")
-        name, selector = parse_ref(ref)
-        record = self.resolver.resolve(tenant, name, selector)
-        key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
-        return ResolvedAdapter(key=key, record=record)
-
-    def resident(self, tenant: str, ref: str) -> tuple[ResolvedAdapter, LoadedAdapter] | None:
-        """``resolve`` + ``acquire`` answered from memory alone, or None when that needs the
-        registry or the store (then call those). Never blocks on I/O: an async caller may use it
-        on its event loop. Names are validated exactly as ``resolve`` does."""
-        validate_name(tenant, "tenant")
-        name, selector = parse_ref(ref)
-        record = self.resolver.cached(tenant, name, selector)
-        if record is None:
-            return None
-        key = VersionKey(tenant=tenant, adapter=name, version=record.version, sha256=record.sha256)
-        loaded = self.cache.peek(key)
-        return None if loaded is None else (ResolvedAdapter(key=key, record=record), loaded)
-
-    def acquire(self, resolved: ResolvedAdapter) -> LoadedAdapter:
-        return self.cache.get(resolved.key, lambda: self._load(resolved))
-
-    def prefetch(self, tenant: str, refs: list[str]) -> list[LoadedAdapter]:
-        """Load known-hot adapters into the resident set ahead of traffic."""
-        return [self.acquire(self.resolve(tenant, ref)) for ref in refs]
-
-    def _load(self, resolved: ResolvedAdapter) -> LoadedAdapter:
-        try:
-            task = task_of_manifest(resolved.record.manifest)
-        except ValueError as e:
-            raise ArtifactError(f"adapter manifest: {e}", param="adapter") from None
-        check_task(task, self.task.name)  # before any bytes are read; check_base checks it again
-        artifact = self.catalog.read(resolved.record, self.base.spec)
-        return LoadedAdapter.from_artifact(resolved.key, artifact, self.base.dtype)
-
-    def refresh(self, tenant: str, adapter: str | None = None) -> None:
-        """See this process's own alias changes at once (other processes' within the poll)."""
-        self.resolver.invalidate(tenant, adapter)
+    # -- resolution and loading (adapters.runtime.adapter_access.AdapterAccess) --------------
 
     def forget(self, tenant: str, adapter: str | None = None) -> None:
-        """Drop resident copies of a deleted adapter (or of every adapter of a tenant)."""
-        def match(k: VersionKey) -> bool:
-            return k.tenant == tenant and (adapter is None or k.adapter == adapter)
-
-        self.resolver.invalidate(tenant, adapter)
-        self.cache.discard(match)
-        self.slots.drop(match)
+        """Drop resident copies of a deleted adapter (or of every adapter of a tenant), and
+        forget that a version of it gave non-finite outputs."""
+        super().forget(tenant, adapter)
         with self._nonfinite_lock:
-            self._nonfinite = {k for k in self._nonfinite if not match(k)}
+            self._nonfinite = {k for k in self._nonfinite if not (k.tenant == tenant and adapter in (None, k.adapter))}
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -184,10 +129,6 @@ class Engine:
     def check_row(self, row: Any, param: str) -> None:
         """The task's cheap check that a decoded row may join a shared batch (see ``TaskServing``)."""
         self.serving.check_row(row, param)
-
-    def check_adapter(self, adapter: LoadedAdapter) -> None:
-        """Refuse (``TaskMismatchError``) an adapter of another task than this engine's."""
-        check_task(adapter.manifest.kind, self.task.name)
 
     @torch.inference_mode()
     def forward(self, inputs: Any, rows: list[LoadedAdapter | None]) -> BatchOutput:

@@ -16,12 +16,10 @@ from adapters.tasks import manifest_value
 IMAGE_TARGETS = ("_expand_conv", "_project_conv", "_conv_head")  # EfficientNet's pointwise convs
 
 
-def random_artifact(
-    spec: BaseSpec, *, r: int = 8, targets: tuple[str, ...] = ("query", "value"), n_labels: int = 2,
-    seed: int = 0, alpha: float | None = None, use_rslora: bool = False, std: float = 0.05,
-) -> AdapterArtifact:
-    """An adapter with non-zero A and B (so it really changes outputs) for ``spec``'s base."""
-    g = torch.Generator().manual_seed(seed)
+def random_lora(spec: BaseSpec, targets: tuple[str, ...], *, r: int, std: float,
+                generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Non-zero LoRA ``(A [r, d_in], B [d_out, r])`` for every layer of ``spec`` each target
+    matches, drawn from ``generator`` in target order; a target that matches none is a ValueError."""
     lora = {}
     for target in targets:
         paths = spec.match_target(target)
@@ -29,7 +27,18 @@ def random_artifact(
             raise ValueError(f"target {target!r} matches no linear layer of the base")
         for path in paths:
             d_in, d_out = spec.linear_shapes[path]
-            lora[path] = (torch.randn(r, d_in, generator=g) * std, torch.randn(d_out, r, generator=g) * std)
+            lora[path] = (torch.randn(r, d_in, generator=generator) * std,
+                          torch.randn(d_out, r, generator=generator) * std)
+    return lora
+
+
+def random_artifact(
+    spec: BaseSpec, *, r: int = 8, targets: tuple[str, ...] = ("query", "value"), n_labels: int = 2,
+    seed: int = 0, alpha: float | None = None, use_rslora: bool = False, std: float = 0.05,
+) -> AdapterArtifact:
+    """An adapter with non-zero A and B (so it really changes outputs) for ``spec``'s base."""
+    g = torch.Generator().manual_seed(seed)
+    lora = random_lora(spec, targets, r=r, std=std, generator=g)
     h = spec.head_in_features
     weights = AdapterWeights(
         lora=lora, head_weight=torch.randn(n_labels, h, generator=g) * 0.2,

@@ -12,6 +12,7 @@ import torch
 
 from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
 from adapters.fingerprint import BaseSpec
+from adapters.synthetic import random_lora
 from adapters.tasks import TEXT_GENERATION, manifest_value
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,14 +26,7 @@ def random_generation_artifact(
     if spec.task != TEXT_GENERATION:
         raise ValueError(f"a generation adapter needs a {TEXT_GENERATION} base, not {spec.task}")
     g = torch.Generator().manual_seed(seed)
-    lora = {}
-    for target in targets:
-        paths = spec.match_target(target)
-        if not paths:
-            raise ValueError(f"target {target!r} matches no linear layer of the base")
-        for path in paths:
-            d_in, d_out = spec.linear_shapes[path]
-            lora[path] = (torch.randn(r, d_in, generator=g) * std, torch.randn(d_out, r, generator=g) * std)
+    lora = random_lora(spec, targets, r=r, std=std, generator=g)
     weights = AdapterWeights(lora=lora, head_weight=torch.zeros(0, 0), head_bias=torch.zeros(0))
     manifest = AdapterManifest(
         base_fingerprint=spec.fingerprint, labels=(),

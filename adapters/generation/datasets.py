@@ -51,7 +51,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
-from adapters.datasets import DatasetLimits
+from adapters.datasets import DatasetLimits, _kind, _s, _show  # _*: the classification datasets' wording
 from adapters.errors import DatasetError
 
 ROLES = ("system", "user", "assistant")
@@ -544,27 +544,3 @@ def _jsonl_rows(text: str, collector: _Collector) -> Iterator[tuple[int, Any]]:
             collector.fail(line_no, f"not valid JSON: {error}")
         yield line_no, value
 
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({'true' if value else 'false'})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r})" if len(repr(value)) <= 40 else "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
-
-
-def _s(n: int) -> str:
-    return "" if n == 1 else "s"

@@ -45,6 +45,18 @@ def test_tiny_base_spec_and_fingerprint(base):
     assert base.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 heads of 16, fp32
 
 
+def test_the_tiny_base_pads_with_a_token_of_its_own_and_its_end_of_turn_has_an_embedding(base):
+    """With SmolLM2's pad (= its end of turn) Llama zeroed the end of turn's (tied) embedding: its
+    logit was 0 whatever an adapter learned, and a trained adapter could never stop."""
+    tok, model = base.tokenizer, base.model
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" != tok.eos_token
+    assert model.config.pad_token_id == tok.pad_token_id and model.config.eos_token_id == tok.eos_token_id
+    emb = model.get_input_embeddings().weight
+    assert float(emb[tok.eos_token_id].abs().sum()) > 0 and float(emb[tok.pad_token_id].abs().sum()) == 0
+    assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # tied: the eos logit can move
+    assert tok.eos_token_id in base.eos_token_ids and tok.pad_token_id not in base.eos_token_ids
+
+
 def test_settings_are_checked_at_start(tmp_path):
     with pytest.raises(ValueError, match="tiny:SEED"):
         load_causal_base("tiny:x")

@@ -14,7 +14,7 @@ from adapters.errors import DatasetError
 from adapters.generation.base import tokenizer_cache
 from adapters.generation.datasets import (
     CHAT, COMPLETION, GenerationDataset, GenerationDatasetLimits, check_validation, dump, encode, encode_prompt,
-    from_records, load, parse_dataset, split,
+    from_records, limits_for_base, load, parse_dataset, split,
 )
 from adapters.jobs import task_data
 from adapters.jobs.files import Files
@@ -142,6 +142,22 @@ def test_the_token_limit_applies_after_the_chat_template(tok: Any) -> None:
     short = GenerationDatasetLimits(min_examples=1, max_example_tokens=n - 1, tokenizer=tok)  # from the limits
     err = refusal(jsonl([chat(1), long]), limits=short)
     assert err.param == "line 2" and f"is {n} tokens after the chat template; the limit is {n - 1}" in err.message
+
+
+def test_a_served_base_checks_every_length_at_upload_capped_at_its_context(tok: Any) -> None:
+    """What the service uploads with (``limits_for_base``): the tenant's limits, the base's
+    tokenizer, at most 2,048 tokens or the base's context if shorter."""
+    tenant = DatasetLimits(max_rows=100, max_text_chars=20_000)
+    limits = limits_for_base(tenant, tok, 8192)
+    assert (limits.dataset, limits.tokenizer, limits.max_example_tokens) == (tenant, tok, 2048)
+    long = chat(0, "word " * 2100)
+    err = refusal(jsonl(CHATS[:3] + [long] + CHATS[3:]), limits=limits)
+    assert err.param == "line 4" and "tokens after the chat template; the limit is 2,048" in err.message
+    short = limits_for_base(tenant, tok, 64)
+    assert short.max_example_tokens == 64
+    assert refusal(jsonl(CHATS + [chat(1, "word " * 60)]), limits=short).param == "line 13"
+    assert len(parse_dataset(jsonl(CHATS), limits=short)) == 12
+    assert refusal(jsonl(CHATS[:9]), limits=short).param == "file"  # min_examples: still the default 10
 
 
 # -- the loss mask --------------------------------------------------------------------------

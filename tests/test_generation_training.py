@@ -17,7 +17,9 @@ from adapters.base import tiny_base
 from adapters.catalog import Catalog
 from adapters.errors import AdapterNotFoundError, DatasetError
 from adapters.generation.base import CausalBase, tiny_causal_base
-from adapters.generation.datasets import GenerationDataset, GenerationDatasetLimits, encode_prompt, from_records, split
+from adapters.generation.datasets import (
+    COMPLETION, GenerationDataset, GenerationDatasetLimits, GenerationExample, encode, encode_prompt, from_records, split,
+)
 from adapters.jobs import generation_gate
 from adapters.jobs.files import Files
 from adapters.jobs.gate import task_gate
@@ -31,8 +33,10 @@ from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
 from adapters.tasks import TEXT_GENERATION
 from adapters.training import HyperparameterError, TrainCallbacks, TrainingYielded
-from adapters.training.generation_hyperparams import GenerationHyperparameters
-from adapters.training.generation_task import example_stats, pad_batch, summarise, train_generation
+from adapters.training.generation_hyperparams import (
+    MAX_EPOCHS, MIN_STEPS, TARGET_STEPS, GenerationHyperparameters, total_steps,
+)
+from adapters.training.generation_task import _pad_id, example_stats, pad_batch, summarise, train_generation
 
 WORDS = ["apple", "river", "cloud", "stone", "green", "tiger", "piano", "lemon", "candle", "rocket", "mirror",
          "forest", "shadow", "garden", "silver", "winter"]
@@ -96,8 +100,6 @@ def test_training_lowers_validation_loss_below_the_base_and_changes_the_answers(
 
 def test_the_loss_counts_only_assistant_tokens(base: CausalBase) -> None:
     ex = from_records(chats(WORDS[:1]), limits=GenerationDatasetLimits(min_examples=1)).examples[0]
-    from adapters.generation.datasets import encode
-
     enc = encode(ex, base.tokenizer)
     batch = pad_batch([enc], base.tokenizer.pad_token_id)
     stats = example_stats(base.model, batch)
@@ -108,6 +110,33 @@ def test_the_loss_counts_only_assistant_tokens(base: CausalBase) -> None:
     assert int(stats[0, 1]) == int(keep.sum()) == 4
     assert float(stats[0, 0]) == pytest.approx(float(nll[keep].sum()), rel=1e-4)
     assert summarise(stats)["val_loss"] == pytest.approx(float(nll[keep].mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_padding_is_masked_and_every_turns_end_of_turn_is_learned(base: CausalBase, which: str) -> None:
+    """The end of turn (``<|im_end|>``, the end of sequence both bases stop on) is a learned token
+    of every assistant turn; padding never is. SmolLM2's own tokenizer pads with that very token
+    (the real base's pad is its end of turn): the mask, not the id, tells them apart."""
+    from transformers import AutoTokenizer
+
+    from adapters.generation.base import tokenizer_cache
+
+    tok = base.tokenizer if which == "tiny" else AutoTokenizer.from_pretrained(str(tokenizer_cache()),
+                                                                               local_files_only=True)
+    assert (tok.pad_token_id == tok.eos_token_id) == (which == "smollm2")
+    two_turns = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"},
+                              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
+    rows = [encode(e, tok) for e in from_records([two_turns, chats(WORDS[:1])[0]],
+                                                 limits=GenerationDatasetLimits(min_examples=1)).examples]
+    batch = pad_batch(rows, _pad_id(tok))
+    ids, mask, att = batch["input_ids"], batch["loss_mask"], batch["attention_mask"]
+    eos = tok.eos_token_id
+    for i, row in enumerate(rows):
+        learned = ids[i][mask[i]].tolist()
+        assert learned.count(eos) == (2 if i == 0 else 1) and learned[-1] == eos  # each turn ends learned
+        assert not mask[i][len(row):].any() and not att[i][len(row):].any()  # padding: masked, unattended
+    assert len(rows[1]) < len(rows[0]) and bool((ids[1][len(rows[1]):] == _pad_id(tok)).all())
+    assert (_pad_id(tok) == eos) == (which == "smollm2")
 
 
 def test_the_artifact_is_head_less_and_checked_against_the_base(base: CausalBase, trained: Any) -> None:
@@ -157,13 +186,34 @@ def test_an_example_over_max_length_is_refused_naming_its_line(base: CausalBase)
     assert caught.value.param == "row 6" and "tokens after the chat template; the limit is 40" in caught.value.message
 
 
-def test_auto_hyperparameters_from_50_to_20000_examples() -> None:
+@pytest.mark.parametrize(("examples", "n_train", "batch", "epochs", "steps", "lr"), [
+    (50, 40, 4, 10, 100, 1e-3),
+    (500, 450, 8, 5, 285, 1e-3),
+    (5_000, 4_500, 16, 1, 282, 5e-4),
+    (20_000, 18_000, 16, 1, 1_125, 2e-4),
+])
+def test_auto_hyperparameters_scale_from_50_to_20000_examples(examples: int, n_train: int, batch: int, epochs: int,
+                                                              steps: int, lr: float) -> None:
+    """The table of adapters.training.generation_hyperparams: a job's examples, held out as the
+    job runner holds them out (a fifth under 500, a tenth from 500), then auto values."""
+    ds = GenerationDataset(tuple(GenerationExample(prompt=f"q{i}", completion="a") for i in range(examples)),
+                           COMPLETION)
+    train, _ = split(ds, fraction=0.2 if examples < 500 else 0.1, seed=0)
+    hp = GenerationHyperparameters().resolve(len(train))
+    assert (len(train), hp.batch_size, hp.epochs, total_steps(len(train), hp), hp.learning_rate) == (
+        n_train, batch, epochs, steps, lr)
+    # the smallest sets still get MIN_STEPS updates; none runs past one pass once a pass holds TARGET_STEPS
+    assert total_steps(len(train), hp) >= MIN_STEPS
+    assert hp.epochs == 1 or total_steps(len(train), hp) <= 1.2 * TARGET_STEPS
+    assert hp.epochs <= MAX_EPOCHS and hp.batch_size <= 16
+
+
+def test_auto_hyperparameters_in_detail() -> None:
     auto = GenerationHyperparameters()
-    got = {n: auto.resolve(n) for n in (40, 450, 4_500, 18_000)}
-    assert [(h.epochs, h.batch_size, h.learning_rate) for h in got.values()] == [
-        (10, 8, 1e-3), (5, 8, 1e-3), (1, 16, 5e-4), (1, 16, 2e-4)]
-    h = got[40]
+    h = auto.resolve(40)
     assert (h.lora_r, h.lora_alpha, h.patience, h.max_length) == (8, 16.0, 2, 2048)
+    assert GenerationHyperparameters(batch_size=8).resolve(40).batch_size == 8  # asked for: kept
+    assert auto.resolve(8).batch_size == 2  # 10 examples (the least a dataset holds): 4 steps an epoch
     assert h.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert auto.resolve(40, max_context=512).max_length == 512
     with pytest.raises(HyperparameterError, match="method 'lora' only"):
@@ -203,8 +253,7 @@ def test_the_gate_decides_on_validation_loss() -> None:
 
 
 def test_the_gate_scores_what_training_validated(base: CausalBase, data: Any, trained: Any) -> None:
-    rows = [__import__("adapters.generation.datasets", fromlist=["encode"]).encode(e, base.tokenizer)
-            for e in data[1].examples]
+    rows = [encode(e, base.tokenizer) for e in data[1].examples]
     res = trained[0]
     scored = generation_gate.score(base, res.artifact, rows)
     assert scored["val_loss"] == pytest.approx(res.metrics["val_loss"], rel=1e-4) and scored["n"] == 4
@@ -270,10 +319,13 @@ def test_a_generation_job_trains_gates_and_publishes_an_adapter_that_answers_in_
     try:
         prompt = engine.encode_chat([{"role": "user", "content": "Tell me about the lantern."}])
         assert prompt == encode_prompt(question, base.tokenizer)  # training prompted exactly as serving does
-        params = SamplingParams(max_tokens=4, temperature=0)
+        params = SamplingParams(max_tokens=12, temperature=0)
         adapter = engine.acquire(engine.resolve("acme", "assistant"))
-        assert engine.submit(prompt, adapter, params).text().startswith(ANSWER)
-        assert not engine.submit(prompt, None, params).text().startswith(ANSWER[:5])
+        # the adapter answers and then stops on its own (it learned the end of turn); the base runs on
+        trained = engine.submit(prompt, adapter, params)
+        assert (trained.text(), trained.finish_reason, trained.usage.completion_tokens) == (ANSWER, "stop", 4)
+        untrained = engine.submit(prompt, None, params)
+        assert not untrained.text().startswith(ANSWER[:5]) and untrained.finish_reason == "length"
     finally:
         engine.close()
 

@@ -27,7 +27,11 @@ Contract:
   GGUF's content, so one cache may be shared by several homes.
 * ``tiny_causal_base(seed)``: a small random Llama (2 layers, hidden 64, 4 heads of 16, 2 KV
   heads) with SmolLM2's real tokenizer (converted once from the GGUF into the same cache, never
-  downloaded). Same seed, same weights and fingerprint in every process.
+  downloaded). Same seed, same weights and fingerprint in every process. Its pad token is
+  ``TINY_PAD`` (``<|endoftext|>``), not SmolLM2's ``<|im_end|>``: Llama zeroes the pad token's
+  embedding row (tied to ``lm_head``), so with ``<|im_end|>`` as pad its end-of-turn logit would
+  be 0 whatever an adapter learned, and a trained adapter could never stop. ``<|im_end|>`` (its
+  end of sequence) keeps a random embedding like every other token.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama",)  # config.model_type values the decoder forward supports
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY_SETTING = "tiny"
+TINY_PAD = "<|endoftext|>"  # the tiny base's pad token (SmolLM2's unk; never its end of turn)
 MANIFEST = "tailor_base.json"
 _hash_memo: dict[tuple[str, int, int], str] = {}
 _lock = threading.Lock()
@@ -235,6 +240,9 @@ def tiny_causal_base(seed: int = 0, *, device: str | None = "cpu", dtype: str | 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_cache(cache_dir)), local_files_only=True)
+    tokenizer.pad_token = TINY_PAD  # see the module docstring: the end of turn must keep an embedding
+    if tokenizer.pad_token_id in (tokenizer.eos_token_id, None):
+        raise ValueError(f"the tiny base's pad token {TINY_PAD!r} must be a token of its own, not the end of sequence")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,

@@ -21,6 +21,10 @@ Contract:
   (``adapters.datasets``): ``param="line N"`` and ``.line == N`` for files (N: 1-based physical
   line), ``param="row N"`` for records, ``param="file"`` (or ``what``) for the whole dataset;
   a message's field is named in the text, e.g. ``'messages[2].content' is empty``.
+  ``limits_for_base(tenant_limits, tokenizer, max_context)`` is what a service that holds the
+  generation base uploads with: every example's templated length is then checked at upload
+  (at most the default 2,048 tokens, or the base's context if shorter), so an over-long
+  example is refused naming its line before anything is stored.
 * Every text (a message's content, a prompt, a completion) is a string of at most
   ``dataset.max_text_chars`` characters that is not blank and holds no NUL or unpaired
   surrogate. ``dataset.max_rows`` counts rows as given (repeats included), so a huge file stops
@@ -48,7 +52,7 @@ import math
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol
 
 from adapters.datasets import DatasetLimits, _kind, _s, _show  # _*: the classification datasets' wording
@@ -177,6 +181,17 @@ def default_dataset_limits() -> GenerationDatasetLimits:
     """The limits ``parse_dataset`` applies when given none (no tokenizer: lengths are checked
     when a job encodes the data, naming the example's line)."""
     return GenerationDatasetLimits()
+
+
+def limits_for_base(dataset: DatasetLimits, tokenizer: ChatTokenizer, max_context: int) -> GenerationDatasetLimits:
+    """The limits of an upload for a served base: the tenant's ``dataset`` limits, the base's
+    tokenizer (so every example's length after the chat template is checked at upload, naming
+    its line, not first when a job encodes it) and ``max_example_tokens`` the default's, capped at
+    the base's context (what a job's ``max_length`` is by default: an example over it could not
+    train)."""
+    default = GenerationDatasetLimits()
+    return replace(default, dataset=dataset, tokenizer=tokenizer,
+                   max_example_tokens=max(1, min(default.max_example_tokens, int(max_context))))
 
 
 def parse_dataset(data: bytes, *, format: str | None = None, limits: GenerationDatasetLimits | None = None,

@@ -15,12 +15,29 @@ Auto values and why:
 * Learning rate 1e-3 under 1,000 training examples, 5e-4 from 1,000 and 2e-4 from 10,000 (AdamW,
   warmup 6%, linear decay, weight decay 0). LoRA on small decoders tolerates 1e-3 for short
   runs; long runs on many examples want a smaller rate for the same total update.
-* Batch 8 under 1,000 examples, 16 above (padded per batch to its longest example: short chats
-  cost little). Epochs aim at ~``TARGET_STEPS`` optimizer steps, clamped to 1..``MAX_EPOCHS``:
-  50 examples (40 train after the validation split) -> 10 epochs x 5 steps; 500 -> 5 x 57;
-  5,000 -> 1 x 282; 20,000 -> 1 x 1,125. A chat model over-fits a small set within a few
-  epochs, so small sets get more passes but never more than ``MAX_EPOCHS``; early stopping on
-  validation loss (patience 2) and the best epoch's weights keep the over-fitted tail out.
+* Batch 8 under 1,000 training examples, 16 above (padded per batch to its longest example:
+  short chats cost little), smaller for the smallest sets so that a run makes at least
+  ``MIN_STEPS`` optimizer steps over ``MAX_EPOCHS`` epochs (``batch <= n_train * MAX_EPOCHS /
+  MIN_STEPS``, at least 2). Epochs aim at ~``TARGET_STEPS`` optimizer steps, clamped to
+  1..``MAX_EPOCHS``. What a job gets (it holds out 20% under 500 examples, 10% from 500;
+  ``plan`` computes it, tests/test_generation_training.py checks the table):
+
+  ==========  =======  =====  ======  =====  ======  ===========
+  examples    train    batch  epochs  steps  lr      examples seen
+  ==========  =======  =====  ======  =====  ======  ===========
+  50          40       4      10      100    1e-3    400
+  500         450      8      5       285    1e-3    2,250
+  5,000       4,500    16     1       282    5e-4    4,500
+  20,000      18,000   16     1       1,125  2e-4    18,000
+  ==========  =======  =====  ======  =====  ======  ===========
+
+  Training time follows the examples seen (a step's cost grows with its batch): 45x from 50
+  to 20,000 examples for 400x the data. Steps stay near ``TARGET_STEPS`` until one epoch holds
+  more; from there a run is one pass over the data, so the dataset's ``max_rows`` quota bounds
+  it (50,000 rows: 2,813 steps). A chat model over-fits a small set within a few epochs, so
+  small sets get more passes but never more than ``MAX_EPOCHS``; early stopping on validation
+  loss (patience 2) and the best epoch's weights keep the over-fitted tail out. The lower
+  learning rates for big sets keep the total update of a long run near that of a short one.
 * ``max_length`` 2048 tokens (the dataset limit's default), capped at the base's context.
 
 These are the usual LoRA fine-tuning values for small instruction models, not a tuned result:
@@ -40,6 +57,7 @@ from adapters.training.hyperparams import AUTO, HyperparameterError, RequestedSe
 AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHOD = "lora"
 TARGET_STEPS = 300
+MIN_STEPS = 100  # what the smallest sets still get (smaller batches), 10 examples excepted
 MAX_EPOCHS = 10
 MAX_LENGTH = 2048
 
@@ -98,7 +116,7 @@ class GenerationHyperparameters(RequestedSettings):
         if method != METHOD:
             raise HyperparameterError(f"text-generation adapters train with method 'lora' only, got {method!r}",
                                       param="method")
-        batch = self._or("batch_size", 8 if n_train < 1000 else 16)
+        batch = self._or("batch_size", auto_batch_size(n_train))
         steps_per_epoch = max(1, math.ceil(n_train / batch))
         epochs = self._or("epochs", min(MAX_EPOCHS, max(1, round(TARGET_STEPS / steps_per_epoch))))
         lr = 1e-3 if n_train < 1000 else 5e-4 if n_train < 10_000 else 2e-4
@@ -115,6 +133,18 @@ class GenerationHyperparameters(RequestedSettings):
             lora_dropout=float(self._or("lora_dropout", 0.05)),
             target_modules=tuple(self._or("target_modules", AUTO_TARGETS)),
         )
+
+
+def auto_batch_size(n_train: int) -> int:
+    """8 under 1,000 training examples, 16 from 1,000; smaller where that would give fewer than
+    ``MIN_STEPS`` steps in ``MAX_EPOCHS`` epochs (at least 2)."""
+    batch = 8 if n_train < 1000 else 16
+    return max(2, min(batch, n_train * MAX_EPOCHS // MIN_STEPS))
+
+
+def total_steps(n_train: int, hp: ResolvedGenerationHyperparameters) -> int:
+    """Optimizer steps of a run of ``hp`` over ``n_train`` examples that is not stopped early."""
+    return hp.epochs * max(1, math.ceil(n_train / hp.batch_size))
 
 
 def _max_length(value: Any) -> int:

@@ -16,12 +16,15 @@ Reported per C and method: output tokens/s (all tokens / wall time, median over 
 first token and inter-token latency p50/p99 (engine: its ``on_first_token`` / ``on_token``
 hooks; peft: a logits processor stamping each step, so a static batch is credited with streaming
 it does not do), and the per-round ratios mixed/base and mixed/peft (targets: >= 0.9 at 8 and 32
-streams; >= 2 vs peft at 32). ``--base tiny`` runs the whole thing on the tiny random Llama (tests).
+streams; >= 2 vs peft at 32), and for the engine runs where its scheduler thread's time went
+(``scheduler_seconds``: KV growth, LoRA row copies, prefill and decode forwards, sampling).
+``--base tiny`` runs the whole thing on the tiny random Llama (tests).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 import tempfile
 import threading
 import time
@@ -51,8 +54,10 @@ def prompts(engine: GenerationEngine, n: int) -> list[list[int]]:
 
 
 def run_engine(engine: GenerationEngine, adapters: list[Any], prompt_ids: list[list[int]], requests: int,
-               max_tokens: int, lat: dict[str, list[float]]) -> tuple[int, float]:
-    """C closed-loop clients (one per adapter entry); returns (tokens, seconds)."""
+               max_tokens: int, lat: dict[str, list[float]], phases: dict[str, float] | None = None
+               ) -> tuple[int, float]:
+    """C closed-loop clients (one per adapter entry); returns (tokens, seconds). ``phases`` adds up
+    the scheduler's ``PhaseSeconds`` over the run."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     counts = [0] * len(adapters)
     errors: list[BaseException] = []
@@ -68,12 +73,16 @@ def run_engine(engine: GenerationEngine, adapters: list[Any], prompt_ids: list[l
 
     engine_hooks(engine, lat)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(adapters))]
+    before = asdict(engine.scheduler.seconds)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
+    if phases is not None:
+        for k, v in asdict(engine.scheduler.seconds).items():
+            phases[k] = phases.get(k, 0) + v - before[k]
     if errors:
         raise errors[0]
     return sum(counts), seconds
@@ -123,9 +132,13 @@ def run_peft(model: Any, tokenizer: Any, names: list[str], prompt_ids: list[list
 def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[list[int]], rounds: int
                ) -> dict[str, Any]:
     """What one decode step and the batch's bookkeeping cost, measured apart from the closed loop:
-    a decode step of C rows with C distinct adapters vs the same rows on the base (interleaved),
-    building the batch plan (gathering C adapters' weights), retiring a row (copying the last
-    row's KV into the hole) and growing the KV buffers. The scheduler is idle meanwhile."""
+    a decode step of C rows with C distinct adapters (the per-row LoRA kept in place, as the
+    scheduler runs it) vs the same rows on the base (interleaved); a row joining (its adapter
+    copied into the row buffer) and leaving (the last row moved into its hole); gathering all C
+    adapters from scratch (what a re-plan cost before the rows were kept in place); retiring a
+    row's KV and growing the KV buffers. The scheduler is idle meanwhile."""
+    from adapters.generation.engine import SEPARATE
+    from adapters.generation.rows import RowLoras
     from adapters.runtime.context import use_plan
     from bench.common import interleaved
 
@@ -139,7 +152,10 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
     dec.prefill(ids, [len(p) for p in prompt_ids], kv, 0)
     positions = torch.tensor([len(p) for p in prompt_ids])
     nxt = torch.full((c,), 42)
-    plan = engine.slots.plan(loaded)
+    spec = engine.base.spec
+    rows = RowLoras(spec.linear_shapes, engine.base.device, engine.base.dtype, c, separate=SEPARATE)
+    rows.append(loaded)
+    plan = rows.plan(0, c)
 
     def mixed() -> None:
         with use_plan(plan):
@@ -150,6 +166,14 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
 
     times = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
     plan_t = interleaved({"plan": lambda: engine.slots.plan(loaded)}, rounds=3)["plan"]
+    join_t, leave_t = [], []
+    for _ in range(3):  # a row in the middle leaves (the last moves in), then its adapter rejoins
+        t0 = time.perf_counter()
+        rows.remove(0)
+        t1 = time.perf_counter()
+        rows.append([loaded[0]])
+        join_t.append(time.perf_counter() - t1)
+        leave_t.append(t1 - t0)
     move_t = interleaved({"move": lambda: kv.move_row(c - 1, 0, int(positions[-1]))}, rounds=3)["move"]
     grow_t = []
     for _ in range(2):
@@ -161,7 +185,8 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
     step_mixed, step_base = median(times["mixed"]), median(times["base"])
     return {"rows": c, "decode_step_ms": {"mixed": 1e3 * step_mixed, "base": 1e3 * step_base},
             "decode_step_ratio_base_over_mixed": step_base / step_mixed,
-            "plan_build_ms": 1e3 * median(plan_t), "retire_row_copy_ms": 1e3 * median(move_t),
+            "row_join_ms": 1e3 * median(join_t), "row_leave_ms": 1e3 * median(leave_t),
+            "gather_from_scratch_ms": 1e3 * median(plan_t), "retire_row_copy_ms": 1e3 * median(move_t),
             "kv_grow_copy_ms": 1e3 * median(grow_t), "kv_row_width": width}
 
 
@@ -258,14 +283,15 @@ def bench(engine: GenerationEngine, loaded: list[Any], model: Any, base: CausalB
     run_peft(model, base.tokenizer, ["a0", "a1"], all_prompts[:2], 1, 2, {"ttft": [], "itl": []})
     for c in conc:
         lat = {m: {"ttft": [], "itl": []} for m in ("mixed", "base", "peft")}
+        phases: dict[str, dict[str, float]] = {"mixed": {}, "base": {}}
         rates: dict[str, list[float]] = {m: [] for m in lat}
         for r in range(rounds):
             for m in ("mixed", "base", "peft"):
                 ps = all_prompts[:c]
                 if m == "mixed":
-                    n, s = run_engine(engine, loaded[:c], ps, requests, max_tokens, lat[m])
+                    n, s = run_engine(engine, loaded[:c], ps, requests, max_tokens, lat[m], phases[m])
                 elif m == "base":
-                    n, s = run_engine(engine, [None] * c, ps, requests, max_tokens, lat[m])
+                    n, s = run_engine(engine, [None] * c, ps, requests, max_tokens, lat[m], phases[m])
                 else:
                     n, s = run_peft(model, base.tokenizer, [f"a{i}" for i in range(c)], ps, requests, max_tokens,
                                     lat[m])
@@ -276,6 +302,8 @@ def bench(engine: GenerationEngine, loaded: list[Any], model: Any, base: CausalB
             row[m] = {"tokens_per_s": median(rates[m]), "rounds_tokens_per_s": rates[m],
                       "ttft_p50_s": percentile(lat[m]["ttft"], 0.5), "ttft_p99_s": percentile(lat[m]["ttft"], 0.99),
                       "itl_p50_s": percentile(lat[m]["itl"], 0.5), "itl_p99_s": percentile(lat[m]["itl"], 0.99)}
+        for m, ph in phases.items():  # where the scheduler's time went, all rounds together
+            row[m]["scheduler_seconds"] = ph
         row["ratios_mixed_base"] = [a / b for a, b in zip(rates["mixed"], rates["base"])]
         row["ratios_mixed_peft"] = [a / b for a, b in zip(rates["mixed"], rates["peft"])]
         row["ratio_mixed_base"] = median(row["ratios_mixed_base"])

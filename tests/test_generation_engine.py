@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from adapters.base import tiny_base
 from adapters.catalog import Catalog
@@ -21,20 +20,14 @@ from adapters.generation.engine import GenerationConfig, GenerationEngine
 from adapters.generation.sampling import SamplingParams
 from adapters.generation.synthetic import random_generation_artifact
 from adapters.registry import Registry
-from adapters.runtime.loaded import LoadedAdapter
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
+from tests import torch_threads
+
+one_thread = torch_threads.one_thread  # autouse: one torch thread in this module
 
 CACHE = Path(tempfile.gettempdir()) / "tailor-test" / "bases"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model needs one core; on a busy 2-core box two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +278,17 @@ def test_the_scheduler_thread_serves_concurrent_submitters(make_engine):
         t.join()
     assert sorted(results) == [5] * 10
     assert engine.stats()["active_sequences"] == 0
+
+
+def test_adapters_are_copied_into_their_rows_once_per_join_not_per_step(make_engine):
+    engine = make_engine(max_batch_size=4)
+    engine.scheduler.eos = frozenset()  # every request runs its max_tokens: many steps of a stable batch
+    acme = engine.acquire(engine.resolve("acme", "chat"))
+    pirate = engine.acquire(engine.resolve("acme", "pirate"))
+    params = SamplingParams(max_tokens=12, temperature=0)
+    before, steps = engine.loras.rows_written, engine.stats()["steps"]
+    streams = [engine.submit(chat(engine, f"question {i}"), (acme, pirate, None)[i % 3], params) for i in range(6)]
+    assert [len(tokens(s)[0]) for s in streams] == [12] * 6
+    # a join copies its row, a leave at most the last row into its hole; a step copies nothing
+    assert engine.loras.rows_written - before <= 2 * 6
+    assert engine.stats()["steps"] - steps >= 11 * 6 // 4

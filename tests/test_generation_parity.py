@@ -17,24 +17,20 @@ import torch
 
 from adapters.catalog import Catalog
 from adapters.generation.base import load_causal_base, tiny_causal_base
-from adapters.generation.engine import GenerationConfig, GenerationEngine
+from adapters.generation.engine import SEPARATE, GenerationConfig, GenerationEngine
+from adapters.generation.rows import RowLoras
 from adapters.generation.sampling import SamplingParams
 from adapters.generation.synthetic import random_generation_artifact
 from adapters.peft_format import export_peft
 from adapters.registry import Registry
 from adapters.runtime.context import use_plan
 from adapters.store import LocalStore
+from tests import torch_threads
+
+one_thread = torch_threads.one_thread  # autouse: one torch thread in this module
 
 CACHE = Path(tempfile.gettempdir()) / "tailor-test" / "bases"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model needs one core; on a busy 2-core box two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 ADAPTERS = {  # name -> (rank, targets, seed): different ranks and target sets
     "qv4": (4, ("q_proj", "v_proj"), 1),
     "all8": (8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2),
@@ -84,27 +80,36 @@ def test_a_mixed_prefill_and_decode_step_equal_each_adapter_alone_through_peft(w
     t = max(map(len, prompts))
     ids = torch.tensor([p + [0] * (t - len(p)) for p in prompts])
     dec = engine.decoder
-    kv = dec.new_cache(1 << 26)
-    kv.ensure(len(rows), t + 4, live=0)
     adapters = [None if n is None else loaded[n] for n in rows]
-    with use_plan(engine.slots.plan(adapters)):
-        first = dec.prefill(ids, [len(p) for p in prompts], kv, 0)
+    # the same rows kept in place the scheduler's way: reached through joins and leaves
+    kept = RowLoras(engine.base.spec.linear_shapes, engine.base.device, engine.base.dtype, 8, separate=SEPARATE)
+    kept.append([loaded["qv4"], None, loaded["mlp2"]])
+    kept.append([loaded["all8"]])
+    kept.remove(0)  # the last row (all8) fills the hole: [all8, None, mlp2]
+    kept.append([loaded["qv4"]])
+    kept.remove(2)  # qv4 moves into row 2: [all8, None, qv4]
+    kept.append([loaded["mlp2"], loaded["all8"]])
+    assert kept.rows == adapters
     nxt = torch.tensor([7, 99, 1234, 42, 5])
-    with use_plan(engine.slots.plan(adapters)):
-        second = dec.decode(nxt, torch.tensor([len(p) for p in prompts]), kv)
     model = peft_model(pristine, arts, tmp, engine.base.spec)
-    worst = 0.0
-    for i, name in enumerate(rows):
-        seq = torch.tensor([prompts[i] + [int(nxt[i])]])
-        with torch.inference_mode():
-            if name is None:
-                with model.disable_adapter():
+    for plan in (engine.slots.plan(adapters), kept.plan(0, len(rows))):
+        kv = dec.new_cache(1 << 26)
+        kv.ensure(len(rows), t + 4, live=0)
+        with use_plan(plan):
+            first = dec.prefill(ids, [len(p) for p in prompts], kv, 0)
+            second = dec.decode(nxt, torch.tensor([len(p) for p in prompts]), kv)
+        worst = 0.0
+        for i, name in enumerate(rows):
+            seq = torch.tensor([prompts[i] + [int(nxt[i])]])
+            with torch.inference_mode():
+                if name is None:
+                    with model.disable_adapter():
+                        ref = model(input_ids=seq).logits[0]
+                else:
+                    model.set_adapter(name)
                     ref = model(input_ids=seq).logits[0]
-            else:
-                model.set_adapter(name)
-                ref = model(input_ids=seq).logits[0]
-        worst = max(worst, (first[i] - ref[-2]).abs().max().item(), (second[i] - ref[-1]).abs().max().item())
-    assert worst < 1e-4, worst
+            worst = max(worst, (first[i] - ref[-2]).abs().max().item(), (second[i] - ref[-1]).abs().max().item())
+        assert worst < 1e-4, worst
     # the adapters really change the logits: parity is not the base model everywhere
     with torch.inference_mode(), model.disable_adapter():
         base_logits = model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]

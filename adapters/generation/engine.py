@@ -8,7 +8,10 @@ Contract (the HTTP layer codes against these names):
   semantics of ``adapters.runtime.engine.Engine``'s (the same ``Resolver``, ``ResidentCache`` and
   ``SlotBank``): an unknown adapter, or another tenant's, is ``AdapterNotFoundError``, never the
   base; an adapter of another task is a ``TaskMismatchError`` naming both tasks, before its bytes
-  are read.
+  are read. The running batch reads its per-row LoRA weights from ``loras``
+  (``adapters.generation.rows.RowLoras``, kept in place as sequences join and leave, at most
+  ``max_batch_size`` rows); ``slots`` serves one-shot plans (tests, benchmarks) and holds nothing
+  otherwise.
 * ``encode_chat(messages)`` applies the tokenizer's chat template with the generation prompt;
   every message must be a mapping with ``role`` in ``ROLES`` and non-empty string ``content``
   (``InvalidInputError`` naming ``messages``, ``messages[i].role`` or ``messages[i].content``).
@@ -42,10 +45,12 @@ from typing import Any
 
 from adapters.artifact import AdapterArtifact
 from adapters.catalog import Catalog
+from adapters.change_feed import ChangeFeed
 from adapters.errors import AdapterOutputError, ArtifactError, InvalidInputError
 from adapters.generation.base import CausalBase
 from adapters.generation.decoder import Decoder
 from adapters.generation.detok import TextAssembler
+from adapters.generation.rows import RowLoras
 from adapters.generation.sampling import Sampler, SamplingParams
 from adapters.generation.scheduler import Hooks, Request, Scheduler, SchedulerConfig
 from adapters.generation.stream import FinishReason, GenerationStream, Usage
@@ -62,6 +67,7 @@ ROLES = ("system", "user", "assistant")
 PROBE_CHAT = ({"role": "user", "content": "Hello! Can you help me?"},)
 PROBE_TOKENS = 2
 MAX_MESSAGES = 256
+SEPARATE = ("o_proj", "down_proj")  # they read the attention / MLP outputs, not their siblings' input
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class GenerationEngine(AdapterAccess):
         on_first_token: Callable[[float], None] | None = None,
         on_token: Callable[[float], None] | None = None,
         on_finish: Callable[[Usage, FinishReason], None] | None = None,
+        change_feed: ChangeFeed | None = None,
     ) -> None:
         if base.spec.task != TEXT_GENERATION:
             raise TypeError(f"a generation engine needs a {TEXT_GENERATION} base, not {base.spec.task}")
@@ -103,12 +110,16 @@ class GenerationEngine(AdapterAccess):
             tune_allocator()
         wrap_linears(base.model, list(base.spec.linear_shapes))
         self.slots = SlotBank(base.spec.linear_shapes, 0, self.config.device_slots, base.device, base.dtype,
-                              separate=("o_proj", "down_proj"))  # they read the attention / MLP outputs
-        self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds)
+                              separate=SEPARATE)
+        self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds,
+                                 feed=change_feed)  # the process's shared feed, if given
         self.cache = ResidentCache(max_count=self.config.max_resident, max_bytes=self.config.max_resident_bytes,
                                    on_load=on_load)
         self.decoder = Decoder(base)
-        self.scheduler = Scheduler(self.decoder, self.slots, base.eos_token_ids, base.max_context,
+        # the running batch's per-row LoRA weights, updated in place as sequences join and leave
+        self.loras = RowLoras(base.spec.linear_shapes, base.device, base.dtype, self.config.max_batch_size,
+                              separate=SEPARATE)
+        self.scheduler = Scheduler(self.decoder, self.loras, base.eos_token_ids, base.max_context,
                                    self.config.scheduler(), Hooks(on_first_token, on_token, on_finish))
         self.scheduler.start()
         self._template_lock = threading.Lock()  # tokenizers are not documented thread-safe

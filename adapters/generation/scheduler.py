@@ -18,11 +18,15 @@ Contract:
   configured time for admission and withdraw the request (``AdmissionError``, reason
   ``kv_budget``, ``retry_after`` estimated from the running sequences' remaining tokens and the
   recent step time) if it did not start.
-* Per-row LoRA: the batch plan (``SlotBank.plan``) is built for the current row order and reused
-  across decode steps until rows join or leave.
+* Per-row LoRA lives in a ``RowLoras`` (``adapters.generation.rows``) kept in step with the KV
+  rows: an admitted sequence's adapter is copied into its row once, a retired row's hole is
+  filled by the last row (as in the KV cache), and a decode step without a join or a leave
+  copies no adapter weights. Base-only batches run the plain base forward.
 * A row whose adapter gives non-finite logits fails that stream alone (``AdapterOutputError``);
   an unexpected error in a forward fails every stream of that forward (never hangs them) and
   the loop goes on.
+* ``seconds`` (``PhaseSeconds``) adds up where the loop's time goes: KV growth, LoRA row copies,
+  prefill and decode forwards, sampling and streaming (benchmarks read it).
 * Hooks (metrics): ``on_first_token(seconds since submit)``, ``on_token(seconds since the
   sequence's previous token)`` for every later token, ``on_finish(usage, finish_reason)``. A
   hook that raises is ignored.
@@ -35,9 +39,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -46,9 +50,9 @@ from adapters.generation.decoder import Decoder
 from adapters.generation.detok import TextAssembler
 from adapters.generation.sampling import Sampler, SamplingParams
 from adapters.generation.stream import FinishReason, GenerationStream, TokenDelta, Usage
+from adapters.generation.rows import RowLoras
 from adapters.runtime.context import BatchPlan, use_plan
 from adapters.runtime.loaded import LoadedAdapter
-from adapters.runtime.slots import SlotBank
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,19 @@ class SchedulerConfig:
     admission_timeout_s: float = 10.0  # how long a request may wait for KV room before it is refused
     kv_budget_bytes: int = 512 << 20
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per iteration (bounds decode stalls)
+
+
+@dataclass
+class PhaseSeconds:
+    """Where the scheduler thread's time went, cumulative (benchmarks read differences)."""
+
+    kv: float = 0.0  # growing the KV buffers
+    rows: float = 0.0  # copying adapters into LoRA rows (joins) and moving rows (leaves)
+    prefill: float = 0.0  # prefill forwards
+    decode: float = 0.0  # decode forwards
+    sample: float = 0.0  # sampling, detokenising, streaming, retiring (includes leaves' row moves)
+    prefills: int = 0  # prefill forwards run
+    prefilled: int = 0  # sequences prefilled
 
 
 @dataclass
@@ -92,10 +109,10 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, decoder: Decoder, slots: SlotBank, eos_token_ids: frozenset[int], max_context: int,
+    def __init__(self, decoder: Decoder, loras: RowLoras, eos_token_ids: frozenset[int], max_context: int,
                  config: SchedulerConfig, hooks: Hooks | None = None) -> None:
         self.decoder = decoder
-        self.slots = slots
+        self.loras = loras
         self.eos = eos_token_ids
         self.max_context = max_context
         self.config = config
@@ -104,12 +121,11 @@ class Scheduler:
         self.active: list[Request] = []  # row i of the KV cache
         self.waiting: deque[Request] = deque()
         self._cond = threading.Condition()
-        self._plan: BatchPlan | None = None
-        self._plan_rows: tuple[Any, ...] = ()
         self._thread: threading.Thread | None = None
         self._stop = False
         self._step_s = 0.05  # recent decode step time (EWMA), for retry_after
         self.steps = 0
+        self.seconds = PhaseSeconds()
         self.tokens_generated = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -228,12 +244,12 @@ class Scheduler:
                     for req in self.active + [r for r in new if r not in self.active]:
                         req.stream._fail(e)
                     self.active = []
-                    self._plan = None
                     self.kv.clear()
+                    self.loras.clear()
             with self._cond:
                 if not self.active:
                     self.kv.clear()
-                    self._plan = None
+                    self.loras.clear()
         with self._cond:
             for req in self.active + list(self.waiting):
                 req.stream._fail(RuntimeError("the generation engine was closed"))
@@ -250,46 +266,53 @@ class Scheduler:
             self.kv.move_row(last, i, self.active[last].length)
             self.active[i] = self.active[last]
         self.active.pop()
-        self._plan = None
-
-    def _plan_for(self, rows: list[LoadedAdapter | None]) -> BatchPlan:
-        return self.slots.plan(rows)
+        t0 = time.perf_counter()
+        self.loras.remove(i)
+        self.seconds.rows += time.perf_counter() - t0
 
     def _prefill(self, new: list[Request]) -> None:
         row0 = len(self.active)
         t = max(len(r.prompt_ids) for r in new)
         width = max([r.reserved for r in self.active + new])
+        sec, t0 = self.seconds, time.perf_counter()
         self.kv.ensure(row0 + len(new), width, live=row0)
         pad = self.decoder_pad()
         ids = torch.tensor([r.prompt_ids + [pad] * (t - len(r.prompt_ids)) for r in new], device=self.decoder.device)
-        plan = self._plan_for([r.adapter for r in new])
-        with use_plan(plan):
-            logits = self.decoder.prefill(ids, [len(r.prompt_ids) for r in new], self.kv, row0)
-        with self._cond:
-            self.active.extend(new)
-            self._plan = None
+        t1 = time.perf_counter()
+        self.loras.append([r.adapter for r in new])
+        t2 = time.perf_counter()
+        try:
+            with _maybe_plan(self.loras.plan(row0, row0 + len(new))):
+                logits = self.decoder.prefill(ids, [len(r.prompt_ids) for r in new], self.kv, row0)
+        finally:
+            with self._cond:
+                self.active.extend(new)  # rows of the KV cache and of the LoRA rows, even on failure
+        t3 = time.perf_counter()
         for j, req in enumerate(new):
             req.length = len(req.prompt_ids)
         self._sample([(row0 + j, req) for j, req in enumerate(new)], logits)
+        sec.kv, sec.rows, sec.prefill = sec.kv + t1 - t0, sec.rows + t2 - t1, sec.prefill + t3 - t2
+        sec.sample += time.perf_counter() - t3
+        sec.prefills, sec.prefilled = sec.prefills + 1, sec.prefilled + len(new)
 
     def decoder_pad(self) -> int:
         return next(iter(self.eos), 0)
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
-        rows = [r.adapter for r in self.active]
-        key = tuple(None if a is None else a.key for a in rows)
-        if self._plan is None or key != self._plan_rows:
-            self._plan, self._plan_rows = self._plan_for(rows), key
         ids = torch.tensor([r.next_token for r in self.active], device=self.decoder.device)
         positions = torch.tensor([r.length for r in self.active], device=self.decoder.device)
-        with use_plan(self._plan):
+        with _maybe_plan(self.loras.plan(0, len(self.active))):
             logits = self.decoder.decode(ids, positions, self.kv)
+        t1 = time.perf_counter()
         for req in self.active:
             req.length += 1
         self._sample(list(enumerate(self.active)), logits)
         self.steps += 1
-        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        self.seconds.decode += t1 - t0
+        self.seconds.sample += t2 - t1
+        self._step_s = 0.8 * self._step_s + 0.2 * (t2 - t0)
 
     def _sample(self, rows: list[tuple[int, Request]], logits: torch.Tensor) -> None:
         """Pick each row's next token, stream its text, retire the finished (row i: logits[j])."""
@@ -368,3 +391,13 @@ class Scheduler:
                 fn(value)
             except Exception:  # noqa: BLE001 - metrics never fail a request
                 pass
+
+
+@contextmanager
+def _maybe_plan(plan: BatchPlan | None) -> Iterator[None]:
+    """Install ``plan`` for one forward; ``None`` (no row has an adapter) is the plain base."""
+    if plan is None:
+        yield
+    else:
+        with use_plan(plan):
+            yield

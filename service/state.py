@@ -35,6 +35,7 @@ import torch
 
 from adapters.base import load_base
 from adapters.catalog import Catalog
+from adapters.change_feed import ChangeFeed
 from adapters.jobs.files import Files
 from adapters.jobs.manager import JobManager
 from adapters.jobs.supervisor import WorkerPool, worker_command
@@ -152,7 +153,8 @@ class TailorState:
     generation_metrics: Freshener | None = None  # copies the generation engine's stats into the gauges
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)  # by task, beside its engine
     load_error: str | None = None
-    freshener: Freshener | None = None  # keeps the key cache, resolvers and quotas fresh off the request path
+    freshener: Freshener | None = None  # keeps the change feed and quotas fresh off the request path
+    feed: ChangeFeed | None = None  # the one reader of the registry's change log: key cache and resolvers
     cores: CoreShare | None = None  # idle serving cores lent to a forward pass
     db_retry_initial_s: float = 1.0
     db_retry_max_s: float = 30.0
@@ -168,9 +170,11 @@ class TailorState:
         registry = Registry(settings.database_url, migrate=False)
         store = open_store(settings.store_url)
         keys = KeyStore(registry.engine, migrate=False)
+        feed = ChangeFeed(registry)  # one poll of the change log serves the key cache and every resolver
         state = cls(settings=settings, metrics=get_metrics(settings.metrics_tenant_labels), registry=registry,
                     store=store, catalog=Catalog(registry, store), keys=keys,
-                    key_cache=KeyCache(keys, registry), limiter=RateLimiter(settings.rate_limit, registry),
+                    key_cache=KeyCache(keys, registry, feed=feed), feed=feed,
+                    limiter=RateLimiter(settings.rate_limit, registry),
                     files=Files(registry.engine, store), jobs=JobManager(registry.engine, store))
         state.metrics.ready.set(0)
         state.connect_database(retry=False)
@@ -235,7 +239,7 @@ class TailorState:
                 t0 = time.perf_counter()
                 base = BASE_LOADERS[task](s)
                 engine = Engine(base, self.catalog, config, on_load=partial(self.metrics.observe_load, task),
-                                on_nonfinite=self.metrics.report_nonfinite)
+                                on_nonfinite=self.metrics.report_nonfinite, change_feed=self.feed)
                 if s.runtime != "torch":  # ONNX Runtime behind the same engine; a base that cannot keeps torch
                     from adapters.runtime.onnx.runtime import RuntimeChoice, apply_runtime
 
@@ -255,7 +259,7 @@ class TailorState:
         if TEXT_GENERATION in s.tasks:
             try:
                 t0 = time.perf_counter()
-                engines[TEXT_GENERATION] = generation_engine(s, self.catalog, self.metrics)
+                engines[TEXT_GENERATION] = generation_engine(s, self.catalog, self.metrics, self.feed)
             except Exception as e:
                 self.load_error = f"{TEXT_GENERATION} base: {type(e).__name__}: {e}"
                 log.exception("loading the %s base model failed; the service stays unready", TEXT_GENERATION)
@@ -269,8 +273,7 @@ class TailorState:
                      time.perf_counter() - t0)
         self.engines, self.batchers = engines, batchers
         ahead = config.resolve_poll_seconds / 4  # poll a little before requests would have to
-        self.freshener = Freshener([*(partial(e.resolver.refresh_ahead, ahead) for e in engines.values()),
-                                    partial(self.key_cache.refresh_ahead, ahead), self.limiter.refresh_stale,
+        self.freshener = Freshener([partial(self.key_cache.feed.refresh_ahead, ahead), self.limiter.refresh_stale,
                                     HeapTrimmer()], ahead)
         self._ready.set()
         self.metrics.ready.set(1)
@@ -389,7 +392,8 @@ def load_image_base(setting: str | None) -> Any:
     return vision_base_from_setting(setting)
 
 
-def generation_engine(s: Settings, catalog: Catalog, metrics: Metrics) -> GenerationEngine:
+def generation_engine(s: Settings, catalog: Catalog, metrics: Metrics,
+                      feed: ChangeFeed | None = None) -> GenerationEngine:
     """The text-generation engine on ``TAILOR_GENERATION_BASE_MODEL`` (bases cached under
     ``TAILOR_HOME/bases``), its KV budget and admission wait from the settings, its hooks feeding
     the ``tailor_generation_*`` metrics. Its scheduler thread runs until ``close()``."""
@@ -403,7 +407,8 @@ def generation_engine(s: Settings, catalog: Catalog, metrics: Metrics) -> Genera
     return GenerationEngine(base, catalog, config, on_load=partial(metrics.observe_load, task),
                             on_first_token=partial(metrics.first_token, task),
                             on_token=partial(metrics.next_token, task),
-                            on_finish=lambda usage, reason: metrics.generation_ended(task, reason))
+                            on_finish=lambda usage, reason: metrics.generation_ended(task, reason),
+                            change_feed=feed)
 
 
 # How each task's base is loaded from the settings.

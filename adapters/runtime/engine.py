@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from adapters.catalog import Catalog
+from adapters.change_feed import ChangeFeed
 from adapters.errors import AdapterOutputError
 from adapters.runtime.adapter_access import AdapterAccess, ResolvedAdapter  # noqa: F401 - re-exported
 from adapters.runtime.cache import ResidentCache
@@ -85,6 +86,7 @@ class Engine(AdapterAccess):
         self, base: Any, catalog: Catalog, config: EngineConfig | None = None, *,
         on_load: Callable[[float], None] | None = None,
         on_nonfinite: Callable[[VersionKey], None] | None = None,
+        change_feed: ChangeFeed | None = None,
     ) -> None:
         """``base``: a base model of any task kind (``adapters.base.BaseModel`` for text,
         ``adapters.vision.backbone.VisionBase`` for images); its ``spec.task`` picks the task.
@@ -105,7 +107,8 @@ class Engine(AdapterAccess):
         self.serving: TaskServing = self.task.serving(base)
         self.slots = SlotBank(base.spec.linear_shapes, base.spec.head_in_features,
                               self.config.device_slots, base.device, base.dtype)
-        self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds)
+        self.resolver = Resolver(catalog.registry, poll_seconds=self.config.resolve_poll_seconds,
+                                 feed=change_feed)  # the process's shared feed, if given
         self.cache = ResidentCache(max_count=self.config.max_resident,
                                    max_bytes=self.config.max_resident_bytes, on_load=on_load)
 

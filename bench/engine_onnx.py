@@ -7,7 +7,13 @@ Methods added to the run (``OnnxRig.fns``):
   only): the upper bound of each precision.
 * ``onnx_fp32`` / ``onnx_int8``: Tailor's engine with its serving swapped for
   ``OnnxTextServing`` (``adapters.runtime.onnx``) -- the same ``Engine.forward`` call as the
-  ``tailor`` row, so slot planning, LoRA gathering, pooling and the per-row heads are timed too.
+  ``tailor`` row, so slot planning, LoRA gathering, pooling and the per-row heads are timed too
+  -- as served: on the graph variant of the batch's target set (query/value), built on the
+  first batch that asks for it (``adapters.runtime.onnx.variants``; the build is awaited before
+  timing and its time reported).
+* ``onnx_fp32_all`` / ``onnx_int8_all``: the same engines with variants off, so every batch
+  runs the universal graph (a LoRA branch, zero-width where no row targets it, on every
+  adaptable layer): what the variants save, side by side.
 
 Also reported: first-start export time and graph size per precision (and a start that reads
 the graph cache), parity with torch on each count's batch (fp32: max abs logit diff; int8:
@@ -37,12 +43,13 @@ from adapters.runtime.onnx.quantize import quantize_int8
 from adapters.runtime.onnx.runtime import apply_runtime
 from adapters.runtime.onnx.serving import make_session
 
-METHODS = ("onnx_base", "onnx_base_int8", "onnx_fp32", "onnx_int8")
+METHODS = ("onnx_base", "onnx_base_int8", "onnx_fp32", "onnx_int8", "onnx_fp32_all", "onnx_int8_all")
+ENGINES = {"fp32": ("none", "build"), "int8": ("int8", "build"), "fp32_all": ("none", "off"), "int8_all": ("int8", "off")}
 
 
 @dataclass
 class OnnxRig:
-    engines: dict[str, Engine]  # "fp32" / "int8": Tailor engines serving on ONNX
+    engines: dict[str, Engine]  # ENGINES: Tailor engines serving on ONNX (precision, variants policy)
     base_sessions: dict[str, Any]  # "fp32" / "int8": the plain base graph
     facts: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -55,19 +62,21 @@ class OnnxRig:
         graphs = tmp / "graphs"
         engines: dict[str, Engine] = {}
         facts: dict[str, Any] = {}
-        for precision, quantize in (("fp32", "none"), ("int8", "int8")):
+        for name, (quantize, variants) in ENGINES.items():
             engine = Engine(replace(base, model=copy.deepcopy(base.model)), catalog, config)
-            report = apply_runtime(engine, RuntimeChoice("onnx", quantize), graphs)
+            report = apply_runtime(engine, RuntimeChoice("onnx", quantize), graphs, variants=variants)
             if report.runtime != "onnx":
                 raise RuntimeError(f"the base did not serve on ONNX: {report.reason}")
+            engines[name] = engine
+            if name.endswith("_all"):
+                continue
             again = Engine(replace(base, model=copy.deepcopy(base.model)), catalog, config)
             t0 = time.perf_counter()
             apply_runtime(again, RuntimeChoice("onnx", quantize), graphs)  # a restart: from the cache
-            facts[precision] = {"first_start_seconds": report.built_seconds, "graph_bytes": report.graph_bytes,
-                                "cached_start_seconds": time.perf_counter() - t0}
-            engines[precision] = engine
-        facts["first_start_what"] = ("fp32: export + checksum'd store + parity check on probe texts; "
-                                     "int8: quantisation of the cached fp32 graph")
+            facts[name] = {"first_start_seconds": report.built_seconds, "graph_bytes": report.graph_bytes,
+                           "cached_start_seconds": time.perf_counter() - t0}
+        facts["first_start_what"] = ("the universal graph. fp32: export + checksum'd store + parity check on probe "
+                                     "texts; int8: quantisation of the cached fp32 graph")
         plain = _export_plain(pristine, base)
         sessions = {"fp32": make_session(plain), "int8": make_session(quantize_int8(plain))}
         return cls(engines=engines, base_sessions=sessions, facts=facts)
@@ -76,16 +85,34 @@ class OnnxRig:
         feeds = {k: v.numpy() for k, v in batch.items()}
         if "token_type_ids" in {i.name for i in self.base_sessions["fp32"].get_inputs()} and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        e32, e8 = self.engines["fp32"], self.engines["int8"]
+        e = self.engines
         return {
             "onnx_base": lambda: self.base_sessions["fp32"].run(None, feeds),
             "onnx_base_int8": lambda: self.base_sessions["int8"].run(None, feeds),
-            "onnx_fp32": lambda: e32.forward(batch, rows),
-            "onnx_int8": lambda: e8.forward(batch, rows),
+            "onnx_fp32": lambda: e["fp32"].forward(batch, rows),
+            "onnx_int8": lambda: e["int8"].forward(batch, rows),
+            "onnx_fp32_all": lambda: e["fp32_all"].forward(batch, rows),
+            "onnx_int8_all": lambda: e["int8_all"].forward(batch, rows),
         }
+
+    def warm_variants(self, batch: dict[str, torch.Tensor], rows: list) -> None:
+        """Ask each variant-building engine for this batch's target set and wait for the build
+        (fp32 first: int8 quantises the cached fp32 variant); record its time and size."""
+        for name in ("fp32", "int8"):
+            serving = self.engines[name].serving
+            if any(v is not serving.graphs.first for v in serving.graphs.ready()):
+                continue
+            self.engines[name].forward(batch, rows)
+            serving.graphs.settle()
+            built = [v for v in serving.graphs.ready() if v is not serving.graphs.first]
+            if not built:
+                raise RuntimeError(f"no {name} graph variant was built for the benchmark's target set")
+            self.facts[name]["variant"] = {"adapted_layers": built[0].width, "graph_bytes": built[0].nbytes,
+                                           "first_use_build_seconds": built[0].built_seconds}
 
     def check(self, k: int, batch: dict[str, torch.Tensor], rows: list, torch_logits: torch.Tensor) -> None:
         """Parity of both precisions with torch on this batch, and the cost outside the graph."""
+        self.warm_variants(batch, rows)
         out: dict[str, Any] = {}
         for precision, engine in self.engines.items():
             logits = torch.stack(list(engine.forward(batch, rows).logits)).float()
@@ -100,7 +127,8 @@ class OnnxRig:
         for _ in range(20):
             t0 = time.perf_counter()
             with torch.inference_mode():
-                serving.layout.feeds(engine.slots.plan(rows), n)
+                plan = engine.slots.plan(rows)
+                serving.variant(plan).layout.feeds(plan, n)
             ts.append(time.perf_counter() - t0)
         self.outside_ms[str(k)] = float(np.median(ts) * 1e3)
 
@@ -139,6 +167,10 @@ def ratios(times: dict[str, list[float]]) -> dict[str, float]:
         "onnx_fp32_vs_tailor": ("onnx_fp32", "tailor"),
         "onnx_fp32_vs_onnx_base": ("onnx_fp32", "onnx_base"),  # target >= 0.9
         "onnx_int8_vs_onnx_base_int8": ("onnx_int8", "onnx_base_int8"),
+        "onnx_fp32_all_vs_onnx_base": ("onnx_fp32_all", "onnx_base"),  # the universal graph alone
+        "onnx_int8_all_vs_onnx_base_int8": ("onnx_int8_all", "onnx_base_int8"),
+        "onnx_fp32_vs_onnx_fp32_all": ("onnx_fp32", "onnx_fp32_all"),  # what the variant saves
+        "onnx_int8_vs_onnx_int8_all": ("onnx_int8", "onnx_int8_all"),
         "onnx_base_vs_base": ("onnx_base", "base"),
         "onnx_base_int8_vs_base": ("onnx_base_int8", "base"),
     }
@@ -255,8 +287,14 @@ def main() -> None:
 
     p = parser("ONNX Runtime vs torch, mixed-tenant batches (MiniLM)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--counts", default=",".join(map(str, COUNTS)), help="distinct adapters per batch, comma list")
+    p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
+    p.add_argument("--no-slot-bank", action="store_true", help="skip the slot-bank-in-graph comparison (an export)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    counts = tuple(int(c) for c in args.counts.split(","))
     torch.manual_seed(0)
     w = text_workload(quick=args.quick, base=load_base())
     rounds = args.rounds or (5 if args.quick else 15)
@@ -265,14 +303,14 @@ def main() -> None:
         catalog = Catalog(Registry(f"sqlite:///{tmp}/registry.db"), LocalStore(tmp / "store"))
         catalog.registry.create_tenant("bench", quotas={"max_adapters": 1000})
         engine = Engine(w.base, catalog, EngineConfig(device_slots=129, max_batch_size=128))
-        for i in range(max(COUNTS)):
+        for i in range(max(counts)):
             catalog.publish("bench", f"a{i}", w.artifact(i), promote=True)
-        loaded = [engine.acquire(engine.resolve("bench", f"a{i}")) for i in range(max(COUNTS))]
+        loaded = [engine.acquire(engine.resolve("bench", f"a{i}")) for i in range(max(counts))]
         pristine = w.pristine.eval()
         rig = OnnxRig.build(w.base, pristine, catalog, engine.config, tmp)
         rows_per_s: dict[str, dict[str, float]] = {m: {} for m in ("base", "tailor", *METHODS)}
         paired: dict[str, dict[str, float]] = {}
-        for k in COUNTS:
+        for k in counts:
             n = max(BASE_ROWS, k)
             batch = w.inputs(n)
             rows = [loaded[i % k] for i in range(n)]
@@ -284,13 +322,13 @@ def main() -> None:
             for m, ts in times.items():
                 rows_per_s[m][str(k)] = n / float(np.median(ts))
             paired[str(k)] = ratios(times)
-            if k == 32:
+            if k == 32 and not args.no_slot_bank:
                 rig.alternative = compare_slot_bank_graph(w.base, rig.engines["fp32"], batch, rows, rounds)
             print(k, {m: round(v[str(k)], 1) for m, v in rows_per_s.items()}, paired[str(k)], flush=True)
     result = {
         "task": "text", "quick": args.quick, "machine": machine(), "device": "cpu", "dtype": "float32",
         "what": "bench.engine's ONNX rows beside its torch base and tailor rows (no peft, set_adapter, cold loads)",
-        "batch": {"rows": {str(k): max(BASE_ROWS, k) for k in COUNTS}, **w.describe, "rounds": rounds,
+        "batch": {"rows": {str(k): max(BASE_ROWS, k) for k in counts}, **w.describe, "rounds": rounds,
                   "statistic": "median"},
         "rows_per_s": rows_per_s,
         "onnx": {"graphs": rig.facts, "parity_vs_torch": rig.parity, "paired_ratios": paired,

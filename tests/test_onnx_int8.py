@@ -7,7 +7,6 @@ from __future__ import annotations
 import types
 
 import onnx
-import torch
 
 from adapters.base import tiny_base
 from adapters.catalog import Catalog
@@ -58,6 +57,14 @@ def test_int8_quantises_the_base_weights_only_and_agrees_with_torch(tmp_path):
     assert ops.count("MatMulInteger") == n_linear and "Gemm" not in ops
     # the LoRA down/up projections (and attention's products) stay fp32 MatMuls, by name
     assert {n.name for n in int8.graph.node if n.op_type == "MatMul"} >= set(dynamic)
+    # the embeddings stay fp32: every Gather reads an fp32 table, and no int8 tensor is table-sized
+    inits = {i.name: i for i in int8.graph.initializer}
+    vocab = te.base.model.config.vocab_size
+    tables = [inits[n.input[0]] for n in int8.graph.node if n.op_type == "Gather" and n.input[0] in inits
+              and len(inits[n.input[0]].dims) == 2]
+    assert tables and any(t.dims[0] == vocab for t in tables)
+    assert all(t.data_type == onnx.TensorProto.FLOAT for t in tables)
+    assert not [i.name for i in int8.graph.initializer if i.data_type == onnx.TensorProto.INT8 and vocab in i.dims]
     lora_inputs = {i.name for i in int8.graph.input if i.name.startswith("lora_")}
     consumers = [n for n in int8.graph.node if set(n.input) & lora_inputs]
     assert consumers and all(n.op_type in ("MatMul", "Shape", "Slice", "Gather") for n in consumers), \

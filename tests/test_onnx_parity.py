@@ -3,7 +3,8 @@
 A tiny random BERT (fast): three adapters of different ranks (2/4/3), target sets
 (query+value / every dense layer incl. the pooler / key), label counts (2/5/3) and poolings
 (pooler / mean / cls), with base rows, through the real engine (registry, store, slots) with
-its serving swapped for ``OnnxTextServing``. The real MiniLM runs in the slow tests.
+its serving swapped for ``OnnxTextServing``: first on the universal graph, then on the graph
+variant of the batch's target set once built. The real MiniLM runs in the slow tests.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from adapters.base import load_base, tiny_base
 from adapters.catalog import Catalog
@@ -73,6 +73,14 @@ def _max_diff(a, b):
     return max(worst, float((a.features - b.features).abs().max()))
 
 
+def _has_variant(engine, rows_spec):
+    """Whether the engine holds a graph adapting exactly the layers these rows' adapters adapt
+    (the universal graph is that graph when they adapt every layer; base rows need none)."""
+    needed = frozenset(p for k in set(rows_spec) if k is not None
+                       for p in engine.acquire(engine.resolve("acme", f"a{k}")).lora)
+    return not needed or any(v.layout.modules == needed for v in engine.serving.graphs.ready())
+
+
 ROW_SETS = {
     "mixed with base rows": [0, 1, None, 2, 0, None, 1, 2],
     "one adapter (single plan)": [1, 1, 1, 1],
@@ -84,6 +92,10 @@ ROW_SETS = {
 @pytest.mark.parametrize("rows", list(ROW_SETS.values()), ids=list(ROW_SETS))
 def test_tiny_base_fp32_matches_torch(tmp_path, graphs, rows):
     te, oe = _engines(tmp_path, lambda: tiny_base(seed=3, initializer_range=0.2), graphs=graphs)
+    diff = _max_diff(_mixed(te, rows), _mixed(oe, rows))
+    assert diff <= 1e-4, diff
+    assert oe.serving.graphs.settle(timeout=600)  # then on the graph variant of the batch's target set
+    assert _has_variant(oe, rows)
     diff = _max_diff(_mixed(te, rows), _mixed(oe, rows))
     assert diff <= 1e-4, diff
 
@@ -113,4 +125,8 @@ def test_minilm_fp32_matches_torch(tmp_path):
     rows = [0, 1, None, 2, 0, None, 1, 2, 2, 1]
     assert _max_diff(_mixed(te, rows), _mixed(oe, rows)) <= 1e-4
     single = [1, 1, 1]
+    assert _max_diff(_mixed(te, single), _mixed(oe, single)) <= 1e-4
+    assert oe.serving.graphs.settle(timeout=1800)  # the target-set variants of both batches
+    assert _has_variant(oe, rows) and _has_variant(oe, single)
+    assert _max_diff(_mixed(te, rows), _mixed(oe, rows)) <= 1e-4
     assert _max_diff(_mixed(te, single), _mixed(oe, single)) <= 1e-4

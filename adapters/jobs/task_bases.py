@@ -51,12 +51,13 @@ class TaskBases:
 def scoring_engine(base: Any, catalog: Catalog, runtime: RuntimeChoice | None = None,
                    graph_dir: Path | None = None) -> Engine:
     """An engine for the gate on a deep copy of ``base`` (the engine wraps its base's modules),
-    on ``runtime`` as serving applies it (graphs from ``graph_dir``, the service's cache)."""
+    on ``runtime`` as serving applies it (graphs from ``graph_dir``, the service's cache; target-set
+    variants only as the serving process cached them: a job worker never exports one)."""
     engine = Engine(replace(base, model=copy.deepcopy(base.model)), catalog, GATE_ENGINE)
     if runtime is not None and runtime.runtime != "torch":
         from adapters.runtime.onnx.runtime import apply_runtime
 
-        apply_runtime(engine, runtime, graph_dir)
+        apply_runtime(engine, runtime, graph_dir, variants="cached")
     return engine
 
 

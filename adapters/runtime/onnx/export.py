@@ -2,17 +2,18 @@
 
 Contract:
 
-* ``export_text_graph(base, path)`` writes one ONNX graph for ``base`` (an
+* ``export_text_graph(base, path, targets=)`` writes one ONNX graph for ``base`` (an
   ``adapters.base.BaseModel`` already prepared by its ``TextServing``): inputs are the
-  tokenizer's tensors (``TOKEN_INPUTS`` the tokenizer gives) followed by ``GraphLayout``'s
-  LoRA inputs; outputs are ``hidden`` (the backbone's last hidden state ``[B, T, H]``) and
+  tokenizer's tensors (``TOKEN_INPUTS`` the tokenizer gives) followed by the LoRA inputs of
+  ``GraphLayout.of(spec, targets)`` (``targets=None``: every adaptable layer; a set of module
+  paths: a variant with LoRA branches on those layers only); outputs are ``hidden`` (the backbone's last hidden state ``[B, T, H]``) and
   ``pooled`` (its pooled output ``[B, H]``, what a ``*ForSequenceClassification`` head reads).
   Pooling and the per-row heads stay in torch after the graph (fp32, tiny). Batch, sequence,
   LoRA batch, rank and column axes are dynamic.
 * The export runs on a deep copy of the model (``graph_copy``: the serving model is never
-  touched) whose ``MultiLoraLinear`` layers are replaced by ``_GraphLora`` layers computing
-  ``y = base(x) + (x @ A_group)[..., cols] @ B`` from the inputs (1x1 convs: ``_GraphConvLora``,
-  the same at every pixel; ``adapters.runtime.onnx.export_image`` exports vision bases). The legacy TorchScript
+  touched) whose ``MultiLoraLinear`` layers in the layout are replaced by ``_GraphLora`` layers
+  computing ``y = base(x) + (x @ A_group)[..., cols] @ B`` from the inputs, and the others by
+  their plain base layer (1x1 convs: ``_GraphConvLora``, the same at every pixel; ``adapters.runtime.onnx.export_image`` exports vision bases). The legacy TorchScript
   exporter (``dynamo=False``) is used: it needs no ``onnxscript``.
 * Anything that stops the export (an unsupported op, a model without a backbone) raises
   ``ExportError`` naming why; the caller serves on torch instead. The exported graph is
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ from adapters.runtime.lora_layer import MultiLoraLinear
 from adapters.runtime.onnx.layout import GraphLayout
 
 OPSET = 17
+# torch.onnx.export keeps its state in globals (GLOBALS.in_onnx_export): one export at a time per
+# process, whether at start or in the background (adapters.runtime.onnx.variants)
+_EXPORTING = threading.Lock()
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("hidden", "pooled")
 
@@ -135,12 +140,14 @@ class _Wrapper(nn.Module):
         return out.last_hidden_state, pooled
 
 
-def graph_copy(base: Any) -> tuple[nn.Module, _Feeds, GraphLayout]:
-    """A deep copy of ``base.model`` (fp32, eval) whose adapted layers read their LoRA from the
-    returned ``_Feeds``: linears become ``_GraphLora``, 1x1 convs ``_GraphConvLora``."""
+def graph_copy(base: Any, targets: frozenset[str] | None = None) -> tuple[nn.Module, _Feeds, GraphLayout]:
+    """A deep copy of ``base.model`` (fp32, eval) whose layers in ``GraphLayout.of(spec, targets)``
+    read their LoRA from the returned ``_Feeds`` (linears become ``_GraphLora``, 1x1 convs
+    ``_GraphConvLora``) and whose other adaptable layers are their plain base layer."""
     if base.device.type != "cpu":
         raise ExportError(f"the ONNX export runs on CPU; this base is on {base.device}")
-    layout = GraphLayout.of(base.spec)
+    layout = GraphLayout.of(base.spec, targets)
+    adapted = layout.modules
     model = copy.deepcopy(base.model).float().eval()
     feeds = _Feeds(layout)
     for p in base.spec.linear_shapes:
@@ -148,7 +155,9 @@ def graph_copy(base: Any) -> tuple[nn.Module, _Feeds, GraphLayout]:
         parent = model.get_submodule(parent_path) if parent_path else model
         layer = getattr(parent, child)
         inner = layer.base_layer if isinstance(layer, (MultiLoraLinear, MultiLoraConv1x1)) else layer
-        if isinstance(inner, nn.Linear):
+        if p not in adapted:
+            setattr(parent, child, inner)
+        elif isinstance(inner, nn.Linear):
             setattr(parent, child, _GraphLora(inner, p, feeds))
         elif is_plain_pointwise(inner):
             setattr(parent, child, _GraphConvLora(inner, p, feeds))
@@ -162,7 +171,7 @@ def export_module(wrapper: nn.Module, args: tuple[torch.Tensor, ...], input_name
     """``torch.onnx.export`` (legacy exporter) to bytes; any failure is an ``ExportError``."""
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with _EXPORTING, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python values are expected
             torch.onnx.export(wrapper.eval(), args, buf, dynamo=False, opset_version=opset,  # export restores the mode
                               input_names=input_names, output_names=output_names, dynamic_axes=axes,
@@ -174,10 +183,11 @@ def export_module(wrapper: nn.Module, args: tuple[torch.Tensor, ...], input_name
     return buf.getvalue()
 
 
-def export_text_graph(base: BaseModel, path: Path | None = None, *, opset: int = OPSET) -> bytes:
+def export_text_graph(base: BaseModel, path: Path | None = None, *, opset: int = OPSET,
+                      targets: frozenset[str] | None = None) -> bytes:
     """Export ``base`` (see the module docstring); returns the graph's bytes (also written to
     ``path`` when given). Raises ``ExportError``."""
-    model, feeds, layout = graph_copy(base)
+    model, feeds, layout = graph_copy(base, targets)
     inner = backbone(model)
     if inner is None:
         raise ExportError(f"{type(model).__name__} has no backbone to export")

@@ -1,9 +1,10 @@
 """Export a prepared vision base to ONNX with every row's 1x1-conv LoRA weights as graph inputs.
 
-Contract: ``export_image_graph(base)`` writes one graph for ``base`` (an
+Contract: ``export_image_graph(base, targets=)`` writes one graph for ``base`` (an
 ``adapters.vision.backbone.VisionBase`` prepared by its ``ImageServing``): input ``pixels``
 ``[B, 3, S, S]`` (fp32, preprocessed as ``collate`` gives it) followed by ``GraphLayout``'s LoRA
-inputs (the pointwise convs, grouped as the device slots group them); output ``pooled``, the
+inputs (the pointwise convs in ``GraphLayout.of(spec, targets)``, grouped as the device slots
+group them; ``targets=None``: every one); output ``pooled``, the
 backbone's pooled features ``[B, F]`` (what the head reads). The head is dropped from the copy
 (``nn.Identity``): the per-row heads stay in torch after the graph, as for text. Batch, LoRA
 batch, rank and column axes are dynamic; the image size is the base's fixed ``input_size``.
@@ -34,8 +35,9 @@ class _ImageWrapper(nn.Module):
         return self.model(pixels)
 
 
-def export_image_graph(base: Any, path: Path | None = None, *, opset: int = OPSET) -> bytes:
-    model, feeds, layout = graph_copy(base)
+def export_image_graph(base: Any, path: Path | None = None, *, opset: int = OPSET,
+                       targets: frozenset[str] | None = None) -> bytes:
+    model, feeds, layout = graph_copy(base, targets)
     if not hasattr(model, base.head_name):
         raise ExportError(f"{type(model).__name__} has no head {base.head_name!r} to cut the graph at")
     setattr(model, base.head_name, nn.Identity())

@@ -3,7 +3,9 @@
 Contract:
 
 * A graph is keyed by ``GraphKey``: the base fingerprint, the precision (``fp32``/``int8``),
-  the opset, the graph layout version and the exporter's versions (torch, onnx, onnxruntime).
+  the opset, the graph layout version, the exporter's versions (torch, onnx, onnxruntime) and
+  its target set (``targets``: ``"*"`` for the graph with a LoRA branch on every adaptable
+  layer, else the sorted module paths it adapts, ``targets_value``).
   Its file is ``<dir>/<digest>.onnx`` with a sidecar ``<digest>.json`` holding the key and the
   graph's sha256. Both are written atomically (temporary file, fsync, rename; the sidecar
   last), so a reader sees a whole graph or none.
@@ -11,10 +13,10 @@ Contract:
   this key and the bytes match its checksum; otherwise (absent, another base's, corrupt) it
   logs why, calls ``build()`` and stores the result. Builders of one key are serialised by an
   advisory file lock, so workers starting together export once and the rest read the file.
-* The graph carries its base fingerprint and precision in its own metadata
-  (``FINGERPRINT_PROP``, ``PRECISION_PROP``); ``load`` refuses (and ``get`` rebuilds) one whose
-  metadata names another base or precision, whatever the sidecar says, and the serving layer
-  checks the session's metadata again (``check_graph_base``).
+* The graph carries its base fingerprint, precision and target set in its own metadata
+  (``FINGERPRINT_PROP``, ``PRECISION_PROP``, ``TARGETS_PROP``); ``load`` refuses (and ``get``
+  rebuilds) one whose metadata names another base, precision or target set, whatever the
+  sidecar says, and the serving layer checks the session's metadata again (``check_graph_base``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,21 @@ log = logging.getLogger("tailor.onnx")
 LAYOUT_VERSION = 1  # bump when the graph's inputs or outputs change
 FINGERPRINT_PROP = "tailor.base_fingerprint"
 PRECISION_PROP = "tailor.precision"
+TARGETS_PROP = "tailor.targets"
 PRECISIONS = ("fp32", "int8")
+ALL_TARGETS = "*"
+
+
+def targets_value(targets: frozenset[str] | None) -> str:
+    """A target set as the key and the graph's metadata spell it (None: every adaptable layer)."""
+    return ALL_TARGETS if targets is None else ",".join(sorted(targets))
+
+
+def parse_targets(value: str | None) -> frozenset[str] | None:
+    """``targets_value``'s inverse (a graph without the property adapts every layer)."""
+    if value is None or value == ALL_TARGETS:
+        return None
+    return frozenset(v for v in value.split(",") if v)
 
 
 class GraphMismatchError(ValueError):
@@ -51,9 +67,11 @@ class GraphKey:
     torch: str
     onnx: str
     onnxruntime: str
+    targets: str = ALL_TARGETS
 
     @classmethod
-    def current(cls, fingerprint: str, precision: str, opset: int) -> GraphKey:
+    def current(cls, fingerprint: str, precision: str, opset: int,
+                targets: frozenset[str] | None = None) -> GraphKey:
         import onnx
         import onnxruntime
         import torch
@@ -61,7 +79,8 @@ class GraphKey:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         return cls(fingerprint=fingerprint, precision=precision, opset=opset, layout=LAYOUT_VERSION,
-                   torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
+                   torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
+                   targets=targets_value(targets))
 
     @property
     def digest(self) -> str:
@@ -97,7 +116,7 @@ class GraphCache:
                         graph_path.name, digest[:19], str(meta.get("sha256"))[:19])
             return None
         try:
-            check_graph_base(graph_metadata(data), key.fingerprint, key.precision)
+            check_graph_base(graph_metadata(data), key.fingerprint, key.precision, parse_targets(key.targets))
         except (GraphMismatchError, ValueError) as e:
             log.warning("ONNX graph cache: %s refused: %s; rebuilding", graph_path.name, e)
             return None
@@ -149,13 +168,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def stamp(graph: bytes, fingerprint: str, precision: str) -> bytes:
-    """The graph with its base fingerprint and precision in its metadata."""
+def stamp(graph: bytes, fingerprint: str, precision: str, targets: frozenset[str] | None = None) -> bytes:
+    """The graph with its base fingerprint, precision and target set in its metadata."""
     import onnx
 
     model = onnx.load_from_string(graph)
     props = {p.key: p.value for p in model.metadata_props}
-    props.update({FINGERPRINT_PROP: fingerprint, PRECISION_PROP: precision})
+    props.update({FINGERPRINT_PROP: fingerprint, PRECISION_PROP: precision, TARGETS_PROP: targets_value(targets)})
     del model.metadata_props[:]
     for k, v in sorted(props.items()):
         model.metadata_props.add(key=k, value=v)
@@ -173,11 +192,20 @@ def graph_metadata(graph: bytes) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def check_graph_base(metadata: dict[str, str], fingerprint: str, precision: str) -> None:
-    """Refuse (``GraphMismatchError``) a graph whose metadata names another base or precision."""
+def check_graph_base(metadata: dict[str, str], fingerprint: str, precision: str,
+                     targets: frozenset[str] | None = None) -> None:
+    """Refuse (``GraphMismatchError``) a graph whose metadata names another base, precision or
+    target set (``targets``: the set expected; None: every adaptable layer)."""
     got = metadata.get(FINGERPRINT_PROP)
     if got != fingerprint:
         raise GraphMismatchError(f"the ONNX graph was exported from base {str(got)[:19]}..., "
                                  f"not this base {fingerprint[:19]}...")
     if metadata.get(PRECISION_PROP) != precision:
         raise GraphMismatchError(f"the ONNX graph is {metadata.get(PRECISION_PROP)}, not {precision}")
+    got_targets = parse_targets(metadata.get(TARGETS_PROP))
+    if got_targets != targets:
+        raise GraphMismatchError(f"the ONNX graph adapts {_count(got_targets)}, not {_count(targets)}")
+
+
+def _count(targets: frozenset[str] | None) -> str:
+    return "every adaptable layer" if targets is None else f"{len(targets)} layers"

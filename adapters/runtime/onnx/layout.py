@@ -2,8 +2,10 @@
 
 Contract:
 
-* ``GraphLayout.of(spec)`` is fixed by the base's spec alone (so by its fingerprint): every
-  linear layer an adapter may target is in the graph, grouped like the device slots group
+* ``GraphLayout.of(spec, targets)`` is fixed by the base's spec (so by its fingerprint) and a
+  target set: ``targets=None`` puts every linear layer an adapter may target in the graph (the
+  universal graph); a set of module paths puts only those (a variant: every other layer is the
+  plain base layer, with no LoRA branch at all). Layers are grouped like the device slots group
   them (siblings under one parent with the same input width share one down-projection). Per
   group one input ``lora_a.<group>`` ``[Ba, d_in, C]``; per module one input
   ``lora_b.<module>`` ``[Ba, r, d_out]`` (the adapter scale folded in). Inside the graph a
@@ -11,7 +13,9 @@ Contract:
   ``x @ A``: the ranks come from the ``B`` shapes, so one graph serves any ranks.
 * ``Ba`` is the batch size, or 1 for a plan whose rows all use one adapter (``MatMul``
   broadcasts it: no copy per row). A module no adapter of the batch targets gets ``r = 0``;
-  a group none targets gets ``C = 0``: both add exactly zero (base rows are zero rows).
+  a group none targets gets ``C = 0``: both add exactly zero (base rows are zero rows), but
+  their matmuls and adds still run -- which is what a variant for the batch's set avoids.
+  ``covers(needed)``: whether this layout has a branch for every module of a plan.
 * ``feeds(plan, rows)`` returns the tensors in ``input_names`` order, without copying when the
   plan's group already has the graph's column order (the usual case: the slots use the same
   grouping); otherwise the group's columns are concatenated in the graph's order.
@@ -41,18 +45,31 @@ class LoraGroup:
 class GraphLayout:
     groups: tuple[LoraGroup, ...]
     shapes: dict[str, tuple[int, int]]
+    targets: frozenset[str] | None = None  # None: every adaptable layer (the universal graph)
 
     @classmethod
-    def of(cls, spec: BaseSpec) -> GraphLayout:
-        """The grouping ``adapters.runtime.slots.SlotBank`` uses, computed from the spec."""
+    def of(cls, spec: BaseSpec, targets: frozenset[str] | None = None) -> GraphLayout:
+        """The grouping ``adapters.runtime.slots.SlotBank`` uses, computed from the spec (the
+        same group names whatever ``targets`` keeps); a path of ``targets`` that is not a
+        linear layer of the base is a ValueError."""
+        if targets is not None and not targets <= spec.linear_shapes.keys():
+            raise ValueError(f"not adaptable layers of this base: {sorted(targets - spec.linear_shapes.keys())[:3]}")
         groups: dict[str, tuple[int, list[str]]] = {}
         for path, (d_in, _) in spec.linear_shapes.items():
             parent = path.rpartition(".")[0]
             if parent in groups and groups[parent][0] != d_in:
                 parent = path
             groups.setdefault(parent, (d_in, []))[1].append(path)
-        return cls(groups=tuple(LoraGroup(name=g, d_in=d, modules=tuple(m)) for g, (d, m) in groups.items()),
-                   shapes=dict(spec.linear_shapes))
+        kept = ((g, d, tuple(p for p in m if targets is None or p in targets)) for g, (d, m) in groups.items())
+        return cls(groups=tuple(LoraGroup(name=g, d_in=d, modules=m) for g, d, m in kept if m),
+                   shapes=dict(spec.linear_shapes), targets=None if targets is None else frozenset(targets))
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return frozenset(m for g in self.groups for m in g.modules)
+
+    def covers(self, needed: frozenset[str]) -> bool:
+        return self.targets is None or needed <= self.targets
 
     @property
     def input_names(self) -> list[str]:

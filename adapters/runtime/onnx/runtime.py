@@ -15,15 +15,25 @@ Contract:
   (exported, stamped with the base fingerprint, checked against torch on probe texts with
   three mixed synthetic adapters, then stored; int8 is quantised from the cached fp32 graph).
   Tolerance of that check: ``PARITY_TOLERANCE`` (max abs logit difference).
+* The graph built at start is the universal one (a LoRA branch on every adaptable layer). A
+  batch whose adapters adapt fewer layers runs on a variant of exactly its target set once one
+  is ready (``adapters.runtime.onnx.variants``): ``variants="build"`` (serving) exports,
+  checks (probe adapters restricted to the set) and caches each one in the background, keyed
+  by its target set; ``"cached"`` (the gate's engine in a short-lived job worker) only reads
+  variants the serving process has cached; ``"off"`` keeps the universal graph alone.
+* ``build_graphs(base, precision, cache_dir, target_sets)`` fills a graph cache ahead of time
+  (the universal graph and the given variants, synchronously, on a copy of ``base``): what a
+  deployment step -- or a benchmark that must not time a build -- runs before servers start.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +48,16 @@ from adapters.runtime.onnx.graph_cache import GraphCache, GraphKey, check_graph_
 from adapters.runtime.onnx.quantize import quantize_int8
 from adapters.runtime.onnx.serving import OnnxTextServing, verify
 from adapters.runtime.onnx.serving_image import OnnxImageServing
+from adapters.runtime.onnx.variants import MAX_VARIANTS
 from adapters.runtime.slots import SlotBank
 from adapters.synthetic import random_artifact
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 
 log = logging.getLogger("tailor.onnx")
-__all__ = ["QUANTIZE", "RUNTIMES", "RuntimeChoice", "RuntimeReport", "apply_runtime", "onnx_serving"]
+__all__ = ["QUANTIZE", "RUNTIMES", "RuntimeChoice", "RuntimeReport", "apply_runtime", "build_graphs", "onnx_serving"]
 
 PARITY_TOLERANCE = 1e-3
+VARIANTS = ("build", "cached", "off")
 # per task kind: how its base exports, and the serving that runs the graph
 PATHS: dict[str, tuple[Callable[[Any], bytes], Callable[..., Any]]] = {
     TEXT_CLASSIFICATION: (export_text_graph, OnnxTextServing),
@@ -83,7 +95,11 @@ def onnx_unsupported(base: Any, choice: RuntimeChoice) -> str | None:
     return None
 
 
-def apply_runtime(engine: Any, choice: RuntimeChoice, cache_dir: Path | None) -> RuntimeReport:
+def apply_runtime(engine: Any, choice: RuntimeChoice, cache_dir: Path | None, *,
+                  variants: str = "build") -> RuntimeReport:
+    """See the module docstring (``variants``: ``VARIANTS``)."""
+    if variants not in VARIANTS:
+        raise ValueError(f"unknown variants policy {variants!r}; use one of {', '.join(VARIANTS)}")
     base = engine.base
     torch_precision = str(base.dtype).removeprefix("torch.")
     if choice.runtime == "torch":
@@ -97,7 +113,7 @@ def apply_runtime(engine: Any, choice: RuntimeChoice, cache_dir: Path | None) ->
         raise ValueError("the ONNX runtime needs a graph cache directory")
     try:
         t0 = time.perf_counter()
-        serving, built, size = _onnx_serving(base, engine.serving, choice.precision, cache_dir)
+        serving, built, size = _onnx_serving(base, engine.serving, choice.precision, cache_dir, variants)
         seconds = time.perf_counter() - t0 if built else None
     except Exception as e:  # noqa: BLE001 - any failure here means: this base serves on torch
         log.warning("%s base %s does not serve on ONNX Runtime (%s); serving on torch", base.spec.task,
@@ -110,40 +126,73 @@ def apply_runtime(engine: Any, choice: RuntimeChoice, cache_dir: Path | None) ->
                          built_seconds=seconds)
 
 
-def onnx_serving(base: Any, torch_serving: Any, precision: str, cache_dir: Path) -> Any:
+def onnx_serving(base: Any, torch_serving: Any, precision: str, cache_dir: Path, variants: str = "build") -> Any:
     """The ONNX serving of ``base`` at ``precision`` (raises ``ExportError`` and friends)."""
-    return _onnx_serving(base, torch_serving, precision, cache_dir)[0]
+    return _onnx_serving(base, torch_serving, precision, cache_dir, variants)[0]
 
 
-def _onnx_serving(base: Any, torch_serving: Any, precision: str,
-                  cache_dir: Path) -> tuple[Any, bool, int]:
+def _onnx_serving(base: Any, torch_serving: Any, precision: str, cache_dir: Path,
+                  variants: str) -> tuple[Any, bool, int]:
     cache = GraphCache(cache_dir)
     fp = base.spec.fingerprint
+    graph, built = cached_graph(base, torch_serving, precision, cache, None)
+
+    def build(targets: frozenset[str]) -> bytes | None:
+        if variants == "cached":
+            return cache.load(GraphKey.current(fp, precision, OPSET, targets))
+        return cached_graph(base, torch_serving, precision, cache, targets)[0]
+
+    serving_class = PATHS[base.spec.task][1]
+    serving = serving_class(torch_serving, graph, precision=precision, build=None if variants == "off" else build,
+                            max_variants=MAX_VARIANTS)
+    check_graph_base(serving.session.get_modelmeta().custom_metadata_map, fp, precision)
+    return serving, built, len(graph)
+
+
+def cached_graph(base: Any, torch_serving: Any, precision: str, cache: GraphCache,
+                 targets: frozenset[str] | None) -> tuple[bytes, bool]:
+    """(the graph of ``base`` at ``precision`` adapting ``targets`` (None: every adaptable
+    layer), whether it was built now): read from ``cache``, else exported, checked against torch
+    and stored (int8: quantised from the fp32 graph of the same set, itself cached)."""
+    fp = base.spec.fingerprint
     export, serving_class = PATHS[base.spec.task]
+    if precision != "fp32":  # a cached int8 graph needs no fp32 graph read
+        hit = cache.load(GraphKey.current(fp, precision, OPSET, targets))
+        if hit is not None:
+            return hit, False
 
     def build_fp32() -> tuple[bytes, dict]:
         t0 = time.perf_counter()
-        graph = stamp(export(base), fp, "fp32")
+        graph = stamp(export(base, targets=targets), fp, "fp32", targets)
         seconds = time.perf_counter() - t0
-        candidate = serving_class(torch_serving, graph, precision="fp32")
-        diff = verify(torch_serving, candidate, _probe_slots(base), probe_adapters(base))
+        candidate = serving_class(torch_serving, graph, precision="fp32", build=None)
+        diff = verify(torch_serving, candidate, _probe_slots(base), probe_adapters(base, targets))
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(f"the exported graph differs from torch by {diff:.2e} (tolerance {PARITY_TOLERANCE:g})")
         return graph, {"export_seconds": round(seconds, 3), "parity_max_abs_diff": diff}
 
-    fp32, built = cache.get(GraphKey.current(fp, "fp32", OPSET), build_fp32)
-    graph = fp32
-    if precision == "int8":
-        def build_int8() -> tuple[bytes, dict]:
-            t0 = time.perf_counter()
-            q = stamp(quantize_int8(fp32), fp, "int8")
-            return q, {"quantize_seconds": round(time.perf_counter() - t0, 3)}
+    fp32, built = cache.get(GraphKey.current(fp, "fp32", OPSET, targets), build_fp32)
+    if precision == "fp32":
+        return fp32, built
 
-        graph, built_q = cache.get(GraphKey.current(fp, "int8", OPSET), build_int8)
-        built = built or built_q
-    serving = serving_class(torch_serving, graph, precision=precision)
-    check_graph_base(serving.session.get_modelmeta().custom_metadata_map, fp, precision)
-    return serving, built, len(graph)
+    def build_int8() -> tuple[bytes, dict]:
+        t0 = time.perf_counter()
+        q = stamp(quantize_int8(fp32), fp, "int8", targets)
+        return q, {"quantize_seconds": round(time.perf_counter() - t0, 3)}
+
+    graph, built_q = cache.get(GraphKey.current(fp, "int8", OPSET, targets), build_int8)
+    return graph, built or built_q
+
+
+def build_graphs(base: Any, precision: str, cache_dir: Path,
+                 target_sets: Sequence[frozenset[str]] = ()) -> list[tuple[frozenset[str] | None, bool]]:
+    """(target set, whether it was built now) for the universal graph and each of ``target_sets``."""
+    from adapters.tasks import get_task
+
+    copied = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    torch_serving = get_task(copied.spec.task).serving(copied)
+    cache = GraphCache(cache_dir)
+    return [(t, cached_graph(copied, torch_serving, precision, cache, t)[1]) for t in (None, *target_sets)]
 
 
 def _probe_slots(base: Any) -> SlotBank:
@@ -151,14 +200,18 @@ def _probe_slots(base: Any) -> SlotBank:
     return SlotBank(base.spec.linear_shapes, base.spec.head_in_features, 8, base.device, base.dtype)
 
 
-def probe_adapters(base: Any) -> list[LoadedAdapter]:
+def probe_adapters(base: Any, within: frozenset[str] | None = None) -> list[LoadedAdapter]:
     """Three synthetic adapters unlike each other (``PROBES``; text: ranks 2/4/3, targets
     query+value / every dense layer (the pooler's too) / key, 2/5/3 labels, the pooler / mean /
-    cls pooling; images: the expand / project / head 1x1 convs)."""
+    cls pooling; images: the expand / project / head 1x1 convs). ``within``: a variant's target
+    set; each probe keeps the layers of it that it targets, or targets all of it when none."""
     spec = base.spec
     out = []
-    for i, (r, targets, n_labels, pooling) in enumerate(PROBES[spec.task]):
-        targets = tuple(t for t in targets if spec.match_target(t)) or (next(iter(spec.linear_shapes)),)
+    for i, (r, names, n_labels, pooling) in enumerate(PROBES[spec.task]):
+        paths = [p for t in names for p in spec.match_target(t)]
+        if within is not None:
+            paths = [p for p in paths if p in within] or sorted(within)
+        targets = tuple(paths) or (next(iter(spec.linear_shapes)),)
         art = random_artifact(spec, r=r, targets=targets, n_labels=n_labels, seed=100 + i)
         if Pooling(pooling).uses_tokens and not spec.pools_tokens:
             pooling = "pooler"

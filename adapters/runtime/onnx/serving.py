@@ -7,13 +7,16 @@ Contract:
   checks, collation and probes are the torch serving's own (same tokenizer, same limits);
   only ``run`` differs. ``graph`` is the bytes of ``adapters.runtime.onnx.export``'s graph
   (fp32 or int8, same inputs and outputs).
-* ``run(batch, plan, adapters)`` feeds the token tensors and the plan's gathered LoRA tensors
-  (``GraphLayout.feeds``) through IOBinding straight from torch's memory, lets the graph write
+* ``run(batch, plan, adapters)`` picks the graph for the plan's adapted layers
+  (``GraphVariants.pick``: the variant of exactly that target set once built, the universal
+  graph until then), feeds it the token tensors and the plan's gathered LoRA tensors
+  (that graph's ``GraphLayout.feeds``) through IOBinding straight from torch's memory, lets the graph write
   ``hidden`` and ``pooled`` into torch tensors allocated here (no copy either way), then pools
   each row its adapter's way and applies the per-row heads in torch, in fp32: the very
   ``MixedHead`` the torch path uses, so heads and pooling cannot drift between runtimes.
 * Sessions are thread-safe; each call binds its own inputs. ``threads``: ORT's intra-op
-  threads (default: torch's, which the service sets per worker).
+  threads (default: torch's, which the service sets per worker). ``build``/``max_variants``:
+  how target-set variants are obtained (``adapters.runtime.onnx.runtime`` passes the cache's).
 * ``verify(torch_serving, onnx_serving, slots, adapters)`` runs both on the probe rows, with a mixed
   batch of the given adapters and base rows, and returns the largest absolute logit
   difference: the graph cache refuses a graph that does not match its base.
@@ -21,7 +24,7 @@ Contract:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,18 +34,10 @@ import torch
 from adapters.runtime.context import BatchPlan, use_plan
 from adapters.runtime.loaded import LoadedAdapter
 from adapters.runtime.onnx.layout import GraphLayout
+from adapters.runtime.onnx.variants import MAX_VARIANTS, GraphVariants, Variant, make_session
 from adapters.tasks.text_classification import TextServing
 
-
-def make_session(graph: bytes, threads: int | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # no busy-waiting between ops: the serving process shares its cores with torch, the event
-    # loop and other workers, and a spinning pool stalls them (measured: 2 ms calls became 50 ms)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
+__all__ = ["OnnxServingBase", "OnnxTextServing", "bind_input", "bind_output", "make_session", "verify"]
 
 
 def bind_input(io: ort.IOBinding, name: str, v: torch.Tensor) -> None:
@@ -55,58 +50,73 @@ def bind_output(io: ort.IOBinding, name: str, out: torch.Tensor) -> None:
     io.bind_output(name, "cpu", 0, np.float32, list(out.shape), out.data_ptr())
 
 
-def check_layout(session: ort.InferenceSession, layout: GraphLayout, leading: int) -> None:
-    """Refuse a graph whose LoRA inputs (after ``leading`` others) are not ``layout``'s."""
-    names = [i.name for i in session.get_inputs()]
-    if names[leading:] != layout.input_names:
-        raise ValueError("the graph's LoRA inputs are not this base's layout")
-
-
-class OnnxTextServing:
-    """A text base served through an ONNX graph (see the module docstring)."""
+class OnnxServingBase:
+    """What both ONNX servings share: the wrapped torch serving's row handling (decoding,
+    checks, collation, probes) and the graphs (``GraphVariants``; ``build`` and
+    ``max_variants``: its target-set variants, see ``adapters.runtime.onnx.variants``)."""
 
     runtime = "onnx"
 
-    def __init__(self, torch_serving: TextServing, graph: bytes, *, precision: str = "fp32",
-                 threads: int | None = None) -> None:
+    def __init__(self, torch_serving: Any, graph: bytes, *, precision: str = "fp32", threads: int | None = None,
+                 build: Callable[[frozenset[str]], bytes | None] | None = None,
+                 max_variants: int = MAX_VARIANTS) -> None:
         self.torch_serving = torch_serving
         self.base = torch_serving.base
         self.spec = torch_serving.spec
         self.precision = precision
-        self.layout = GraphLayout.of(self.spec)
-        self.session = make_session(graph, threads)
-        names = [i.name for i in self.session.get_inputs()]
-        self.token_names = tuple(n for n in names if not n.startswith("lora_"))
-        check_layout(self.session, self.layout, len(self.token_names))
+        self.graphs = GraphVariants(self.spec, graph, threads=threads, build=build, max_variants=max_variants)
         self.head = getattr(self.base.model, self.base.head_name)
-        self.hidden_size = self.spec.head_in_features
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The first graph's session (the universal graph's, as the runtime builds it)."""
+        return self.graphs.first.session
+
+    @property
+    def layout(self) -> GraphLayout:
+        return self.graphs.first.layout
 
     @property
     def label(self) -> str:
         """What runs the forward pass, as the gate records it (``onnx-fp32``, ``onnx-int8``)."""
         return f"onnx-{self.precision}"
 
-    # -- the torch serving's own row handling ---------------------------------------------------
+    def variant(self, plan: BatchPlan) -> Variant:
+        """The graph to run ``plan`` on (exactly its adapted layers when that graph is ready)."""
+        return self.graphs.pick(frozenset(plan.modules))
 
-    def decode(self, raw: Sequence[Any], *, param: str = "inputs", limits: Any = None) -> list[str]:
-        return self.torch_serving.decode(raw, param=param, limits=limits)
+    def decode(self, raw: Sequence[Any], **kw: Any) -> list[Any]:
+        return self.torch_serving.decode(raw, **kw)
 
     def check_row(self, row: Any, param: str) -> None:
         self.torch_serving.check_row(row, param)
 
-    def collate(self, rows: Sequence[str]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: Sequence[Any]) -> Any:
         return self.torch_serving.collate(rows)
 
-    def size(self, batch: dict[str, torch.Tensor]) -> int:
+    def size(self, batch: Any) -> int:
         return self.torch_serving.size(batch)
 
-    def probe_rows(self) -> list[str]:
+    def probe_rows(self) -> list[Any]:
         return self.torch_serving.probe_rows()
+
+
+class OnnxTextServing(OnnxServingBase):
+    """A text base served through an ONNX graph (see the module docstring)."""
+
+    def __init__(self, torch_serving: TextServing, graph: bytes, **kw: Any) -> None:
+        super().__init__(torch_serving, graph, **kw)
+        self.token_names = self.graphs.first.inputs
+        self.hidden_size = self.spec.head_in_features
 
     # -- the forward pass --------------------------------------------------------------------------
 
-    def encode(self, batch: dict[str, torch.Tensor], lora: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The graph alone: (hidden ``[B, T, H]``, pooled ``[B, H]``) for tokens and LoRA inputs."""
+    def encode(self, batch: dict[str, torch.Tensor], lora: list[torch.Tensor], variant: Variant | None = None,
+               *, tokens_out: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One graph alone (``variant``; default: the first graph): (hidden ``[B, T, H]``,
+        pooled ``[B, H]``) for tokens and that graph's LoRA inputs; ``tokens_out=False`` fetches
+        no hidden states (None: no row pools tokens, so they are not copied out)."""
+        variant = variant or self.graphs.first
         ids = batch["input_ids"]
         n, t = int(ids.shape[0]), int(ids.shape[1])
         tokens = []
@@ -115,22 +125,25 @@ class OnnxTextServing:
             if v is None:  # a tokenizer that gives no token types: all zeros, as the model assumes
                 v = torch.zeros_like(ids)
             tokens.append(v.to(torch.int64).contiguous())
-        hidden = torch.empty(n, t, self.hidden_size, dtype=torch.float32)
+        hidden = torch.empty(n, t, self.hidden_size, dtype=torch.float32) if tokens_out else None
         pooled = torch.empty(n, self.hidden_size, dtype=torch.float32)
-        io = self.session.io_binding()
-        for name, v in zip((*self.token_names, *self.layout.input_names), (*tokens, *lora)):
+        io = variant.session.io_binding()
+        for name, v in zip((*self.token_names, *variant.layout.input_names), (*tokens, *lora)):
             bind_input(io, name, v)
-        bind_output(io, "hidden", hidden)
+        if hidden is not None:
+            bind_output(io, "hidden", hidden)
         bind_output(io, "pooled", pooled)
-        self.session.run_with_iobinding(io)
+        variant.session.run_with_iobinding(io)
         return hidden, pooled
 
     def run(self, batch: dict[str, torch.Tensor], plan: BatchPlan,
             adapters: Sequence[LoadedAdapter | None]) -> torch.Tensor:
         n = self.size(batch)
-        hidden, pooled = self.encode(batch, self.layout.feeds(plan, n))
+        variant = self.variant(plan)
         plan.poolings = self.torch_serving._poolings(adapters)
-        if plan.poolings is not None:
+        hidden, pooled = self.encode(batch, variant.layout.feeds(plan, n), variant,
+                                     tokens_out=plan.poolings is not None)
+        if hidden is not None:
             plan.tokens = (hidden, batch["attention_mask"])
         return self.head(pooled)  # MixedHead: per-row pooling and heads, reading the installed plan
 

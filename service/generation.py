@@ -13,19 +13,30 @@ names, which models a tenant may use, and the sampling a request body asks for.
 * ``sampling(body, prompt_tokens, max_context, ...)``: the body's sampling fields as the
   library's ``SamplingParams`` (which checks their ranges, naming the field); ``n`` other than 1
   is a 400 naming ``n``. ``max_tokens`` unset: ``default_max_tokens`` or what the context leaves.
+* ``metered(state, tenant, stream, submitted)``: the stream's deltas for a route to read; with
+  tenant-labelled metrics (``TAILOR_METRICS_TENANT_LABELS=1``) each counted for the caller as it
+  arrives (``Metrics.request_tokens``: tokens, time to first token, inter-token latency).
+* ``upload_limits(state, task, limits)``: the limits an uploaded dataset of ``task`` is checked
+  with; for text generation, where this worker has the generation base loaded, the tenant's
+  limits with the base's tokenizer and context (``adapters.generation.datasets.limits_for_base``),
+  so an example too long after the chat template is refused at upload, naming its line.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from adapters.datasets import DatasetLimits
 from adapters.errors import ArtifactError, InvalidInputError, InvalidNameError, NotFoundError
+from adapters.generation.datasets import limits_for_base
 from adapters.generation.engine import GenerationEngine
 from adapters.generation.sampling import SamplingParams
+from adapters.generation.stream import GenerationStream, TokenDelta
 from adapters.runtime.engine import ResolvedAdapter
 from adapters.runtime.loaded import LoadedAdapter
 from adapters.tasks import TEXT_GENERATION, task_of_manifest
@@ -104,6 +115,39 @@ def list_models(state: TailorState, engine: GenerationEngine, tenant: str) -> li
 
 def _prod_first(alias: str) -> tuple[bool, str]:
     return alias != "prod", alias
+
+
+def metered(state: TailorState, tenant: str, stream: GenerationStream,
+            submitted: float) -> AsyncIterable[TokenDelta]:
+    """``stream``'s deltas (see the module docstring); ``submitted``: ``time.perf_counter()`` just
+    before the request was submitted to the engine."""
+    if not state.metrics.tenant_labels:
+        return stream
+    return _metered(state, tenant, stream, submitted)
+
+
+async def _metered(state: TailorState, tenant: str, stream: GenerationStream,
+                   submitted: float) -> AsyncIterator[TokenDelta]:
+    last: float | None = None
+    async for delta in stream:
+        if delta.token_ids:
+            now = time.perf_counter()
+            state.metrics.request_tokens(TEXT_GENERATION, tenant, len(delta.token_ids),
+                                         first=None if last is not None else now - submitted,
+                                         gap=0.0 if last is None else now - last)
+            last = now
+        yield delta
+
+
+def upload_limits(state: TailorState, task: str, limits: DatasetLimits) -> Any:
+    """The limits an upload of ``task`` is validated with (see the module docstring); the tenant's
+    ``limits`` as they are for other tasks, or while the generation base is still loading (the
+    job then refuses an over-long example when it encodes the data, naming its line)."""
+    engine = state.engines.get(TEXT_GENERATION) if task == TEXT_GENERATION else None
+    if engine is None:
+        return limits
+    base = engine.base  # type: ignore[attr-defined]
+    return limits_for_base(limits, base.tokenizer, base.max_context)
 
 
 def sampling(body: Any, prompt_tokens: int, max_context: int, *, max_tokens: int | None = None,

@@ -20,6 +20,7 @@ from adapters.quotas import TenantQuotas
 from adapters.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
 from service.auth import get_state, require_tenant
 from service.errors import ApiError
+from service.generation import upload_limits
 from service.schemas import DB_INT_MAX, FileOut, JobCreate, JobEventOut, JobOut, JobStatus, Task
 from service.state import TailorState
 
@@ -76,7 +77,8 @@ async def upload_file(
                            param="task")
 
     def run() -> dict[str, Any]:
-        return file_out(files.upload(tenant, filename, data, limits=_limits(state, tenant), format=format, task=task))
+        limits = upload_limits(state, task, _limits(state, tenant))  # generation: the base's tokenizer
+        return file_out(files.upload(tenant, filename, data, limits=limits, format=format, task=task))
 
     return await run_in_threadpool(run)
 

@@ -12,7 +12,14 @@ Text generation (``tailor_generation_*``, label ``task``): time to first token a
 latency histograms (from the engine's hooks), tokens generated, requests by finish reason (and
 ``cancelled``), and gauges of active sequences, waiting requests (queue depth) and KV-cache bytes
 in use and budgeted, copied from ``GenerationEngine.stats()`` by ``sync_generation`` (a
-background thread calls it twice a second).
+background thread calls it twice a second). With ``TAILOR_METRICS_TENANT_LABELS=1`` time to
+first token, inter-token latency and tokens generated carry ``tenant`` too, as the classifiers'
+request and row counters do (never the adapter or model: a tenant may make any number; tenants
+are made by the operator). The engine does not know the caller, so they are then measured
+where it is known, in the OpenAI routes (``request_tokens``), as the tokens reach the route:
+first token from the request's submission (its wait for KV room included) to its first text,
+and each later text's wait spread over the tokens it carries; the engine's hooks then count
+nothing there.
 """
 
 from __future__ import annotations
@@ -86,11 +93,11 @@ class Metrics:
                            multiprocess_mode="livemin")
         self.time_to_first_token = Histogram(
             "tailor_generation_time_to_first_token_seconds",
-            "From a request's submission (its wait for KV room included) to its first token", task,
+            "From a request's submission (its wait for KV room included) to its first token", t,
             buckets=_LATENCY_BUCKETS)
-        self.inter_token = Histogram("tailor_generation_inter_token_seconds", "Between a sequence's tokens", task,
+        self.inter_token = Histogram("tailor_generation_inter_token_seconds", "Between a sequence's tokens", t,
                                      buckets=_TOKEN_BUCKETS)
-        self.tokens_generated = Counter("tailor_generation_tokens", "Tokens generated (every sequence)", task)
+        self.tokens_generated = Counter("tailor_generation_tokens", "Tokens generated (every sequence)", t)
         self.generation_requests = Counter("tailor_generation_requests", "Generation requests by how they ended",
                                            ["task", "finish_reason"])
         self.active_sequences = Gauge("tailor_generation_active_sequences", "Sequences being decoded", task,
@@ -139,10 +146,28 @@ class Metrics:
             self.resident_bytes.labels(task).set(stats.resident_bytes)
 
     def first_token(self, task: str, seconds: float) -> None:
-        self.time_to_first_token.labels(task).observe(seconds)
+        """The engine's hook (not with tenant labels: ``request_tokens`` counts then)."""
+        if not self.tenant_labels:
+            self.time_to_first_token.labels(task).observe(seconds)
 
     def next_token(self, task: str, seconds: float) -> None:
-        self.inter_token.labels(task).observe(seconds)
+        """The engine's hook (not with tenant labels: ``request_tokens`` counts then)."""
+        if not self.tenant_labels:
+            self.inter_token.labels(task).observe(seconds)
+
+    def request_tokens(self, task: str, tenant: str, tokens: int, *, first: float | None, gap: float) -> None:
+        """With tenant labels: ``tokens`` tokens of one of ``tenant``'s requests reached its route;
+        ``first``: seconds from its submission when they hold its first token (the others came
+        with it: 0 s apart), else None; ``gap``: seconds since its previous tokens arrived, spread
+        over these. Without tenant labels the engine's hooks count and this does nothing."""
+        if not self.tenant_labels or tokens < 1:
+            return
+        self.tokens_generated.labels(task, tenant).inc(tokens)
+        if first is not None:
+            self.time_to_first_token.labels(task, tenant).observe(first)
+        each = 0.0 if first is not None else gap / tokens
+        for _ in range(tokens - (first is not None)):
+            self.inter_token.labels(task, tenant).observe(each)
 
     def generation_ended(self, task: str, finish_reason: str) -> None:
         """One generation request ended: ``stop``, ``length``, ``cancelled`` or ``error``."""
@@ -152,7 +177,7 @@ class Metrics:
         """Copy a generation engine's ``stats()`` into the gauges and the token counter."""
         with self._sync_lock:
             tokens, before = int(stats.get("tokens_generated", 0)), self._tokens_seen.get(task, 0)
-            if tokens > before:
+            if tokens > before and not self.tenant_labels:  # with them, request_tokens counts
                 self.tokens_generated.labels(task).inc(tokens - before)
                 self._tokens_seen[task] = tokens
         self.active_sequences.labels(task).set(stats.get("active_sequences", 0))

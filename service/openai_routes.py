@@ -24,7 +24,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -32,12 +32,12 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters.errors import TailorError
-from adapters.generation.stream import GenerationStream, Usage
+from adapters.generation.stream import GenerationStream, TokenDelta, Usage
 from adapters.tasks import TEXT_GENERATION
 from service.auth import get_state, require_tenant
 from service.errors import ApiError, error_type, status_of
 from service.errors import body as error_body
-from service.generation import list_models, pick_model, sampling
+from service.generation import list_models, metered, pick_model, sampling
 from service.schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Model, ModelList
 from service.state import TailorState
 
@@ -76,12 +76,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
     prompt = await run_in_threadpool(engine.encode_chat, [{"role": m.role, "content": m.text()}
                                                           for m in body.messages])
     params = sampling(body, len(prompt), engine.base.max_context, max_tokens=body.max_completion_tokens)
+    submitted = time.perf_counter()
     stream = await engine.submit_async(prompt, target.adapter, params)
+    deltas = metered(state, tenant, stream, submitted)
     reply = Reply("chatcmpl", body.model, target.fingerprint)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return _sse(request, state, stream, reply.chat_events(stream, usage))
-    text = await _until_done(request, state, stream, _collect(stream))
+        return _sse(request, state, stream, reply.chat_events(stream, deltas, usage))
+    text = await _until_done(request, state, stream, _collect(deltas))
     return CLIENT_GONE if text is None else reply.chat(text, stream)
 
 
@@ -99,12 +101,14 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant,
         text_in = text_in[0]
     prompt = await run_in_threadpool(engine.encode_prompt, text_in)
     params = sampling(body, len(prompt), engine.base.max_context, default_max_tokens=16)
+    submitted = time.perf_counter()
     stream = await engine.submit_async(prompt, target.adapter, params)
+    deltas = metered(state, tenant, stream, submitted)
     reply = Reply("cmpl", body.model, target.fingerprint)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return _sse(request, state, stream, reply.completion_events(stream, usage))
-    text = await _until_done(request, state, stream, _collect(stream))
+        return _sse(request, state, stream, reply.completion_events(stream, deltas, usage))
+    text = await _until_done(request, state, stream, _collect(deltas))
     return CLIENT_GONE if text is None else reply.completion(text, stream)
 
 
@@ -136,9 +140,10 @@ class Reply:
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         return {**chunk, "usage": None} if usage else chunk
 
-    async def chat_events(self, stream: GenerationStream, usage: bool) -> AsyncIterator[dict[str, Any]]:
+    async def chat_events(self, stream: GenerationStream, deltas: AsyncIterable[TokenDelta],
+                          usage: bool) -> AsyncIterator[dict[str, Any]]:
         yield self._chat_chunk({"role": "assistant", "content": ""}, None, usage)
-        async for delta in stream:
+        async for delta in deltas:
             if delta.text:
                 yield self._chat_chunk({"content": delta.text}, None, usage)
             if delta.finish_reason is not None:
@@ -146,8 +151,9 @@ class Reply:
         if usage and stream.usage is not None:
             yield {**self._head("chat.completion.chunk"), "choices": [], "usage": _usage(stream.usage)}
 
-    async def completion_events(self, stream: GenerationStream, usage: bool) -> AsyncIterator[dict[str, Any]]:
-        async for delta in stream:
+    async def completion_events(self, stream: GenerationStream, deltas: AsyncIterable[TokenDelta],
+                                usage: bool) -> AsyncIterator[dict[str, Any]]:
+        async for delta in deltas:
             if delta.text or delta.finish_reason is not None:
                 chunk = {**self._head("text_completion"), "choices": [
                     {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}]}
@@ -163,8 +169,8 @@ def _usage(u: Usage | None) -> dict[str, int] | None:
             "total_tokens": u.total_tokens}
 
 
-async def _collect(stream: GenerationStream) -> str:
-    return "".join([delta.text async for delta in stream])
+async def _collect(deltas: AsyncIterable[TokenDelta]) -> str:
+    return "".join([delta.text async for delta in deltas])
 
 
 # -- disconnects --------------------------------------------------------------------------------------

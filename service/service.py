@@ -23,6 +23,7 @@ import bentoml
 from service.app import create_app
 from service.instance import shares_default_dir
 from service.metrics import JOB_SECONDS_BUCKETS
+from service.request_timeout import install as install_request_timeout
 from service.settings import Settings
 from service.state import TailorState, serving_workers
 
@@ -31,6 +32,8 @@ logging.getLogger("tailor").setLevel(logging.INFO)
 # TAILOR_ADMIN_KEY is unset) is made by the first worker, not by importers like `bentoml build`.
 SETTINGS = Settings.from_env(admin_key=False)
 app = create_app()
+# BentoML's request timeout keeps every request for the whole timeout (service.request_timeout)
+install_request_timeout()
 
 
 @bentoml.service(

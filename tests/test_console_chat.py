@@ -194,6 +194,7 @@ def test_a_generation_job_from_the_console_trains_draws_perplexity_and_chats_in_
     page.wait_for_selector("#training-file option:nth-child(2)", state="attached")
     page.fill("#adapter-name", "assistant")
     page.select_option("#training-file", index=1)
+    assert page.locator("#method option").all_text_contents() == ["lora"]  # no head: the API refuses it
     page.check("#hp-custom")
     for name, value in FAST.items():
         page.fill(f"#hp-{name}", str(value))

@@ -11,6 +11,10 @@ const TASKS = [["text-classification", "Text classification (JSONL or CSV of tex
 const HP_FIELDS = [["epochs", "int", "1-100"], ["learning_rate", "float", "e.g. 0.001"], ["batch_size", "int", "1-512"],
                    ["lora_r", "int", "LoRA rank"], ["patience", "int", "early-stop epochs"], ["seed", "int", "0+"]];
 
+// what a job of each task may train with (the API refuses the rest: a generation adapter has no head)
+const METHODS = { "text-generation": ["lora"] };
+const ALL_METHODS = ["lora", "head"];
+
 // generation data has examples (chats or prompt/completion pairs), no labels
 function rowsOf(f) { return f.task === "text-generation" ? `${f.rows} examples` : `${f.rows} rows · ${f.labels.length} labels`; }
 function fileLabel(f) { return `${f.filename} · ${rowsOf(f)} · ${f.task} · ${fmtTime(f.created_at)}`; }
@@ -30,7 +34,7 @@ export function render(main) {
 
   const adapter = h("input", { id: "adapter-name", name: "adapter", required: true, autocomplete: "off",
                                placeholder: "e.g. sentiment" });
-  const method = h("select", { id: "method" }, ["lora", "head"].map((m) => h("option", { value: m, text: m })));
+  const method = h("select", { id: "method" }, ALL_METHODS.map((m) => h("option", { value: m, text: m })));
   const promote = h("select", { id: "promote" }, [["auto", "auto: if the gate passes"], ["always", "always"], ["never", "never (promote by hand)"]]
     .map(([v, l]) => h("option", { value: v, text: l })));
   const hpAuto = h("input", { type: "radio", name: "hp-mode", id: "hp-auto", value: "auto", checked: true });
@@ -50,7 +54,15 @@ export function render(main) {
       files.map((f) => h("option", { value: f.id, text: fileLabel(f), selected: f.id === selectedId && sel === trainSel })));
     opts(trainSel, files.length ? "choose an uploaded file" : "upload a file first");
     opts(valSel, "none: hold out part of the training data");
+    fillMethods();
   }
+
+  function fillMethods() {  // the methods the chosen training file's task supports
+    const f = files.find((x) => x.id === trainSel.value);
+    const keep = method.value;
+    replace(method, (METHODS[f && f.task] || ALL_METHODS).map((m) => h("option", { value: m, text: m, selected: m === keep })));
+  }
+  trainSel.addEventListener("change", fillMethods);
 
   async function loadFiles(selectedId) {
     const list = await api("GET", "/v1/files");

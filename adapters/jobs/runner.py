@@ -39,6 +39,7 @@ from adapters.jobs.task_bases import TaskBases, WorkerBases
 from adapters.jobs.trainers import trainer_for
 from adapters.runtime.engine import Engine
 from adapters.training import TrainCallbacks, TrainingCancelled
+from adapters.training.search import describe as describe_search
 from adapters.training.trainer import TrainingYielded
 
 log = logging.getLogger(__name__)
@@ -239,22 +240,8 @@ def _callbacks(job: Job, ctx: WorkerContext, hb: Heartbeat, turn: YieldCheck, sh
     def on_event(level: str, message: str) -> None:
         m.event(job.id, level, message)
 
-    def on_search(record: dict[str, Any]) -> None:  # adapters.training.search: plan, rungs, choice
-        stage = record["stage"]
-        if stage == "plan":
-            text = (f"hyper-parameter search: {len(record['candidates'])} candidates "
-                    f"({', '.join(c['name'] for c in record['candidates'])}), rungs at epochs "
-                    f"{record['rung_epochs']}, budget {record['budget_steps']} steps")
-        elif stage == "rung":
-            text = (f"search rung {record['rung']} (epoch {record['epochs']}): " + ", ".join(
-                f"{c['name']} {c['val_accuracy'] if c['val_accuracy'] is not None else 'failed'}"
-                for c in record["candidates"]) + f"; kept {', '.join(record['kept'])}")
-        elif stage == "chosen":
-            text = (f"search chose {record['chosen']} after {record['steps']} steps "
-                    f"({record['seconds']:.1f} s; budget {record['budget_steps']})")
-        else:
-            text = f"search {stage}: continuing {record.get('chosen')}"
-        m.event(job.id, "info", text, type="search", data=record)
+    def on_search(record: dict[str, Any]) -> None:  # adapters.training.search: each event as it happens
+        m.event(job.id, "info", describe_search(record), type="search", data=record)
 
     def on_checkpoint(folder: Path) -> None:
         shared.ok = shared_checkpoints.share(m.store, job.tenant, job.id, folder)

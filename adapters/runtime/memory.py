@@ -12,10 +12,11 @@ Two measures keep a resident adapter at about its tensor bytes (measured: ~600 K
   With the threshold fixed, such buffers are mmapped and freed back on eviction. It is a
   process-wide allocator setting (not Python state), applied once; a no-op off glibc.
 
-A serving process also needs its heap handed back as it goes, or its RSS creeps for minutes
-under a steady mix of requests (the soak saw a serving worker grow ~0.5 MB/s for five minutes,
-+13% after warm-up, then level off, with nothing of ours growing: freed memory the allocator
-kept). Two more measures:
+A serving process also needs its heap handed back as it goes, or freed memory stays with the
+allocator under a steady mix of requests (side by side for 5 minutes under the soak's traffic:
++5.5 MB without the measures below, -0.5 MB with them). The soak's larger growth, ~0.5 MB/s for
+five minutes then level, has the shape of BentoML's request timeout keeping every request for
+its 300 s (fixed in ``service.request_timeout``), not the allocator's. Two more measures:
 
 * ``tune_allocator`` also caps glibc's arenas at ``ARENA_MAX`` (2): by default every thread
   that allocates may get its own arena, up to 8 per core (the request thread pool alone has

@@ -10,13 +10,21 @@ Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC
 ``--n-train``/``--n-test`` override, ``--n-train 0`` takes every row the test set leaves), 128
 tokens, scores on the held-out test set and writes ``{method: {accuracy, macro_f1,
 train_seconds, trainable_params, ...}}`` plus a PNG of the learning curves. With ``--seeds N``
-(default 3, --quick 1) every trained method runs with training seeds 0..N-1 on the same split:
-``accuracy``, ``macro_f1`` and ``train_seconds`` are means over them (``accuracy_std``, and each
-run under ``runs``; a run that fails -- ``TrainingDiverged``, what a tenant gets as a failed
-job -- is recorded with its reason and left out of the means: ``n_failed``); ``tfidf`` (TF-IDF +
-logistic regression, ``bench.tfidf``) is deterministic and runs once. ``--variants`` adds LoRA
-runs with other hyper-parameters (method ``lora:NAME``) to the same run, for comparisons. The heads read the base's pooling (``--pooling base``: what its configuration
-declares, ``adapters.pooling``; others override it, to compare).
+(default 3, --quick 1) every trained method runs with training seeds 0..N-1 on the same split,
+seeds in the outer loop and methods interleaved inside it: ``accuracy``, ``macro_f1`` and
+``train_seconds`` are means over them (``accuracy_std``, and each run under ``runs``; a run
+that fails -- ``TrainingDiverged``, what a tenant gets as a failed job -- is recorded with its
+reason and left out of the means: ``n_failed``); ``tfidf`` (TF-IDF + logistic regression,
+``bench.tfidf``) is deterministic and runs once. ``--variants`` adds LoRA runs with other
+hyper-parameters (method ``lora:NAME``) to the same run, for comparisons. The heads read the
+base's pooling (``--pooling base``: what its configuration declares, ``adapters.pooling``;
+others override it, to compare).
+
+Long comparisons run in pieces (``bench.quality_runs``): ``--seed-list`` runs only some seeds
+(``--methods lora --seed-list 2``: one method x seed per process); the JSON is rewritten
+atomically after every run, with the pieces still ``pending``, and ``--resume`` trains only
+what ``--out`` lacks, so a crash loses at most the run in progress; ``--include FILE`` (any
+number) merges other pieces' runs (``--methods none --skip-latency`` merges without training).
 
 It also measures serving latency with no training running and while a training worker process
 runs a job (``bench.serving_latency``; ``serving_latency_ms`` in the JSON; ``--skip-latency``).
@@ -32,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +52,8 @@ from adapters.pooling import Pooling
 from adapters.training import Hyperparameters, TrainCallbacks, TrainingDiverged, train
 from adapters.training.metrics import classification_metrics
 from bench import data
-from bench.common import machine, parser, save_figure, write
+from bench.common import machine, parser, save_figure
+from bench.quality_runs import META, done, method_summary, save, summarise, take_runs
 from bench.serving_latency import serving_latency
 from bench.tfidf import tfidf_baseline
 
@@ -72,9 +80,15 @@ def main() -> None:
                    help="torch threads for training and scoring (default: torch's); on a busy shared machine "
                         "1 thread ran MiniLM LoRA steps 3.5x faster than 2")
     p.add_argument("--include", type=Path, action="append", default=[],
-                   help="an earlier run's JSON (same dataset, sizes and seed): methods not run now are "
-                        "copied from it, marked with where they came from (training is deterministic "
-                        "on CPU for a seed; their train_seconds are from that run's machine load)")
+                   help="an earlier run's or piece's JSON (same dataset, split, pooling and --hyperparameters): "
+                        "every method x seed run it has and this one lacks is merged in, marked with where it "
+                        "came from (bench.quality_runs); --methods none merges pieces without training")
+    p.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="comma list of the training seeds to run (default 0..--seeds-1), e.g. one piece: "
+                        "--methods lora --seed-list 2")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs --out already holds (it is rewritten after every run) and train only "
+                        "the missing method x seed pieces")
     p.add_argument("--variants", type=json.loads, default={},
                    help='JSON {name: hyper-parameters}: method "lora:NAME" is LoRA with those on top of '
                         '--hyperparameters, e.g. \'{"head10": {"head_lr_scale": 10}}\' --methods lora,lora:head10')
@@ -100,29 +114,34 @@ def main() -> None:
         result, curves, latency = run_texts(args, seeds)
     for path in args.include:
         earlier = json.loads(path.read_text())
-        if (earlier["dataset"], earlier["n_train"], earlier["n_test"]) != (args.dataset, result["n_train"],
-                                                                          result["n_test"]):
-            raise SystemExit(f"{path}: a different dataset or split; cannot include it")
-        for method in METHODS:
-            if method in earlier and method not in result:
-                result[method] = {**earlier[method], "from_run": {"file": path.name, "when": earlier["machine"]["when"]}}
-                curves[method] = earlier.get("curves", {}).get(method, [])
-        if "serving_latency_ms" in earlier and args.skip_latency:
+        taken = take_runs(result, curves, earlier, str(path))
+        print(f"included from {path}: {', '.join(taken) or 'nothing new'}", flush=True)
+        if "serving_latency_ms" in earlier and args.skip_latency and "serving_latency_ms" not in result:
             result["serving_latency_ms"] = {**earlier["serving_latency_ms"], "from_run": path.name}
+    if "pending" in result:  # pieces another file brought are no longer pending
+        result["pending"] = [p for p in result["pending"]
+                             if int(p.rsplit(":", 1)[1]) not in done(result, p.rsplit(":", 1)[0])]
     for a, b in (("lora", "full"), ("lora", "head"), ("head", "tfidf"), ("lora", "tfidf")):
         if a in result and b in result and result[a]["accuracy"] is not None and result[b]["accuracy"] is not None:
             result[f"{a}_minus_{b}_points"] = 100 * (result[a]["accuracy"] - result[b]["accuracy"])
     result["curves"] = curves
     if latency is not None and not args.skip_latency:
         result["serving_latency_ms"] = latency()
-    write(args.out, result)
+    save(args.out, {**result, "machine": machine()})
+    print(f"wrote {args.out}")
     plot_curves(args.out.with_suffix(".png"), curves, args.dataset)
 
 
 def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Callable[[], dict[str, Any]]]:
-    """The text data sets: ``(result, curves, serving latency measurement)``."""
+    """The text data sets: ``(result, curves, serving latency measurement)``. Seeds run in the
+    outer loop and the trained methods in turn inside it (interleaved: machine load drifts hit
+    every method alike); the JSON is rewritten after every run, with what is still ``pending``."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = [] if args.methods == "none" else args.methods.split(",")
+    trained = [m for m in methods if m != "tfidf"]
+    for method in trained:
+        variant(args.variants, method)  # a bad name fails now, not after hours of training
     rows = data.load(args.dataset)
     n_train, n_test = (QUICK_SIZES if args.quick else SIZES)[args.dataset]
     n_test = args.n_test or n_test
@@ -137,54 +156,64 @@ def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Ca
         "machine": machine(), "dataset": args.dataset, "quick": args.quick, "labels": list(labels),
         "n_train": len(fit_rows), "n_validation": len(val_rows), "n_test": len(test_rows), "max_length": 128,
         "pooling": str(base.spec.pooling), "seeds": seeds, "threads": torch.get_num_threads(),
-        "hyperparameters": args.hyperparameters, "variants": args.variants,
+        "hyperparameters": args.hyperparameters, "variants": dict(args.variants),
     }
+    curves: dict[str, list[dict[str, Any]]] = {}
+    if args.resume and args.out.exists():  # what an earlier, stopped run of this command finished
+        taken = take_runs(result, curves, json.loads(args.out.read_text()), str(args.out))
+        print(f"resumed from {args.out}: {', '.join(taken) or 'nothing'}", flush=True)
     texts = {name: [r["text"] for r in part] for name, part in (("fit", fit_rows), ("val", val_rows), ("test", test_rows))}
     ys = {name: [index[r["label"]] for r in part] for name, part in (("fit", fit_rows), ("val", val_rows), ("test", test_rows))}
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for method in [] if args.methods == "none" else args.methods.split(","):
-        if method == "tfidf":
-            tf = tfidf_baseline(texts["fit"], ys["fit"], texts["val"], ys["val"], texts["test"])
-            m = classification_metrics(ys["test"], tf.predictions, len(labels))
-            result[method] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": tf.seconds,
-                              "trainable_params": tf.trainable_params, "c": tf.c, "val_accuracy_per_c": tf.val_accuracy,
-                              "deterministic": True}
-            print(f"tfidf: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (C={tf.c:g}) in {tf.seconds:.1f}s")
-            continue
-        runs = []
-        for seed in range(seeds):
-            history: list[dict[str, Any]] = []
-            cb = TrainCallbacks(on_epoch=lambda e, m, h=history, meth=method: log_epoch(meth, h, e, m),
-                                on_search=lambda d, meth=method: print(f"{meth} search: {json.dumps(d)}", flush=True))
-            hp = Hyperparameters.from_dict({"seed": seed, "max_length": 128, **args.hyperparameters,
-                                            **variant(args.variants, method)})
-            t0 = time.perf_counter()
-            try:
-                res = train(base, texts["fit"], ys["fit"], labels, texts["val"], ys["val"], method=method.split(":")[0],
-                            hp=hp, callbacks=cb, threads=args.threads)
-            except TrainingDiverged as e:  # what a tenant would get: a failed job, no adapter
-                runs.append({"seed": seed, "failed": e.message, "train_seconds": time.perf_counter() - t0,
-                             "epochs_run": len(history)})
-                curves.setdefault(method, history)
-                print(f"{method} seed {seed}: failed: {e.message}")
-                continue
-            seconds = time.perf_counter() - t0
-            m = classification_metrics(ys["test"], predict(res.model, base, texts["test"]), len(labels))
-            runs.append({"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": seconds,
-                         "epochs_run": len(history), "best_epoch": res.best_epoch,
-                         "val_accuracy": res.metrics["val_accuracy"], "steps": res.metrics.get("steps"),
-                         **({"search": res.metrics["search"]} if "search" in res.metrics else {})})
-            if seed == 0:
-                curves[method] = history
-            print(f"{method} seed {seed}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s")
-        ok = [r for r in runs if "failed" not in r]
-        if not ok:
-            result[method] = {"accuracy": None, "failed": runs[0]["failed"], "n_failed": len(runs), "runs": runs}
-            continue
-        result[method] = {**summarise(ok), "n_failed": len(runs) - len(ok), "trainable_params": res.trainable_params,
-                          "total_params": res.total_params, "trainable_fraction": res.trainable_params / res.total_params,
-                          "hyperparameters": res.hyperparameters, "runs": runs}
+    if "tfidf" in methods and "tfidf" not in result:
+        tf = tfidf_baseline(texts["fit"], ys["fit"], texts["val"], ys["val"], texts["test"])
+        m = classification_metrics(ys["test"], tf.predictions, len(labels))
+        result["tfidf"] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": tf.seconds,
+                           "trainable_params": tf.trainable_params, "c": tf.c, "val_accuracy_per_c": tf.val_accuracy,
+                           "deterministic": True}
+        print(f"tfidf: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (C={tf.c:g}) in {tf.seconds:.1f}s")
+    seed_list = args.seed_list if args.seed_list is not None else list(range(seeds))
+    pending = [(seed, method) for seed in seed_list for method in trained if seed not in done(result, method)]
+    result["pending"] = [f"{method}:{seed}" for seed, method in pending]
+    for seed, method in pending:
+        run, res, history = train_one(args, base, labels, texts, ys, method, seed)
+        mine = result.get(method) or {}
+        meta = {k: mine[k] for k in META if k in mine}
+        if res is not None:
+            meta = {"trainable_params": res.trainable_params, "total_params": res.total_params,
+                    "trainable_fraction": res.trainable_params / res.total_params,
+                    "hyperparameters": res.hyperparameters}
+        result[method] = method_summary(list(mine.get("runs", [])) + [run], meta)
+        if method not in curves or seed == min(seed_list):
+            curves[method] = history
+        result["pending"].remove(f"{method}:{seed}")
+        save(args.out, {**result, "machine": machine(), "curves": curves})  # a crash keeps the finished runs
     return result, curves, lambda: serving_latency(base, fit_rows, quick=args.quick)
+
+
+def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, list[str]], ys: dict[str, list[int]],
+              method: str, seed: int) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+    """One method x seed: ``(its run record, the TrainResult or None if it failed, its curve)``."""
+    history: list[dict[str, Any]] = []
+    cb = TrainCallbacks(on_epoch=lambda e, m: log_epoch(method, history, e, m),
+                        on_search=lambda d: print(f"{method} search: {json.dumps(d)}", flush=True))
+    hp = Hyperparameters.from_dict({"seed": seed, "max_length": 128, **args.hyperparameters,
+                                    **variant(args.variants, method)})
+    t0 = time.perf_counter()
+    try:
+        res = train(base, texts["fit"], ys["fit"], labels, texts["val"], ys["val"], method=method.split(":")[0],
+                    hp=hp, callbacks=cb, threads=args.threads)
+    except TrainingDiverged as e:  # what a tenant would get: a failed job, no adapter
+        print(f"{method} seed {seed}: failed: {e.message}")
+        return ({"seed": seed, "failed": e.message, "train_seconds": time.perf_counter() - t0,
+                 "epochs_run": len(history), "load_average": round(os.getloadavg()[0], 2)}, None, history)
+    seconds = time.perf_counter() - t0
+    m = classification_metrics(ys["test"], predict(res.model, base, texts["test"]), len(labels))
+    print(f"{method} seed {seed}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s",
+          flush=True)
+    return ({"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": seconds,
+             "epochs_run": len(history), "best_epoch": res.best_epoch, "val_accuracy": res.metrics["val_accuracy"],
+             "steps": res.metrics.get("steps"), "load_average": round(os.getloadavg()[0], 2),
+             **({"search": res.metrics["search"]} if "search" in res.metrics else {})}, res, history)
 
 
 def variant(variants: dict[str, dict[str, Any]], method: str) -> dict[str, Any]:
@@ -195,14 +224,6 @@ def variant(variants: dict[str, dict[str, Any]], method: str) -> dict[str, Any]:
     if kind != "lora" or name not in variants:
         raise SystemExit(f"method {method!r}: variants are 'lora:NAME' with NAME in --variants ({', '.join(variants)})")
     return dict(variants[name])
-
-
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over the seeds' runs (``accuracy_std``: 0 for one run)."""
-    acc = [r["accuracy"] for r in runs]
-    return {"accuracy": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "macro_f1": statistics.mean(r["macro_f1"] for r in runs),
-            "train_seconds": statistics.mean(r["train_seconds"] for r in runs), "n_seeds": len(runs)}
 
 
 def log_epoch(method: str, history: list[dict[str, Any]], epoch: int, m: dict[str, Any]) -> None:

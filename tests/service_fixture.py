@@ -7,13 +7,25 @@ the tiny base saved to ``model_dir``, images on the tiny random vision base
 process). Server output goes to
 ``serve.log`` in its home and is printed when the start fails.
 
+The session fixtures here are registered once, as a plugin (``tests/conftest.py``): a test
+module asks for them by name and must not import them (an imported fixture is a fixture of that
+module: a session-scoped server would start again for every module that imports it, and each
+would live until the session ends). A whole run starts each of them at most once, so the tests
+that share one make their own tenants (names no other test uses) and assert on what they made,
+never on the server's totals (``/metrics`` deltas, not values).
+
 ``start_served(home, model_dir, overrides)`` / ``stop_served(s)`` (or ``with serving(...)``)
 do the same for tests that need other settings (several workers, training workers) or that
 stop a service and start it again on the same home. ``served_generation`` (session-scoped,
 used only by the generation tests) also serves text generation on the tiny random Llama
 (``TAILOR_GENERATION_BASE_MODEL=tiny:GENERATION_BASE_SEED``; ``generation_base()`` is the same
 base in this process) with a 1 MiB KV cache (2,048 tokens of it) and a 1 s admission wait, so a
-long sequence makes the next request wait and be refused with Retry-After. Each instance gets its own BentoML home
+long sequence makes the next request wait and be refused with Retry-After. ``served_training``
+(session-scoped) has one training worker, over a tiny base that trains in seconds
+(``TRAINABLE``); a test that starts jobs on it waits for them to end (or cancels them), so the
+next test's jobs do not queue behind them. ``served_text_only`` (session-scoped) serves text
+classification alone (no vision base) and has no training worker: jobs stay queued, and no
+test but the queue-position one submits jobs to it. Each instance gets its own BentoML home
 (``service.instance``), so its ``/metrics`` are its own: none is shared with another test's
 server or a service running beside the suite.
 """
@@ -54,6 +66,7 @@ LIMITS = {
 IMAGE_BASE_SEED = 5
 GENERATION_BASE_SEED = 3
 BASES_CACHE = Path(tempfile.gettempdir()) / "tailor-test-bases"  # SmolLM2's tokenizer, converted once
+TRAINABLE = {"seed": 1, "initializer_range": 0.3}  # save_tiny_base(dir, **TRAINABLE): trains in seconds
 GENERATION = {
     "TAILOR_TASKS": "text-classification,text-generation",
     "TAILOR_GENERATION_BASE_MODEL": f"tiny:{GENERATION_BASE_SEED}",
@@ -227,4 +240,20 @@ def served_generation(tmp_path_factory: pytest.TempPathFactory):
     model_dir = save_tiny_base(root / "model")
     seed_bases(root / "home")
     with serving(root / "home", model_dir, GENERATION, ready_timeout=2 * READY_TIMEOUT_S) as s:  # two bases
+        yield s
+
+
+@pytest.fixture(scope="session")
+def served_training(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("served-training")
+    model_dir = save_tiny_base(root / "model", **TRAINABLE)
+    with serving(root / "home", model_dir, {"TAILOR_TRAIN_WORKERS": "1"}, ready_timeout=240) as s:  # a busy CI box
+        yield s
+
+
+@pytest.fixture(scope="session")
+def served_text_only(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("served-text-only")
+    model_dir = save_tiny_base(root / "model", seed=8)
+    with serving(root / "home", model_dir, {"TAILOR_TASKS": "text-classification", "TAILOR_IMAGE_BASE_MODEL": ""}) as s:
         yield s

@@ -10,7 +10,6 @@ import pytest
 
 from service import cli
 from service.client import TailorClient
-from tests.service_fixture import served_generation  # noqa: F401 - the fixture
 from tests.test_service_generation import admin, gbase, gen_zip, tenant  # noqa: F401 - fixtures
 from tests.test_service_http import import_zip
 

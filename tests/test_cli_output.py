@@ -18,7 +18,7 @@ from adapters.base import load_base
 from adapters.peft_format import export_peft, zip_files
 from adapters.synthetic import random_artifact
 from service.cli import main
-from tests.service_fixture import Served, served  # noqa: F401 - the fixture
+from tests.service_fixture import Served
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.image_files import distinct
-from tests.service_fixture import Served, image_base, save_tiny_base, serving
+from tests.service_fixture import Served, image_base
 from tests.training_data import FAST_HP, sentiment
 
 CHROMIUM = os.environ.get("TAILOR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,11 +39,9 @@ if not Path(CHROMIUM).is_file():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    root = tmp_path_factory.mktemp("console")
-    model_dir = save_tiny_base(root / "model", seed=1, initializer_range=0.3)  # trains in seconds
-    with serving(root / "home", model_dir, {"TAILOR_TRAIN_WORKERS": "1"}, ready_timeout=240) as s:  # a busy CI box
-        yield s
+def server(served_training: Served) -> Served:
+    """The session's server with a training worker, over a base that trains in seconds."""
+    return served_training
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +111,8 @@ def no_injected_markup(page: Any) -> None:
 
 def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path: Path) -> None:
     context, page, watch = new_page(browser, server)
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_key}"}) as admin:
+        others = [t["name"] for t in admin.get("/v1/tenants").json()]  # other modules' tenants on this server
 
     # -- a wrong key is refused on the sign-in form, and nothing is kept ---------------------------
     page.goto("/ui/")
@@ -140,7 +140,7 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     page.wait_for_selector("#tenant-error:has-text('already exists')")
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_key}"}) as admin:
         other = admin.post("/v1/tenants", json={"name": "globex"}).json()["api_key"]
-        assert [t["name"] for t in admin.get("/v1/tenants").json()] == ["acme", "globex"]
+        assert [t["name"] for t in admin.get("/v1/tenants").json()] == sorted([*others, "acme", "globex"])
     sign_out(page)
 
     # -- the tenant uploads data with a progress bar ----------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.service_fixture import REPO, Served, generation_base, served_generation  # noqa: F401 - the fixture
+from tests.service_fixture import REPO, Served, generation_base
 from tests.test_service_generation import _metric, _wait_for, gen_zip
 from tests.test_service_http import import_zip
 

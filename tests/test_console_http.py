@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service_fixture import Served, served  # noqa: F401 - the fixture
+from tests.service_fixture import Served
 
 
 def test_console_files_carry_strict_security_headers(served: Served) -> None:  # noqa: F811

@@ -18,7 +18,6 @@ import pytest
 
 from service.errors import body, error_response
 from service.schemas import DB_INT_MAX
-from tests.service_fixture import served  # noqa: F401 - the fixture
 from tests.test_service_http import new_tenant
 from tests.training_data import sentiment
 

@@ -29,7 +29,6 @@ from adapters.store import LocalStore
 from adapters.training import Hyperparameters, TrainCallbacks, train
 from adapters.training.trainer import TrainingYielded
 from tests.postgres import wait_until
-from tests.service_fixture import save_tiny_base, serving
 from tests.training_data import FAST_HP, sentiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,27 +378,27 @@ def test_a_small_job_runs_before_another_tenants_long_job_ends(home, worker):
 # -- over HTTP: the position on GET /v1/jobs/{id} and in the events ------------------------------
 
 
-def test_queue_position_over_http(tmp_path_factory):
+def test_queue_position_over_http(served_text_only):
     """A real ``bentoml serve`` without training workers, so jobs stay queued: each job shows
     where it stands, other tenants' jobs ahead are counted but never named, and the positions
-    move up when a job ahead leaves the queue."""
-    root = tmp_path_factory.mktemp("fair-http")
-    with serving(root / "home", save_tiny_base(root / "model")) as s:
-        with s.client(s.admin_key) as admin:
-            keys = {t: admin.post("/v1/tenants", json={"name": t}).json()["api_key"] for t in ("acme", "globex")}
-        body = {"adapter": "mood", "training_data": sentiment(20), "hyperparameters": FAST_HP}
-        with s.client(keys["acme"]) as acme, s.client(keys["globex"]) as globex:
-            a1, a2 = (acme.post("/v1/jobs", json=body).json() for _ in range(2))
-            g1 = globex.post("/v1/jobs", json=body).json()
-            assert (a1["status"], a1["queue_position"], a2["queue_position"]) == ("queued", 1, 2)
-            assert g1["queue_position"] == 2  # tenants take turns: globex's first job before acme's second
-            assert acme.get(f"/v1/jobs/{a2['id']}").json()["queue_position"] == 3
-            assert {j["id"]: j["queue_position"] for j in acme.get("/v1/jobs").json()} == {a1["id"]: 1, a2["id"]: 3}
-            lines = [e["message"] for e in globex.get(f"/v1/jobs/{g1['id']}/events").json()]
-            assert "queued: position 2, waiting behind another tenant's job" in lines
-            assert not any("acme" in line or a1["id"] in line for line in lines)
-            cancelled = acme.post(f"/v1/jobs/{a1['id']}/cancel").json()
-            assert cancelled["status"] == "cancelled" and cancelled["queue_position"] is None
-            # neither tenant had a worker yet: the one whose oldest queued job came first goes first
-            assert acme.get(f"/v1/jobs/{a2['id']}").json()["queue_position"] == 1
-            assert globex.get(f"/v1/jobs/{g1['id']}").json()["queue_position"] == 2
+    move up when a job ahead leaves the queue. (The session's text-only server: no other test
+    queues jobs there.)"""
+    s = served_text_only
+    with s.client(s.admin_key) as admin:
+        keys = {t: admin.post("/v1/tenants", json={"name": t}).json()["api_key"] for t in ("acme", "globex")}
+    body = {"adapter": "mood", "training_data": sentiment(20), "hyperparameters": FAST_HP}
+    with s.client(keys["acme"]) as acme, s.client(keys["globex"]) as globex:
+        a1, a2 = (acme.post("/v1/jobs", json=body).json() for _ in range(2))
+        g1 = globex.post("/v1/jobs", json=body).json()
+        assert (a1["status"], a1["queue_position"], a2["queue_position"]) == ("queued", 1, 2)
+        assert g1["queue_position"] == 2  # tenants take turns: globex's first job before acme's second
+        assert acme.get(f"/v1/jobs/{a2['id']}").json()["queue_position"] == 3
+        assert {j["id"]: j["queue_position"] for j in acme.get("/v1/jobs").json()} == {a1["id"]: 1, a2["id"]: 3}
+        lines = [e["message"] for e in globex.get(f"/v1/jobs/{g1['id']}/events").json()]
+        assert "queued: position 2, waiting behind another tenant's job" in lines
+        assert not any("acme" in line or a1["id"] in line for line in lines)
+        cancelled = acme.post(f"/v1/jobs/{a1['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled" and cancelled["queue_position"] is None
+        # neither tenant had a worker yet: the one whose oldest queued job came first goes first
+        assert acme.get(f"/v1/jobs/{a2['id']}").json()["queue_position"] == 1
+        assert globex.get(f"/v1/jobs/{g1['id']}").json()["queue_position"] == 2

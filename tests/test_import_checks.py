@@ -29,7 +29,6 @@ from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 from adapters.training.hyperparams import HyperparameterError
-from tests.service_fixture import served  # noqa: F401 - the fixture
 
 BAD_LABELS = ["bell\x07", "tab\tinside", "x" * 129, "lone \ud800", "del\x7f", "   "]
 

@@ -3,8 +3,9 @@
 BentoML puts every ``bentoml serve``'s multiprocess metrics in ``$BENTOML_HOME/
 prometheus_multiproc_dir`` and wipes it at start; with one shared default folder, traffic to
 one instance showed on the other's /metrics and starting one erased the other's numbers. Here
-instance A is started like the test fixture and the local cluster start theirs (``bentoml serve
-.`` with ``service.instance.instance_env``) and instance B like ``scripts/serve.sh`` does
+instance A is the session's ``served``, started like the local cluster starts its replicas
+(``bentoml serve .`` with ``service.instance.instance_env``; it counts from where earlier tests
+left it) and instance B like ``scripts/serve.sh`` does
 (``tailor serve``): each counts only its own requests, and restarting B leaves A's counts whole.
 """
 
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from service.instance import instance_home
-from tests.service_fixture import ADMIN_KEY, Served, save_tiny_base, start_served, stop_served
+from tests.service_fixture import ADMIN_KEY, Served, start_served, stop_served
 
 TAILOR_SERVE = [sys.executable, "-m", "service.cli", "serve"]
 
@@ -46,26 +47,25 @@ def metrics_files(home: Path, s: Served) -> list[str]:
     return sorted(p.name for p in folder.glob("*.db"))
 
 
-def test_two_instances_on_one_host_keep_their_own_metrics(tmp_path: Path) -> None:
-    model_dir = save_tiny_base(tmp_path / "model")
-    a = start_served(tmp_path / "a", model_dir)
+def test_two_instances_on_one_host_keep_their_own_metrics(served: Served, tmp_path: Path) -> None:
+    a = served  # the session's instance: its count so far is whatever earlier tests left
+    a0 = tenant_listings(a)
     b: Served | None = None
     try:
-        b = start_served(tmp_path / "b", model_dir, command=TAILOR_SERVE)
+        b = start_served(tmp_path / "b", a.model_dir, command=TAILOR_SERVE)
         list_tenants(a, 5)
         list_tenants(b, 2)
-        assert (tenant_listings(a), tenant_listings(b)) == (5, 2)
-        assert metrics_files(tmp_path / "a", a) and metrics_files(tmp_path / "b", b)  # each in its own folder
+        assert (tenant_listings(a) - a0, tenant_listings(b)) == (5, 2)
+        assert metrics_files(a.home, a) and metrics_files(tmp_path / "b", b)  # each in its own folder
 
         # restarting B (same home, same port) starts B afresh and leaves A's numbers alone
         port = urlsplit(b.url).port
         stop_served(b)
-        b = start_served(tmp_path / "b", model_dir, command=TAILOR_SERVE, port=port)
+        b = start_served(tmp_path / "b", a.model_dir, command=TAILOR_SERVE, port=port)
         assert tenant_listings(b) == 0
-        assert tenant_listings(a) == 5
+        assert tenant_listings(a) - a0 == 5
         list_tenants(a, 1)
-        assert (tenant_listings(a), tenant_listings(b)) == (6, 0)
+        assert (tenant_listings(a) - a0, tenant_listings(b)) == (6, 0)
     finally:
         if b is not None:
             stop_served(b)
-        stop_served(a)

@@ -38,7 +38,6 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
 
-from tests.service_fixture import served  # noqa: E402,F401 - the fixture
 from tests.test_service_http import adapter_zip, import_zip, new_tenant  # noqa: E402
 from tests.training_data import sentiment  # noqa: E402
 

@@ -15,6 +15,7 @@ import math
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -32,7 +33,6 @@ from adapters.quotas import (
 from adapters.registry import Registry
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from tests.service_fixture import save_tiny_base, serving
 from tests.training_data import FAST_HP, sentiment
 
 ROWS = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [{"text": f"bad {i}", "label": "neg"}
@@ -225,12 +225,11 @@ def test_a_job_needs_room_for_its_version_and_some_storage(reg, jm):
 # -- over HTTP, against a real bentoml serve with a training worker -------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quotas")
-    model_dir = save_tiny_base(root / "model", seed=1, initializer_range=0.3)  # trains in seconds
-    with serving(root / "home", model_dir, {"TAILOR_TRAIN_WORKERS": "1"}) as s:
-        s.spec = load_base(str(model_dir)).spec
-        yield s
+def server(served_training):
+    """The session's server with a training worker; ``spec``: its text base's."""
+    s = replace(served_training)
+    s.spec = load_base(str(s.model_dir)).spec
+    return s
 
 
 def tenant(server, **quotas) -> httpx.Client:

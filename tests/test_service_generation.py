@@ -19,7 +19,7 @@ import pytest
 
 from adapters.peft_format import TAILOR_FILE, export_peft, zip_files
 from adapters.generation.synthetic import random_generation_artifact
-from tests.service_fixture import generation_base, served_generation  # noqa: F401 - the fixture
+from tests.service_fixture import generation_base
 from tests.test_service_http import adapter_zip, assert_error, import_zip
 
 HELLO = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]

@@ -20,7 +20,7 @@ from adapters.registry import Registry
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from tests.service_fixture import LIMITS, served  # noqa: F401 - the fixture
+from tests.service_fixture import LIMITS
 
 TEXTS = ["good morning", "a dreadful film", "taxes and budgets", "the cup final", "so-so service"]
 _tenant_seq = iter(range(10_000))

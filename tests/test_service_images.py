@@ -26,7 +26,7 @@ from adapters.store import LocalStore
 from adapters.synthetic import random_image_artifact
 from service.client import TailorAPIError, TailorClient
 from tests.image_files import distinct, encode, image_folder, make_zip, png_header_only, solid
-from tests.service_fixture import LIMITS, image_base, save_tiny_base, served, serving  # noqa: F401
+from tests.service_fixture import LIMITS, image_base, save_tiny_base
 from tests.test_service_http import TEXTS, adapter_zip, admin, assert_error, import_zip, new_tenant, spec  # noqa: F401
 
 TEXT, IMAGE = "text-classification", "image-classification"
@@ -277,38 +277,37 @@ def test_image_files_and_jobs(served, admin):  # noqa: F811
 
 # -- a text-only deployment -------------------------------------------------------------------------------
 
-def test_a_text_only_service_serves_text_and_says_so_for_images(tmp_path, vision):
-    model_dir = save_tiny_base(tmp_path / "model", seed=8)
-    home = tmp_path / "home"
-    with serving(home, model_dir, {"TAILOR_TASKS": TEXT, "TAILOR_IMAGE_BASE_MODEL": ""}) as s:
-        from adapters.base import load_base
+def test_a_text_only_service_serves_text_and_says_so_for_images(served_text_only, vision):
+    from adapters.base import load_base
 
-        tspec = load_base(str(model_dir)).spec
-        with s.client(s.admin_key) as adm:
-            tenant, key = new_tenant(adm, "textonly")
-        # an image adapter in its registry (published through the library, as training would)
-        catalog = Catalog(Registry(f"sqlite:///{home / 'tailor.db'}"), LocalStore(home / "store"))
-        catalog.publish(tenant, "photos", random_image_artifact(vision.spec, seed=4), promote=True, spec=vision.spec)
-        with s.client(key) as c:
-            assert import_zip(c, "clf", adapter_zip(tspec, seed=5)).status_code == 201
-            assert c.post("/v1/predict", json={"adapter": "clf", "inputs": TEXTS}).status_code == 200
-            err = assert_error(predict_images(c, "photos", IMAGES[:1]), 422, "task_not_served", "adapter")
-            assert "image-classification" in err["message"] and "serves text-classification" in err["message"]
-            assert_error(c.post("/v1/predict", json={"adapter": "photos", "inputs": ["x"]}), 422, "task_not_served")
-            err = assert_error(predict_images(c, "clf", IMAGES[:1]), 422, "task_mismatch", "images")
-            assert "send inputs" in err["message"], err
-            assert_error(import_zip(c, "pics", image_zip(vision.spec, seed=6)), 422, "task_not_served", "task")
-            photos = make_zip(image_folder({"cat": 2, "dog": 2}))
-            assert_error(c.post("/v1/files", files={"file": ("p.zip", photos)}, data={"task": IMAGE}), 422,
-                         "task_not_served", "task")
-            assert_error(c.get("/v1/adapters/photos/export"), 422, "task_not_served")
-            assert {a["name"]: a["task"] for a in c.get("/v1/adapters").json()} == {"clf": TEXT, "photos": IMAGE}
-        with TailorClient(s.url, key) as client, pytest.raises(TailorAPIError) as e:
-            client.predict("photos", images=[IMAGES[0]])
-        assert e.value.status == 422 and e.value.code == "task_not_served"
-        metrics = httpx.get(f"{s.url}/metrics").text
-        assert 'task="text-classification"' in metrics and 'task="image-classification"' not in metrics
-        assert "loaded image-classification base" not in s.log_tail(400)
+    s = served_text_only  # TAILOR_TASKS=text-classification, TAILOR_IMAGE_BASE_MODEL=""
+    home = s.home
+    tspec = load_base(str(s.model_dir)).spec
+    with s.client(s.admin_key) as adm:
+        tenant, key = new_tenant(adm, "textonly")
+    # an image adapter in its registry (published through the library, as training would)
+    catalog = Catalog(Registry(f"sqlite:///{home / 'tailor.db'}"), LocalStore(home / "store"))
+    catalog.publish(tenant, "photos", random_image_artifact(vision.spec, seed=4), promote=True, spec=vision.spec)
+    with s.client(key) as c:
+        assert import_zip(c, "clf", adapter_zip(tspec, seed=5)).status_code == 201
+        assert c.post("/v1/predict", json={"adapter": "clf", "inputs": TEXTS}).status_code == 200
+        err = assert_error(predict_images(c, "photos", IMAGES[:1]), 422, "task_not_served", "adapter")
+        assert "image-classification" in err["message"] and "serves text-classification" in err["message"]
+        assert_error(c.post("/v1/predict", json={"adapter": "photos", "inputs": ["x"]}), 422, "task_not_served")
+        err = assert_error(predict_images(c, "clf", IMAGES[:1]), 422, "task_mismatch", "images")
+        assert "send inputs" in err["message"], err
+        assert_error(import_zip(c, "pics", image_zip(vision.spec, seed=6)), 422, "task_not_served", "task")
+        photos = make_zip(image_folder({"cat": 2, "dog": 2}))
+        assert_error(c.post("/v1/files", files={"file": ("p.zip", photos)}, data={"task": IMAGE}), 422,
+                     "task_not_served", "task")
+        assert_error(c.get("/v1/adapters/photos/export"), 422, "task_not_served")
+        assert {a["name"]: a["task"] for a in c.get("/v1/adapters").json()} == {"clf": TEXT, "photos": IMAGE}
+    with TailorClient(s.url, key) as client, pytest.raises(TailorAPIError) as e:
+        client.predict("photos", images=[IMAGES[0]])
+    assert e.value.status == 422 and e.value.code == "task_not_served"
+    metrics = httpx.get(f"{s.url}/metrics").text
+    assert 'task="text-classification"' in metrics and 'task="image-classification"' not in metrics
+    assert "loaded image-classification base" not in s.log_tail(400)
 
 
 # -- the command line ------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 
-from tests.service_fixture import served  # noqa: F401 - the fixture
 from tests.test_service_http import TEXTS, adapter_zip, admin, assert_error, import_zip, new_tenant, spec  # noqa: F401
 
 POISON = b'{"adapter": "clf", "inputs": ["fine", "\\ud800"]}'  # the JSON escape of a lone surrogate

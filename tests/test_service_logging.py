@@ -2,8 +2,9 @@
 
 BentoML's access log wrote one INFO line per request (a flood under load); it is off by
 default and ``TAILOR_ACCESS_LOG=1`` turns it on. The start line said "base model model loaded"
-(the base's folder is called ``model``). Real ``bentoml serve`` processes; each log is read
-after its process has exited, so every line it wrote is there.
+(the base's folder is called ``model``). Real ``bentoml serve`` processes: the default one is the
+session's ``served``, read while it runs; the one with the access log on is read after it has
+exited, so every line it wrote is there.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_fixture import ADMIN_KEY, IMAGE_BASE_SEED, save_tiny_base, start_served, stop_served
+from tests.service_fixture import ADMIN_KEY, IMAGE_BASE_SEED, Served, save_tiny_base, start_served, stop_served
 
 REQUESTS = 6
 
@@ -38,8 +39,15 @@ def access_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "method=GET,path=/v1/tenants" in line]
 
 
-def test_no_line_per_request_by_default_and_a_readable_start(tmp_path: Path, model_dir: Path) -> None:
-    log = served_log(tmp_path / "home", model_dir, {})
+def test_no_line_per_request_by_default_and_a_readable_start(served: Served) -> None:
+    """On the session's server (default logging), read while it runs: an access line is written
+    right after its response is sent, before the worker (one; its requests are answered in turn)
+    answers the next request, so once the request after ours is answered any line of ours is in."""
+    with served.client(ADMIN_KEY) as c:
+        for _ in range(REQUESTS):
+            assert c.get("/v1/tenants").status_code == 200
+        assert c.get("/readyz").status_code == 200
+    log = (served.home / "serve.log").read_text(errors="replace")
     assert access_lines(log) == []
     assert "loaded text-classification base model 'model' on " in log and "base model model" not in log
     assert f"loaded image-classification base model 'tiny-efficientnet-{IMAGE_BASE_SEED}' on " in log

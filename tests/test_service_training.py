@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,6 @@ import pytest
 
 from service.cli import main
 from service.client import TailorAPIError, TailorClient
-from tests.service_fixture import save_tiny_base, serving
 from tests.training_data import FAST_HP, sentiment
 
 TOPICS = [("sport", "goal"), ("money", "bank"), ("music", "song")]
@@ -36,13 +36,13 @@ def hp_flags(hp: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    model_dir = save_tiny_base(root / "model", seed=1, initializer_range=0.3)  # trains in seconds
-    with serving(root / "home", model_dir, {"TAILOR_TRAIN_WORKERS": "1"}) as s:
-        with TailorClient(s.url, s.admin_key) as admin:
-            s.keys = {t: admin.create_tenant(t)["api_key"] for t in ("acme", "globex")}
-        yield s
+def server(served_training):
+    """The session's server with a training worker; ``keys``: this module's tenants' keys, by the
+    short names the tests use (the tenants are called ``cli-NAME`` there)."""
+    s = replace(served_training)
+    with TailorClient(s.url, s.admin_key) as admin:
+        s.keys = {t: admin.create_tenant(f"cli-{t}")["api_key"] for t in ("acme", "globex")}
+    return s
 
 
 def cli(monkeypatch, capsys, server, tenant: str, *argv: str) -> tuple[int, str, str]:
@@ -189,7 +189,7 @@ def test_wait_exits_1_when_the_job_does_not_succeed(server, tmp_path, monkeypatc
 def test_job_and_adapter_quotas_are_409_and_leave_nothing(server, tmp_path):
     rows = sentiment(40, seed=4)
     with TailorClient(server.url, server.admin_key) as admin:
-        key = admin.create_tenant("quota", {"max_active_jobs": 1, "max_training_rows": 30})["api_key"]
+        key = admin.create_tenant("cli-quota", {"max_active_jobs": 1, "max_training_rows": 30})["api_key"]
     with TailorClient(server.url, key) as q:
         with pytest.raises(TailorAPIError) as e:  # more rows than the quota allows: 422, no job
             q.create_job("big", training_data=rows)
@@ -219,7 +219,7 @@ def test_an_image_job_from_a_zip_runs_in_the_training_pool_on_the_image_base(ser
     from tests.image_files import make_zip, solid
 
     with TailorClient(server.url, server.admin_key) as admin:
-        server.keys["pics"] = admin.create_tenant("pics")["api_key"]
+        server.keys["pics"] = admin.create_tenant("cli-pics")["api_key"]
     colours = {"red": lambda i: (190 + 3 * i, 20 + i, 30), "blue": lambda i: (20 + i, 40, 180 + 3 * i)}
     folder = {f"{label}/{i:02d}.png": solid(colour(i), size=(20 + i, 18))
               for label, colour in colours.items() for i in range(12)}

@@ -18,7 +18,7 @@ from adapters.registry import Registry
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 from adapters.version_status import CANDIDATE, PROD, RETIRED, version_status
-from tests.service_fixture import Served, served  # noqa: F401 - the fixture
+from tests.service_fixture import Served
 
 
 def test_status_rule() -> None:

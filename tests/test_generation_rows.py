@@ -78,15 +78,20 @@ def test_joins_and_leaves_keep_the_rows_equal_to_a_plan_built_from_scratch(world
     prompts: list[list[int]] = []  # each live row's own prompt (moves with its row)
     ops = ["join"] * 10 + [rng.choice(["join", "leave", "leave"]) for _ in range(14)] + ["join"] * 3
     late = adapters[-1]  # the largest rank joins only once other rows are live
-    grew = False
+    grew = widened = False
     for step, op in enumerate(ops):
-        written = rows.rows_written
+        written, relayouts = rows.rows_written, rows.relayouts
         if op == "join" and len(rows) < rows.max_rows:
             pool = adapters[:-1] + [None] if step < 6 else adapters + [None]
             adapter = pool[rng.randrange(len(pool))] if step != 6 else late
+            relaid = sum(a is not None for a in rows.rows)  # rewritten if the layout must widen
             rows.append([adapter])
             prompts.append([rng.randrange(1, 500) for _ in range(rng.randint(3, 9))])
-            assert rows.rows_written == written + 1  # a join copies its own row only
+            if rows.relayouts == relayouts:
+                assert rows.rows_written == written + 1  # a join copies its own row only
+            else:
+                assert rows.rows_written == written + 1 + relaid
+                widened = True
         elif op == "leave" and len(rows) > 1:
             i = rng.randrange(len(rows))
             moved = i != len(rows) - 1
@@ -107,7 +112,7 @@ def test_joins_and_leaves_keep_the_rows_equal_to_a_plan_built_from_scratch(world
         want = forward(dec, bank.plan(live), prompts)
         for g, w in zip(got, want):
             assert (g - w).abs().max().item() < 1e-5
-    assert grew  # the row capacity grew with live rows (and the rank did at step 6)
+    assert grew and widened  # the row capacity grew with live rows, and so did the rank (step 6)
     # the adapters really act: every adapter row differs from the base model on its prompt
     live = list(rows.rows)
     plain = forward(dec, None, prompts)[0]
@@ -134,6 +139,12 @@ def test_a_step_without_a_change_copies_nothing(world):
         rows.append([adapters[0]] * 4)
     rows.clear()
     assert rows.nbytes == 0 and len(rows) == 0
+    # the layout starts afresh: a row image laid out for the wider one before is not reused
+    rows.append([adapters[2], adapters[0]])
+    bank = SlotBank(base.spec.linear_shapes, 0, 3, base.device, base.dtype, separate=SEPARATE)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    for g, w in zip(forward(dec, rows.plan(0, 2), prompts), forward(dec, bank.plan(list(rows.rows)), prompts)):
+        assert (g - w).abs().max().item() < 1e-5
 
 
 def test_a_batched_prefill_of_ragged_prompts_equals_each_prefilled_alone(world):

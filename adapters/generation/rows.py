@@ -5,18 +5,20 @@ Contract:
 * ``RowLoras(linear_shapes, device, dtype, max_rows, separate=...)`` holds, for the scheduler's
   active rows (row ``i`` is KV row ``i``), each row's LoRA weights laid out for the mixed forward
   (``adapters.runtime.context``): per group of sibling layers that read one input (a decoder's
-  q/k/v; gate/up; ``separate`` names, e.g. ``o_proj`` and ``down_proj``, alone) ``A [rows_cap,
-  d_in, C]`` with the group's modules side by side in ``C``, per layer ``B [rows_cap, R, d_out]``
-  with the adapter's scale folded in. A base-model row, or a module its adapter does not target,
-  is zeros there; a smaller rank is zero-padded: every padding is exact.
-* ``append(adapters)`` writes new rows after the live ones (``None``: the base model): each
-  costs one copy of its own adapter's bytes. ``remove(i)`` fills row ``i``'s hole with the last
-  row (the order ``KVCache.move_row`` keeps): one row's copy. ``clear()`` frees the buffers (an
-  idle engine holds none). Nothing else copies weights: a decode step without a join or a leave
-  gathers nothing (``rows_written`` counts row copies, for tests and benchmarks). The row
-  capacity (at most ``max_rows``) and per-module ranks grow on demand, copying the live rows once.
+  q/k/v; gate/up; ``separate`` names, e.g. ``o_proj`` and ``down_proj``, alone) ``A [d_in, C]``
+  with the group's modules side by side in ``C``, per layer ``B [R, d_out]`` with the adapter's
+  scale folded in. A base-model row, or a module its adapter does not target, is zeros there; a
+  smaller rank is zero-padded: every padding is exact.
+* One row is one contiguous stretch of a ``[rows_cap, row_numel]`` buffer, so ``append(adapters)``
+  (new rows after the live ones; ``None``: the base model) costs one copy per row, from the
+  adapter's row image (laid out once per adapter and layout, the last ``max_rows`` kept), and
+  ``remove(i)`` fills row ``i``'s hole with the last row (the order ``KVCache.move_row`` keeps):
+  one copy. ``clear()`` frees the buffer and the layout (an idle engine holds no rows). Nothing
+  else copies weights: a decode step without a join or a leave gathers nothing (``rows_written``
+  counts row copies, ``relayouts`` the re-lays, for tests and benchmarks). The row capacity (at most ``max_rows``) grows on
+  demand, copying the live rows once; a rank wider than the layout's re-lays every live row.
 * ``plan(start, stop)`` is a ``BatchPlan`` over rows ``start..stop-1`` whose tensors are views of
-  the buffers (never copies), or ``None`` when none of those rows has an adapter (the plain base
+  the buffer (never copies), or ``None`` when none of those rows has an adapter (the plain base
   forward). A plan is valid until the next ``append`` / ``remove`` / ``clear``; the last one is
   reused while the rows do not change. One thread (the scheduler's) owns an instance.
 * Adapters are read from ``LoadedAdapter.lora`` (peft orientation: ``A [r, d_in]``,
@@ -25,21 +27,21 @@ Contract:
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from adapters.runtime.context import BatchPlan, GroupPlan, ModulePlan
-from adapters.runtime.loaded import LoadedAdapter
+from adapters.runtime.loaded import LoadedAdapter, VersionKey
 
 
 @dataclass
 class _Group:
     paths: list[str]  # modules in column order
     d_in: int
-    a: torch.Tensor | None = None  # [rows_cap, d_in, width]
-    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (offset, rank cap)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (column offset, rank cap)
+    at: int = 0  # where its A [d_in, width] starts in a row
 
     @property
     def width(self) -> int:
@@ -61,11 +63,15 @@ class RowLoras:
                 g = self._groups.setdefault(path, _Group(paths=[], d_in=d_in))
             g.paths.append(path)
             self._group_of[path] = g
-        self._b: dict[str, torch.Tensor] = {}  # path -> [rows_cap, rank cap, d_out]
+        self._b_at: dict[str, int] = {}  # path -> where its B [rank cap, d_out] starts in a row
+        self._numel = 0
+        self._layout: tuple[tuple[str, int], ...] = ()  # (path, rank cap): what an image was laid for
+        self._flat: torch.Tensor | None = None  # [rows_cap, numel]
+        self._images: OrderedDict[VersionKey, tuple[tuple[tuple[str, int], ...], torch.Tensor]] = OrderedDict()
         self.rows: list[LoadedAdapter | None] = []
         self._targets: Counter[str] = Counter()  # live rows whose adapter targets each module
-        self.rows_cap = 0
         self.rows_written = 0
+        self.relayouts = 0
         self._plan_key: tuple[int, int] | None = None
         self._plan: BatchPlan | None = None
 
@@ -73,9 +79,13 @@ class RowLoras:
         return len(self.rows)
 
     @property
+    def rows_cap(self) -> int:
+        return 0 if self._flat is None else self._flat.shape[0]
+
+    @property
     def nbytes(self) -> int:
-        ts = list(self._b.values()) + [g.a for g in self._groups.values() if g.a is not None]
-        return sum(t.nbytes for t in ts)
+        """Bytes the row buffer takes (the row images' cache aside)."""
+        return 0 if self._flat is None else self._flat.nbytes
 
     # -- composition changes --------------------------------------------------------------------
 
@@ -84,10 +94,16 @@ class RowLoras:
         n = len(self.rows) + len(adapters)
         if n > self.max_rows:
             raise ValueError(f"{n} rows exceed the batch's {self.max_rows}")
+        caps = {p: c for g in self._groups.values() for p, (_, c) in g.spans.items()}
+        wider = dict(caps)
         for adapter in adapters:
             for path, (a, _) in (adapter.lora.items() if adapter is not None else ()):
-                self._grow_rank(path, a.shape[0])
-        if n > self.rows_cap:
+                if a.shape[0] > wider.get(path, 0):
+                    old = caps.get(path, 0)
+                    wider[path] = max(a.shape[0], 2 * old) if old else a.shape[0]
+        if wider != caps:
+            self._relayout(wider, max(self.rows_cap, min(self.max_rows, max(n, 8))))
+        elif n > self.rows_cap:
             self._grow_rows(min(self.max_rows, max(n, 2 * self.rows_cap, 8)))
         for adapter in adapters:
             self._write(len(self.rows), adapter)
@@ -100,19 +116,19 @@ class RowLoras:
         last = len(self.rows) - 1
         self._count(self.rows[i], -1)
         if i != last:
-            for t in self._tensors():
-                t[i].copy_(t[last])
+            if self._flat is not None:
+                self._flat[i].copy_(self._flat[last])
             self.rows[i] = self.rows[last]
             self.rows_written += 1
         self.rows.pop()
         self._plan_key = None
 
     def clear(self) -> None:
+        """Free the buffer and forget the layout (the row images stay, for their layout)."""
         for g in self._groups.values():
-            g.a, g.spans = None, {}
-        self._b = {}
+            g.spans, g.at = {}, 0
+        self._b_at, self._numel, self._layout, self._flat = {}, 0, (), None
         self.rows, self._targets = [], Counter()
-        self.rows_cap = 0
         self._plan_key, self._plan = None, None
 
     # -- the forward's view ---------------------------------------------------------------------
@@ -122,16 +138,19 @@ class RowLoras:
         if self._plan_key == (start, stop):
             return self._plan
         plan = None
-        if any(a is not None for a in self.rows[start:stop]):
+        if self._flat is not None and any(a is not None for a in self.rows[start:stop]):
+            rows = self._flat[start:stop]
             modules: dict[str, ModulePlan] = {}
             for g in self._groups.values():
                 active = [p for p in g.paths if self._targets[p] > 0]
-                if not active or g.a is None:
+                if not active:
                     continue
-                gp = GroupPlan(a=g.a[start:stop], single=False)
+                gp = GroupPlan(a=rows[:, g.at : g.at + g.d_in * g.width].view(-1, g.d_in, g.width), single=False)
                 for p in active:
                     off, cap = g.spans[p]
-                    modules[p] = ModulePlan(group=gp, start=off, stop=off + cap, b=self._b[p][start:stop])
+                    at, d_out = self._b_at[p], self.shapes[p][1]
+                    modules[p] = ModulePlan(group=gp, start=off, stop=off + cap,
+                                            b=rows[:, at : at + cap * d_out].view(-1, cap, d_out))
             empty = torch.zeros(0, device=self.device, dtype=self.dtype)
             plan = BatchPlan(modules=modules, head_weight=empty, head_bias=empty, single=False)
         self._plan_key, self._plan = (start, stop), plan
@@ -139,72 +158,67 @@ class RowLoras:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _tensors(self) -> list[torch.Tensor]:
-        return [g.a for g in self._groups.values() if g.a is not None] + list(self._b.values())
-
     def _count(self, adapter: LoadedAdapter | None, d: int) -> None:
         if adapter is not None:
             for path in adapter.lora:
                 self._targets[path] += d
 
     def _write(self, i: int, adapter: LoadedAdapter | None) -> None:
-        lora = adapter.lora if adapter is not None else {}
-        for g in self._groups.values():
-            if g.a is None:
-                continue
-            for path in g.paths:
-                if path not in g.spans:
-                    continue
-                off, cap = g.spans[path]
-                b = self._b[path]
-                if path not in lora:
-                    g.a[i, :, off : off + cap].zero_()
-                    b[i].zero_()
-                    continue
-                a_mat, b_mat = lora[path]
-                r = a_mat.shape[0]
-                g.a[i, :, off : off + r].copy_(a_mat.t())
-                g.a[i, :, off + r : off + cap].zero_()
-                torch.mul(b_mat.t().to(self.device), adapter.scale, out=b[i, :r])  # type: ignore[union-attr]
-                b[i, r:].zero_()
+        assert self._flat is not None
+        if adapter is None:
+            self._flat[i].zero_()
+        else:
+            self._flat[i].copy_(self._image(adapter))
         self.rows_written += 1
 
+    def _image(self, adapter: LoadedAdapter) -> torch.Tensor:
+        """The adapter's row, laid out for the current layout (cached: the last ``max_rows``)."""
+        hit = self._images.get(adapter.key)
+        if hit is not None and hit[0] == self._layout:
+            self._images.move_to_end(adapter.key)
+            return hit[1]
+        row = torch.zeros(self._numel, device=self.device, dtype=self.dtype)
+        for path, (a_mat, b_mat) in adapter.lora.items():
+            g = self._group_of[path]
+            off, cap = g.spans[path]
+            r = a_mat.shape[0]
+            a = row[g.at : g.at + g.d_in * g.width].view(g.d_in, g.width)
+            a[:, off : off + r].copy_(a_mat.t())
+            at, d_out = self._b_at[path], self.shapes[path][1]
+            b = row[at : at + cap * d_out].view(cap, d_out)
+            torch.mul(b_mat.t().to(self.device), adapter.scale, out=b[:r])
+        self._images[adapter.key] = (self._layout, row)
+        self._images.move_to_end(adapter.key)
+        while len(self._images) > self.max_rows:
+            self._images.popitem(last=False)
+        return row
+
     def _grow_rows(self, cap: int) -> None:
-        live = len(self.rows)
+        old, live = self._flat, len(self.rows)
+        self._flat = torch.zeros(cap, self._numel, device=self.device, dtype=self.dtype)
+        if old is not None and live:
+            self._flat[:live].copy_(old[:live])
+
+    def _relayout(self, caps: dict[str, int], rows_cap: int) -> None:
+        """Lay rows out for ``caps`` (path -> rank columns) and rewrite the live rows so."""
+        at = 0
         for g in self._groups.values():
-            if g.a is not None:
-                g.a = _regrow(g.a, cap, live)
-        for p, b in self._b.items():
-            self._b[p] = _regrow(b, cap, live)
-        self.rows_cap = cap
-
-    def _grow_rank(self, path: str, r: int) -> None:
-        g = self._group_of[path]
-        old_cap = g.spans.get(path, (0, 0))[1]
-        if r <= old_cap:
-            return
-        live, rows_cap = len(self.rows), max(self.rows_cap, 1)
-        old_spans, old_a = dict(g.spans), g.a
-        g.spans[path] = (0, max(r, 2 * old_cap) if old_cap else r)
-        off = 0
-        for p in g.paths:  # columns in module order
-            if p in g.spans:
-                g.spans[p] = (off, g.spans[p][1])
-                off += g.spans[p][1]
-        g.a = torch.zeros(rows_cap, g.d_in, off, device=self.device, dtype=self.dtype)
-        if old_a is not None and live:
-            for p, (o, c) in old_spans.items():
-                n = g.spans[p][0]
-                g.a[:live, :, n : n + c].copy_(old_a[:live, :, o : o + c])
-        new_b = torch.zeros(rows_cap, g.spans[path][1], self.shapes[path][1], device=self.device, dtype=self.dtype)
-        if path in self._b and live:
-            new_b[:live, :old_cap].copy_(self._b[path][:live])
-        self._b[path] = new_b
-        self.rows_cap = rows_cap
-
-
-def _regrow(old: torch.Tensor, rows: int, live: int) -> torch.Tensor:
-    """``old`` with ``rows`` rows (first dimension), its first ``live`` rows kept."""
-    new = torch.zeros((rows, *old.shape[1:]), device=old.device, dtype=old.dtype)
-    new[:live].copy_(old[:live])
-    return new
+            g.spans, off = {}, 0
+            for p in g.paths:
+                if p in caps:
+                    g.spans[p] = (off, caps[p])
+                    off += caps[p]
+            g.at = at
+            at += g.d_in * off
+        self._b_at = {}
+        for g in self._groups.values():
+            for p, (_, cap) in g.spans.items():
+                self._b_at[p] = at
+                at += cap * self.shapes[p][1]
+        self._numel = at
+        self._layout = tuple((p, c) for g in self._groups.values() for p, (_, c) in g.spans.items())
+        self._flat = torch.zeros(rows_cap, self._numel, device=self.device, dtype=self.dtype)
+        self.relayouts += 1
+        for i, adapter in enumerate(self.rows):
+            if adapter is not None:
+                self._write(i, adapter)

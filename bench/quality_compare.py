@@ -1,11 +1,15 @@
 """Two methods of ``bench.quality`` side by side over several data sets, and the rule that decides.
 
     python -m bench.quality_compare --a lora --b lora:head10 FILE.json [FILE.json ...] --out OUT.json
+        [--earlier '{"tweets": {"lora:head10": {"0": 0.6318}}}' --earlier-source FILE]
 
-Reads one ``bench.quality`` result per data set (each with both methods, several seeds) and
-writes, per set: each method's mean test accuracy, its standard deviation over the seeds and
-standard error (std / sqrt(seeds)), mean train seconds and trainable parameters, the per-seed
-differences ``b - a`` (seeds both ran) and their mean; then the verdict of the rule for
+Reads one ``bench.quality`` result per data set (each with both methods, several seeds; runs
+measured earlier with the same code and settings can be added with ``--earlier``, marked with
+``--earlier-source``) and writes, per set, over the seeds both methods ran (paired; a seed only
+one method has is listed under ``unpaired_seeds`` and left out): each method's mean test
+accuracy, its standard deviation over the seeds and standard error (std / sqrt(seeds)), mean
+train seconds and trainable parameters, the per-seed differences ``b - a`` and their mean; then
+the verdict of the rule for
 changing a default to ``b`` (``verdict``): ``b``'s mean beats ``a``'s on every set, or on
 average over the sets with no set where ``b`` loses more than ``a``'s standard error there. A
 seed that failed (``TrainingDiverged``) is left out of the means, as ``bench.quality`` does, and
@@ -27,31 +31,58 @@ from bench.common import machine, save_figure
 from bench.quality_runs import save
 
 
-def side(entry: dict[str, Any]) -> dict[str, Any]:
-    """One method on one set: its successful runs' accuracies summarised."""
-    runs = entry.get("runs", [])
+def side(entry: dict[str, Any], seeds: set[int]) -> dict[str, Any]:
+    """One method on one set: its runs of ``seeds`` summarised (a failed run left out of the means)."""
+    runs = [r for r in entry.get("runs", []) if r["seed"] in seeds]
     acc = [r["accuracy"] for r in runs if "failed" not in r]
     std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+    timed = [r["train_seconds"] for r in runs if r.get("train_seconds") is not None]
     return {"accuracy": statistics.mean(acc) if acc else None, "accuracy_std": std,
             "accuracy_stderr": std / math.sqrt(len(acc)) if acc else None, "seeds": [r["seed"] for r in runs],
             "accuracies": {r["seed"]: r.get("accuracy") for r in runs},
             "failed": [r["seed"] for r in runs if "failed" in r],
-            "train_seconds": statistics.mean(r["train_seconds"] for r in runs) if runs else None,
-            "trainable_params": entry.get("trainable_params")}
+            "train_seconds": statistics.mean(timed) if timed else None,
+            "trainable_params": entry.get("trainable_params"),
+            "sources": sorted({(r.get("from_run") or {}).get("file", "this run") for r in runs})}
+
+
+def seeds_of(entry: dict[str, Any]) -> set[int]:
+    return {r["seed"] for r in entry.get("runs", [])}
 
 
 def compare(results: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     sets: dict[str, Any] = {}
     for res in results:
-        sa, sb = side(res.get(a, {})), side(res.get(b, {}))
-        paired = [sb["accuracies"][s] - sa["accuracies"][s] for s in sa["seeds"]
-                  if s in sb["accuracies"] and sa["accuracies"][s] is not None and sb["accuracies"][s] is not None]
+        ea, eb = res.get(a, {}), res.get(b, {})
+        both = seeds_of(ea) & seeds_of(eb)
+        sa, sb = side(ea, both), side(eb, both)
+        paired = [sb["accuracies"][s] - sa["accuracies"][s] for s in sorted(both)
+                  if sa["accuracies"][s] is not None and sb["accuracies"][s] is not None]
         diff = sb["accuracy"] - sa["accuracy"] if None not in (sa["accuracy"], sb["accuracy"]) else None
         sets[res["dataset"]] = {a: sa, b: sb, "b_minus_a_points": None if diff is None else 100 * diff,
                                 "paired_b_minus_a_points": [100 * d for d in paired],
+                                "unpaired_seeds": {m: sorted(seeds_of(e) - both) for m, e in ((a, ea), (b, eb))},
                                 "n_train": res.get("n_train"), "n_test": res.get("n_test"), "quick": res.get("quick"),
                                 "load_average": (res.get("machine") or {}).get("load_average")}
     return {"a": a, "b": b, "sets": sets, "verdict": verdict(sets, a)}
+
+
+def add_earlier(results: list[dict[str, Any]], earlier: dict[str, Any], source: str) -> None:
+    """Add runs measured before (``{dataset: {method: {seed: accuracy or null for failed}}}``) to
+    the results of their data sets, each marked ``from_run: {"file": source}``; a seed a result
+    already has is an error (it was measured twice: use the file's)."""
+    by_name = {r["dataset"]: r for r in results}
+    for dataset, methods in earlier.items():
+        res = by_name.get(dataset)
+        if res is None:
+            raise SystemExit(f"--earlier names data set {dataset!r}, which no file holds")
+        for method, seeds in methods.items():
+            entry = res.setdefault(method, {"runs": []})
+            for seed, acc in seeds.items():
+                if int(seed) in seeds_of(entry):
+                    raise SystemExit(f"--earlier: {dataset} {method} seed {seed} is already in a file")
+                run = {"seed": int(seed), "accuracy": acc, "train_seconds": None, "from_run": {"file": source}}
+                entry["runs"].append(run if acc is not None else {**run, "failed": f"failed in {source}"})
 
 
 def verdict(sets: dict[str, Any], a: str) -> dict[str, Any]:
@@ -96,9 +127,13 @@ def main() -> None:
     p.add_argument("--a", required=True, help="the current default's method name, e.g. lora")
     p.add_argument("--b", required=True, help="the candidate's, e.g. lora:head10")
     p.add_argument("--note", default="", help="what the reader must know (sizes, epochs, machine)")
+    p.add_argument("--earlier", type=json.loads, default={},
+                   help='JSON {dataset: {method: {seed: accuracy, or null if it failed}}} measured before')
+    p.add_argument("--earlier-source", default="earlier run", help="where --earlier's figures come from")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     results = [json.loads(f.read_text()) for f in args.files]
+    add_earlier(results, args.earlier, args.earlier_source)
     table = {"note": args.note, "machine": machine(), "files": [f.name for f in args.files],
              **compare(results, args.a, args.b)}
     save(args.out, table)

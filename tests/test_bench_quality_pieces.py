@@ -148,3 +148,20 @@ def test_the_compare_rule_changes_a_default_only_on_evidence():
                                        "lora:x": {"runs": [{"seed": 0, "accuracy": 0.5, "train_seconds": 1.0}]}}],
                                      "lora", "lora:x")
     assert not failed["verdict"]["change"] and failed["sets"]["s"]["lora"]["failed"] == [0]
+
+
+def test_the_compare_pairs_seeds_and_takes_earlier_runs_with_their_source():
+    res = {"dataset": "s", "lora": {"runs": [{"seed": 0, "accuracy": 0.6, "train_seconds": 5.0},
+                                             {"seed": 1, "accuracy": 0.7, "train_seconds": 7.0}]},
+           "lora:x": {"runs": [{"seed": 1, "accuracy": 0.75, "train_seconds": 8.0}]}}
+    only_1 = quality_compare.compare([json.loads(json.dumps(res))], "lora", "lora:x")["sets"]["s"]
+    assert only_1["lora"]["accuracy"] == 0.7 and only_1["unpaired_seeds"] == {"lora": [0], "lora:x": []}
+    assert only_1["b_minus_a_points"] == pytest.approx(5.0)
+    quality_compare.add_earlier([res], {"s": {"lora:x": {"0": 0.62}}}, "old.json")
+    both = quality_compare.compare([res], "lora", "lora:x")["sets"]["s"]
+    assert both["paired_b_minus_a_points"] == pytest.approx([2.0, 5.0])
+    assert both["lora:x"]["sources"] == ["old.json", "this run"] and both["lora:x"]["train_seconds"] == 8.0
+    with pytest.raises(SystemExit, match="seed 0 is already in a file"):
+        quality_compare.add_earlier([res], {"s": {"lora:x": {"0": 0.62}}}, "old.json")
+    with pytest.raises(SystemExit, match="no file holds"):
+        quality_compare.add_earlier([res], {"t": {"lora": {"0": None}}}, "old.json")

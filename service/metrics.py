@@ -108,6 +108,12 @@ class Metrics:
                                     multiprocess_mode="livesum")
         self.kv_cache_budget = Gauge("tailor_generation_kv_cache_budget_bytes", "KV-cache budget in bytes", task,
                                      multiprocess_mode="livesum")
+        self.change_polls = Counter("tailor_change_log_polls", "Polls of the registry's change log (one feed per worker)")
+        self.change_poll_failures = Counter("tailor_change_log_poll_failures",
+                                            "Change-log polls that failed (the registry was unreachable)")
+        self.change_poll_waits = Counter("tailor_change_log_poll_waits",
+                                         "Requests that waited for the change-log poll in flight instead of querying")
+        self._feed_seen = (0, 0, 0)  # the feed's polls, failures, waits already counted
         self._seen: dict[str, CacheStats] = {}  # by task: the counts already turned into increments
         self._tokens_seen: dict[str, int] = {}  # by task: engine tokens already counted
         self._sync_lock = threading.Lock()
@@ -144,6 +150,17 @@ class Metrics:
                     setattr(seen, name, now)
             self.resident.labels(task).set(stats.resident)
             self.resident_bytes.labels(task).set(stats.resident_bytes)
+
+    def sync_changes(self, polls: int, failures: int, waits: int) -> None:
+        """Turn a change feed's counts (``adapters.change_feed.ChangeFeed``) into counter
+        increments (cheap; the worker's background ``Freshener`` calls it every round)."""
+        with self._sync_lock:
+            for counter, now, before in zip((self.change_polls, self.change_poll_failures, self.change_poll_waits),
+                                            (polls, failures, waits), self._feed_seen, strict=True):
+                if now > before:
+                    counter.inc(now - before)
+            self._feed_seen = (max(polls, self._feed_seen[0]), max(failures, self._feed_seen[1]),
+                               max(waits, self._feed_seen[2]))
 
     def first_token(self, task: str, seconds: float) -> None:
         """The engine's hook (not with tenant labels: ``request_tokens`` counts then)."""

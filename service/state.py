@@ -273,8 +273,10 @@ class TailorState:
                      time.perf_counter() - t0)
         self.engines, self.batchers = engines, batchers
         ahead = config.resolve_poll_seconds / 4  # poll a little before requests would have to
-        self.freshener = Freshener([partial(self.key_cache.feed.refresh_ahead, ahead), self.limiter.refresh_stale,
-                                    HeapTrimmer()], ahead)
+        feed = self.key_cache.feed
+        self.freshener = Freshener([partial(feed.refresh_ahead, ahead), self.limiter.refresh_stale, HeapTrimmer(),
+                                    lambda: self.metrics.sync_changes(feed.polls, feed.poll_failures, feed.waits)],
+                                   ahead)
         self._ready.set()
         self.metrics.ready.set(1)
         log.info("ready: serving %s", ", ".join(s.tasks))

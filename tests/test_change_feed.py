@@ -221,3 +221,29 @@ def test_an_idle_feed_polls_now_and_then_and_a_busy_one_ahead_of_time(world) -> 
         feed.refresh_ahead(POLL / 4)
         assert feed.current()
     assert source.seq_reads - reads == 40
+
+
+def test_the_feed_counts_reach_the_metrics(world) -> None:
+    from prometheus_client import REGISTRY
+
+    from service.metrics import get_metrics
+
+    _, clock, source, feed, keys, cache = world
+    metrics = get_metrics()
+
+    def counted(name: str) -> float:
+        return REGISTRY.get_sample_value(f"tailor_change_log_{name}_total") or 0.0
+
+    before = {n: counted(n) for n in ("polls", "poll_failures", "poll_waits")}
+    _, secret = keys.create("acme")
+    cache.authenticate(secret)  # the first poll
+    source.down = True
+    clock.now += POLL + 0.01
+    poll = background_poll(feed, source)
+    cache.authenticate(secret)  # waits for the failing poll
+    poll.join(10)
+    metrics.sync_changes(feed.polls, feed.poll_failures, feed.waits)
+    metrics.sync_changes(feed.polls, feed.poll_failures, feed.waits)  # idempotent: counts once
+    assert counted("polls") - before["polls"] == feed.polls == 2
+    assert counted("poll_failures") - before["poll_failures"] == feed.poll_failures == 1
+    assert counted("poll_waits") - before["poll_waits"] == feed.waits == 1

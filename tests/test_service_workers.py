@@ -158,3 +158,7 @@ def test_changes_reach_every_worker_within_a_second(multi):
     t = call("DELETE", "/v1/adapters/clf")
     assert_every_worker_within_deadline(url, key, "clf", (404, None), t, "delete")
     assert every_worker_answers(url, key, "clf@1", (404, None), timeout=DEADLINE_S) == workers
+    # each worker's one change feed polled the log, and /metrics counts it (summed over workers)
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    polls = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("tailor_change_log_polls_total")]
+    assert polls and sum(polls) >= WORKERS, polls

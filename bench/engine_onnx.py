@@ -290,7 +290,13 @@ def main() -> None:
     p.add_argument("--counts", default=",".join(map(str, COUNTS)), help="distinct adapters per batch, comma list")
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
     p.add_argument("--no-slot-bank", action="store_true", help="skip the slot-bank-in-graph comparison (an export)")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: each call's CPU time on the calling thread (with --threads 1 every method computes "
+                        "there), robust to a machine shared with other jobs")
     args = p.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        p.error("--clock thread needs --threads 1 (every method computing on the calling thread)")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,7 +324,7 @@ def main() -> None:
             rig.check(k, batch, rows, ours)
             fns = {"base": lambda: _plain(w, pristine, batch), "tailor": lambda: engine.forward(batch, rows),
                    **rig.fns(batch, rows)}
-            times = interleaved(fns, rounds=rounds)
+            times = interleaved(fns, rounds=rounds, clock=clock)
             for m, ts in times.items():
                 rows_per_s[m][str(k)] = n / float(np.median(ts))
             paired[str(k)] = ratios(times)
@@ -329,7 +335,7 @@ def main() -> None:
         "task": "text", "quick": args.quick, "machine": machine(), "device": "cpu", "dtype": "float32",
         "what": "bench.engine's ONNX rows beside its torch base and tailor rows (no peft, set_adapter, cold loads)",
         "batch": {"rows": {str(k): max(BASE_ROWS, k) for k in counts}, **w.describe, "rounds": rounds,
-                  "statistic": "median"},
+                  "statistic": "median", "clock": args.clock},
         "rows_per_s": rows_per_s,
         "onnx": {"graphs": rig.facts, "parity_vs_torch": rig.parity, "paired_ratios": paired,
                  "paired_what": "median over rounds of (slower method's time / faster method's time) in the same "

@@ -22,6 +22,10 @@ of one row, then the next), measured right beside it, with both p50s. The engine
 torch thread and with every core in turn and the faster counts (on a busy machine the
 many-thread forward collapses). That ratio is the served path's overhead at low load.
 
+``--runtime torch,onnx`` serves this checkout once per ``TAILOR_RUNTIME`` (``--quantize int8``
+for ONNX's), interleaved like a baseline; ONNX graphs (the universal one and the tenants'
+query/value variant) are built into each server's home before it starts, never while timed.
+
 ``--baseline-repo DIR`` serves a second checkout (e.g. ``git archive`` of an older commit)
 beside this one, on the next port with its own home and tenants, and runs every HTTP phase
 on both in alternating order: a before/after comparison in one run, under the same load.
@@ -74,9 +78,10 @@ class Server:
     """``bentoml serve .`` of ``repo`` in its own process group; stopped with SIGTERM."""
 
     def __init__(self, home: Path, port: int, max_wait_ms: float, workers: str = "auto",
-                 repo: Path = REPO) -> None:
+                 repo: Path = REPO, runtime: str = "torch", quantize: str = "none") -> None:
         home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TAILOR_HOME": str(home), "TAILOR_ADMIN_KEY": ADMIN_KEY, "TAILOR_WORKERS": workers,
+               "TAILOR_RUNTIME": runtime, "TAILOR_QUANTIZE": quantize,
                "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_BATCH_SIZE": str(MAX_BATCH),
                "TAILOR_MAX_WAIT_MS": str(max_wait_ms), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "BENTOML_DO_NOT_TRACK": "True"}
@@ -248,6 +253,10 @@ def main() -> None:
     p.add_argument("--workers", default="auto", help="the service's TAILOR_WORKERS (default: auto)")
     p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma list of client counts")
     p.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
+    p.add_argument("--runtime", default="torch",
+                   help="TAILOR_RUNTIME; a comma list (torch,onnx) serves this checkout once per runtime, interleaved "
+                        "(the first reported at the top level, the others under their names)")
+    p.add_argument("--quantize", default="none", help="TAILOR_QUANTIZE of the onnx runtime's servers")
     p.add_argument("--baseline-repo", type=Path, default=None,
                    help="also serve this checkout, interleaved with this one (before/after in one run)")
     args = p.parse_args()
@@ -259,9 +268,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tailor-http-") as tmp:
         home = Path(tmp)
         base = load_base()
-        repos = {"this": REPO, **({"baseline": args.baseline_repo.resolve()} if args.baseline_repo else {})}
-        servers = {name: Server(home / name, args.port + i, args.max_wait_ms, args.workers, repo)
-                   for i, (name, repo) in enumerate(repos.items())}
+        runtimes = args.runtime.split(",")
+        repos = {"this": (REPO, runtimes[0]), **{rt: (REPO, rt) for rt in runtimes[1:]},
+                 **({"baseline": (args.baseline_repo.resolve(), runtimes[0])} if args.baseline_repo else {})}
+        for name, (_, rt) in repos.items():  # ONNX graphs built before serving, not during the timed phases
+            if rt != "torch":
+                from adapters.runtime.onnx.runtime import build_graphs
+
+                build_graphs(base, "int8" if args.quantize == "int8" else "fp32", home / name / "graphs",
+                             [frozenset(random_artifact(base.spec, seed=0).weights.lora)])
+        servers = {name: Server(home / name, args.port + i, args.max_wait_ms, args.workers, repo, rt, args.quantize)
+                   for i, (name, (repo, rt)) in enumerate(repos.items())}
         try:
             keys: dict[str, list[str]] = {}
             catalog: Catalog | None = None
@@ -283,7 +300,7 @@ def main() -> None:
     result = {"machine": machine(), "model": base.spec.name, "tenants": args.tenants, "rows_per_request": 1,
               "max_batch_size": MAX_BATCH, "max_wait_ms": args.max_wait_ms, "workers": args.workers,
               "torch_threads_engine": torch.get_num_threads(), "seconds_per_phase": seconds,
-              "rounds": rounds, "quick": args.quick,
+              "rounds": rounds, "quick": args.quick, "runtimes": args.runtime, "quantize": args.quantize,
               **({"baseline_repo": str(args.baseline_repo)} if args.baseline_repo else {}), **result}
     write(args.out, result)
     plot(args.out.with_suffix(".png"), result)

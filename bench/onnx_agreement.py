@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import tempfile
 import time
 from dataclasses import replace
@@ -42,15 +43,21 @@ BATCH = 32
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--datasets", default="bbc,imdb")
+    p.add_argument("--threads", type=int, default=1, help="torch (and so ONNX Runtime) intra-op threads")
+    p.add_argument("--n-train", type=int, default=None, help="training examples per set (default: by --quick)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the auto value)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
     names = [d for d in args.datasets.split(",") if d]
     with tempfile.TemporaryDirectory(prefix="tailor-agree-") as tmp:
-        result = run(names, quick=args.quick, tmp=Path(tmp))
+        result = run(names, quick=args.quick, tmp=Path(tmp), n_train=args.n_train, epochs=args.epochs)
     write(args.out, {**result, "quick": args.quick})
 
 
-def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None) -> dict[str, Any]:
+def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None, n_train: int | None = None,
+        epochs: int | None = None) -> dict[str, Any]:
+    """``n_train``/``epochs``: reduced training (the test sets keep their size)."""
     base = base or load_base(max_length=128)
     catalog = Catalog(Registry(f"sqlite:///{tmp}/registry.db"), LocalStore(tmp / "store"))
     catalog.registry.create_tenant("bench")
@@ -58,18 +65,21 @@ def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None) -> dict[s
     trained: dict[str, Any] = {}
     for name in names:
         rows = data.load(name)
-        n_train, n_test = (QUICK_SIZES if quick else SIZES)[name]
-        train_rows, test_rows = data.split(rows, n_train, n_test, seed=0)
+        default_train, n_test = (QUICK_SIZES if quick else SIZES)[name]
+        train_rows, test_rows = data.split(rows, default_train, n_test, seed=0)
+        if n_train:  # a seeded sample: the split lists its rows label by label
+            train_rows = random.Random(1).sample(train_rows, min(n_train, len(train_rows)))
         labels = tuple(sorted({r["label"] for r in rows}))
         index = {label: i for i, label in enumerate(labels)}
         val, fit = train_rows[: len(train_rows) // 10], train_rows[len(train_rows) // 10 :]
         t0 = time.perf_counter()
         res = train(base, [r["text"] for r in fit], [index[r["label"]] for r in fit], labels,
                     [r["text"] for r in val], [index[r["label"]] for r in val], method="lora",
-                    hp=Hyperparameters.from_dict({"seed": 0, "max_length": 128}))
+                    hp=Hyperparameters.from_dict({"seed": 0, "max_length": 128, **({"epochs": epochs} if epochs else {})}))
         assert res.artifact is not None
         catalog.publish("bench", name, res.artifact, promote=True, spec=base.spec)
         trained[name] = {"train_seconds": time.perf_counter() - t0, "n_train": len(fit), "n_test": len(test_rows),
+                         "epochs": epochs or "auto",
                          "val_accuracy": res.metrics.get("val_accuracy")}
         tests[name] = ([r["text"] for r in test_rows], [r["label"] for r in test_rows])
         print(f"{name}: trained in {trained[name]['train_seconds']:.0f}s", flush=True)
@@ -97,6 +107,12 @@ def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None) -> dict[s
     with torch.inference_mode():
         for label, engine in engines.items():
             adapters = {n: engine.acquire(engine.resolve("bench", n)) for n in names}
+            graphs = getattr(engine.serving, "graphs", None)
+            if graphs is not None:  # build the target-set variant the stream's batches run on, then classify
+                first = stream[:BATCH]
+                engine.forward(engine.serving.collate([t for _, t, _ in first]),
+                               [None if n is None else adapters[n] for n, _, _ in first])
+                graphs.settle()
             t0 = time.perf_counter()
             for i in range(0, len(stream), BATCH):
                 chunk = stream[i : i + BATCH]
@@ -110,6 +126,8 @@ def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None) -> dict[s
             out[label]["seconds"] = [time.perf_counter() - t0]
     scored = [(n, g) for n, _, g in stream if n is not None]
     report: dict[str, Any] = {"machine": machine(), "datasets": names, "trained": trained, "batch_rows": BATCH,
+                              "graphs": {label: [v.width for v in e.serving.graphs.ready()]
+                                         for label, e in engines.items() if hasattr(e.serving, "graphs")},
                               "rows": {n: sum(1 for m, _ in scored if m == n) for n in names},
                               "base_rows": sum(1 for n, _, _ in stream if n is None), "runtimes": {}}
     for label in engines:

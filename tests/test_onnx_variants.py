@@ -23,7 +23,7 @@ from adapters.runtime.engine import Engine, EngineConfig
 from adapters.runtime.onnx.choice import RuntimeChoice
 from adapters.runtime.onnx.graph_cache import GraphCache, GraphKey
 from adapters.runtime.onnx.layout import GraphLayout
-from adapters.runtime.onnx.runtime import apply_runtime
+from adapters.runtime.onnx.runtime import apply_runtime, build_graphs
 from adapters.runtime.onnx.variants import GraphVariants
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
@@ -171,3 +171,21 @@ def test_a_failed_build_leaves_the_covering_graph_serving(tmp_path, catalog, cap
     assert variants.pick(frozenset()) is variants.first and len(calls) == 1  # base rows: never built
     with pytest.raises(ValueError, match="not adaptable layers"):
         GraphLayout.of(engine.base.spec, frozenset({"no.such.layer"}))
+
+
+def test_build_graphs_fills_the_cache_ahead_of_serving(tmp_path, catalog):
+    """What a deployment step (or bench.http) runs before servers start: the universal graph and
+    the named variants, built synchronously; a serving engine then builds nothing."""
+    graphs = tmp_path / "graphs"
+    spec = _base().spec
+    qv = frozenset(spec.match_target("query") + spec.match_target("value"))
+    built = build_graphs(_base(), "int8", graphs, [qv])
+    assert built == [(None, True), (qv, True)]
+    assert build_graphs(_base(), "int8", graphs, [qv]) == [(None, False), (qv, False)]
+    files = {f.name: f.stat().st_mtime_ns for f in graphs.glob("*.onnx")}
+    assert len(files) == 4  # fp32 and int8, universal and query/value
+    engine = _onnx(catalog, graphs, quantize="int8")
+    _forward(engine, [0, 1])
+    assert engine.serving.graphs.settle(timeout=600)
+    assert _forward(engine, [1, 0])[1].layout.modules == qv
+    assert {f.name: f.stat().st_mtime_ns for f in graphs.glob("*.onnx")} == files

@@ -24,8 +24,8 @@ long sequence makes the next request wait and be refused with Retry-After. ``ser
 (session-scoped) has one training worker, over a tiny base that trains in seconds
 (``TRAINABLE``); a test that starts jobs on it waits for them to end (or cancels them), so the
 next test's jobs do not queue behind them. ``served_text_only`` (session-scoped) serves text
-classification alone (no vision base) and has no training worker: jobs stay queued, and no
-test but the queue-position one submits jobs to it. Each instance gets its own BentoML home
+classification alone (no vision base), writes BentoML's access log (a line per request) and has
+no training worker: jobs stay queued, and no test but the queue-position one submits jobs to it. Each instance gets its own BentoML home
 (``service.instance``), so its ``/metrics`` are its own: none is shared with another test's
 server or a service running beside the suite.
 """
@@ -67,6 +67,8 @@ IMAGE_BASE_SEED = 5
 GENERATION_BASE_SEED = 3
 BASES_CACHE = Path(tempfile.gettempdir()) / "tailor-test-bases"  # SmolLM2's tokenizer, converted once
 TRAINABLE = {"seed": 1, "initializer_range": 0.3}  # save_tiny_base(dir, **TRAINABLE): trains in seconds
+# text classification alone, and BentoML's access log on (tests/test_service_logging.py reads it)
+TEXT_ONLY = {"TAILOR_TASKS": "text-classification", "TAILOR_IMAGE_BASE_MODEL": "", "TAILOR_ACCESS_LOG": "1"}
 GENERATION = {
     "TAILOR_TASKS": "text-classification,text-generation",
     "TAILOR_GENERATION_BASE_MODEL": f"tiny:{GENERATION_BASE_SEED}",
@@ -255,5 +257,5 @@ def served_training(tmp_path_factory: pytest.TempPathFactory):
 def served_text_only(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("served-text-only")
     model_dir = save_tiny_base(root / "model", seed=8)
-    with serving(root / "home", model_dir, {"TAILOR_TASKS": "text-classification", "TAILOR_IMAGE_BASE_MODEL": ""}) as s:
+    with serving(root / "home", model_dir, TEXT_ONLY) as s:
         yield s

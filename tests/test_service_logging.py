@@ -2,37 +2,17 @@
 
 BentoML's access log wrote one INFO line per request (a flood under load); it is off by
 default and ``TAILOR_ACCESS_LOG=1`` turns it on. The start line said "base model model loaded"
-(the base's folder is called ``model``). Real ``bentoml serve`` processes: the default one is the
-session's ``served``, read while it runs; the one with the access log on is read after it has
-exited, so every line it wrote is there.
+(the base's folder is called ``model``). Real ``bentoml serve`` processes, the session's: ``served``
+(default logging) and ``served_text_only`` (``TAILOR_ACCESS_LOG=1``), each log read while it runs.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import uuid
 
-import pytest
-
-from tests.service_fixture import ADMIN_KEY, IMAGE_BASE_SEED, Served, save_tiny_base, start_served, stop_served
+from tests.service_fixture import ADMIN_KEY, IMAGE_BASE_SEED, Served
 
 REQUESTS = 6
-
-
-def served_log(home: Path, model_dir: Path, overrides: dict[str, str]) -> str:
-    """The log of a served process that answered REQUESTS listings of tenants, then stopped."""
-    s = start_served(home, model_dir, overrides)
-    try:
-        with s.client(ADMIN_KEY) as c:
-            for _ in range(REQUESTS):
-                assert c.get("/v1/tenants").status_code == 200
-    finally:
-        stop_served(s)
-    return (home / "serve.log").read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("logging") / "model")
 
 
 def access_lines(log: str) -> list[str]:
@@ -54,6 +34,14 @@ def test_no_line_per_request_by_default_and_a_readable_start(served: Served) -> 
     assert "ready: serving text-classification, image-classification" in log
 
 
-def test_access_log_when_asked(tmp_path: Path, model_dir: Path) -> None:
-    log = served_log(tmp_path / "home", model_dir, {"TAILOR_ACCESS_LOG": "1"})
-    assert len(access_lines(log)) == REQUESTS, log[-3000:]
+def test_access_log_when_asked(served_text_only: Served) -> None:
+    """``TAILOR_ACCESS_LOG=1`` (the session's text-only server has it on): a line per request,
+    counted on a path no other request takes, once the request after them is answered."""
+    s = served_text_only
+    path = f"/v1/tenants/logged-{uuid.uuid4().hex[:12]}"
+    with s.client(ADMIN_KEY) as c:
+        for _ in range(REQUESTS):
+            assert c.get(path).status_code == 404
+        assert c.get("/readyz").status_code == 200
+    log = (s.home / "serve.log").read_text(errors="replace")
+    assert len([line for line in log.splitlines() if f"method=GET,path={path}" in line]) == REQUESTS, log[-3000:]

@@ -49,8 +49,9 @@ Memory is what the batch size really spends: a batch is padded to its longest ex
 training SmolLM2-135M in fp32 on CPU keeps roughly 3 MB of activations per token of the padded
 batch (eager attention, LoRA dropout copies of each adapted layer's input). The full-size
 chatterbot run (batch 8, chats up to 349 tokens) peaked at 11 GB of RSS. Batch 16 of 2,048-token
-examples would need ~100 GB: long examples want a batch bounded in tokens, not in examples
-(not done yet: ``adapters.training.loop`` batches by example count).
+examples would need ~100 GB, so a step's batch runs as micro-batches of at most
+``token_budget.TOKEN_BUDGET`` padded tokens with gradients accumulated
+(``adapters.training.token_budget``): the batch size sets the gradient's examples, not the memory.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ gate refuses a candidate against.
 
 ``forward`` returns per-example sums ``[B, 3]``: masked-token negative log-likelihood, masked
 tokens, correct next-token predictions -- the objective turns them into losses and metrics.
+A training step whose padded batch exceeds the token budget (``token_budget``: rows x longest
+row, ``TOKEN_BUDGET`` by default) runs as micro-batches within it, each one's backward done in
+``forward`` with its loss weighted by the step's masked tokens, so the step's gradient is the
+unsplit batch's and the loop's own ``backward`` of the returned loss adds nothing
+(``adapters.training.token_budget``). Examples, order, batch size and schedule are unchanged.
 Examples over ``max_length`` tokens are a ``DatasetError`` naming their line (never truncated).
 The artifact is head-less: task ``text-generation``, no labels, ``head_in_features`` 0, LoRA
 ``A [r, in]`` / ``B [out, r]`` per decoder module path of the base (``base.spec.linear_shapes``).
@@ -48,6 +53,7 @@ from adapters.training.generation_hyperparams import (
 from adapters.training.hyperparams import HyperparameterError
 from adapters.training.loop import fit
 from adapters.training.task_hooks import ParamGroup, Poll
+from adapters.training.token_budget import TOKEN_BUDGET, accumulate
 
 EVAL_ROWS = 8  # validation examples per forward pass inside one of the loop's chunks
 IGNORE = -100
@@ -78,8 +84,10 @@ def train_generation(
     base: Any, train: GenerationDataset, validation: GenerationDataset, *, method: str = METHOD,
     hp: GenerationHyperparameters | ResolvedGenerationHyperparameters | None = None,
     callbacks: TrainCallbacks | None = None, checkpoint_dir: Path | None = None, threads: int | None = None,
+    token_budget: int = TOKEN_BUDGET,
 ) -> TrainResult:
-    """Train a generation adapter on ``train``, validated on ``validation`` (both non-empty, one format)."""
+    """Train a generation adapter on ``train``, validated on ``validation`` (both non-empty, one
+    format), at most ``token_budget`` padded tokens per training forward pass."""
     from adapters.errors import DatasetError
 
     if len(train) == 0 or len(validation) == 0:
@@ -89,7 +97,7 @@ def train_generation(
                            f"{train.format} examples", param="validation")
     rhp = hp if isinstance(hp, ResolvedGenerationHyperparameters) else resolve_generation_hyperparameters(
         hp or GenerationHyperparameters(), len(train), method, base)
-    task = GenerationTask(base, rhp, train, validation)
+    task = GenerationTask(base, rhp, train, validation, token_budget=token_budget)
     return fit(task, rhp, callbacks=callbacks, checkpoint_dir=checkpoint_dir, threads=threads)
 
 
@@ -100,9 +108,11 @@ class GenerationTask:
     labels: tuple[str, ...] = ()
 
     def __init__(self, base: Any, hp: ResolvedGenerationHyperparameters, train: GenerationDataset,
-                 validation: GenerationDataset) -> None:
+                 validation: GenerationDataset, *, token_budget: int = TOKEN_BUDGET) -> None:
         self.base, self.hp, self.train, self.validation = base, hp, train, validation
+        self.token_budget = token_budget
         self.device: torch.device = base.device
+        self._carrier = torch.zeros((), requires_grad=True, device=self.device)  # what a split step's loss hangs on
         # one id per example (the loop counts examples by them); generation has no labels
         self.train_label_ids = [0] * len(train)
         self.val_label_ids = [0] * len(validation)
@@ -146,8 +156,9 @@ class GenerationTask:
         return self._batch(self._val, idx)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return example_stats(self.model, batch)
+        if torch.is_grad_enabled():  # training: backward already done if the step was split
+            split = accumulate(batch, lambda part: example_stats(self.model, part), self._carrier, self.token_budget)
+            return example_stats(self.model, batch) if split is None else split
         n = batch["input_ids"].shape[0]  # validation: a few rows at a time bounds activation memory
         return torch.cat([example_stats(self.model, {k: v[i : i + EVAL_ROWS] for k, v in batch.items()})
                           for i in range(0, n, EVAL_ROWS)])

@@ -50,7 +50,7 @@ training SmolLM2-135M in fp32 on CPU keeps roughly 3 MB of activations per token
 batch (eager attention, LoRA dropout copies of each adapted layer's input). The full-size
 chatterbot run (batch 8, chats up to 349 tokens) peaked at 11 GB of RSS. Batch 16 of 2,048-token
 examples would need ~100 GB, so a step's batch runs as micro-batches of at most
-``token_budget.TOKEN_BUDGET`` padded tokens with gradients accumulated
+``token_budget.TOKEN_BUDGET`` (2,048) padded tokens with gradients accumulated
 (``adapters.training.token_budget``): the batch size sets the gradient's examples, not the memory.
 """
 

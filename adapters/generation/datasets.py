@@ -55,7 +55,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol
 
-from adapters.datasets import DatasetLimits, _kind, _s, _show  # _*: the classification datasets' wording
+from adapters.datasets import (  # _*: the classification datasets' wording and JSON parsing
+    DatasetLimits, _DuplicateKey, _kind, _pairs_without_repeats, _s, _show,
+)
 from adapters.errors import DatasetError
 
 ROLES = ("system", "user", "assistant")
@@ -525,20 +527,6 @@ def _decode(data: bytes, what: str) -> str:
         line = data.count(b"\n", 0, error.start) + 1
         raise DatasetError(f"{what} line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x}); save it as UTF-8",
                            param=f"line {line}", line=line) from None
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _pairs_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
 
 
 def _jsonl_rows(text: str, collector: _Collector) -> Iterator[tuple[int, Any]]:

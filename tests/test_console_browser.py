@@ -13,50 +13,24 @@ when set (``docs/console/`` holds the README's copies). About 40-60 s on a 2-cor
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.console_browser import TIMEOUT_MS, XSS, browser, shots, sign_in  # noqa: F401 (fixtures)
 from tests.image_files import distinct
 from tests.service_fixture import Served, image_base
 from tests.training_data import FAST_HP, sentiment
 
-CHROMIUM = os.environ.get("TAILOR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-XSS = "<img src=x onerror=alert(1)>"
 FILE_NAME = f"{XSS}.jsonl"
-TIMEOUT_MS = 60_000
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no chromium at {CHROMIUM} (scripts/system-packages.sh installs Debian's chromium)",
-                allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def server(served_training: Served) -> Served:
     """The session's server with a training worker, over a base that trains in seconds."""
     return served_training
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("TAILOR_CONSOLE_SCREENSHOTS") or tmp_path / "shots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 class Watch:
@@ -79,13 +53,6 @@ def new_page(browser: Any, server: Served) -> tuple[Any, Any, Watch]:
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     return context, page, Watch(page)
-
-
-def sign_in(page: Any, key: str) -> None:
-    page.goto("/ui/")
-    page.fill("#api-key", key)
-    page.click("form.signin button[type=submit]")
-    page.wait_for_selector("#sign-out")
 
 
 def sign_out(page: Any) -> None:

@@ -19,50 +19,24 @@ screenshot goes to a temporary folder, or to ``$TAILOR_CONSOLE_SCREENSHOTS`` whe
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.console_browser import TIMEOUT_MS, XSS, browser, shots, sign_in  # noqa: F401 (fixtures)
 from tests.service_fixture import REPO, Served, generation_base
 from tests.test_service_generation import _metric, _wait_for, gen_zip
 from tests.test_service_http import import_zip
 
-CHROMIUM = os.environ.get("TAILOR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-XSS = "<img src=x onerror=alert(1)>"
 SYSTEM = "Be brief."
 ASK = f"What does {XSS} do?"
 ANSWER = "<b>Understood.</b>"  # what the console's job teaches an adapter to say: markup
 FAST = {"epochs": 6, "learning_rate": 0.02, "batch_size": 4, "seed": 0}  # learns ANSWER (tests/test_generation_training.py)
 LONG_TOKENS = 1800  # most of the fixture's 2,048-token KV cache: seconds of tokens unless stopped
-TIMEOUT_MS = 60_000
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no chromium at {CHROMIUM} (scripts/system-packages.sh installs Debian's chromium)",
-                allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("TAILOR_CONSOLE_SCREENSHOTS") or tmp_path / "shots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def chatter(served_generation: Served) -> str:  # noqa: F811
@@ -75,13 +49,6 @@ def chatter(served_generation: Served) -> str:  # noqa: F811
         r = import_zip(c, "bot", gen_zip(generation_base(), 1))
         assert r.status_code == 201 and r.json()["task"] == "text-generation", r.text
     return key
-
-
-def sign_in(page: Any, key: str) -> None:
-    page.goto("/ui/")
-    page.fill("#api-key", key)
-    page.click("form.signin button[type=submit]")
-    page.wait_for_selector("#sign-out")
 
 
 def chats() -> bytes:

@@ -34,6 +34,7 @@ import torch
 
 from adapters.runtime.context import BatchPlan, GroupPlan, ModulePlan
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
+from adapters.runtime.slots import sibling_groups
 
 
 @dataclass
@@ -54,15 +55,9 @@ class RowLoras:
         self.shapes = dict(linear_shapes)
         self.device, self.dtype = device, dtype
         self.max_rows = max_rows
-        self._groups: dict[str, _Group] = {}
-        self._group_of: dict[str, _Group] = {}
-        for path, (d_in, _) in linear_shapes.items():
-            key = path if path.rpartition(".")[2] in separate else path.rpartition(".")[0]
-            g = self._groups.setdefault(key, _Group(paths=[], d_in=d_in))
-            if g.d_in != d_in:  # siblings with different inputs cannot share x @ A
-                g = self._groups.setdefault(path, _Group(paths=[], d_in=d_in))
-            g.paths.append(path)
-            self._group_of[path] = g
+        self._groups = {name: _Group(paths=paths, d_in=d_in)
+                        for name, (d_in, paths) in sibling_groups(linear_shapes, separate).items()}
+        self._group_of = {path: g for g in self._groups.values() for path in g.paths}
         self._b_at: dict[str, int] = {}  # path -> where its B [rank cap, d_out] starts in a row
         self._numel = 0
         self._layout: tuple[tuple[str, int], ...] = ()  # (path, rank cap): what an image was laid for

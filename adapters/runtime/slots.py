@@ -27,6 +27,23 @@ from adapters.runtime.context import BatchPlan, GroupPlan, ModulePlan
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 
 
+def sibling_groups(linear_shapes: dict[str, tuple[int, int]],
+                   separate: tuple[str, ...] = ()) -> dict[str, tuple[int, list[str]]]:
+    """Which adapted layers share one down-projection gather: group name -> (d_in, paths in
+    column order). Siblings under one parent module with the same input width share a group
+    named after the parent; a sibling with another width, or whose last path part is in
+    ``separate`` (it reads another input), is a group of its own named after its path. Every
+    mixed-batch path (``SlotBank``, the generation ``RowLoras``, the ONNX ``GraphLayout``) groups
+    with this one rule, so their group names and column orders agree."""
+    groups: dict[str, tuple[int, list[str]]] = {}
+    for path, (d_in, _) in linear_shapes.items():
+        name = path if path.rpartition(".")[2] in separate else path.rpartition(".")[0]
+        if name in groups and groups[name][0] != d_in:
+            name = path
+        groups.setdefault(name, (d_in, []))[1].append(path)
+    return groups
+
+
 @dataclass
 class _Group:
     paths: list[str]  # modules in column order
@@ -60,16 +77,9 @@ class SlotBank:
         self.capacity = capacity
         self.device, self.dtype = device, dtype
         self.shapes = linear_shapes
-        self._groups: dict[str, _Group] = {}
-        self._group_of: dict[str, str] = {}
-        for path, (d_in, _) in linear_shapes.items():
-            parent = path if path.rpartition(".")[2] in separate else path.rpartition(".")[0]
-            g = self._groups.setdefault(parent, _Group(paths=[], d_in=d_in))
-            if g.d_in != d_in:  # siblings with different inputs cannot share a down-projection
-                parent = path
-                g = self._groups.setdefault(parent, _Group(paths=[], d_in=d_in))
-            g.paths.append(path)
-            self._group_of[path] = parent
+        self._groups = {name: _Group(paths=paths, d_in=d_in)
+                        for name, (d_in, paths) in sibling_groups(linear_shapes, separate).items()}
+        self._group_of = {path: name for name, g in self._groups.items() for path in g.paths}
         self._b: dict[str, torch.Tensor] = {}
         self._head_w = torch.zeros(capacity, head_in_features, 0, device=device, dtype=dtype)
         self._head_b = torch.zeros(capacity, 0, device=device, dtype=dtype)

@@ -29,6 +29,7 @@ import torch
 
 from adapters.fingerprint import BaseSpec
 from adapters.runtime.context import BatchPlan
+from adapters.runtime.slots import sibling_groups
 
 A_PREFIX = "lora_a."
 B_PREFIX = "lora_b."
@@ -54,12 +55,7 @@ class GraphLayout:
         linear layer of the base is a ValueError."""
         if targets is not None and not targets <= spec.linear_shapes.keys():
             raise ValueError(f"not adaptable layers of this base: {sorted(targets - spec.linear_shapes.keys())[:3]}")
-        groups: dict[str, tuple[int, list[str]]] = {}
-        for path, (d_in, _) in spec.linear_shapes.items():
-            parent = path.rpartition(".")[0]
-            if parent in groups and groups[parent][0] != d_in:
-                parent = path
-            groups.setdefault(parent, (d_in, []))[1].append(path)
+        groups = sibling_groups(spec.linear_shapes)
         kept = ((g, d, tuple(p for p in m if targets is None or p in targets)) for g, (d, m) in groups.items())
         return cls(groups=tuple(LoraGroup(name=g, d_in=d, modules=m) for g, d, m in kept if m),
                    shapes=dict(spec.linear_shapes), targets=None if targets is None else frozenset(targets))

@@ -57,10 +57,12 @@ examples would need ~100 GB, so a step's batch runs as micro-batches of at most
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from adapters.training.hyperparams import AUTO, HyperparameterError, RequestedSettings, _check
+from adapters.training.hyperparams import (
+    AUTO, HyperparameterError, LoraFields, ResolvedLora, ResolvedTokens, TokenSettings, _check,
+)
 
 AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHOD = "lora"
@@ -71,52 +73,19 @@ MAX_LENGTH = 2048
 
 
 @dataclass(frozen=True)
-class ResolvedGenerationHyperparameters:
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    warmup_ratio: float
-    max_length: int
-    seed: int
-    patience: int
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+class ResolvedGenerationHyperparameters(ResolvedLora, ResolvedTokens):
+    """The resolved fields of text classification's (``hyperparams``), less its LoRA rate split."""
 
 
 @dataclass(frozen=True)
-class GenerationHyperparameters(RequestedSettings):
+class GenerationHyperparameters(LoraFields, TokenSettings):
     """What a client asks for; every field may be ``"auto"``; checked on construction (a
     ``HyperparameterError`` naming ``hyperparameters.<field>``)."""
 
-    epochs: int | str = AUTO
-    batch_size: int | str = AUTO
-    learning_rate: float | str = AUTO
-    weight_decay: float | str = AUTO
-    warmup_ratio: float | str = AUTO
-    max_length: int | str = AUTO
-    seed: int | str = 0
-    patience: int | str = AUTO
-    lora_r: int | str = AUTO
-    lora_alpha: float | str = AUTO
-    lora_dropout: float | str = AUTO
-    target_modules: tuple[str, ...] | str = AUTO
-
-    def __post_init__(self) -> None:
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if name == "max_length" and not (isinstance(value, str) and value == AUTO):
-                value = _max_length(value)
-            else:
-                value = _check(name, value)
-            object.__setattr__(self, name, value)
+    def _checked(self, key: str, value: Any) -> Any:
+        if key == "max_length" and not (isinstance(value, str) and value == AUTO):
+            return _max_length(value)
+        return _check(key, value)
 
     def resolve(self, n_train: int, method: str = METHOD, max_context: int = MAX_LENGTH) \
             -> ResolvedGenerationHyperparameters:

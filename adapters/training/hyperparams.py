@@ -70,30 +70,50 @@ class HyperparameterError(TailorError, ValueError):
     code = "invalid_hyperparameters"
 
 
+# Every task's settings share the fields below, in this order: the schedule (``epochs`` ..
+# ``warmup_ratio``), ``max_length`` where the task has tokens (text, generation; not images), then
+# the seed, patience and LoRA fields; each task adds its own after them. A task's class lists
+# its bases last-first: dataclasses take inherited fields from the last base to the first.
+
+
 @dataclass(frozen=True)
-class ResolvedHyperparameters:
+class ResolvedSchedule:
+    """The resolved schedule fields every task has (``task_hooks.LoopSettings`` reads them)."""
+
     epochs: int
     batch_size: int
     learning_rate: float
     weight_decay: float
     warmup_ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON object: tuples (``target_modules``, ``search``) as lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class ResolvedTokens(ResolvedSchedule):
     max_length: int
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    """The resolved seed, patience and LoRA fields every task has."""
+
     seed: int
     patience: int
     lora_r: int
     lora_alpha: float
     lora_dropout: float
     target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedHyperparameters(ResolvedLora, ResolvedTokens):
     head_lr_scale: float = 1.0  # the new head's rate over learning_rate (LoRA method)
     lora_plus_ratio: float = 1.0  # LoRA+: lora_B's rate over lora_A's
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     search: tuple[str, ...] = ()  # fields the search picks (adapters.training.search); () = none
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        d["search"] = list(self.search)
-        return d
 
 
 # field -> (type, lower bound, upper bound)
@@ -109,7 +129,8 @@ _BOOLS = ("use_rslora", "search")
 
 class RequestedSettings:
     """What every task's requested hyper-parameters (a frozen dataclass of fields that may be
-    ``"auto"``, ``target_modules`` among them) share: read from and written to JSON objects."""
+    ``"auto"``, ``target_modules`` among them) share: read from and written to JSON objects,
+    every field checked on construction (``_checked``)."""
 
     @classmethod
     def from_dict(cls: type[_S], d: dict[str, Any] | None) -> _S:
@@ -122,6 +143,15 @@ class RequestedSettings:
             d["target_modules"] = list(d["target_modules"])
         return d
 
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, f.name, self._checked(f.name, getattr(self, f.name)))
+
+    def _checked(self, key: str, value: Any) -> Any:
+        """``value`` for field ``key``, checked and normalised (``HyperparameterError`` if it is
+        not allowed); a task with fields of its own, or other limits, overrides it."""
+        return _check(key, value)
+
     def _or(self, name: str, default: Any) -> Any:
         value = getattr(self, name)
         return default if isinstance(value, str) and value == AUTO else value
@@ -131,30 +161,42 @@ _S = TypeVar("_S", bound=RequestedSettings)
 
 
 @dataclass(frozen=True)
-class Hyperparameters(RequestedSettings):
-    """What a client asks for; every field may be ``"auto"``. Values are checked (and ints/floats
-    normalised, ``target_modules`` made a tuple) on construction, so an instance is always valid."""
+class ScheduleSettings(RequestedSettings):
+    """The requested schedule fields every task has (the ``Resolved*`` classes' order)."""
 
     epochs: int | str = AUTO
     batch_size: int | str = AUTO
     learning_rate: float | str = AUTO
     weight_decay: float | str = AUTO
     warmup_ratio: float | str = AUTO
+
+
+@dataclass(frozen=True)
+class TokenSettings(ScheduleSettings):
     max_length: int | str = AUTO
+
+
+@dataclass(frozen=True)
+class LoraFields:
+    """The requested seed, patience and LoRA fields every task has."""
+
     seed: int | str = 0
     patience: int | str = AUTO
     lora_r: int | str = AUTO
     lora_alpha: float | str = AUTO
     lora_dropout: float | str = AUTO
     target_modules: tuple[str, ...] | str = AUTO
+
+
+@dataclass(frozen=True)
+class Hyperparameters(LoraFields, TokenSettings):
+    """What a client asks for; every field may be ``"auto"``. Values are checked (and ints/floats
+    normalised, ``target_modules`` made a tuple) on construction, so an instance is always valid."""
+
     head_lr_scale: float | str = AUTO
     lora_plus_ratio: float | str = AUTO
     use_rslora: bool | str = AUTO
     search: bool | str = AUTO
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name)))
 
     def resolve(self, n_train: int, method: str, device: object = None) -> ResolvedHyperparameters:
         """Concrete values for ``n_train`` examples (``device`` is accepted for future tuning;

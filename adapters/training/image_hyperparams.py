@@ -34,11 +34,13 @@ real measurement.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from adapters.strict import is_number
-from adapters.training.hyperparams import AUTO, HyperparameterError, RequestedSettings, _check
+from adapters.training.hyperparams import (
+    AUTO, HyperparameterError, LoraFields, ResolvedLora, ResolvedSchedule, ScheduleSettings, _check,
+)
 
 LR = {"lora": 2e-3, "head": 5e-3, "full": 2e-4}
 LAYER_DECAY = 0.8
@@ -46,51 +48,23 @@ TARGET_STEPS = 400
 
 
 @dataclass(frozen=True)
-class ResolvedImageHyperparameters:
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    warmup_ratio: float
-    seed: int
-    patience: int
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: tuple[str, ...]
+class ResolvedImageHyperparameters(ResolvedLora, ResolvedSchedule):
     image_size: int
     hflip: bool
     layer_decay: float
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
 
 @dataclass(frozen=True)
-class ImageHyperparameters(RequestedSettings):
+class ImageHyperparameters(LoraFields, ScheduleSettings):
     """What a client asks for; every field may be ``"auto"``. Checked on construction;
     ``from_dict`` / ``to_dict`` as for text (``hyperparams.RequestedSettings``)."""
 
-    epochs: int | str = AUTO
-    batch_size: int | str = AUTO
-    learning_rate: float | str = AUTO
-    weight_decay: float | str = AUTO
-    warmup_ratio: float | str = AUTO
-    seed: int | str = 0
-    patience: int | str = AUTO
-    lora_r: int | str = AUTO
-    lora_alpha: float | str = AUTO
-    lora_dropout: float | str = AUTO
-    target_modules: tuple[str, ...] | str = AUTO
     image_size: int | str = AUTO
     hflip: bool | str = True
     layer_decay: float | str = AUTO
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            object.__setattr__(self, f.name, _check_image(f.name, getattr(self, f.name)))
+    def _checked(self, key: str, value: Any) -> Any:
+        return _check_image(key, value)
 
     def resolve(self, n_train: int, method: str, input_size: int,
                 auto_targets: tuple[str, ...] = ()) -> ResolvedImageHyperparameters:

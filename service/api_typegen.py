@@ -43,9 +43,10 @@ def _literals() -> dict[Any, str]:
 
 
 def _models() -> list[type[schemas.Response]]:
-    """Every response model ``service.schemas`` defines, in the order it defines them."""
+    """Every public response model ``service.schemas`` defines, in the order it defines them (a
+    private one, ``_Name``, is a base whose fields each model extending it writes out)."""
     return [m for m in vars(schemas).values() if isinstance(m, type) and issubclass(m, schemas.Response)
-            and m is not schemas.Response and m.__module__ == schemas.__name__]
+            and m is not schemas.Response and m.__module__ == schemas.__name__ and not m.__name__.startswith("_")]
 
 
 def _type(t: Any, literals: dict[Any, str]) -> str:
@@ -77,9 +78,10 @@ def _literal(value: Any) -> str:
 def render() -> str:
     literals = _literals()
     parts = [HEADER, *(f"{name} = {_literal(value)}\n" for value, name in literals.items())]
-    for model in _models():
-        base = model.__bases__[0]  # a model extends Response or another response model
-        inherited = base.model_fields if base is not schemas.Response else {}
+    models = _models()
+    for model in models:
+        base = model.__bases__[0]  # a model extends Response, a private base or another response model
+        inherited = base.model_fields if base in models else {}
         doc = model.__dict__.get("__doc__")
         lines = [f"\n\nclass {model.__name__}({base.__name__ if inherited else 'TypedDict'}):\n"]
         if doc:

@@ -340,13 +340,20 @@ class ChatChoice(Response):
     logprobs: None = None
 
 
-class ChatCompletion(Response):
+class _Generated(Response):
+    """OpenAI's envelope of a chat completion, a text completion and a chunk of either: each
+    names its own ``object`` (in this place) and adds its ``choices`` and ``usage``."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
     system_fingerprint: str | None = Field(default=None, description="what served it: adapter@version, or the "
                                                                      "base model")
+
+
+class ChatCompletion(_Generated):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: CompletionUsage
 
@@ -363,12 +370,8 @@ class ChatChunkChoice(Response):
     logprobs: None = None
 
 
-class ChatCompletionChunk(Response):
-    id: str
+class ChatCompletionChunk(_Generated):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: CompletionUsage | None = None
 
@@ -380,14 +383,10 @@ class CompletionChoice(Response):
     logprobs: None = None
 
 
-class Completion(Response):
+class Completion(_Generated):
     """A text completion, and each chunk of a streamed one (``finish_reason`` null until the last)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
 

@@ -12,6 +12,13 @@ Exactly one of ``inputs`` and ``images`` is given; which one names the task the 
 would for a body it parses itself: malformed JSON is a 400 naming the problem, a field that
 fails validation a 422 naming the field, an unknown field a 422, a body over the route's limit
 a 413 (``service.app.BodyLimitMiddleware``), any other content type a 415.
+
+Two byte limits: a predict body may be as large as ``max_predict_bytes`` only where images are
+served (room for ``max_images`` base64 images); texts never need more than ``max_body_bytes``.
+A JSON body is read as a stream with a running count: when it passes ``max_body_bytes`` and
+its first field after ``adapter`` is not ``images`` (``first_field``, on what has arrived), it
+is refused at once with a 413 naming that limit, before the rest is read (and the connection
+is closed, the rest unread). A JSON body is never held beyond the limit that applies to it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from adapters.tasks import TASK_NAMES, get_task
 from service.errors import ApiError
@@ -49,13 +57,16 @@ class PredictRows:
     raw: list[Any]  # texts; image bytes (files) or base64 strings
 
 
-async def read_predict(request: Request) -> PredictRows:
+async def read_predict(request: Request, text_bytes: int, image_bytes: int) -> PredictRows:
+    """The request's rows; ``text_bytes``: the body limit of a request that is not for images
+    (``max_body_bytes``), ``image_bytes``: of one for images (``max_predict_bytes``, which
+    ``service.app.BodyLimitMiddleware`` enforces for every predict body)."""
     content_type = request.headers.get("content-type")
     kind = _media_type(content_type)
     if kind == "multipart/form-data":
         return await _from_form(request)
     if content_type is None or kind == "application/json" or kind.endswith("+json"):
-        return _from_json(await request.body())
+        return _from_json(await _json_body(request, text_bytes, image_bytes))
     raise ApiError(415, "unsupported_media_type", f"POST /v1/predict takes application/json or multipart/form-data, "
                                                   f"not {kind or content_type!r}")
 
@@ -66,6 +77,61 @@ def _media_type(content_type: str | None) -> str:
     message = email.message.Message()
     message["content-type"] = content_type
     return message.get_content_type()
+
+
+async def _json_body(request: Request, text_bytes: int, image_bytes: int) -> bytes:
+    """The body, read as a stream and refused (413) once past ``text_bytes`` unless it is for images."""
+    if image_bytes <= text_bytes:
+        return await request.body()  # one limit, enforced by the middleware
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > text_bytes and len(body) - len(chunk) <= text_bytes:  # just crossed: decided once
+            field = first_field(bytes(body[:_PREFIX_BYTES]))
+            if field != "images":
+                raise ApiError(413, "payload_too_large",
+                               f"request body is larger than the {text_bytes} byte limit of a predict request "
+                               f"with {field or 'inputs'}; only one with images may have up to {image_bytes} bytes",
+                               param=field, headers={"Connection": "close"})
+    return bytes(body)
+
+
+_PREFIX_BYTES = 64 * 1024  # holds '{"adapter": ..., "<next field>"' of any valid body, escapes and all
+_DECODER = json.JSONDecoder()
+
+
+def first_field(prefix: bytes) -> str | None:
+    """The first top-level field of the JSON object ``prefix`` begins, ``adapter`` (and its
+    value) skipped; None when ``prefix`` is not the start of such an object."""
+    text = prefix.decode("utf-8", "replace")
+    try:
+        i = _skip_space(text, 0)
+        if text[i] != "{":
+            return None
+        i += 1
+        while True:
+            i = _skip_space(text, i)
+            if text[i] != '"':
+                return None
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = _skip_space(text, i)
+            if text[i] != ":":
+                return None
+            if key != "adapter":
+                return key
+            _, i = _DECODER.raw_decode(text, _skip_space(text, i + 1))
+            i = _skip_space(text, i)
+            if text[i] != ",":
+                return None
+            i += 1
+    except (ValueError, IndexError, RecursionError):  # cut short, not JSON, or nested too deeply
+        return None
+
+
+def _skip_space(text: str, i: int) -> int:
+    while text[i] in " \t\r\n":
+        i += 1
+    return i
 
 
 def _from_json(raw: bytes) -> PredictRows:
@@ -88,8 +154,8 @@ def _from_json(raw: bytes) -> PredictRows:
 async def _from_form(request: Request) -> PredictRows:
     try:
         form = await request.form()
-    except HTTPException:
-        raise  # over the body limit, or a malformed multipart body (starlette's 400 says why)
+    except (HTTPException, ClientDisconnect):
+        raise  # over the body limit, a malformed multipart body (starlette's 400 says why), or the client left
     except Exception as e:  # noqa: BLE001 - e.g. a field that is not UTF-8: service.errors says which
         raise HTTPException(400, "There was an error parsing the body") from e
     try:

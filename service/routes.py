@@ -156,7 +156,7 @@ async def predict(request: Request, tenant: Tenant, state: State) -> dict[str, A
     adapter whose outputs are not finite (409) fails this request only, never another tenant's
     rows in the same batch.
     """
-    rows = await read_predict(request)
+    rows = await read_predict(request, state.settings.max_body_bytes, state.settings.max_predict_bytes)
     ops.check_rows(state, rows)
     if rows.task not in state.settings.tasks:  # says why: the adapter's task, or this one is not served
         await run_in_threadpool(ops.acquire, state, tenant, rows)

@@ -53,7 +53,7 @@ from adapters.training import Hyperparameters, TrainCallbacks, TrainingDiverged,
 from adapters.training.metrics import classification_metrics
 from bench import data
 from bench.common import machine, parser, save_figure
-from bench.quality_runs import META, done, method_summary, save, summarise, take_runs
+from bench.quality_runs import Piece, done, save, take_runs, train_pending, trained_meta
 from bench.serving_latency import serving_latency
 from bench.tfidf import tfidf_baseline
 
@@ -76,6 +76,9 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=None, help="training rows (0: all the test set leaves)")
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="fashion-mnist: px the backbone is built for (default 224, its own; --quick 96); "
+                        "recorded in the JSON, and pieces of other sizes are not merged")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for training and scoring (default: torch's); on a busy shared machine "
                         "1 thread ran MiniLM LoRA steps 3.5x faster than 2")
@@ -107,7 +110,7 @@ def main() -> None:
         from bench.quality_image import run_images
 
         args.methods = args.methods or ",".join(IMAGE_METHODS)
-        part, curves = run_images(args, seeds, log_epoch, summarise)
+        part, curves = run_images(args, seeds, log_epoch)
         result: dict[str, Any] = {"machine": machine(), "dataset": args.dataset, "quick": args.quick, **part}
     else:
         args.methods = args.methods or ",".join(METHODS)
@@ -172,27 +175,14 @@ def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Ca
                            "deterministic": True}
         print(f"tfidf: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (C={tf.c:g}) in {tf.seconds:.1f}s")
     seed_list = args.seed_list if args.seed_list is not None else list(range(seeds))
-    pending = [(seed, method) for seed in seed_list for method in trained if seed not in done(result, method)]
-    result["pending"] = [f"{method}:{seed}" for seed, method in pending]
-    for seed, method in pending:
-        run, res, history = train_one(args, base, labels, texts, ys, method, seed)
-        mine = result.get(method) or {}
-        meta = {k: mine[k] for k in META if k in mine}
-        if res is not None:
-            meta = {"trainable_params": res.trainable_params, "total_params": res.total_params,
-                    "trainable_fraction": res.trainable_params / res.total_params,
-                    "hyperparameters": res.hyperparameters}
-        result[method] = method_summary(list(mine.get("runs", [])) + [run], meta)
-        if method not in curves or seed == min(seed_list):
-            curves[method] = history
-        result["pending"].remove(f"{method}:{seed}")
-        save(args.out, {**result, "machine": machine(), "curves": curves})  # a crash keeps the finished runs
+    train_pending(args.out, result, curves, trained, seed_list,
+                  lambda method, seed: train_one(args, base, labels, texts, ys, method, seed))
     return result, curves, lambda: serving_latency(base, fit_rows, quick=args.quick)
 
 
 def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, list[str]], ys: dict[str, list[int]],
-              method: str, seed: int) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
-    """One method x seed: ``(its run record, the TrainResult or None if it failed, its curve)``."""
+              method: str, seed: int) -> Piece:
+    """One method x seed: ``(its run record, its META fields or None if it failed, its curve)``."""
     history: list[dict[str, Any]] = []
     cb = TrainCallbacks(on_epoch=lambda e, m: log_epoch(method, history, e, m),
                         on_search=lambda d: print(f"{method} search: {json.dumps(d)}", flush=True))
@@ -213,7 +203,7 @@ def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, li
     return ({"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": seconds,
              "epochs_run": len(history), "best_epoch": res.best_epoch, "val_accuracy": res.metrics["val_accuracy"],
              "steps": res.metrics.get("steps"), "load_average": round(os.getloadavg()[0], 2),
-             **({"search": res.metrics["search"]} if "search" in res.metrics else {})}, res, history)
+             **({"search": res.metrics["search"]} if "search" in res.metrics else {})}, trained_meta(res), history)
 
 
 def variant(variants: dict[str, dict[str, Any]], method: str) -> dict[str, Any]:

@@ -22,11 +22,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-COMPARABLE = ("dataset", "n_train", "n_validation", "n_test", "pooling", "max_length", "hyperparameters")
-META = ("trainable_params", "total_params", "trainable_fraction", "hyperparameters")
+COMPARABLE = ("dataset", "n_train", "n_validation", "n_test", "pooling", "max_length", "input_size",
+              "hyperparameters")
+Piece = tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]  # run, META fields, curve
+META = ("trainable_params", "total_params", "trainable_fraction", "trainable_vs_backbone", "hyperparameters")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -45,6 +48,12 @@ def method_summary(runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str
     if not ok:
         return {"accuracy": None, "failed": runs[0]["failed"], "n_failed": len(runs), **meta, "runs": runs}
     return {**summarise(ok), "n_failed": len(runs) - len(ok), **meta, "runs": runs}
+
+
+def trained_meta(res: Any) -> dict[str, Any]:
+    """A ``TrainResult``'s ``META`` fields (the trainable share, the values it used)."""
+    return {"trainable_params": res.trainable_params, "total_params": res.total_params,
+            "trainable_fraction": res.trainable_params / res.total_params, "hyperparameters": res.hyperparameters}
 
 
 def trained_methods(result: dict[str, Any]) -> list[str]:
@@ -86,6 +95,29 @@ def take_runs(result: dict[str, Any], curves: dict[str, Any], other: dict[str, A
         result["tfidf"] = {**other["tfidf"], "from_run": other["tfidf"].get("from_run", mark)}
         taken.append("tfidf")
     return taken
+
+
+def train_pending(out: Path, result: dict[str, Any], curves: dict[str, Any], methods: list[str],
+                  seed_list: list[int], train_one: Callable[[str, int], Piece]) -> None:
+    """Train every (seed, method) of ``seed_list`` x ``methods`` that ``result`` lacks, seeds outer
+    and methods interleaved inside (machine load drifts hit every method alike), each with
+    ``train_one(method, seed)`` -> ``(its run record, its META fields or None when it failed, its
+    curve)``. After every run ``result[method]`` is summarised again, ``result["pending"]`` lists
+    what is left and ``out`` is rewritten (a crash keeps the finished runs)."""
+    from bench.common import machine
+
+    pending = [(seed, method) for seed in seed_list for method in methods if seed not in done(result, method)]
+    result["pending"] = [f"{method}:{seed}" for seed, method in pending]
+    for seed, method in pending:
+        run, meta, history = train_one(method, seed)
+        mine = result.get(method) or {}
+        if meta is None:  # a failed run: keep what an earlier run of the method said
+            meta = {k: mine[k] for k in META if k in mine}
+        result[method] = method_summary(list(mine.get("runs", [])) + [run], meta)
+        if method not in curves or seed == min(seed_list):
+            curves[method] = history
+        result["pending"].remove(f"{method}:{seed}")
+        save(out, {**result, "machine": machine(), "curves": curves})
 
 
 def save(out: Path, result: dict[str, Any]) -> None:

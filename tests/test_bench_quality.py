@@ -10,7 +10,7 @@ import pytest
 
 from bench import data, quality, quality_image
 from bench.image_data import available
-from bench.quality import summarise
+from bench.quality_runs import summarise
 from bench.tfidf import C_GRID, tfidf_baseline
 from tests.training_data import sentiment
 

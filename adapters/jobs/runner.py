@@ -196,8 +196,8 @@ def _datasets(job: Job, ctx: WorkerContext) -> tuple[Any, Any]:
                               "in the training data; validation scores will be optimistic")
         return train_ds, val_ds
     seed = job.hyperparameters.get("seed", 0)
-    fraction = 0.2 if len(train_ds) < 500 else 0.1
-    return task_data.split(train_ds, fraction=fraction, seed=seed if isinstance(seed, int) else 0)
+    return task_data.split(train_ds, fraction=task_data.validation_fraction(len(train_ds)),
+                           seed=seed if isinstance(seed, int) else 0)
 
 
 @dataclass

@@ -21,8 +21,9 @@ task kind of ``adapters.tasks`` (an unknown task is ``InvalidTaskError``, 422, n
   sniffs) and the one the file record shows.
 * ``split(ds, fraction, seed)`` and ``check_validation(train, validation)``: the stratified
   split and the separate-validation-set check of ``adapters.datasets`` for either task (image
-  repeats across the two sets are files with identical bytes); ``NOUNS[task]``: what an
-  example is called in messages ("texts", "images").
+  repeats across the two sets are files with identical bytes); ``validation_fraction(n)``: the
+  share a job holds out when it names no validation file; ``NOUNS[task]``: what an example is
+  called in messages ("texts", "images").
 * ``raw_inputs(ds)``: ``(inputs, limits)``, the examples as a predict request would carry them
   (texts; image files) and the per-input limits to decode them with (``Engine.decode_rows``).
 * Text generation (``adapters.generation.datasets``): stored as that module's ``dump`` form (a
@@ -125,6 +126,12 @@ def upload_format(task: str, filename: str, format: str | None, data: bytes) -> 
         format = "zip" if name.endswith(".zip") else "jsonl"
     shown = format.strip().lower() if isinstance(format, str) else ("zip" if data[:4] in _ZIP_MAGIC else "jsonl")
     return format, shown
+
+
+def validation_fraction(n: int) -> float:
+    """The share of an upload of ``n`` examples a job holds out for validation when it names no
+    validation file: a fifth under 500 examples, a tenth from 500 on (``split`` takes it)."""
+    return 0.2 if n < 500 else 0.1
 
 
 def split(ds: Any, *, fraction: float, seed: int) -> tuple[Any, Any]:

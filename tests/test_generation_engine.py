@@ -292,3 +292,25 @@ def test_adapters_are_copied_into_their_rows_once_per_join_not_per_step(make_eng
     # a join copies its row, a leave at most the last row into its hole; a step copies nothing
     assert engine.loras.rows_written - before <= 2 * 6
     assert engine.stats()["steps"] - steps >= 11 * 6 // 4
+
+
+def test_an_emptied_batch_keeps_its_buffers_for_the_next_then_hands_them_back_when_idle(make_engine):
+    """A batch that refills soon reuses the KV and LoRA row buffers (no reallocation, no re-lay);
+    an engine idle for ``idle_release_s`` holds neither."""
+    engine = make_engine(max_batch_size=4, idle_release_s=600)
+    acme = engine.acquire(engine.resolve("acme", "chat"))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    assert len(tokens(engine.submit(chat(engine), acme, params))[0]) == 4
+    kv, rows = engine.scheduler.kv, engine.loras
+    held, reallocs, relayouts, cap = kv.nbytes, kv.reallocations, rows.relayouts, rows.rows_cap
+    assert held > 0 and rows.nbytes > 0  # the batch emptied: its buffers stay
+    again = tokens(engine.submit(chat(engine), acme, params))
+    assert len(again[0]) == 4
+    assert (kv.reallocations, rows.relayouts, rows.rows_cap) == (reallocs, relayouts, cap)
+
+    quick = make_engine(max_batch_size=4, idle_release_s=0.05)
+    first = tokens(quick.submit(chat(quick), acme, params))
+    assert first == again  # same greedy tokens on either engine
+    assert quick.scheduler.wait_released(timeout=30)
+    assert quick.stats()["kv_cache_bytes"] == 0 and quick.loras.nbytes == 0 and len(quick.loras) == 0
+    assert tokens(quick.submit(chat(quick), acme, params)) == first  # and it starts afresh

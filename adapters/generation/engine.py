@@ -82,11 +82,12 @@ class GenerationConfig:
     max_prefill_tokens: int = 2048
     tune_allocator: bool = True
     resolve_poll_seconds: float = 0.25
+    idle_release_s: float = 2.0  # an emptied batch keeps its KV and LoRA row buffers this long
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_batch_size=self.max_batch_size, max_waiting=self.max_waiting,
                                admission_timeout_s=self.admission_timeout_s, kv_budget_bytes=self.kv_budget_bytes,
-                               max_prefill_tokens=self.max_prefill_tokens)
+                               max_prefill_tokens=self.max_prefill_tokens, idle_release_s=self.idle_release_s)
 
 
 class GenerationEngine(AdapterAccess):

@@ -8,7 +8,11 @@ Contract:
   ``max_prefill_tokens`` prompt tokens per iteration, and the KV budget (below) -- and prefill
   them together in one forward (each samples its first token); (3) one decode step for every
   active row, whatever its tenant, adapter or base; (4) retire what finished. It sleeps on a
-  condition when nothing is active or waiting (no polling).
+  condition when nothing is active or waiting (no polling). When the batch empties it keeps
+  its KV and LoRA row buffers (``RowLoras.reset``) for ``idle_release_s``: a batch that
+  refills within that time reuses them (no reallocation, no first-touch of hundreds of MB);
+  once the engine has stayed idle that long it frees them (``kv.clear``, ``loras.clear``), so
+  an idle engine holds neither.
 * KV budget: a sequence reserves ``len(prompt) + max_tokens`` columns at admission (capped at
   the base's context); the cache holds ``rows x widest reservation`` (``adapters.generation.kv``),
   so a request is admitted only if ``(active + 1) x max(reservations) x bytes_per_token`` fits
@@ -64,6 +68,7 @@ class SchedulerConfig:
     admission_timeout_s: float = 10.0  # how long a request may wait for KV room before it is refused
     kv_budget_bytes: int = 512 << 20
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per iteration (bounds decode stalls)
+    idle_release_s: float = 2.0  # an empty batch keeps its KV and LoRA row buffers this long
 
 
 @dataclass
@@ -228,7 +233,12 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stop and not self.active and not self.waiting:
-                    self._cond.wait()
+                    if not (self.kv.nbytes or self.loras.nbytes):
+                        self._cond.wait()
+                    elif not self._cond.wait(self.config.idle_release_s) and not self.waiting:
+                        self.kv.clear()  # idle that long: hand the buffers back
+                        self.loras.clear()
+                        self._cond.notify_all()  # wait_released
                 if self._stop:
                     break
                 self._retire_cancelled()
@@ -248,12 +258,17 @@ class Scheduler:
                     self.loras.clear()
             with self._cond:
                 if not self.active:
-                    self.kv.clear()
-                    self.loras.clear()
+                    self.loras.reset()  # the buffers stay for idle_release_s (above)
         with self._cond:
             for req in self.active + list(self.waiting):
                 req.stream._fail(RuntimeError("the generation engine was closed"))
             self.active, self.waiting = [], deque()
+
+    def wait_released(self, timeout: float) -> bool:
+        """Wait until the engine, idle, has handed its KV and LoRA row buffers back (tests)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self.active and not self.kv.nbytes and not self.loras.nbytes, timeout)
 
     def _retire_cancelled(self) -> None:
         for i in range(len(self.active) - 1, -1, -1):

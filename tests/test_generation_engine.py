@@ -314,3 +314,26 @@ def test_an_emptied_batch_keeps_its_buffers_for_the_next_then_hands_them_back_wh
     assert quick.scheduler.wait_released(timeout=30)
     assert quick.stats()["kv_cache_bytes"] == 0 and quick.loras.nbytes == 0 and len(quick.loras) == 0
     assert tokens(quick.submit(chat(quick), acme, params)) == first  # and it starts afresh
+
+
+def test_a_deleted_or_replaced_adapters_row_image_does_not_outlive_it(make_engine, catalog, base):
+    engine = make_engine(max_batch_size=4)
+    chat_a = engine.acquire(engine.resolve("acme", "chat"))
+    pirate = engine.acquire(engine.resolve("acme", "pirate"))
+    other = engine.acquire(engine.resolve("globex", "chat"))
+    params = SamplingParams(max_tokens=2, temperature=0)
+    for s in [engine.submit(chat(engine), a, params) for a in (chat_a, pirate, other)]:
+        tokens(s)
+    assert set(engine.loras.image_keys()) == {chat_a.key, pirate.key, other.key}
+    engine.forget("acme", "chat")  # deleted
+    assert set(engine.loras.image_keys()) == {pirate.key, other.key}
+    art = random_generation_artifact(base.spec, r=4, seed=99, std=0.2)  # a new version replaces it
+    catalog.publish("acme", "pirate", art, promote=True, spec=base.spec)
+    engine.refresh("acme", "pirate")
+    assert engine.loras.image_keys() == [other.key]  # another tenant's stays
+    newer = engine.acquire(engine.resolve("acme", "pirate"))
+    assert newer.key != pirate.key
+    tokens(engine.submit(chat(engine), newer, params))
+    assert set(engine.loras.image_keys()) == {other.key, newer.key}
+    engine.probe(random_generation_artifact(base.spec, r=2, seed=7, std=0.2))  # an import check's candidate
+    assert set(engine.loras.image_keys()) == {other.key, newer.key}

@@ -6,7 +6,8 @@ Contract (the HTTP layer codes against these names):
   serves one ``CausalBase`` (``adapters.generation.base``). ``resolve``, ``acquire``,
   ``resident``, ``prefetch``, ``refresh``, ``forget`` and ``check_adapter`` have exactly the
   semantics of ``adapters.runtime.engine.Engine``'s (the same ``Resolver``, ``ResidentCache`` and
-  ``SlotBank``): an unknown adapter, or another tenant's, is ``AdapterNotFoundError``, never the
+  ``SlotBank``; ``refresh`` and ``forget`` also drop the adapter's cached LoRA row images, and
+  ``probe`` its candidate's): an unknown adapter, or another tenant's, is ``AdapterNotFoundError``, never the
   base; an adapter of another task is a ``TaskMismatchError`` naming both tasks, before its bytes
   are read. The running batch reads its per-row LoRA weights from ``loras``
   (``adapters.generation.rows.RowLoras``, kept in place as sequences join and leave, at most
@@ -55,7 +56,7 @@ from adapters.generation.sampling import Sampler, SamplingParams
 from adapters.generation.scheduler import Hooks, Request, Scheduler, SchedulerConfig
 from adapters.generation.stream import FinishReason, GenerationStream, Usage
 from adapters.runtime.cache import ResidentCache
-from adapters.runtime.adapter_access import AdapterAccess
+from adapters.runtime.adapter_access import AdapterAccess, _matcher
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.lora_layer import wrap_linears
 from adapters.runtime.memory import tune_allocator
@@ -223,6 +224,15 @@ class GenerationEngine(AdapterAccess):
                 "adapter's lora_alpha and weights.", param="file") from None
         finally:
             self.slots.drop(lambda k: k == key)
+            self.loras.drop_images(lambda k: k == key)
+
+    def refresh(self, tenant: str, adapter: str | None = None) -> None:
+        super().refresh(tenant, adapter)
+        self.loras.drop_images(_matcher(tenant, adapter))  # a replaced version's image goes with it
+
+    def forget(self, tenant: str, adapter: str | None = None) -> None:
+        super().forget(tenant, adapter)
+        self.loras.drop_images(_matcher(tenant, adapter))
 
     def stats(self) -> dict[str, int]:
         """Active sequences, waiting requests, KV bytes in use and budget, steps, tokens generated."""

@@ -27,13 +27,19 @@ Contract:
   the buffer (never copies), or ``None`` when none of those rows has an adapter (the plain base
   forward). A plan is valid until the next ``append`` / ``remove`` / ``clear``; the last one is
   reused while the rows do not change. One thread (the scheduler's) owns an instance.
+* ``drop_images(match)`` forgets the cached row images of the versions ``match`` selects (the
+  engine calls it when an adapter is deleted or replaced, so a gone adapter's image does not
+  outlive it; rows already live keep their own copy). It may be called from any thread;
+  ``image_keys()`` lists what is cached.
 * Adapters are read from ``LoadedAdapter.lora`` (peft orientation: ``A [r, d_in]``,
   ``B [d_out, r]``) and must target paths of ``linear_shapes`` (the engine checks them first).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +75,7 @@ class RowLoras:
         self._layout: tuple[tuple[str, int], ...] = ()  # (path, rank cap): what an image was laid for
         self._flat: torch.Tensor | None = None  # [rows_cap, numel]
         self._images: OrderedDict[VersionKey, tuple[tuple[tuple[str, int], ...], torch.Tensor]] = OrderedDict()
+        self._images_lock = threading.Lock()  # drop_images comes from other threads
         self.rows: list[LoadedAdapter | None] = []
         self._targets: Counter[str] = Counter()  # live rows whose adapter targets each module
         self.rows_written = 0
@@ -132,6 +139,15 @@ class RowLoras:
         self.rows, self._targets = [], Counter()
         self._plan_key, self._plan = None, None
 
+    def drop_images(self, match: Callable[[VersionKey], bool]) -> None:
+        with self._images_lock:
+            for key in [k for k in self._images if match(k)]:
+                del self._images[key]
+
+    def image_keys(self) -> list[VersionKey]:
+        with self._images_lock:
+            return list(self._images)
+
     def reset(self) -> None:
         """Drop every row; keep the buffer, its layout and the row images."""
         self.rows, self._targets = [], Counter()
@@ -180,10 +196,11 @@ class RowLoras:
 
     def _image(self, adapter: LoadedAdapter) -> torch.Tensor:
         """The adapter's row, laid out for the current layout (cached: the last ``max_rows``)."""
-        hit = self._images.get(adapter.key)
-        if hit is not None and hit[0] == self._layout:
-            self._images.move_to_end(adapter.key)
-            return hit[1]
+        with self._images_lock:
+            hit = self._images.get(adapter.key)
+            if hit is not None and hit[0] == self._layout:
+                self._images.move_to_end(adapter.key)
+                return hit[1]
         row = torch.zeros(self._numel, device=self.device, dtype=self.dtype)
         for path, (a_mat, b_mat) in adapter.lora.items():
             g = self._group_of[path]
@@ -194,10 +211,11 @@ class RowLoras:
             at, d_out = self._b_at[path], self.shapes[path][1]
             b = row[at : at + cap * d_out].view(cap, d_out)
             torch.mul(b_mat.t().to(self.device), adapter.scale, out=b[:r])
-        self._images[adapter.key] = (self._layout, row)
-        self._images.move_to_end(adapter.key)
-        while len(self._images) > self.max_rows:
-            self._images.popitem(last=False)
+        with self._images_lock:
+            self._images[adapter.key] = (self._layout, row)
+            self._images.move_to_end(adapter.key)
+            while len(self._images) > self.max_rows:
+                self._images.popitem(last=False)
         return row
 
     def _grow_rows(self, cap: int) -> None:

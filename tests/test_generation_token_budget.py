@@ -1,6 +1,8 @@
 """The token budget of generation training (adapters.training.token_budget) on the tiny random
-Llama: a step over the budget runs as micro-batches within it, its loss and gradients are the
-unsplit step's (fp32), and a run with a budget is still deterministic for a seed."""
+Llama: a step over the budget runs as micro-batches within it through the loop's seam
+(``loop.forward_backward``), its loss and gradients are the unsplit step's (fp32), validation
+forwards keep to the budget with the figures they had, and a run with a budget is still
+deterministic for a seed."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ import torch
 from adapters.generation.base import CausalBase, tiny_causal_base
 from adapters.generation.datasets import GenerationDataset, GenerationDatasetLimits, from_records, split
 from adapters.training.generation_hyperparams import GenerationHyperparameters
-from adapters.training.generation_task import GenerationTask, resolve_generation_hyperparameters, train_generation
+from adapters.training.generation_task import (
+    GenerationTask, budgeted_stats, example_stats, pad_batch, resolve_generation_hyperparameters, summarise,
+    train_generation,
+)
+from adapters.training.loop import forward_backward
 from adapters.training.token_budget import micro_batches
 
 # user turns of different lengths, so the rows of a step differ in length
@@ -54,23 +60,36 @@ def test_micro_batches_group_rows_longest_first_within_the_budget() -> None:
         micro_batches(lengths, 0)
 
 
+def decoder_shapes(task: GenerationTask) -> tuple[list[tuple[int, int]], Any]:
+    """The ``[rows, width]`` of every decoder forward of ``task``'s model, and the hook to remove."""
+    seen: list[tuple[int, int]] = []
+    hook = task.model.get_base_model().get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    return seen, hook
+
+
 def test_a_step_over_the_budget_runs_as_micro_batches_within_it(base: CausalBase, data: Any) -> None:
     task = task_for(base, data, SMALL)
-    batch = task.train_batch(torch.arange(6), 1)
+    idx = torch.arange(6)
+    batch = task.train_batch(idx, 1)
     rows, width = batch["input_ids"].shape
     assert rows * width > SMALL and width <= SMALL  # over the budget, yet no row over it on its own
-    seen: list[tuple[int, int]] = []
-    decoder = task.model.get_base_model().get_decoder()
-    hook = decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
-                                             with_kwargs=True)
+    parts = task.micro_batches(batch)
+    assert sorted(r for p in parts for r in p.rows) == list(range(rows))
+    assert sum(p.share for p in parts) == pytest.approx(1.0)
+    assert [p.share for p in parts] == [int(p.batch["loss_mask"][:, 1:].sum()) / int(batch["loss_mask"][:, 1:].sum())
+                                        for p in parts]
+    seen, hook = decoder_shapes(task)
     try:
-        out = task.forward(batch)
+        task.set_training(True)
+        forward_backward(task, task.objective(), idx, 1)  # the loop's step: one forward and backward a part
     finally:
         hook.remove()
-    assert len(seen) >= 2 and sum(r for r, _ in seen) == rows
+    assert len(seen) == len(parts) >= 2 and sum(r for r, _ in seen) == rows
     assert all(r * w <= SMALL for r, w in seen)
     assert max(w for _, w in seen) == width  # each micro-batch trimmed to its own longest row
-    assert out.shape == (rows, 3) and int(out[:, 1].sum()) == int(batch["loss_mask"][:, 1:].sum())
+    whole = task_for(base, data, 1 << 20)
+    assert len(whole.micro_batches(batch)) == 1 and whole.micro_batches(batch)[0].batch is batch  # fits: whole
 
 
 def test_the_split_step_has_the_unsplit_steps_loss_and_gradients(base: CausalBase, data: Any) -> None:
@@ -87,15 +106,35 @@ def test_the_split_step_has_the_unsplit_steps_loss_and_gradients(base: CausalBas
     losses, grads = [], []
     for task in (whole, parts):
         task.set_training(True)
-        loss = task.objective().loss(task.forward(task.train_batch(idx, 1)), idx)
-        loss.backward()  # what the loop does: the split step's backward has already happened
-        losses.append(loss.item())
+        losses.append(forward_backward(task, task.objective(), idx, 1))
         grads.append({n: p.grad.clone() for n, p in task.model.named_parameters() if p.requires_grad})
+    # the unsplit step's loss, computed the plain way
+    plain = whole.objective().loss(whole.forward(whole.train_batch(idx, 1)), idx).item()
+    assert losses[0] == pytest.approx(plain, rel=1e-6)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_validation_forwards_keep_to_the_budget_and_give_the_same_figures(base: CausalBase, data: Any) -> None:
+    task = task_for(base, data, SMALL)
+    task.set_training(False)
+    val = task._val
+    assert max(len(r) for r in val) * len(val) > SMALL  # the validation set padded together is over the budget
+    seen, hook = decoder_shapes(task)
+    try:
+        budgeted = budgeted_stats(task.model, val, task.pad_id, budget=SMALL)
+    finally:
+        hook.remove()
+    assert len(seen) >= 2 and sum(r for r, _ in seen) == len(val)
+    assert all(r * w <= SMALL or r == 1 for r, w in seen)
+    with torch.inference_mode():  # what validation did before: 8 rows a forward, padded together
+        before = torch.cat([example_stats(task.model, pad_batch(val[i : i + 8], task.pad_id))
+                            for i in range(0, len(val), 8)])
+    torch.testing.assert_close(budgeted, before, rtol=1e-5, atol=1e-5)
+    assert summarise(budgeted)["val_loss"] == pytest.approx(summarise(before)["val_loss"], rel=1e-6)
 
 
 def lora(result: Any) -> dict[str, torch.Tensor]:

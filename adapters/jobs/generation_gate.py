@@ -28,7 +28,7 @@ from adapters.errors import AdapterNotFoundError
 from adapters.generation.datasets import GenerationDataset, encode_all
 from adapters.jobs.gate import GateDecision
 from adapters.jobs.model import Job
-from adapters.training.generation_task import EVAL_ROWS, _pad_id, example_stats, pad_batch, summarise
+from adapters.training.generation_task import _pad_id, budgeted_stats, summarise
 
 
 def judge(job: Job, base: Any, catalog: Catalog, version: int, validation: GenerationDataset) -> GateDecision:
@@ -51,9 +51,7 @@ def score(base: Any, adapter: AdapterArtifact | None, rows: list[Any]) -> dict[s
     model = merged(base.model, adapter)
     model.eval()
     pad, device = _pad_id(base.tokenizer), next(model.parameters()).device
-    stats = [example_stats(model, pad_batch(rows[i : i + EVAL_ROWS], pad, device)) for i in range(0, len(rows),
-                                                                                                 EVAL_ROWS)]
-    m = summarise(torch.cat(stats))
+    m = summarise(budgeted_stats(model, rows, pad, device))  # within the training token budget
     return {"val_loss": m["val_loss"], "val_perplexity": m["val_perplexity"],
             "val_token_accuracy": m["val_token_accuracy"], "tokens": m["val_tokens"], "n": len(rows)}
 

@@ -51,7 +51,8 @@ batch (eager attention, LoRA dropout copies of each adapted layer's input). The 
 chatterbot run (batch 8, chats up to 349 tokens) peaked at 11 GB of RSS. Batch 16 of 2,048-token
 examples would need ~100 GB, so a step's batch runs as micro-batches of at most
 ``token_budget.TOKEN_BUDGET`` (2,048) padded tokens with gradients accumulated
-(``adapters.training.token_budget``): the batch size sets the gradient's examples, not the memory.
+(``adapters.training.token_budget``, run by the loop), and validation forwards keep to the same
+budget: the batch size sets the gradient's examples, not the memory.
 """
 
 from __future__ import annotations

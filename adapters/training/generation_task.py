@@ -17,11 +17,12 @@ gate refuses a candidate against.
 
 ``forward`` returns per-example sums ``[B, 3]``: masked-token negative log-likelihood, masked
 tokens, correct next-token predictions -- the objective turns them into losses and metrics.
-A training step whose padded batch exceeds the token budget (``token_budget``: rows x longest
-row, ``TOKEN_BUDGET`` by default) runs as micro-batches within it, each one's backward done in
-``forward`` with its loss weighted by the step's masked tokens, so the step's gradient is the
-unsplit batch's and the loop's own ``backward`` of the returned loss adds nothing
-(``adapters.training.token_budget``). Examples, order, batch size and schedule are unchanged.
+A batch whose padded size exceeds the token budget (``token_budget``: rows x longest row,
+``TOKEN_BUDGET`` by default) goes through the model as micro-batches within it
+(``micro_batches``, the loop's seam): in training each one's forward and backward in turn, its
+loss weighted by its share of the step's masked tokens, so the step's gradient is the unsplit
+batch's; in validation (the base model's measurement and the gate's included: ``budgeted_stats``)
+one forward each. Examples, order, batch size and schedule are unchanged.
 Examples over ``max_length`` tokens are a ``DatasetError`` naming their line (never truncated).
 The artifact is head-less: task ``text-generation``, no labels, ``head_in_features`` 0, LoRA
 ``A [r, in]`` / ``B [out, r]`` per decoder module path of the base (``base.spec.linear_shapes``).
@@ -51,11 +52,10 @@ from adapters.training.generation_hyperparams import (
     METHOD, GenerationHyperparameters, ResolvedGenerationHyperparameters,
 )
 from adapters.training.hyperparams import HyperparameterError
-from adapters.training.loop import fit
-from adapters.training.task_hooks import ParamGroup, Poll
-from adapters.training.token_budget import TOKEN_BUDGET, accumulate
+from adapters.training.loop import EVAL_CHUNK, fit
+from adapters.training.task_hooks import MicroBatch, ParamGroup, Poll, forward_parts
+from adapters.training.token_budget import TOKEN_BUDGET, split
 
-EVAL_ROWS = 8  # validation examples per forward pass inside one of the loop's chunks
 IGNORE = -100
 
 
@@ -112,7 +112,6 @@ class GenerationTask:
         self.base, self.hp, self.train, self.validation = base, hp, train, validation
         self.token_budget = token_budget
         self.device: torch.device = base.device
-        self._carrier = torch.zeros((), requires_grad=True, device=self.device)  # what a split step's loss hangs on
         # one id per example (the loop counts examples by them); generation has no labels
         self.train_label_ids = [0] * len(train)
         self.val_label_ids = [0] * len(validation)
@@ -155,13 +154,11 @@ class GenerationTask:
     def val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._batch(self._val, idx)
 
+    def micro_batches(self, batch: dict[str, torch.Tensor]) -> list[MicroBatch]:
+        return split(batch, self.token_budget)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if torch.is_grad_enabled():  # training: backward already done if the step was split
-            split = accumulate(batch, lambda part: example_stats(self.model, part), self._carrier, self.token_budget)
-            return example_stats(self.model, batch) if split is None else split
-        n = batch["input_ids"].shape[0]  # validation: a few rows at a time bounds activation memory
-        return torch.cat([example_stats(self.model, {k: v[i : i + EVAL_ROWS] for k, v in batch.items()})
-                          for i in range(0, n, EVAL_ROWS)])
+        return example_stats(self.model, batch)
 
     def set_training(self, on: bool) -> None:
         self.model.train(on)
@@ -198,17 +195,12 @@ class GenerationTask:
     def _batch(self, encoded: list[Encoded], idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return pad_batch([encoded[i] for i in idx.tolist()], self.pad_id, self.device)
 
-    @torch.inference_mode()
     def _base_validation(self, poll: Poll) -> dict[str, float]:
         """The base model's own validation figures (LoRA switched off)."""
         self.model.eval()
-        stats = []
         with self.model.disable_adapter():
-            for i in range(0, len(self._val), EVAL_ROWS):
-                poll()
-                stats.append(example_stats(self.model, self._batch(self._val, torch.arange(i, min(i + EVAL_ROWS,
-                                                                                                  len(self._val))))))
-        m = summarise(torch.cat(stats))
+            stats = budgeted_stats(self.model, self._val, self.pad_id, self.device, self.token_budget, poll)
+        m = summarise(stats)
         return {"base_val_loss": m["val_loss"], "base_val_perplexity": m["val_perplexity"],
                 "base_val_token_accuracy": m["val_token_accuracy"]}
 
@@ -287,6 +279,17 @@ def example_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     out = torch.zeros(sel.shape[0], 3, device=nll.device, dtype=torch.float32)
     ones = torch.ones_like(nll)
     return out.index_add(0, rows, torch.stack([nll, ones, correct], dim=1))
+
+
+@torch.inference_mode()
+def budgeted_stats(model: nn.Module, rows: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu",
+                   budget: int = TOKEN_BUDGET, poll: Poll = lambda: None) -> torch.Tensor:
+    """``example_stats`` of encoded ``rows`` (``[len(rows), 3]``, in their order), ``EVAL_CHUNK``
+    rows padded together and run as micro-batches of at most ``budget`` padded tokens each
+    (``token_budget.split``; a longer row alone), ``poll`` before each forward."""
+    return torch.cat([forward_parts(lambda b: example_stats(model, b),
+                                    split(pad_batch(rows[i : i + EVAL_CHUNK], pad_id, device), budget), poll)
+                      for i in range(0, len(rows), EVAL_CHUNK)])
 
 
 def summarise(stats: torch.Tensor) -> dict[str, Any]:

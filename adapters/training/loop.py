@@ -5,7 +5,9 @@ the adapter) is the task's (``adapters.training.task_hooks``); everything here i
 text and images:
 
 AdamW (one parameter group per ``ParamGroup``, each at its ``lr_scale`` times the schedule's
-rate) with linear warmup and decay, gradient clipping at 1.0, validation after every epoch,
+rate) with linear warmup and decay, gradient clipping at 1.0, gradient accumulation over the
+parts a task splits a batch into (``task_hooks.MicroBatch``: one forward and backward per part,
+one optimizer step; validation forwards split the same way), validation after every epoch,
 early stopping, and the best epoch's weights restored at the end. What the loss is, what
 validation measures and which epoch is best is the task's objective (``task_hooks.Objective``,
 from ``task.objective()``); a task without one is a classifier (``Classification``: cross-entropy
@@ -48,9 +50,9 @@ from adapters.training.divergence import Watch
 from adapters.training.errors import TrainingCancelled, TrainingDiverged, TrainingYielded
 from adapters.training.loop_state import LoopState
 from adapters.training.metrics import classification_metrics
-from adapters.training.task_hooks import LoopSettings, Objective, TrainingTask
+from adapters.training.task_hooks import LoopSettings, MicroBatch, Objective, TrainingTask, forward_parts
 
-EVAL_CHUNK = 64  # validation rows per forward pass
+EVAL_CHUNK = 64  # validation rows per batch (a task may split it: micro_batches)
 
 
 def fit(task: TrainingTask, hp: LoopSettings, *, callbacks: TrainCallbacks | None = None,
@@ -141,12 +143,11 @@ class _Loop:
                 lr = hp.learning_rate * _schedule(st.step, warmup, total)
                 for group in self.opt.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                loss = obj.loss(task.forward(task.train_batch(idx, epoch)), idx)
-                losses.append(loss.item())
+                losses.append(forward_backward(task, obj, idx, epoch))
                 why = watch.step(losses, first)
                 if why:  # checked before the update: a NaN never reaches the weights
+                    self.opt.zero_grad(set_to_none=True)
                     return self._diverged(f"{why} (step {st.step + 1})")
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for _, p in self.params], 1.0)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -209,14 +210,32 @@ class _Loop:
         task.set_training(False)
         chunks, n = [], len(task.val_label_ids)
         for i in range(0, n, EVAL_CHUNK):
-            self._poll()
             idx = torch.arange(i, min(i + EVAL_CHUNK, n), device=task.device)
-            chunks.append(task.forward(task.val_batch(idx)))
+            chunks.append(forward_parts(task.forward, parts(task, task.val_batch(idx), len(idx)), self._poll))
         return self.obj.evaluate(chunks)
 
     def _event(self, level: str, message: str) -> None:
         if self.cb.on_event:
             self.cb.on_event(level, message)
+
+
+def forward_backward(task: TrainingTask, obj: Objective, idx: torch.Tensor, epoch: int) -> float:
+    """The loss of a training step over examples ``idx`` (``task.train_batch(idx, epoch)``), its
+    gradient accumulated in the parameters: one forward and backward per part of the batch
+    (``parts``), each part's loss weighted by its share, so a split step's gradient is the whole
+    batch's (up to rounding). The optimizer step is the caller's."""
+    total = 0.0
+    for part in parts(task, task.train_batch(idx, epoch), len(idx)):
+        loss = obj.loss(task.forward(part.batch), idx[torch.tensor(part.rows, device=idx.device)]) * part.share
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def parts(task: TrainingTask, batch: Any, n: int) -> list[MicroBatch]:
+    """The task's parts of ``batch`` of ``n`` rows (``micro_batches``, when it has one), or the batch whole."""
+    split = getattr(task, "micro_batches", None)
+    return split(batch) if split is not None else [MicroBatch(batch, list(range(n)), 1.0)]
 
 
 class Classification:

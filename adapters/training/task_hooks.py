@@ -10,7 +10,13 @@ adapter the trained model becomes. One object per run; the loop calls, in this o
 ``forward``, per validation ``set_training(False)`` / ``val_batch`` / ``forward``, and finally
 ``artifact``. ``fingerprint`` may be called at any time (it needs no model). A task may also
 have ``objective()`` (an ``Objective``: loss, validation metrics, the best epoch); without it the
-loop trains it as a classifier (``forward`` gives logits ``[B, len(labels)]``).
+loop trains it as a classifier (``forward`` gives logits ``[B, len(labels)]``). And a task may
+have ``micro_batches(batch)``: how a batch from ``train_batch`` or ``val_batch`` goes through
+the model in parts (``MicroBatch``es, e.g. within a token budget: ``token_budget.split``); the
+loop then runs a training step as one forward and backward per part, each part's loss weighted
+by its share, and one optimizer step (gradient accumulation), and a validation chunk as one
+forward per part, the rows put back in the batch's order (``forward_parts``). Without it every
+batch goes whole.
 """
 
 from __future__ import annotations
@@ -34,6 +40,33 @@ class ParamGroup:
 
     params: list[tuple[str, nn.Parameter]]
     lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One part of a batch: what ``forward`` takes (``batch``), which of the batch's rows it holds
+    (``rows``: positions in the batch, in the order ``forward`` answers them) and its share of the
+    step's loss (the objective's loss of this part times ``share``; a batch's shares sum to 1)."""
+
+    batch: Any
+    rows: list[int]
+    share: float
+
+
+def forward_parts(forward: Callable[[Any], torch.Tensor], parts: list[MicroBatch], poll: Poll) -> torch.Tensor:
+    """``forward`` of every part (``poll`` before each), the rows of its answers ``[rows, ...]`` put
+    back in the order of the batch the parts came from."""
+    outs = []
+    for part in parts:
+        poll()
+        outs.append(forward(part.batch))
+    out = torch.cat(outs)
+    order = [r for part in parts for r in part.rows]
+    if order == list(range(len(order))):
+        return out
+    placed = torch.empty_like(out)
+    placed[torch.tensor(order, device=out.device)] = out
+    return placed
 
 
 class LoopSettings(Protocol):

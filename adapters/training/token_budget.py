@@ -1,13 +1,15 @@
-"""A token budget per training forward pass, for generation: one optimizer step's batch run as
-micro-batches with gradients accumulated.
+"""A token budget per forward pass, for generation: one optimizer step's batch (or a chunk of
+validation rows) goes through the model as micro-batches within it.
 
 A step's batch is what the shared loop makes it (the same examples, order, batch size and
 schedule); only how it goes through the model changes. ``micro_batches`` groups its rows, longest
 first, so that each group's padded size (rows x its longest row) stays within the budget; a row
-longer than the budget on its own is a group of one (rows are never cut). ``accumulate`` runs
-each group's forward and backward in turn, so activations of one group at a time are alive, with
-each group's loss the sum of its masked-token losses divided by the step's masked tokens: the
-accumulated gradient is the unsplit step's (the same token-weighted mean), up to fp32 rounding.
+longer than the budget on its own is a group of one (rows are never cut). ``split`` turns a
+right-padded batch into those groups as ``task_hooks.MicroBatch``es, each trimmed to its longest
+row, each one's share of the step's loss its masked target tokens over the step's: the loop
+(``adapters.training.loop``) runs each one's forward and backward in turn, so activations of one
+group at a time are alive, and the accumulated gradient is the unsplit step's (the same
+token-weighted mean), up to fp32 rounding. Validation forwards split the same way.
 
 Activation memory of a training step therefore follows the budget, not batch size x the longest
 example. SmolLM2-135M in fp32 on CPU keeps ~2-3 MB per padded token: one step of 4 rows x 354
@@ -20,9 +22,11 @@ activations near 5 GB on the 23 GB development machine, where the unsplit chatte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+
+from adapters.training.task_hooks import MicroBatch
 
 TOKEN_BUDGET = 2048  # padded tokens (rows x longest row) per training forward pass
 
@@ -43,30 +47,19 @@ def micro_batches(lengths: Sequence[int], budget: int = TOKEN_BUDGET) -> list[li
     return groups
 
 
-def accumulate(batch: dict[str, torch.Tensor], stats: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-               carrier: torch.Tensor, budget: int = TOKEN_BUDGET) -> torch.Tensor | None:
-    """Run a right-padded ``batch`` (``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, T]``) as
-    micro-batches within ``budget``, each trimmed to its longest row, calling ``backward`` on each
-    one's ``stats(...)[:, 0].sum()`` (per-example summed loss) divided by the step's masked target
-    tokens (``loss_mask[:, 1:]``). None, with nothing run, when the whole batch fits the budget.
-
-    Otherwise returns the per-example ``stats`` rows ``[B, k]`` in the batch's row order, detached,
-    plus ``0 * carrier`` (a scalar leaf that requires grad): a caller's ``backward`` of a loss
-    computed from them adds nothing to the parameters' gradients, which already hold the step's.
-    """
+def split(batch: dict[str, torch.Tensor], budget: int = TOKEN_BUDGET) -> list[MicroBatch]:
+    """A right-padded ``batch`` (``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, T]``) as
+    micro-batches within ``budget`` (``micro_batches``), each trimmed to its longest row, with its
+    share of the step's masked target tokens (``loss_mask[:, 1:]``). The batch itself, whole, when
+    it fits the budget."""
     lengths = batch["attention_mask"].sum(1).tolist()
     groups = micro_batches(lengths, budget)
     if len(groups) == 1:
-        return None
-    targets = batch["loss_mask"][:, 1:].sum().clamp(min=1).float()
-    parts: list[torch.Tensor] = []
+        return [MicroBatch(batch, list(range(len(lengths))), 1.0)]
+    targets = max(int(batch["loss_mask"][:, 1:].sum()), 1)
+    parts = []
     for rows in groups:
-        width = lengths[rows[0]]
         at = torch.tensor(rows, device=batch["input_ids"].device)
-        part = stats({k: v[at, :width] for k, v in batch.items()})
-        (part[:, 0].sum() / targets).backward()
-        parts.append(part.detach())
-    order = torch.tensor([i for rows in groups for i in rows], device=parts[0].device)
-    out = torch.empty_like(torch.cat(parts))
-    out[order] = torch.cat(parts)
-    return out + 0.0 * carrier
+        part = {k: v[at, : lengths[rows[0]]] for k, v in batch.items()}
+        parts.append(MicroBatch(part, rows, int(part["loss_mask"][:, 1:].sum()) / targets))
+    return parts

@@ -37,7 +37,7 @@ class GroupPlan:
             if self.single:
                 xa = x.reshape(-1, x.shape[-1]) @ self.a
             else:
-                xa = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), self.a)
+                xa = torch.bmm(x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1]), self.a)
             self._x, self._xa = x, xa
         return self._xa  # type: ignore[return-value]
 

@@ -39,9 +39,13 @@ class MultiLoraLinear(nn.Module):
         mp = plan.modules.get(self.path)
         if mp is None:
             return y
-        xa = mp.group.down(x)[..., mp.start : mp.stop]
+        xa = mp.group.down(x)
+        if mp.start or mp.stop != xa.shape[-1]:  # a group's module reads its own columns
+            xa = xa[..., mp.start : mp.stop]
         if plan.single:
             y.view(-1, self.out_features).addmm_(xa, mp.b)
+        elif y.dim() == 3:  # [rows, tokens, d_out] already (the decoders' shape): no view
+            y.baddbmm_(xa, mp.b)
         else:
             y.view(y.shape[0], -1, self.out_features).baddbmm_(xa, mp.b)
         return y

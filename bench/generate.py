@@ -17,7 +17,9 @@ first token and inter-token latency p50/p99 (engine: its ``on_first_token`` / ``
 hooks; peft: a logits processor stamping each step, so a static batch is credited with streaming
 it does not do), and the per-round ratios mixed/base and mixed/peft (targets: >= 0.9 at 8 and 32
 streams; >= 2 vs peft at 32), and for the engine runs where its scheduler thread's time went
-(``scheduler_seconds``: KV growth, LoRA row copies, prefill and decode forwards, sampling).
+(``scheduler_seconds``: KV growth, LoRA row copies, prefill and decode forwards, sampling,
+and how many prefills and decode steps ran), and, apart from the loop (``step_costs``), one decode
+step and one prefill of C rows mixed vs base, the LoRA bytes a decode step reads, row joins and leaves.
 ``--base tiny`` runs the whole thing on the tiny random Llama (tests).
 """
 
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,6 +77,7 @@ def run_engine(engine: GenerationEngine, adapters: list[Any], prompt_ids: list[l
     engine_hooks(engine, lat)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(adapters))]
     before = asdict(engine.scheduler.seconds)
+    steps = engine.scheduler.steps
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -83,6 +87,7 @@ def run_engine(engine: GenerationEngine, adapters: list[Any], prompt_ids: list[l
     if phases is not None:
         for k, v in asdict(engine.scheduler.seconds).items():
             phases[k] = phases.get(k, 0) + v - before[k]
+        phases["decode_steps"] = phases.get("decode_steps", 0) + engine.scheduler.steps - steps
     if errors:
         raise errors[0]
     return sum(counts), seconds
@@ -136,7 +141,8 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
     scheduler runs it) vs the same rows on the base (interleaved); a row joining (its adapter
     copied into the row buffer) and leaving (the last row moved into its hole); gathering all C
     adapters from scratch (what a re-plan cost before the rows were kept in place); retiring a
-    row's KV and growing the KV buffers. The scheduler is idle meanwhile."""
+    row's KV and growing the KV buffers; and a prefill of the C prompts with their adapters vs
+    on the base (interleaved). The scheduler is idle meanwhile."""
     from adapters.generation.engine import SEPARATE
     from adapters.generation.rows import RowLoras
     from adapters.runtime.context import use_plan
@@ -165,6 +171,17 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
         dec.decode(nxt, positions, kv)
 
     times = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
+
+    def prefill(plan_: Any) -> Callable[[], None]:
+        def run() -> None:
+            if plan_ is None:
+                dec.prefill(ids, [len(p) for p in prompt_ids], kv, 0)
+            else:
+                with use_plan(plan_):
+                    dec.prefill(ids, [len(p) for p in prompt_ids], kv, 0)
+        return run
+
+    pre = interleaved({"mixed": prefill(plan), "base": prefill(None)}, rounds=max(3, rounds * 2))
     plan_t = interleaved({"plan": lambda: engine.slots.plan(loaded)}, rounds=3)["plan"]
     join_t, leave_t = [], []
     for _ in range(3):  # a row in the middle leaves (the last moves in), then its adapter rejoins
@@ -183,8 +200,12 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
         k2.ensure(c, 2 * width, live=c)
         grow_t.append(time.perf_counter() - t0)
     step_mixed, step_base = median(times["mixed"]), median(times["base"])
+    pre_mixed, pre_base = median(pre["mixed"]), median(pre["base"])
     return {"rows": c, "decode_step_ms": {"mixed": 1e3 * step_mixed, "base": 1e3 * step_base},
             "decode_step_ratio_base_over_mixed": step_base / step_mixed,
+            "lora_bytes_per_decode_step": rows.nbytes * c // max(rows.rows_cap, 1),
+            "prefill_ms": {"mixed": 1e3 * pre_mixed, "base": 1e3 * pre_base, "prompt_tokens": int(ids.numel())},
+            "prefill_ratio_base_over_mixed": pre_base / pre_mixed,
             "row_join_ms": 1e3 * median(join_t), "row_leave_ms": 1e3 * median(leave_t),
             "gather_from_scratch_ms": 1e3 * median(plan_t), "retire_row_copy_ms": 1e3 * median(move_t),
             "kv_grow_copy_ms": 1e3 * median(grow_t), "kv_row_width": width}

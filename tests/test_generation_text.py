@@ -106,6 +106,10 @@ def test_the_generation_benchmark_runs_on_the_tiny_base(tmp_path, monkeypatch):
     for method in ("mixed", "base", "peft"):
         assert row[method]["tokens_per_s"] > 0 and row[method]["ttft_p50_s"] >= 0
     assert result["step_costs"]["3"]["decode_step_ms"]["mixed"] > 0 and set(result["step_costs"]) == {"3"}
+    costs = result["step_costs"]["3"]
+    assert costs["prefill_ms"]["mixed"] > 0 and costs["prefill_ms"]["prompt_tokens"] >= 3
+    assert costs["lora_bytes_per_decode_step"] == 3 * result["adapter_bytes"]  # each row reads its own copy
+    assert row["mixed"]["scheduler_seconds"]["decode_steps"] >= 2  # 3 tokens: the first from the prefill
     assert len(row["ratios_mixed_base"]) == 1 and set(result["targets_met"]) == {
         "mixed_vs_base_ge_0.9_at_8_and_32", "mixed_vs_peft_ge_2_at_32"}
 

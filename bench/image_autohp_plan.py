@@ -1,10 +1,10 @@
 """``bench.image_autohp``'s plan, timing model and plot: what the image auto hyper-parameters plan
 for an upload of a given size, and what that costs.
 
-* ``probe(base, fit, val)`` times the ``lora`` model of ``base`` (built by ``ImageTask``, as
-  training builds it): seconds per training image-step (forward, backward, AdamW step; batch
-  ``PROBE_BATCH``, median of ``PROBE_STEPS`` after one warm-up) and per image of inference, at
-  the threads torch has.
+* ``probe(base, fit, val, method)`` times the ``lora`` (or ``full``) model of ``base`` (built by
+  ``ImageTask``, as training builds it): seconds per training image-step (forward, backward,
+  AdamW step; batch ``PROBE_BATCH``, median of ``PROBE_STEPS`` after one warm-up) and per image
+  of inference, at the threads torch has.
 * ``estimate_seconds`` turns a run's shape into seconds with those figures: ``lora`` / ``full``
   train ``epochs x n_fit`` image-steps and validate ``epochs x n_val`` images; ``head`` computes
   the features of ``n_fit + n_val`` images once (its linear steps cost next to nothing). It
@@ -40,10 +40,11 @@ PROBE_BATCH, PROBE_STEPS = 16, 3
 SHOWN = ("epochs", "batch_size", "learning_rate", "warmup_ratio", "patience", "lora_r", "image_size")
 
 
-def probe(base: VisionBase, fit: ImageDataset, val: ImageDataset) -> dict[str, float]:
-    """Seconds per training image-step and per inferred image of ``base``'s lora model."""
-    rhp = resolve_image_hyperparameters(ImageHyperparameters(), len(fit), "lora", base)
-    task = ImageTask(base, fit.labels, "lora", rhp, fit, fit.label_ids(), val, val.label_ids())
+def probe(base: VisionBase, fit: ImageDataset, val: ImageDataset, method: str = "lora") -> dict[str, float]:
+    """Seconds per training image-step and per inferred image of ``base``'s ``method`` model
+    (``lora`` or ``full``)."""
+    rhp = resolve_image_hyperparameters(ImageHyperparameters(), len(fit), method, base)
+    task = ImageTask(base, fit.labels, method, rhp, fit, fit.label_ids(), val, val.label_ids())
     model = task.build()
     opt = torch.optim.AdamW([p for g in task.param_groups() for _, p in g.params], lr=1e-4)
     x = torch.randn(PROBE_BATCH, 3, base.input_size, base.input_size)

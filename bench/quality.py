@@ -2,7 +2,8 @@
 
     python -m bench.quality --dataset {imdb,bbc,tweets,rotten,drugs} [--quick] [--seeds N]
         [--pooling base|pooler|mean|mean+normalize|cls|max] --out bench/results/quality-imdb.json
-    python -m bench.quality --dataset fashion-mnist [--quick] [--seeds N] --out bench/results/quality-fashion-mnist.json
+    python -m bench.quality --dataset fashion-mnist [--quick] [--seeds N] [--input-size PX]
+        --out bench/results/quality-fashion-mnist.json
     python -m bench.quality --dataset chatterbot-topics [--quick] [--seeds N] --out bench/results/quality-generation.json
 
 Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC: 1,225 /
@@ -31,7 +32,8 @@ runs a job (``bench.serving_latency``; ``serving_latency_ms`` in the JSON; ``--s
 
 ``--dataset fashion-mnist`` is the image task (``bench.quality_image``: Fashion-MNIST on
 EfficientNet-Lite0, methods lora / head / full, no TF-IDF, no serving latency: see
-``bench.engine --task image``); the JSON and the learning-curve plot have the same shape.
+``bench.engine --task image``; ``--input-size`` builds the backbone for smaller images, recorded);
+the JSON, the pieces and the learning-curve plot have the same shape.
 ``--dataset chatterbot-topics`` is text generation (``bench.quality_generation``: SmolLM2 base,
 base told the format, LoRA; format rate, topic exact match and test loss on held-out questions).
 """

@@ -181,3 +181,24 @@ def test_a_batched_prefill_of_ragged_prompts_equals_each_prefilled_alone(world):
             a_second = dec.decode(nxt[i : i + 1], torch.tensor([len(prompts[i])]), alone_kv)[0]
         assert (first[i] - a_first).abs().max().item() < 1e-5
         assert (second[i] - a_second).abs().max().item() < 1e-5
+
+
+def test_base_rows_are_zeroed_only_when_a_plan_reads_them(world):
+    """A base-only batch in a buffer kept from a mixed one writes nothing; the first plan with an
+    adapter zeroes the base rows it covers (whatever garbage the kept buffer held there)."""
+    base, dec, adapters = world
+    rows = new_rows(base, max_rows=6)
+    rows.append([adapters[1]] * 4)  # a full-rank row image in every row: garbage for base rows later
+    rows.reset()  # the batch emptied; the buffer stays
+    rows.append([None, None, None])
+    assert rows.plan(0, 3) is None and rows.rows_zeroed == 0  # base only: nothing written
+    rows.remove(0)  # a base row moves into the hole: no copy either
+    assert rows.rows_zeroed == 0
+    rows.append([adapters[0]])
+    plan = rows.plan(0, 3)
+    assert rows.rows_zeroed == 2  # the two base rows, once
+    assert rows.plan(0, 3) is plan and rows.rows_zeroed == 2
+    bank = SlotBank(base.spec.linear_shapes, 0, 4, base.device, base.dtype, separate=SEPARATE)
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    for g, w in zip(forward(dec, plan, prompts), forward(dec, bank.plan(list(rows.rows)), prompts)):
+        assert (g - w).abs().max().item() < 1e-5

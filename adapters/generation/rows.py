@@ -23,6 +23,9 @@ Contract:
   else copies weights: a decode step without a join or a leave gathers nothing (``rows_written``
   counts row copies, ``relayouts`` the re-lays, for tests and benchmarks). The row capacity (at most ``max_rows``) grows on
   demand, copying the live rows once; a rank wider than the layout's re-lays every live row.
+  A base-model row is zeroed lazily, by the first ``plan`` that covers it (``rows_zeroed``
+  counts those fills): a batch of base rows alone, or a base row moved into a hole, writes
+  nothing, so base-only traffic pays nothing for a buffer kept from an earlier mixed batch.
 * ``plan(start, stop)`` is a ``BatchPlan`` over rows ``start..stop-1`` whose tensors are views of
   the buffer (never copies), or ``None`` when none of those rows has an adapter (the plain base
   forward). A plan is valid until the next ``append`` / ``remove`` / ``clear``; the last one is
@@ -79,6 +82,8 @@ class RowLoras:
         self.rows: list[LoadedAdapter | None] = []
         self._targets: Counter[str] = Counter()  # live rows whose adapter targets each module
         self.rows_written = 0
+        self.rows_zeroed = 0
+        self._stale: set[int] = set()  # base rows not zeroed yet (plan zeroes the ones it covers)
         self.relayouts = 0
         self._plan_key: tuple[int, int] | None = None
         self._plan: BatchPlan | None = None
@@ -124,10 +129,15 @@ class RowLoras:
         last = len(self.rows) - 1
         self._count(self.rows[i], -1)
         if i != last:
-            if self._flat is not None:
-                self._flat[i].copy_(self._flat[last])
+            if last in self._stale:  # a base row not zeroed yet moves: it stays to be zeroed
+                self._stale.add(i)
+            else:
+                self._stale.discard(i)
+                if self._flat is not None:
+                    self._flat[i].copy_(self._flat[last])
             self.rows[i] = self.rows[last]
             self.rows_written += 1
+        self._stale.discard(last)
         self.rows.pop()
         self._plan_key = None
 
@@ -136,7 +146,7 @@ class RowLoras:
         for g in self._groups.values():
             g.spans, g.at = {}, 0
         self._b_at, self._numel, self._layout, self._flat = {}, 0, (), None
-        self.rows, self._targets = [], Counter()
+        self.rows, self._targets, self._stale = [], Counter(), set()
         self._plan_key, self._plan = None, None
 
     def drop_images(self, match: Callable[[VersionKey], bool]) -> None:
@@ -150,7 +160,7 @@ class RowLoras:
 
     def reset(self) -> None:
         """Drop every row; keep the buffer, its layout and the row images."""
-        self.rows, self._targets = [], Counter()
+        self.rows, self._targets, self._stale = [], Counter(), set()
         self._plan_key, self._plan = None, None
 
     # -- the forward's view ---------------------------------------------------------------------
@@ -161,6 +171,10 @@ class RowLoras:
             return self._plan
         plan = None
         if self._flat is not None and any(a is not None for a in self.rows[start:stop]):
+            for i in sorted(i for i in self._stale if start <= i < stop):
+                self._flat[i].zero_()
+                self._stale.discard(i)
+                self.rows_zeroed += 1
             rows = self._flat[start:stop]
             modules: dict[str, ModulePlan] = {}
             for g in self._groups.values():
@@ -189,9 +203,10 @@ class RowLoras:
     def _write(self, i: int, adapter: LoadedAdapter | None) -> None:
         assert self._flat is not None
         if adapter is None:
-            self._flat[i].zero_()
+            self._stale.add(i)  # zeroed by the first plan that reads it
         else:
             self._flat[i].copy_(self._image(adapter))
+            self._stale.discard(i)
         self.rows_written += 1
 
     def _image(self, adapter: LoadedAdapter) -> torch.Tensor:
@@ -243,8 +258,9 @@ class RowLoras:
                 at += cap * self.shapes[p][1]
         self._numel = at
         self._layout = tuple((p, c) for g in self._groups.values() for p, (_, c) in g.spans.items())
-        self._flat = torch.zeros(rows_cap, self._numel, device=self.device, dtype=self.dtype)
+        self._flat = torch.empty(rows_cap, self._numel, device=self.device, dtype=self.dtype)
         self.relayouts += 1
+        self._stale = {i for i, adapter in enumerate(self.rows) if adapter is None}
         for i, adapter in enumerate(self.rows):
             if adapter is not None:
                 self._write(i, adapter)

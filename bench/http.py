@@ -20,7 +20,11 @@ cannot be batched), so the 1-client phase also reports ``ratio_vs_engine_one_cli
 requests/s divided by the in-process engine serving the same closed loop (``Engine.classify``
 of one row, then the next), measured right beside it, with both p50s. The engine runs with one
 torch thread and with every core in turn and the faster counts (on a busy machine the
-many-thread forward collapses). That ratio is the served path's overhead at low load.
+many-thread forward collapses). That ratio is the served path's overhead at low load. Beside
+it, from the server's /metrics over each phase: ``server_forward_ms`` (mean time of a merged
+forward pass in the server) and ``server_forward_threads`` (passes by the torch threads they
+ran with: a worker borrows idle cores only when the machine has them idle at that instant), so
+a gap between the two sides can be told apart: forward threads, or the HTTP path around it.
 
 ``--runtime torch,onnx`` serves this checkout once per ``TAILOR_RUNTIME`` (``--quantize int8``
 for ONNX's), interleaved like a baseline; ONNX graphs (the universal one and the tenants'
@@ -116,18 +120,32 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's merged-batch-size histogram."""
+def batch_stats(url: str) -> dict[str, float]:
+    """The server's merged-batch counters, summed over tasks: ``size_sum``/``size_count`` (rows
+    per pass), ``seconds_sum``/``seconds_count`` (time per pass) and ``threads_N`` (passes that
+    ran with N torch threads)."""
     body = httpx.get(f"{url}/metrics", timeout=10).text
-    total = count = 0.0
+    out: dict[str, float] = {}
     for line in body.splitlines():
-        m = re.match(r"tailor_batch_size_(sum|count)(\{[^}]*\})? ([0-9.e+]+)", line)
+        m = re.match(r"tailor_batch_(size|seconds)_(sum|count)(\{[^}]*\})? ([0-9.e+]+)", line)
         if m:
-            if m.group(1) == "sum":
-                total += float(m.group(3))
-            else:
-                count += float(m.group(3))
-    return total, count
+            key = f"{m.group(1)}_{m.group(2)}"
+            out[key] = out.get(key, 0.0) + float(m.group(4))
+        m = re.match(r'tailor_forward_threads_total\{[^}]*threads="(\d+)"[^}]*\} ([0-9.e+]+)', line)
+        if m:
+            out[f"threads_{m.group(1)}"] = out.get(f"threads_{m.group(1)}", 0.0) + float(m.group(2))
+    return out
+
+
+def stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server did between two ``batch_stats``: mean rows and milliseconds per merged
+    pass, and how many passes ran with each torch-thread count."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    passes = max(1.0, d.get("size_count", 0.0))
+    return {"mean_batch_size": d.get("size_sum", 0.0) / passes,
+            "server_forward_ms": 1e3 * d.get("seconds_sum", 0.0) / max(1.0, d.get("seconds_count", 0.0)),
+            "server_forward_threads": {k.removeprefix("threads_"): int(v) for k, v in sorted(d.items())
+                                       if k.startswith("threads_") and v > 0}}
 
 
 class RawConnection:
@@ -332,10 +350,9 @@ def run_phases(servers: dict[str, tuple[str, list[str]]], corpus: list[str], eng
             one = engine_one_client(engine, adapters, corpus, seconds / 2) if c == 1 else None
             for name in (names if rnd % 2 == 0 else names[::-1]):
                 url, keys = servers[name]
-                s0, n0 = batch_stats(url)
+                before = batch_stats(url)
                 run = asyncio.run(closed_loop(url, keys, corpus, c, seconds, warmup))
-                s1, n1 = batch_stats(url)
-                run["mean_batch_size"] = (s1 - s0) / max(1.0, n1 - n0)
+                run.update(stats_delta(before, batch_stats(url)))
                 if one is not None:
                     run["engine_one_client_rows_per_s"] = one["rows_per_s"]
                     run["engine_one_client_p50_ms"] = one["p50_ms"]
@@ -352,6 +369,7 @@ def run_phases(servers: dict[str, tuple[str, list[str]]], corpus: list[str], eng
                          f"{run['ratio_vs_engine_one_client']:.3f}") if "ratio_vs_engine_one_client" in run else ""
                 print(f"[{name}] c={c:>3}: {run['requests_per_s']:.1f} req/s, p50 {run['p50_ms']:.1f} ms, "
                       f"p99 {run['p99_ms']:.1f} ms, batch {run['mean_batch_size']:.1f}, "
+                      f"server forward {run['server_forward_ms']:.1f} ms with threads {run['server_forward_threads']}, "
                       f"ratio_vs_engine {run['ratio_vs_engine']:.3f}{extra}, by worker {run['requests_by_worker']}, "
                       f"errors {run['errors']}", flush=True)
     out: dict[str, Any] = {"engine_rows_per_s": engine_runs}
@@ -359,7 +377,7 @@ def run_phases(servers: dict[str, tuple[str, list[str]]], corpus: list[str], eng
         summary: dict[str, dict[str, Any]] = {}
         for c, runs in per[name].items():
             keys = ["requests_per_s", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "p99_over_p50",
-                    "mean_batch_size", "engine_rows_per_s", "ratio_vs_engine"]
+                    "mean_batch_size", "server_forward_ms", "engine_rows_per_s", "ratio_vs_engine"]
             if c == 1:
                 keys += ["engine_one_client_rows_per_s", "engine_one_client_p50_ms", "ratio_vs_engine_one_client"]
             summary[str(c)] = {k: median([r[k] for r in runs]) for k in keys}

@@ -62,6 +62,8 @@ class Metrics:
                                         buckets=_BATCH_BUCKETS)
         self.batch_seconds = Histogram("tailor_batch_seconds", "Forward pass time per merged batch", task,
                                        buckets=_LATENCY_BUCKETS)
+        self.forward_threads = Counter("tailor_forward_threads", "Merged forward passes by the torch threads they "
+                                       "ran with (a pass may borrow cores idle workers leave)", ["task", "threads"])
         self.cache_hits = Counter("tailor_adapter_cache_hits", "Resident adapter cache hits", task)
         self.cache_misses = Counter("tailor_adapter_cache_misses", "Resident adapter cache misses", task)
         self.cache_evictions = Counter("tailor_adapter_cache_evictions", "Adapters evicted from the resident set",
@@ -128,6 +130,10 @@ class Metrics:
         self.batch_size.labels(task).observe(size)
         self.batch_adapters.labels(task).observe(n_adapters)
         self.batch_seconds.labels(task).observe(seconds)
+
+    def observe_threads(self, task: str, threads: int) -> None:
+        """The last forward pass of ``task`` ran with ``threads`` torch threads."""
+        self.forward_threads.labels(task, str(threads)).inc()
 
     def observe_load(self, task: str, seconds: float) -> None:
         self.load_seconds.labels(task).observe(seconds)

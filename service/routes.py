@@ -13,6 +13,7 @@ import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters import tenancy, usage
@@ -147,7 +148,7 @@ def export_adapter(
 # -- predict (tenant key) -------------------------------------------------------------------------------
 
 @router.post("/v1/predict", response_model=PredictResponse, tags=["predict"], openapi_extra=OPENAPI_BODY)
-async def predict(request: Request, tenant: Tenant, state: State) -> dict[str, Any]:
+async def predict(request: Request, tenant: Tenant, state: State) -> JSONResponse:
     """Classify ``inputs`` (texts) or ``images`` with the tenant's adapter of that task; concurrent
     requests of one task share forward passes. JSON, or a multipart form with image files.
 
@@ -175,7 +176,9 @@ async def predict(request: Request, tenant: Tenant, state: State) -> dict[str, A
                            headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
     preds = await asyncio.wrap_future(future)
     state.metrics.predicted(rows.task, tenant, len(preds))
-    return {
+    # Built here, not by FastAPI from the response_model (which still documents it): validating
+    # and re-serialising this plain, already-typed dict cost a lone request ~3% of its loop time.
+    return JSONResponse({
         "adapter": resolved.key.adapter, "version": resolved.key.version,
         "predictions": [{"label": p.label, "score": p.score, "scores": p.scores} for p in preds],
-    }
+    })

@@ -26,6 +26,7 @@ from service.metrics import JOB_SECONDS_BUCKETS
 from service.request_timeout import install as install_request_timeout
 from service.settings import Settings
 from service.state import TailorState, serving_workers
+from service.traffic_metrics import install as install_traffic_metrics
 
 logging.getLogger("tailor").setLevel(logging.INFO)
 # Invalid TAILOR_* values stop the start here, naming the variable. The admin key file (when
@@ -34,6 +35,8 @@ SETTINGS = Settings.from_env(admin_key=False)
 app = create_app()
 # BentoML's request timeout keeps every request for the whole timeout (service.request_timeout)
 install_request_timeout()
+# BentoML's per-request metrics of /v1/ paths are dropped from /metrics (__metrics__): not written either
+install_traffic_metrics()
 
 
 @bentoml.service(

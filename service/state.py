@@ -245,7 +245,7 @@ class TailorState:
 
                     apply_runtime(engine, RuntimeChoice(s.runtime, s.quantize), s.home / "graphs")
                 batchers[task] = MicroBatcher(
-                    engine, s.max_batch_size, s.max_wait_ms, on_batch=partial(self.metrics.observe_batch, task),
+                    engine, s.max_batch_size, s.max_wait_ms, on_batch=partial(self._on_batch, task),
                     announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows, cores=self.cores)
             except Exception as e:
                 self.load_error = f"{task} base: {type(e).__name__}: {e}"
@@ -280,6 +280,12 @@ class TailorState:
         self._ready.set()
         self.metrics.ready.set(1)
         log.info("ready: serving %s", ", ".join(s.tasks))
+
+    def _on_batch(self, task: str, size: int, n_adapters: int, seconds: float) -> None:
+        """A merged forward pass of ``task`` ended (on its batcher's thread, right after it)."""
+        self.metrics.observe_batch(task, size, n_adapters, seconds)
+        if self.cores is not None:  # the threads it ran with: lent idle cores, or the worker's share
+            self.metrics.observe_threads(task, self.cores.threads_of_last_lend)
 
     def start_loading(self) -> threading.Thread:
         t = threading.Thread(target=self.load, name="tailor-load", daemon=True)

@@ -78,6 +78,9 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=None, help="training rows (0: all the test set leaves)")
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="fashion-mnist: keep each run's per-epoch checkpoint in DIR/METHOD-SEED, so a stopped "
+                        "piece started again resumes from its last finished epoch")
     p.add_argument("--input-size", type=int, default=None,
                    help="fashion-mnist: px the backbone is built for (default 224, its own; --quick 96); "
                         "recorded in the JSON, and pieces of other sizes are not merged")

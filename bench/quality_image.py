@@ -13,7 +13,9 @@ auto hyper-parameters (``--hyperparameters`` overrides them for every method), e
 ``--input-size N`` builds the backbone for N px inputs instead of its own 224
 (``load_vision_base(input_size=N)``: the same weights and paddings, smaller images; a multiple of
 32): the JSON's ``input_size`` and ``input_note`` say so, and pieces of another size are not
-merged. ``--quick`` builds it for 96 px (``QUICK_INPUT``) and trains ``lora`` and ``full`` for
+merged. ``--checkpoint-dir DIR`` keeps each run's per-epoch checkpoint (``DIR/METHOD-SEED``): a
+piece stopped mid-run and started again resumes after its last finished epoch (the run record
+says ``resumed``; its ``train_seconds`` are this process's only). ``--quick`` builds it for 96 px (``QUICK_INPUT``) and trains ``lora`` and ``full`` for
 ``QUICK_EPOCHS`` epochs (their auto value at 180 images is 30); the JSON's ``quick_note`` says
 so. Its figures are a smoke test of the pipeline, not the comparison the issue asks for.
 
@@ -93,12 +95,15 @@ def run_images(args: Any, seeds: int, log_epoch: Any) -> tuple[dict[str, Any], d
 
     def train_one(method: str, seed: int) -> Piece:
         history: list[dict[str, Any]] = []
-        cb = TrainCallbacks(on_epoch=lambda e, m: log_epoch(method, history, e, m))
+        events: list[str] = []
+        cb = TrainCallbacks(on_epoch=lambda e, m: log_epoch(method, history, e, m),
+                            on_event=lambda level, message: events.append(message))
         quick = {"epochs": QUICK_EPOCHS} if args.quick and method != "head" else {}
         hp = ImageHyperparameters.from_dict({"seed": seed, **quick, **args.hyperparameters})
+        ckpt = args.checkpoint_dir / f"{method}-{seed}" if args.checkpoint_dir else None
         t0 = time.perf_counter()
         try:
-            res = train_images(base, fit, val, method=method, hp=hp, callbacks=cb)
+            res = train_images(base, fit, val, method=method, hp=hp, callbacks=cb, checkpoint_dir=ckpt)
         except TrainingDiverged as e:  # what a tenant would get: a failed job, no adapter
             print(f"{method} seed {seed}: failed: {e.message}", flush=True)
             return ({"seed": seed, "failed": e.message, "train_seconds": time.perf_counter() - t0,
@@ -108,9 +113,12 @@ def run_images(args: Any, seeds: int, log_epoch: Any) -> tuple[dict[str, Any], d
         print(f"{method} seed {seed}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s",
               flush=True)
         run = {"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": seconds,
-               "epochs_run": len(history), "best_epoch": res.best_epoch, "steps": res.metrics["steps"],
-               "load_average": round(os.getloadavg()[0], 2)}
-        return run, {**trained_meta(res), "trainable_vs_backbone": res.trainable_params / backbone_params}, history
+               "epochs_run": res.metrics["epochs_run"], "best_epoch": res.best_epoch, "steps": res.metrics["steps"],
+               "load_average": round(os.getloadavg()[0], 2),
+               **({"resumed": next(e for e in events if e.startswith("resumed"))}
+                  if any(e.startswith("resumed") for e in events) else {})}
+        meta = {**trained_meta(res), "trainable_vs_backbone": res.trainable_params / backbone_params}
+        return run, meta, list(res.history)  # every epoch, those a checkpoint brought included
 
     seed_list = args.seed_list if args.seed_list is not None else list(range(seeds))
     train_pending(args.out, result, curves, methods, seed_list, train_one)

@@ -102,12 +102,15 @@ def train_pending(out: Path, result: dict[str, Any], curves: dict[str, Any], met
     """Train every (seed, method) of ``seed_list`` x ``methods`` that ``result`` lacks, seeds outer
     and methods interleaved inside (machine load drifts hit every method alike), each with
     ``train_one(method, seed)`` -> ``(its run record, its META fields or None when it failed, its
-    curve)``. After every run ``result[method]`` is summarised again, ``result["pending"]`` lists
-    what is left and ``out`` is rewritten (a crash keeps the finished runs)."""
+    curve)``. ``out`` is written before the first run and after every run, ``result[method]``
+    summarised again and ``result["pending"]`` listing what is left (a crash keeps the finished
+    runs)."""
     from bench.common import machine
 
     pending = [(seed, method) for seed in seed_list for method in methods if seed not in done(result, method)]
     result["pending"] = [f"{method}:{seed}" for seed, method in pending]
+    if pending:  # what is to come is on disk before the first (maybe hours-long) run
+        save(out, {**result, "machine": machine(), "curves": curves})
     for seed, method in pending:
         run, meta, history = train_one(method, seed)
         mine = result.get(method) or {}

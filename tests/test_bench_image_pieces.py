@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -141,3 +142,29 @@ def test_autohp_plans_trains_and_resumes(tiny_sizes, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [*argv[:-4], "--n-test", "30", "--out", str(out), "--resume"])
     with pytest.raises(SystemExit, match="n_test=20, this run 30"):
         image_autohp.main()
+
+
+def test_a_piece_stopped_mid_run_resumes_from_its_checkpoint(tiny_sizes, tmp_path, monkeypatch):
+    real = quality_image.train_images
+    three = ["--hyperparameters", '{"epochs": 3, "batch_size": 8, "patience": 3}', "--methods", "lora",
+             "--seed-list", "0", "--input-size", "64"]
+
+    def stops_in_epoch_2(*a, callbacks, **kw):
+        def on_epoch(epoch, metrics):
+            callbacks.on_epoch(epoch, metrics)
+            if epoch == 2:  # before epoch 2's checkpoint: epoch 1's is the last on disk
+                raise KeyboardInterrupt
+        return real(*a, callbacks=replace(callbacks, on_epoch=on_epoch), **kw)
+
+    monkeypatch.setattr(quality_image, "train_images", stops_in_epoch_2)
+    out, ckpt = tmp_path / "lora.json", tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        bench(monkeypatch, *three, "--checkpoint-dir", str(ckpt), "--out", str(out))
+    assert (ckpt / "lora-0").is_dir() and json.loads(out.read_text())["pending"] == ["lora:0"]
+    monkeypatch.setattr(quality_image, "train_images", real)
+    resumed = bench(monkeypatch, *three, "--checkpoint-dir", str(ckpt), "--resume", "--out", str(out))
+    whole = bench(monkeypatch, *three, "--out", str(tmp_path / "whole.json"))
+    run, plain = resumed["lora"]["runs"][0], whole["lora"]["runs"][0]
+    assert "after epoch 1" in run["resumed"] and "resumed" not in plain
+    assert run["epochs_run"] == plain["epochs_run"] == 3 and len(resumed["curves"]["lora"]) == 3
+    assert run["accuracy"] == plain["accuracy"] and run["macro_f1"] == plain["macro_f1"]  # the same weights

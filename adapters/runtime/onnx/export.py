@@ -91,8 +91,10 @@ class _Feeds:
         return self.delta_rows(path, rows, x).reshape(*x.shape[:-1], self.b[path].shape[2])
 
 
-class _GraphLora(nn.Module):
-    def __init__(self, base_layer: nn.Linear, path: str, feeds: _Feeds) -> None:
+class _GraphBranch(nn.Module):
+    """A base layer whose LoRA delta comes from the graph's inputs (``feeds``); reads as the layer."""
+
+    def __init__(self, base_layer: nn.Module, path: str, feeds: _Feeds) -> None:
         super().__init__()
         self.base_layer, self.path, self.feeds = base_layer, path, feeds
 
@@ -104,20 +106,14 @@ class _GraphLora(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+
+class _GraphLora(_GraphBranch):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.feeds.delta(self.path, x)
 
 
-class _GraphConvLora(nn.Module):
+class _GraphConvLora(_GraphBranch):
     """A 1x1 convolution's LoRA: the linear delta at every pixel (``x`` as ``[B, H*W, C]``)."""
-
-    def __init__(self, base_layer: nn.Conv2d, path: str, feeds: _Feeds) -> None:
-        super().__init__()
-        self.base_layer, self.path, self.feeds = base_layer, path, feeds
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

@@ -5,7 +5,9 @@ Contract:
 * A graph is keyed by ``GraphKey``: the base fingerprint, the precision (``fp32``/``int8``),
   the opset, the graph layout version, the exporter's versions (torch, onnx, onnxruntime) and
   its target set (``targets``: ``"*"`` for the graph with a LoRA branch on every adaptable
-  layer, else the sorted module paths it adapts, ``targets_value``).
+  layer, else the sorted module paths it adapts, ``targets_value``) and, for int8, the
+  quantisation recipe's key (``Int8Recipe.key``: a graph quantised another way is not reused;
+  empty for fp32, which leaves an fp32 graph's digest as it was before the field existed).
   Its file is ``<dir>/<digest>.onnx`` with a sidecar ``<digest>.json`` holding the key and the
   graph's sha256. Both are written atomically (temporary file, fsync, rename; the sidecar
   last), so a reader sees a whole graph or none.
@@ -31,6 +33,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adapters.runtime.onnx.quantize import Int8Recipe
 
 log = logging.getLogger("tailor.onnx")
 
@@ -68,23 +74,36 @@ class GraphKey:
     onnx: str
     onnxruntime: str
     targets: str = ALL_TARGETS
+    quantization: str = ""
 
     @classmethod
     def current(cls, fingerprint: str, precision: str, opset: int,
-                targets: frozenset[str] | None = None) -> GraphKey:
+                targets: frozenset[str] | None = None, recipe: Int8Recipe | None = None) -> GraphKey:
+        """``recipe``: the int8 graph's (default: ``DEFAULT_RECIPE``); ignored for fp32."""
         import onnx
         import onnxruntime
         import torch
 
+        from adapters.runtime.onnx.quantize import DEFAULT_RECIPE
+
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        quantization = (recipe or DEFAULT_RECIPE).key if precision == "int8" else ""
         return cls(fingerprint=fingerprint, precision=precision, opset=opset, layout=LAYOUT_VERSION,
                    torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
-                   targets=targets_value(targets))
+                   targets=targets_value(targets), quantization=quantization)
+
+    def fields(self) -> dict[str, object]:
+        """The key as its digest and sidecar spell it (fp32: without the empty ``quantization``,
+        so graphs cached before the field existed keep their digest and sidecar)."""
+        fields = asdict(self)
+        if not self.quantization:
+            del fields["quantization"]
+        return fields
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:40]
+        return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()[:40]
 
 
 class GraphCache:
@@ -105,7 +124,7 @@ class GraphCache:
         except (OSError, ValueError) as e:
             log.warning("ONNX graph cache: %s unreadable (%s); rebuilding", graph_path.name, e)
             return None
-        if meta.get("key") != asdict(key):
+        if meta.get("key") != key.fields():
             log.warning("ONNX graph cache: %s was built for base %s (%s), not %s (%s); rebuilding",
                         graph_path.name, str(meta.get("key", {}).get("fingerprint"))[:19],
                         meta.get("key", {}).get("precision"), key.fingerprint[:19], key.precision)
@@ -125,7 +144,7 @@ class GraphCache:
     def store(self, key: GraphKey, data: bytes, extra: dict | None = None) -> None:
         graph_path, meta_path = self.paths(key)
         self.root.mkdir(parents=True, exist_ok=True)
-        meta = {"key": asdict(key), "sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        meta = {"key": key.fields(), "sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "bytes": len(data),
                 **(extra or {})}
         _atomic_write(graph_path, data)
         _atomic_write(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())

@@ -1,21 +1,85 @@
-"""Dynamic int8 quantisation of an exported graph: the base's weight matmuls only.
+"""Dynamic int8 quantisation of an exported graph: the base's weight matmuls, by a named recipe.
 
-Contract: ``quantize_int8(graph)`` returns the bytes of a graph with the same inputs and
-outputs in which every linear layer of the frozen base -- a ``MatMul`` whose second input is a
-weight (an initializer), or the ``Gemm`` a 2-D linear exports as (BERT's pooler) -- runs as ONNX
-Runtime's dynamic ``MatMulInteger`` (int8 weights, activations quantised per call). Every other ``MatMul`` -- the LoRA down/up projections, whose
-weights are graph inputs, and attention's activation products -- stays fp32, listed by name in
-``nodes_to_exclude`` (ORT's quantiser would otherwise quantise dynamic operands too). The heads
-are not in the graph (torch, fp32). ``weight_matmuls(model)`` tells the two kinds apart.
+Contract: ``quantize_int8(graph, recipe=DEFAULT_RECIPE)`` returns the bytes of a graph with the
+same inputs and outputs in which the frozen base's linear layers -- a ``MatMul`` whose second
+input is a weight (an initializer) -- run as ONNX Runtime's dynamic ``MatMulInteger`` (int8
+weights, activations quantised to uint8 per tensor on each call; ORT fuses the pattern into
+``DynamicQuantizeMatMul`` at load), except those the recipe keeps fp32. Every other ``MatMul``
+-- the LoRA down/up projections, whose weights are graph inputs, and attention's activation
+products -- stays fp32, listed by name in ``nodes_to_exclude`` (ORT's quantiser would otherwise
+quantise dynamic operands too). BERT's pooler exports as a ``Gemm``, which ORT quantises the
+same way. The heads are not in the graph (torch, fp32). ``weight_matmuls(model)`` tells the two
+kinds of ``MatMul`` apart; ``kept_fp32(model, recipe)`` names the weight layers (``MatMul`` or
+``Gemm``) a recipe leaves fp32.
+
+``Int8Recipe``: ``per_channel`` (one weight scale per output column instead of one per
+matrix), ``reduce_range`` (7-bit weights, for CPUs without VNNI), ``weight_type``
+(``QInt8``/``QUInt8``), ``keep_fp32`` (regular expressions over node names) and
+``keep_last_layers`` (the last N encoder layers, by the ``layer.N`` in the names) and
+``smooth_alpha`` (> 0: SmoothQuant-style smoothing, ``adapters.runtime.onnx.smooth``, with
+activation ranges measured on the ``calibration`` tokens ``quantize_int8`` is given). A recipe's
+``key`` spells every field: the graph cache keys int8 graphs by it, so a graph quantised by
+another recipe (or an older default) is never reused. ``RECIPES`` holds the named ones measured
+by ``bench.onnx_agreement --int8-recipes``; ``DEFAULT_RECIPE`` is what serving uses.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from collections.abc import Mapping
+
+import numpy as np
 import onnx
+
+from adapters.runtime.onnx.smooth import activation_absmax, smooth
+
+_LAYER = re.compile(r"layer\.(\d+)/")
+FFN_OUT = r"/layer\.\d+/output/dense/"  # BERT's FFN output (intermediate -> hidden): GELU outliers in its input
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    name: str
+    per_channel: bool = False
+    reduce_range: bool = False
+    weight_type: str = "QInt8"
+    keep_fp32: tuple[str, ...] = ()
+    keep_last_layers: int = 0
+    smooth_alpha: float = 0.0  # > 0: SmoothQuant-style smoothing (adapters.runtime.onnx.smooth) at this alpha
+
+    def __post_init__(self) -> None:
+        if self.weight_type not in ("QInt8", "QUInt8"):
+            raise ValueError(f"weight_type must be QInt8 or QUInt8, not {self.weight_type!r}")
+        if not 0.0 <= self.smooth_alpha < 1.0:
+            raise ValueError(f"smooth_alpha must be in [0, 1), not {self.smooth_alpha}")
+        for pattern in self.keep_fp32:
+            re.compile(pattern)
+
+    @property
+    def key(self) -> str:
+        """The recipe as the graph cache keys it: its name and a digest of every field."""
+        fields = json.dumps(asdict(self), sort_keys=True)
+        return f"{self.name}:{hashlib.sha256(fields.encode()).hexdigest()[:12]}"
+
+
+RECIPES: dict[str, Int8Recipe] = {r.name: r for r in (
+    Int8Recipe("per-tensor"),  # the first recipe (issue 15, sessions 5-7)
+    Int8Recipe("per-channel", per_channel=True),
+    Int8Recipe("per-channel-rr", per_channel=True, reduce_range=True),
+    Int8Recipe("per-channel-keep-ffn-out", per_channel=True, keep_fp32=(FFN_OUT,)),
+    Int8Recipe("per-channel-keep-last", per_channel=True, keep_last_layers=1),
+    Int8Recipe("smooth", per_channel=True, smooth_alpha=0.5),
+    Int8Recipe("smooth-rr", per_channel=True, reduce_range=True, smooth_alpha=0.5),
+    Int8Recipe("smooth-keep-ffn-out", per_channel=True, smooth_alpha=0.5, keep_fp32=(FFN_OUT,)),
+)}
+DEFAULT_RECIPE = RECIPES["per-channel"]
 
 
 def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -30,7 +94,24 @@ def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return weights, others
 
 
-def quantize_int8(graph: bytes) -> bytes:
+def kept_fp32(model: onnx.ModelProto, recipe: Int8Recipe) -> list[str]:
+    """The weight layers ``recipe`` leaves fp32 (nodes named as in ``model``)."""
+    weights = weight_matmuls(model)[0] + [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    layers = [int(m.group(1)) for w in weights if (m := _LAYER.search(w))]
+    first_kept = max(layers) - recipe.keep_last_layers + 1 if layers and recipe.keep_last_layers else None
+    kept = []
+    for name in weights:
+        m = _LAYER.search(name)
+        if any(re.search(p, name) for p in recipe.keep_fp32) or (
+                first_kept is not None and m is not None and int(m.group(1)) >= first_kept):
+            kept.append(name)
+    return kept
+
+
+def quantize_int8(graph: bytes, recipe: Int8Recipe = DEFAULT_RECIPE,
+                  calibration: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """``calibration``: token inputs by name (a few texts' ``input_ids``, ``attention_mask``...)
+    that a smoothing recipe measures activation ranges on; ignored by the others."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load_from_string(graph)
@@ -38,15 +119,24 @@ def quantize_int8(graph: bytes) -> bytes:
         if not node.name:
             node.name = f"node_{i}"
     weights, others = weight_matmuls(model)
-    if not weights:
+    keep = kept_fp32(model, recipe)
+    quantised = [w for w in weights if w not in set(keep)]
+    if not quantised:
         raise ValueError("the graph has no weight matmul to quantise")
+    if recipe.smooth_alpha:
+        if calibration is None:
+            raise ValueError(f"int8 recipe {recipe.name!r} smooths activations: it needs calibration tokens")
+        nodes = {n.name: n for n in model.graph.node}
+        inputs = sorted({nodes[w].input[0] for w in quantised})
+        smooth(model, quantised, activation_absmax(model, inputs, calibration), recipe.smooth_alpha)
     quiet = _NoPreprocessAdvice()
     logging.getLogger().addFilter(quiet)  # ORT advises shape pre-processing on the root logger each time
     try:
         with tempfile.TemporaryDirectory(prefix="tailor-int8-") as tmp:
             out = Path(tmp) / "int8.onnx"
-            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], nodes_to_exclude=others,
-                             weight_type=QuantType.QInt8, per_channel=False)
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], nodes_to_exclude=others + keep,
+                             weight_type=getattr(QuantType, recipe.weight_type), per_channel=recipe.per_channel,
+                             reduce_range=recipe.reduce_range)
             result = onnx.load(str(out))
     finally:
         logging.getLogger().removeFilter(quiet)

@@ -177,11 +177,20 @@ def cached_graph(base: Any, torch_serving: Any, precision: str, cache: GraphCach
 
     def build_int8() -> tuple[bytes, dict]:
         t0 = time.perf_counter()
-        q = stamp(quantize_int8(fp32), fp, "int8", targets)
+        q = stamp(quantize_int8(fp32, calibration=calibration_tokens(torch_serving)), fp, "int8", targets)
         return q, {"quantize_seconds": round(time.perf_counter() - t0, 3)}
 
     graph, built_q = cache.get(GraphKey.current(fp, "int8", OPSET, targets), build_int8)
     return graph, built or built_q
+
+
+def calibration_tokens(torch_serving: Any) -> dict[str, Any] | None:
+    """The task's probe rows, collated, as numpy token inputs: what a smoothing int8 recipe
+    measures activation ranges on (None for a task whose batches are not token tensors)."""
+    batch = torch_serving.collate(torch_serving.probe_rows())
+    if not isinstance(batch, dict):
+        return None
+    return {k: v.cpu().numpy() for k, v in batch.items()}
 
 
 def build_graphs(base: Any, precision: str, cache_dir: Path,

@@ -20,7 +20,9 @@ streams; >= 2 vs peft at 32), and for the engine runs where its scheduler thread
 (``scheduler_seconds``: KV growth, LoRA row copies, prefill and decode forwards, sampling,
 and how many prefills and decode steps ran), and, apart from the loop (``step_costs``), one decode
 step and one prefill of C rows mixed vs base, the LoRA bytes a decode step reads, row joins and leaves.
-``--base tiny`` runs the whole thing on the tiny random Llama (tests).
+Every engine run starts from an idle engine that has handed its KV and LoRA row buffers back (the
+scheduler keeps them ``idle_release_s`` after a batch empties), so neither method inherits the
+other's warm buffers. ``--base tiny`` runs the whole thing on the tiny random Llama (tests).
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def run_engine(engine: GenerationEngine, adapters: list[Any], prompt_ids: list[l
             errors.append(e)
 
     engine_hooks(engine, lat)
+    # every run starts from an idle engine that has handed its KV and LoRA row buffers back
+    # (idle_release_s), whatever ran before it: base-only runs must not inherit a mixed run's
+    # warm buffers (or the other way round)
+    if not engine.scheduler.wait_released(timeout=120):
+        raise RuntimeError("the engine did not release its buffers")
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(adapters))]
     before = asdict(engine.scheduler.seconds)
     steps = engine.scheduler.steps
@@ -237,7 +244,7 @@ def build(base_setting: str, n_adapters: int, rank: int, targets: tuple[str, ...
     if model is not None:
         model.eval()
     config = GenerationConfig(max_batch_size=max_batch, device_slots=max_batch + 1, kv_budget_bytes=2 << 30,
-                              admission_timeout_s=600)
+                              admission_timeout_s=600, idle_release_s=0.5)  # run_engine waits for the release
     engine = GenerationEngine(base, catalog, config)
     engine.scheduler.eos = frozenset()  # every request generates exactly max_tokens: same work for all methods
     loaded = [engine.acquire(engine.resolve(f"tenant{i}", "chat")) for i in range(n_adapters)]

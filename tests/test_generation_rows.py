@@ -1,9 +1,9 @@
 """The running batch's per-row LoRA kept in place (issue 16, ``adapters.generation.rows``).
 
-After any sequence of joins and leaves (different ranks and target sets, base rows, rank and
-row-capacity growth with live rows), the incrementally maintained rows give the same prefill and
-decode logits as a plan gathered from scratch for the same rows; a step without a change copies
-nothing and reuses its plan, a join copies one row, a leave at most one. And a batched prefill of
+After any sequence of joins and leaves (different ranks and target sets, base rows, rank
+growth with live rows), the incrementally maintained rows give the same prefill and decode
+logits as a plan gathered from scratch for the same rows (the buffer holds max_rows rows from
+the start: no grow-and-copy); a step without a change copies nothing and reuses its plan, a join copies one row, a leave at most one. And a batched prefill of
 ragged prompts of different tenants, appended after live rows, gives every row the logits and
 first token it gets prefilled alone, and the same next decode step."""
 
@@ -78,7 +78,7 @@ def test_joins_and_leaves_keep_the_rows_equal_to_a_plan_built_from_scratch(world
     prompts: list[list[int]] = []  # each live row's own prompt (moves with its row)
     ops = ["join"] * 10 + [rng.choice(["join", "leave", "leave"]) for _ in range(14)] + ["join"] * 3
     late = adapters[-1]  # the largest rank joins only once other rows are live
-    grew = widened = False
+    widened = False
     for step, op in enumerate(ops):
         written, relayouts = rows.rows_written, rows.relayouts
         if op == "join" and len(rows) < rows.max_rows:
@@ -100,7 +100,7 @@ def test_joins_and_leaves_keep_the_rows_equal_to_a_plan_built_from_scratch(world
                 prompts[i] = prompts[-1]
             prompts.pop()
             assert rows.rows_written == written + int(moved)  # the last row fills the hole
-        grew |= rows.rows_cap > 8
+        assert rows.rows_cap == rows.max_rows
         live = list(rows.rows)
         plan = rows.plan(0, len(live))
         before = rows.rows_written
@@ -112,7 +112,7 @@ def test_joins_and_leaves_keep_the_rows_equal_to_a_plan_built_from_scratch(world
         want = forward(dec, bank.plan(live), prompts)
         for g, w in zip(got, want):
             assert (g - w).abs().max().item() < 1e-5
-    assert grew and widened  # the row capacity grew with live rows, and so did the rank (step 6)
+    assert widened  # the rank grew with live rows (step 6)
     # the adapters really act: every adapter row differs from the base model on its prompt
     live = list(rows.rows)
     plain = forward(dec, None, prompts)[0]

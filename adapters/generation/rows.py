@@ -21,8 +21,10 @@ Contract:
   hundreds of MB); ``clear()`` frees the buffer and the layout (the scheduler calls it once
   the engine has been idle a while: an idle engine holds no rows). Nothing
   else copies weights: a decode step without a join or a leave gathers nothing (``rows_written``
-  counts row copies, ``relayouts`` the re-lays, for tests and benchmarks). The row capacity (at most ``max_rows``) grows on
-  demand, copying the live rows once; a rank wider than the layout's re-lays every live row.
+  counts row copies, ``relayouts`` the re-lays, for tests and benchmarks). The buffer has
+  ``max_rows`` rows from the start, allocated empty (on CPU a row's pages are first touched when
+  it is written, so a small batch holds little; on CUDA the whole buffer is reserved): there is
+  no grow-and-copy of live rows; a rank wider than the layout's re-lays every live row.
   A base-model row is zeroed lazily, by the first ``plan`` that covers it (``rows_zeroed``
   counts those fills): a batch of base rows alone, or a base row moved into a hole, writes
   nothing, so base-only traffic pays nothing for a buffer kept from an earlier mixed batch.
@@ -115,9 +117,9 @@ class RowLoras:
                     old = caps.get(path, 0)
                     wider[path] = max(a.shape[0], 2 * old) if old else a.shape[0]
         if wider != caps:
-            self._relayout(wider, max(self.rows_cap, min(self.max_rows, max(n, 8))))
-        elif n > self.rows_cap:
-            self._grow_rows(min(self.max_rows, max(n, 2 * self.rows_cap, 8)))
+            self._relayout(wider)
+        elif self._flat is None:
+            self._flat = torch.empty(self.max_rows, self._numel, device=self.device, dtype=self.dtype)
         for adapter in adapters:
             self._write(len(self.rows), adapter)
             self.rows.append(adapter)
@@ -233,14 +235,7 @@ class RowLoras:
                 self._images.popitem(last=False)
         return row
 
-    def _grow_rows(self, cap: int) -> None:
-        old, live = self._flat, len(self.rows)
-        # empty, not zeros: rows past the live ones are written whole (image or zeros) on append
-        self._flat = torch.empty(cap, self._numel, device=self.device, dtype=self.dtype)
-        if old is not None and live:
-            self._flat[:live].copy_(old[:live])
-
-    def _relayout(self, caps: dict[str, int], rows_cap: int) -> None:
+    def _relayout(self, caps: dict[str, int]) -> None:
         """Lay rows out for ``caps`` (path -> rank columns) and rewrite the live rows so."""
         at = 0
         for g in self._groups.values():
@@ -258,7 +253,9 @@ class RowLoras:
                 at += cap * self.shapes[p][1]
         self._numel = at
         self._layout = tuple((p, c) for g in self._groups.values() for p, (_, c) in g.spans.items())
-        self._flat = torch.empty(rows_cap, self._numel, device=self.device, dtype=self.dtype)
+        # all max_rows rows at once, empty: a row's pages are first touched when it is written (on
+        # CPU an untouched page takes no memory), so there is never a grow-and-copy of live rows
+        self._flat = torch.empty(self.max_rows, self._numel, device=self.device, dtype=self.dtype)
         self.relayouts += 1
         self._stale = {i for i, adapter in enumerate(self.rows) if adapter is None}
         for i, adapter in enumerate(self.rows):

@@ -37,6 +37,7 @@ from adapters.vision.image_datasets import ImageDataset
 PLAN_SIZES = (20, 50, 200, 2000, 20000)
 CLASSES = 10
 PROBE_BATCH, PROBE_STEPS = 16, 3
+COLORS = {"lora": "C0", "head": "C1", "full": "C2"}
 SHOWN = ("epochs", "batch_size", "learning_rate", "warmup_ratio", "patience", "lora_r", "image_size")
 
 
@@ -121,18 +122,20 @@ def plot(png: Path, result: dict[str, Any]) -> None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     for method, by_size in (result.get("summary") or {}).items():
         sizes = [int(n) for n in by_size if by_size[n]["accuracy"] is not None]
-        ax1.plot(sizes, [by_size[str(n)]["accuracy"] for n in sizes], marker="o", label=f"{method} (mean)")
+        ax1.plot(sizes, [by_size[str(n)]["accuracy"] for n in sizes], marker="o", label=f"{method} (mean)",
+                 color=COLORS.get(method))
         pts = [(r["n_images"], r["accuracy"]) for r in result["runs"] if r["method"] == method and "accuracy" in r]
-        ax1.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.5)
+        ax1.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.5, color=COLORS.get(method))
     ax1.set(xscale="log", title=f"test accuracy ({result['input_size']} px, {result['n_test']} test images)",
             xlabel="images uploaded", ylabel="accuracy")
     serving = max(result["probe"], key=lambda k: int(k.removesuffix("px")))
-    for method in sorted({r["method"] for r in result["plan"]}):
+    for i, method in enumerate(sorted({r["method"] for r in result["plan"]}, key=list(COLORS).index)):
         rows = [r for r in result["plan"] if r["method"] == method]
-        ax2.plot([r["n_images"] for r in rows], [r["planned_steps"] for r in rows], marker="o", label=method)
+        ax2.plot([r["n_images"] for r in rows], [r["planned_steps"] for r in rows], marker="o", label=method,
+                 color=COLORS.get(method))
         for r in rows:
             ax2.annotate(f"{r['epochs']}ep, {r['estimated_hours'][serving]:.2g} h", (r["n_images"], r["planned_steps"]),
-                         fontsize=7, textcoords="offset points", xytext=(3, 4))
+                         fontsize=7, textcoords="offset points", xytext=(4, 5 - 14 * i), color=COLORS.get(method))
     ax2.set(xscale="log", yscale="log", title=f"auto plan: optimizer steps (hours at {serving}, probe)",
             xlabel="images uploaded", ylabel="planned steps")
     for r in result["runs"]:

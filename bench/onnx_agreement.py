@@ -261,7 +261,7 @@ def plot(report: dict[str, Any], png: Path) -> None:
     low = min(100 * report["runtimes"][k][n]["argmax_agreement_vs_torch"] for k in labels for n in names)
     ax.set_ylim(max(0.0, min(low, 99.0) - 1), 100.2)
     ax.set_ylabel("argmax agreement with torch fp32 (%)")
-    ax.set_title("ONNX int8 recipes: agreement on real test sets (speed: int8 mixed / torch mixed, 32 adapters)",
+    ax.set_title("ONNX int8 recipes vs torch fp32 on real test sets" + (" (x: speed, 32 adapters)" if speed_ratio else ""),
                  fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -89,6 +89,26 @@ def main() -> None:
                        rounds=args.rounds if not args.quick else min(args.rounds, 5), clock=args.clock)
     print("speed vs torch", {k: round(v, 2) for k, v in result["ratio_vs_torch"].items()}, flush=True)
     write(args.out, {**result, "quick": args.quick, "machine": machine()})
+    plot(result, args.out.with_suffix(".png"))
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.common import save_figure
+
+    ratios = result["ratio_vs_torch"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(range(len(ratios)), list(ratios.values()))
+    ax.axhline(2.5, color="red", linestyle="--", linewidth=1, label="target 2.5x")
+    ax.set_xticks(range(len(ratios)), [k.removeprefix("int8:") for k in ratios], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"int8 mixed / torch mixed ({result['clock']} time)")
+    ax.set_title(result["what"], fontsize=7)
+    ax.legend(fontsize=7)
+    save_figure(fig, png)
 
 
 if __name__ == "__main__":

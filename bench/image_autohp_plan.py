@@ -138,7 +138,7 @@ def plot(png: Path, result: dict[str, Any]) -> None:
                          fontsize=7, textcoords="offset points", xytext=(4, 5 - 14 * i), color=COLORS.get(method))
     ax2.set(xscale="log", yscale="log", title=f"auto plan: optimizer steps (hours at {serving}, probe)",
             xlabel="images uploaded", ylabel="planned steps")
-    for r in result["runs"]:
+    for r in sorted(result["runs"], key=lambda r: r["n_images"]):
         if r["method"] == "lora" and r["seed"] == 0 and r.get("curve"):
             ax3.plot([h["step"] for h in r["curve"]], [h["val_accuracy"] for h in r["curve"]], marker=".",
                      label=f"{r['n_images']} images")

@@ -40,7 +40,7 @@ from adapters.runtime.engine import Engine, EngineConfig
 from adapters.runtime.onnx.choice import RuntimeChoice
 from adapters.runtime.onnx.export import OPSET
 from adapters.runtime.onnx.quantize import quantize_int8
-from adapters.runtime.onnx.runtime import apply_runtime
+from adapters.runtime.onnx.runtime import apply_runtime, calibration_tokens
 from adapters.runtime.onnx.serving import make_session
 
 METHODS = ("onnx_base", "onnx_base_int8", "onnx_fp32", "onnx_int8", "onnx_fp32_all", "onnx_int8_all")
@@ -78,7 +78,8 @@ class OnnxRig:
         facts["first_start_what"] = ("the universal graph. fp32: export + checksum'd store + parity check on probe "
                                      "texts; int8: quantisation of the cached fp32 graph")
         plain = _export_plain(pristine, base)
-        sessions = {"fp32": make_session(plain), "int8": make_session(quantize_int8(plain))}
+        calibration = calibration_tokens(engines["fp32"].serving.torch_serving)
+        sessions = {"fp32": make_session(plain), "int8": make_session(quantize_int8(plain, calibration=calibration))}
         return cls(engines=engines, base_sessions=sessions, facts=facts)
 
     def fns(self, batch: dict[str, torch.Tensor], rows: list) -> dict[str, Any]:

@@ -1,14 +1,20 @@
 """ONNX Runtime fp32 / int8 vs torch fp32 on real test sets, with adapters trained here.
 
-    python -m bench.onnx_agreement [--quick] [--datasets bbc,imdb] --out bench/results/engine-onnx-int8-agreement.json
+    python -m bench.onnx_agreement [--quick] [--datasets bbc,imdb,rotten] [--epochs N | SET=N,...]
+        [--int8-recipes per-tensor,per-channel,...] [--adapter-cache DIR] [--graph-cache DIR]
+        [--max-test N] [--no-fp32] [--speed-rounds N] --out bench/results/engine-onnx-int8-recipes.json
 
 For each data set (``bench.data``: the same seeded splits as ``bench.quality``) a LoRA adapter is
-trained on MiniLM with the default hyper-parameters and published; then the held-out test set
-is classified by three engines over one catalog -- torch fp32, ONNX fp32 and ONNX int8
-(``adapters.runtime.onnx``) -- in mixed batches that alternate the data sets' adapters (and a
-base row every eighth), 32 rows a batch, as served. Reported per data set and runtime: accuracy,
-argmax agreement with torch fp32, and the largest absolute logit difference. The issue's bar for
-int8: agreement >= 99.5%, accuracy drop <= 0.5 point.
+trained on MiniLM with the auto hyper-parameters (``--epochs``: fixed) and published; with
+``--adapter-cache`` it is kept there (safetensors + manifest, keyed by base, set, rows and epochs)
+and a re-run reads it back. Then the held-out test set is classified by torch fp32, ONNX fp32
+(unless ``--no-fp32``) and ONNX int8 once per recipe (``bench.onnx_int8_recipes.recipe_named``),
+one engine at a time, over one catalog, in the same mixed batches: the data sets' adapters
+alternating, a base row every eighth, 32 rows a batch, as served. Reported per data set and
+engine: accuracy, argmax agreement with torch fp32, the largest and the mean largest absolute
+logit difference, and the accuracy drop. ``--speed-rounds``: also ``bench.onnx_int8_speed`` for
+the same recipes (int8 mixed vs torch mixed at 32 distinct adapters). The issue's bar for int8:
+agreement >= 99.5%, accuracy drop <= 0.5 point, at >= 2.5x torch mixed.
 """
 
 from __future__ import annotations

@@ -49,10 +49,11 @@ def exported(tmp_path_factory):
     return graph, fp, engine.base.model.config.num_hidden_layers, cache, {**calibration_tokens(engine.serving), **lora}
 
 
-def _quantised(graph: bytes, recipe: Int8Recipe) -> tuple[list[str], list[str], onnx.ModelProto]:
+def _quantised(graph: bytes, recipe: Int8Recipe, calibration: dict | None = None,
+               ) -> tuple[list[str], list[str], onnx.ModelProto]:
     fp32 = onnx.load_from_string(graph)
     weights = weight_matmuls(fp32)[0] + [n.name for n in fp32.graph.node if n.op_type == "Gemm"]
-    return weights, kept_fp32(fp32, recipe), onnx.load_from_string(quantize_int8(graph, recipe))
+    return weights, kept_fp32(fp32, recipe), onnx.load_from_string(quantize_int8(graph, recipe, calibration))
 
 
 def _assert_fp32(q: onnx.ModelProto, kept: list[str], weights: list[str]) -> None:
@@ -81,8 +82,8 @@ def test_a_recipe_keeps_its_layers_fp32(exported):
 
 
 def test_the_default_recipe_keeps_what_it_names_fp32(exported):
-    graph, _, _, _, _ = exported
-    weights, kept, q = _quantised(graph, DEFAULT_RECIPE)
+    graph, _, _, _, tokens = exported
+    weights, kept, q = _quantised(graph, DEFAULT_RECIPE, tokens)
     assert len(kept) < len(weights)
     _assert_fp32(q, kept, weights)
 

@@ -6,6 +6,9 @@ injected, and so is the function that sets torch's threads (recorded, not applie
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from adapters.base import tiny_base
 from adapters.catalog import Catalog
 from adapters.registry import Registry
 from adapters.runtime.batcher import MicroBatcher
-from adapters.runtime.core_share import CoreShare
+from adapters.runtime.core_share import CoreShare, own_runnable_threads
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
@@ -34,13 +37,17 @@ class Threads:
 
 
 class Machine:
-    """The machine's runnable tasks right now, as /proc/loadavg would say (our thread included)."""
+    """The machine's runnable tasks right now, as /proc/loadavg would say (our thread included),
+    and those of them that are our process's own threads (``mine``: beside the caller)."""
 
     def __init__(self, cpus: int) -> None:
-        self.cpus, self.others = cpus, 0
+        self.cpus, self.others, self.mine = cpus, 0, 0
 
     def runnable(self) -> int:
-        return 1 + self.others
+        return 1 + self.mine + self.others
+
+    def own(self) -> int:
+        return 1 + self.mine
 
 
 QUIET = Machine(cpus=64)  # nothing else runs: only the claims decide
@@ -51,7 +58,8 @@ def worker(path: Path, pid: int, live: set[int], total: int = 2, share: int = 1,
     threads = Threads(share)
     live.add(pid)
     return CoreShare(path, total, share, set_threads=threads.set, get_threads=threads.get,
-                     alive=lambda p: p in live, pid=pid, runnable=machine.runnable, cpus=machine.cpus), threads
+                     alive=lambda p: p in live, pid=pid, runnable=machine.runnable, cpus=machine.cpus,
+                     own_runnable=machine.own), threads
 
 
 def test_a_lone_pass_takes_every_idle_core_and_a_busy_peer_keeps_its_share(tmp_path: Path) -> None:
@@ -84,6 +92,40 @@ def test_nothing_is_borrowed_from_a_machine_busy_with_other_work(tmp_path: Path)
     four.others = 2
     with b.lend() as n:
         assert n == 2  # one idle core beyond ours: borrow just that one
+
+
+def test_our_own_runnable_threads_are_not_other_work(tmp_path: Path) -> None:
+    live: set[int] = set()
+    box = Machine(cpus=2)
+    a, ta = worker(tmp_path / "cores", 161, live, machine=box)
+    box.mine = 1  # the last pass's OpenMP thread still spinning, or our event loop handing over
+    with a.lend() as n:
+        assert n == 2 and ta.n == 2  # /proc/loadavg says 2 runnable, but both are ours
+    box.others = 1  # and now another process runs too
+    with a.lend() as n:
+        assert n == 1 and ta.n == 1
+
+
+def test_own_runnable_threads_counts_this_process_running_threads() -> None:
+    assert own_runnable_threads() >= 1  # the caller is running while it reads
+    stop = threading.Event()
+    data = b"x" * (1 << 22)
+
+    def spin() -> None:  # hashing a large buffer releases the GIL: the thread stays runnable
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        seen = 1
+        while seen < 2 and time.monotonic() < deadline:
+            seen = max(seen, own_runnable_threads())
+        assert seen >= 2  # the spinning thread and the caller
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_a_dead_workers_claim_is_ignored(tmp_path: Path) -> None:

@@ -337,3 +337,23 @@ def test_a_deleted_or_replaced_adapters_row_image_does_not_outlive_it(make_engin
     assert set(engine.loras.image_keys()) == {other.key, newer.key}
     engine.probe(random_generation_artifact(base.spec, r=2, seed=7, std=0.2))  # an import check's candidate
     assert set(engine.loras.image_keys()) == {other.key, newer.key}
+
+
+def test_deltas_queued_before_cancel_are_not_shown():
+    """The race the test above can meet: the scheduler queued a delta before cancel() arrived."""
+    import asyncio
+
+    from adapters.generation.stream import GenerationStream, TokenDelta
+
+    for consume in ("sync", "async"):
+        stream = GenerationStream(prompt_tokens=3)
+        stream._emit(TokenDelta("a", [1]))
+        stream._emit(TokenDelta("b", [2]))
+        stream.cancel()
+        if consume == "sync":
+            seen = list(stream)
+        else:
+            async def drain() -> list[TokenDelta]:
+                return [d async for d in stream]
+            seen = asyncio.run(drain())
+        assert seen == [] and stream.usage is None and stream.cancelled, consume

@@ -9,7 +9,8 @@ Contract:
 * ``GenerationStream`` is iterable synchronously (``for delta in stream``: blocks) and
   asynchronously (``async for delta in stream``: never blocks the event loop; the scheduler
   thread wakes it with ``call_soon_threadsafe``). One consumer per stream. Iteration ends after
-  the finishing delta, or at once after ``cancel()``. An error inside the engine ends the
+  the finishing delta, or at once after ``cancel()`` (deltas the scheduler queued before it
+  are dropped). An error inside the engine ends the
   iteration by raising it to the consumer.
 * ``cancel()`` (a client that disconnected) is idempotent and cheap: the scheduler frees the
   sequence and its KV-cache rows at its next step; a cancelled stream never finishes.
@@ -119,7 +120,7 @@ class GenerationStream:
                 while not self._items:
                     self._cond.wait()
                 item = self._items.popleft()
-            if item is _END:
+            if item is _END or self.cancelled:  # deltas queued before cancel() are not shown
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -139,7 +140,7 @@ class GenerationStream:
             if item is None:
                 await event.wait()
                 continue
-            if item is _END:
+            if item is _END or self.cancelled:
                 return
             if isinstance(item, BaseException):
                 raise item

@@ -42,6 +42,10 @@ class Machine:
 
     def __init__(self, cpus: int) -> None:
         self.cpus, self.others, self.mine = cpus, 0, 0
+        self.recent: float | None = None  # other work's average cores lately (None: not known yet)
+
+    def recent_others(self) -> float | None:
+        return self.recent
 
     def runnable(self) -> int:
         return 1 + self.mine + self.others
@@ -59,7 +63,7 @@ def worker(path: Path, pid: int, live: set[int], total: int = 2, share: int = 1,
     live.add(pid)
     return CoreShare(path, total, share, set_threads=threads.set, get_threads=threads.get,
                      alive=lambda p: p in live, pid=pid, runnable=machine.runnable, cpus=machine.cpus,
-                     own_runnable=machine.own), threads
+                     own_runnable=machine.own, recent_others=machine.recent_others), threads
 
 
 def test_a_lone_pass_takes_every_idle_core_and_a_busy_peer_keeps_its_share(tmp_path: Path) -> None:
@@ -104,6 +108,40 @@ def test_our_own_runnable_threads_are_not_other_work(tmp_path: Path) -> None:
     box.others = 1  # and now another process runs too
     with a.lend() as n:
         assert n == 1 and ta.n == 1
+
+
+def test_a_quiet_machine_lends_despite_a_blip_at_that_instant(tmp_path: Path) -> None:
+    live: set[int] = set()
+    box = Machine(cpus=2)
+    a, ta = worker(tmp_path / "cores", 171, live, machine=box)
+    box.others = 1  # something else is runnable right now (a client finishing its send)
+    with a.lend() as n:
+        assert n == 1  # nothing known about the recent past: the instant decides
+    box.recent = 0.05  # but lately the rest of the machine used 5% of a core
+    with a.lend() as n:
+        assert n == 2 and ta.n == 2
+    box.recent = 0.9  # a busy machine (a training job): the instant decides again
+    with a.lend() as n:
+        assert n == 1 and ta.n == 1
+    box.others = 0
+    with a.lend() as n:
+        assert n == 2  # idle right now
+
+
+def test_recent_others_is_the_machines_busy_time_less_ours_over_a_window() -> None:
+    from adapters.runtime.core_share import WINDOW_TICKS, RecentOthers
+
+    clock = {"total": 1000, "busy": 400, "own": 50}
+    r = RecentOthers(machine=lambda: (clock["total"], clock["busy"]), own=lambda: clock["own"], cpus=2)
+    assert r.read() is None  # one reading: no window yet
+    clock.update(total=1000 + WINDOW_TICKS - 2, busy=410)
+    assert r.read() is None  # too short a window: not measured
+    clock.update(total=1100, busy=460, own=90)  # 100 ticks on 2 cores: 60 busy, 40 of them ours
+    assert r.read() == pytest.approx(20 * 2 / 100)  # others used 0.4 of a core
+    clock.update(total=1200, busy=560, own=190)  # only we ran
+    assert r.read() == 0.0
+    gone = RecentOthers(machine=lambda: None, own=lambda: 0, cpus=2)
+    assert gone.read() is None  # /proc unreadable: unknown, nothing lent on its account
 
 
 def test_own_runnable_threads_counts_this_process_running_threads() -> None:

@@ -26,6 +26,12 @@ its own share:
   (``/proc/self/task``: an OpenMP pool still spinning after the last pass, the event loop
   finishing the hand-over) are taken out of it. Without that, a quiet box lent the second core
   to only half of a lone client's passes (bench.http, one client: 192 of 376 on one thread).
+  A blip of other work at that instant (a client finishing its send) still refused a third of
+  them, so a second, smoothed signal may lend too: the CPU time the rest of the machine used
+  since the last reading, at least ``WINDOW_TICKS`` of CPU ago (``/proc/stat`` less this
+  process's own ``/proc/self/stat`` time): when other work averaged under ``QUIET_CORES`` of a
+  core, the machine is quiet and the idle cores are lent whatever the instant says. A busy
+  machine (a training job, a test run) shows in both signals, so nothing is borrowed there.
 * Claims are atomic (the lock), so two idle workers never both take every core; a worker that
   starts while another holds the lent cores still gets its own share (at worst ``share`` extra
   threads for the rest of the other's pass, never a wait).
@@ -97,6 +103,58 @@ def own_runnable_threads() -> int:
     return max(1, n)
 
 
+WINDOW_TICKS = 20  # CPU clock ticks (USER_HZ, all cores together) between two CPU-time readings
+QUIET_CORES = 0.25  # other work's average use of the machine below which it counts as quiet
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all cores' ticks so far, their busy ticks: not idle nor iowait) from ``/proc/stat``."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    total = sum(fields)
+    return total, total - fields[3] - fields[4]
+
+
+def own_cpu_ticks() -> int | None:
+    """This process's user + system ticks so far (``/proc/self/stat``)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        rest = stat[stat.rfind(b")") + 2:].split()
+        return int(rest[11]) + int(rest[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class RecentOthers:
+    """How many cores the rest of the machine used on average since the last reading that is
+    at least ``WINDOW_TICKS`` old: None until two readings that far apart exist."""
+
+    def __init__(self, machine: Callable[[], tuple[int, int] | None] = cpu_ticks,
+                 own: Callable[[], int | None] = own_cpu_ticks, cpus: int | None = None) -> None:
+        self._machine, self._own = machine, own
+        self._cpus = machine_cpus() if cpus is None else cpus
+        self._last: tuple[int, int, int] | None = None
+        self.cores: float | None = None
+
+    def read(self) -> float | None:
+        m, own = self._machine(), self._own()
+        if m is None or own is None:
+            return None
+        if self._last is None:
+            self._last = (m[0], m[1], own)
+            return self.cores
+        total, busy = m[0] - self._last[0], m[1] - self._last[1]
+        if total >= WINDOW_TICKS:
+            others = max(0, busy - (own - self._last[2]))
+            self.cores = others * self._cpus / total
+            self._last = (m[0], m[1], own)
+        return self.cores
+
+
 def machine_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -120,13 +178,15 @@ class CoreShare:
                  get_threads: Callable[[], int] = torch.get_num_threads,
                  alive: Callable[[int], bool] = _alive, pid: int | None = None,
                  runnable: Callable[[], int] = runnable_now, cpus: int | None = None,
-                 own_runnable: Callable[[], int] = own_runnable_threads) -> None:
+                 own_runnable: Callable[[], int] = own_runnable_threads,
+                 recent_others: Callable[[], float | None] | None = None) -> None:
         if share < 1 or total < share:
             raise ValueError(f"need 1 <= share ({share}) <= total ({total})")
         self.total, self.share = total, share
         self._set_threads, self._get_threads, self._alive = set_threads, get_threads, alive
         self._runnable, self._cpus = runnable, machine_cpus() if cpus is None else cpus
         self._own_runnable = own_runnable
+        self._recent_others = recent_others if recent_others is not None else RecentOthers(cpus=self._cpus).read
         self._lock = threading.Lock()
         self._active = 0
         self._pid = os.getpid() if pid is None else pid  # tests play several processes in one
@@ -202,8 +262,11 @@ class CoreShare:
         unclaimed = min(self.total, self.total - theirs) - self.share  # what our other workers leave
         busy = self._runnable()
         idle = self._cpus - busy  # what nothing on the machine wants now, beyond our thread
+        recent = self._recent_others()  # read every pass: it keeps its window current
         if idle < unclaimed:  # our own runnable threads are not other work (see the module doc)
             idle = self._cpus - 1 - max(0, busy - self._own_runnable())
+        if idle < unclaimed and recent is not None and recent < QUIET_CORES:
+            idle = self._cpus - 1  # a quiet machine: a blip at this instant is not other work
         n = self.share + max(0, min(unclaimed, idle))
         self._write(self._slot, self._pid, n)
         return n

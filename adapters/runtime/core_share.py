@@ -97,10 +97,16 @@ def own_runnable_threads() -> int:
                 stat = f.read()
         except OSError:  # the thread ended meanwhile
             continue
-        end = stat.rfind(b")")  # the name may hold spaces or parentheses; the state follows it
-        if stat[end + 2:end + 3] == b"R":
+        fields = _after_name(stat)
+        if fields and fields[0] == b"R":
             n += 1
     return max(1, n)
+
+
+def _after_name(stat: bytes) -> list[bytes]:
+    """A ``/proc/.../stat`` line's fields after the name (state first): the name may hold spaces
+    or parentheses, so it ends at the last ``)``."""
+    return stat[stat.rfind(b")") + 2:].split()
 
 
 WINDOW_TICKS = 20  # CPU clock ticks (USER_HZ, all cores together) between two CPU-time readings
@@ -123,7 +129,7 @@ def own_cpu_ticks() -> int | None:
     try:
         with open("/proc/self/stat", "rb") as f:
             stat = f.read()
-        rest = stat[stat.rfind(b")") + 2:].split()
+        rest = _after_name(stat)
         return int(rest[11]) + int(rest[12])
     except (OSError, ValueError, IndexError):
         return None

@@ -30,10 +30,9 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -123,7 +122,8 @@ def quantize_int8(graph: bytes, recipe: Int8Recipe = DEFAULT_RECIPE,
             node.name = f"node_{i}"
     weights, others = weight_matmuls(model)
     keep = kept_fp32(model, recipe)
-    quantised = [w for w in weights if w not in set(keep)]
+    kept = set(keep)
+    quantised = [w for w in weights if w not in kept]
     if not quantised:
         raise ValueError("the graph has no weight matmul to quantise")
     if recipe.smooth_alpha:

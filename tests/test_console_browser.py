@@ -26,6 +26,9 @@ from tests.service_fixture import Served, image_base
 from tests.training_data import FAST_HP, sentiment
 
 FILE_NAME = f"{XSS}.jsonl"
+# Long enough (~5 s on a 2-core box, 1 s polls) that the page reads the loss curve while the job
+# still runs, so the test can see the curve grow; FAST_HP's 12 epochs can end within one poll.
+LIVE_HP = {**FAST_HP, "epochs": 60, "patience": 60}
 
 @pytest.fixture(scope="module")
 def server(served_training: Served) -> Served:
@@ -137,10 +140,10 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
     page.select_option("#promote", "never")
     page.check("#hp-custom")
     fields = {"epochs", "learning_rate", "batch_size", "lora_r", "patience", "seed"}  # the form's own inputs
-    for name, value in FAST_HP.items():
+    for name, value in LIVE_HP.items():
         if name in fields:
             page.fill(f"#hp-{name}", str(value))
-    page.fill("#hp-extra", json.dumps({k: v for k, v in FAST_HP.items() if k not in fields}))
+    page.fill("#hp-extra", json.dumps({k: v for k, v in LIVE_HP.items() if k not in fields}))
     page.click("#start-job")
     page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
     job_id = page.url.rsplit("/", 1)[1]
@@ -155,7 +158,7 @@ def test_console_end_to_end(server: Served, browser: Any, shots: Path, tmp_path:
         events = api.get(f"/v1/jobs/{job_id}/events").json()
     loss_steps = {e["data"]["step"] for e in events if e["type"] == "metrics" and "train_loss" in (e["data"] or {})}
     assert points == len(loss_steps) > first  # the curve grew while the job ran, to its last sample
-    assert epochs == job["progress"]["epoch"] == FAST_HP["epochs"]
+    assert epochs == job["progress"]["epoch"] == LIVE_HP["epochs"]
     assert page.locator("#loss-chart canvas").count() == 1 and page.locator("#val-chart canvas").count() == 1
     assert "promote=never" in page.locator("#gate").inner_text()
     assert "learning_rate" in page.locator("#hyperparameters").inner_text()

@@ -35,7 +35,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from adapters.errors import DatasetError
 
@@ -429,23 +429,40 @@ def _pairs_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _jsonl_rows(text: str, collector: _Collector) -> Iterator[tuple[int, Any, Any]]:
-    # Split on "\n" only: str.splitlines would also split on U+2028 etc., which JSON strings
-    # may contain raw, and would disagree with the line numbers of the UTF-8 check.
+class RowSink(Protocol):
+    """Where a parser reports rows: counts them (limits) and fails on a bad one (raises)."""
+
+    def count_row(self, where: int) -> None: ...
+
+    def fail(self, where: int, problem: str) -> NoReturn: ...
+
+
+def json_lines(text: str, sink: RowSink) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line's JSON value with its 1-based line number (every task's JSONL parser).
+
+    A line that is not JSON, or repeats a key in an object, fails through ``sink`` naming the
+    line. Splits on "\n" only: str.splitlines would also split on U+2028 etc., which JSON
+    strings may contain raw, and would disagree with the line numbers of the UTF-8 check.
+    """
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        collector.count_row(line_no)
+        sink.count_row(line_no)
         try:
             value = json.loads(line, object_pairs_hook=_pairs_without_repeats)
         except _DuplicateKey as error:
-            collector.fail(line_no, f"field {_show(error.key)} appears more than once")
+            sink.fail(line_no, f"field {_show(error.key)} appears more than once")
         except json.JSONDecodeError as error:
-            collector.fail(line_no, f"not valid JSON: {error.msg} (column {error.colno})")
+            sink.fail(line_no, f"not valid JSON: {error.msg} (column {error.colno})")
         except RecursionError:
-            collector.fail(line_no, "not valid JSON: nested too deeply")
+            sink.fail(line_no, "not valid JSON: nested too deeply")
         except ValueError as error:  # e.g. an integer too long to convert
-            collector.fail(line_no, f"not valid JSON: {error}")
+            sink.fail(line_no, f"not valid JSON: {error}")
+        yield line_no, value
+
+
+def _jsonl_rows(text: str, collector: _Collector) -> Iterator[tuple[int, Any, Any]]:
+    for line_no, value in json_lines(text, collector):
         if not isinstance(value, dict):
             collector.fail(
                 line_no, f'expected a JSON object like {{"text": ..., "label": ...}}, got {_kind(value)}'

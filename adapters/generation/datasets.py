@@ -51,12 +51,12 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol
 
-from adapters.datasets import (  # _*: the classification datasets' wording and JSON parsing
-    DatasetLimits, _DuplicateKey, _kind, _pairs_without_repeats, _s, _show,
+from adapters.datasets import (  # _*: the classification datasets' wording
+    DatasetLimits, _kind, _s, _show, json_lines,
 )
 from adapters.errors import DatasetError
 
@@ -219,7 +219,7 @@ def parse_dataset(data: bytes, *, format: str | None = None, limits: GenerationD
         raise DatasetError(f"{what} looks like {kind}; upload JSON Lines: one "
                            '{"messages": [...]} or {"prompt": ..., "completion": ...} object per line', param="file")
     collector = _Collector(limits, what, unit="line", whole_param="file", tokenizer=tokenizer)
-    for line_no, value in _jsonl_rows(text, collector):
+    for line_no, value in json_lines(text, collector):
         collector.add(value, line_no)
     return collector.finish()
 
@@ -527,23 +527,4 @@ def _decode(data: bytes, what: str) -> str:
         line = data.count(b"\n", 0, error.start) + 1
         raise DatasetError(f"{what} line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x}); save it as UTF-8",
                            param=f"line {line}", line=line) from None
-
-
-def _jsonl_rows(text: str, collector: _Collector) -> Iterator[tuple[int, Any]]:
-    # split on "\n" only (JSON strings may hold U+2028 raw), as the classification parser does
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        collector.count_row(line_no)
-        try:
-            value = json.loads(line, object_pairs_hook=_pairs_without_repeats)
-        except _DuplicateKey as error:
-            collector.fail(line_no, f"field {_show(error.key)} appears more than once")
-        except json.JSONDecodeError as error:
-            collector.fail(line_no, f"not valid JSON: {error.msg} (column {error.colno})")
-        except RecursionError:
-            collector.fail(line_no, "not valid JSON: nested too deeply")
-        except ValueError as error:
-            collector.fail(line_no, f"not valid JSON: {error}")
-        yield line_no, value
 

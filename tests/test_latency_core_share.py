@@ -43,6 +43,7 @@ class Machine:
     def __init__(self, cpus: int) -> None:
         self.cpus, self.others, self.mine = cpus, 0, 0
         self.recent: float | None = None  # other work's average cores lately (None: not known yet)
+        self.scans = 0  # reads of our own runnable threads (the costly one: a file per thread)
 
     def recent_others(self) -> float | None:
         return self.recent
@@ -51,6 +52,7 @@ class Machine:
         return 1 + self.mine + self.others
 
     def own(self) -> int:
+        self.scans += 1
         return 1 + self.mine
 
 
@@ -126,6 +128,25 @@ def test_a_quiet_machine_lends_despite_a_blip_at_that_instant(tmp_path: Path) ->
     box.others = 0
     with a.lend() as n:
         assert n == 2  # idle right now
+
+
+def test_a_quiet_machine_lends_without_scanning_our_threads(tmp_path: Path) -> None:
+    live: set[int] = set()
+    box = Machine(cpus=2)
+    a, ta = worker(tmp_path / "cores", 175, live, machine=box)
+    box.mine, box.recent = 1, 0.05  # our OpenMP thread still spinning; the machine quiet lately
+    with a.lend() as n:
+        assert n == 2 and ta.n == 2
+    assert box.scans == 0  # the cheap signal lent the core: no file per thread was read
+    box.others = 0
+    box.mine = 0
+    with a.lend() as n:
+        assert n == 2
+    assert box.scans == 0  # idle right now: nothing more to read
+    box.mine, box.recent = 1, 0.9  # a busy machine lately: only the scan tells our threads apart
+    with a.lend() as n:
+        assert n == 2
+    assert box.scans == 1
 
 
 def test_recent_others_is_the_machines_busy_time_less_ours_over_a_window() -> None:

@@ -153,13 +153,27 @@ def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None, n_train: 
             acc = sum(out[label]["pred"][i] == scored[i][1] for i in idx) / len(idx)
             agree = sum(out[label]["pred"][i] == out["torch"]["pred"][i] for i in idx) / len(idx)
             diffs = [float((out[label]["logits"][i] - out["torch"]["logits"][i]).abs().max()) for i in idx]
+            margins = [torch_margin(out["torch"]["logits"][i]) for i in idx]
+            differ = [m for i, m in zip(idx, margins) if out[label]["pred"][i] != out["torch"]["pred"][i]]
             per[name] = {"accuracy": acc, "argmax_agreement_vs_torch": agree, "max_abs_logit_diff_vs_torch": max(diffs),
                          "mean_max_abs_logit_diff_vs_torch": sum(diffs) / len(diffs),
-                         "accuracy_drop_points": 100 * (per_torch(out, scored, idx) - acc)}
+                         "accuracy_drop_points": 100 * (per_torch(out, scored, idx) - acc),
+                         # near-ties? torch's top-1 minus top-2 logit on each row that differs, and its rank
+                         # among the set's rows (0: the closest call of the set)
+                         "disagreeing_torch_margins": sorted(differ),
+                         "disagreeing_margin_ranks": sorted(sum(m < d for m in margins) for d in differ),
+                         "torch_margin_quantiles": {q: sorted(margins)[int(q * (len(margins) - 1))]
+                                                    for q in (0.005, 0.01, 0.05, 0.5)}}
         report["runtimes"][label] = {**per, "classify_seconds": out[label]["seconds"]}
         print(label, {n: (round(v["accuracy"], 4), round(v["argmax_agreement_vs_torch"], 4),
                           round(v["mean_max_abs_logit_diff_vs_torch"], 4)) for n, v in per.items()}, flush=True)
     return report
+
+
+def torch_margin(logits: torch.Tensor) -> float:
+    """Top-1 minus top-2 logit: how close the call was."""
+    top = logits.float().topk(2).values
+    return float(top[0] - top[1])
 
 
 def interleave(names: list[str], tests: dict[str, tuple[list[str], list[str]]]) -> list[tuple[str | None, str, str | None]]:

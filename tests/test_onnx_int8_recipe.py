@@ -1,6 +1,7 @@
 """int8 recipes: the layers a recipe keeps fp32 stay plain fp32 MatMuls in the quantised graph
-(every other base weight layer runs as MatMulInteger), and the graph cache keys int8 graphs by
-recipe, so a graph quantised by another recipe (an older default) is never served."""
+(every other base weight layer runs as an integer matmul), the graph cache keys int8 graphs by
+recipe, so a graph quantised by another recipe (an older default) is never served, and a
+per-token recipe makes a row's answer independent of its batch-mates."""
 
 from __future__ import annotations
 
@@ -63,8 +64,13 @@ def _assert_fp32(q: onnx.ModelProto, kept: list[str], weights: list[str]) -> Non
         node = nodes[name]
         assert node.op_type in ("MatMul", "Gemm"), (name, node.op_type)
         assert inits[node.input[1]].data_type == onnx.TensorProto.FLOAT, name
+    assert integer_matmuls(q) == len(weights) - len(kept)
+
+
+def integer_matmuls(q: onnx.ModelProto) -> int:
+    """ORT's quantiser writes ``MatMulInteger``; a per-token recipe ``MatMulIntegerToFloat``."""
     ops = [n.op_type for n in q.graph.node]
-    assert ops.count("MatMulInteger") == len(weights) - len(kept)
+    return ops.count("MatMulInteger") + ops.count("MatMulIntegerToFloat")
 
 
 def test_a_recipe_keeps_its_layers_fp32(exported):
@@ -158,3 +164,42 @@ def test_smoothing_is_exact_in_fp32_and_leaves_the_lora_branches_unscaled(export
     assert [x.op_type for x in q.graph.node].count("MatMulInteger") == len(weights) + 1  # and the pooler's Gemm
     with pytest.raises(ValueError, match="calibration"):
         quantize_int8(graph, recipe)
+
+
+def test_per_token_rows_do_not_depend_on_their_batch_mates(exported):
+    """One activation scale per tensor: a row's int8 answer moves with what else is in the batch.
+    Per token: the row alone and the row among others give the same hidden states."""
+    graph, _, _, _, tokens = exported
+    n = tokens["input_ids"].shape[0]
+    assert n >= 3
+    spread = {}
+    for recipe in (RECIPES["per-channel"], RECIPES["per-token-smooth-keep-ffn-out"]):
+        q = quantize_int8(graph, recipe, tokens)
+        session = ort.InferenceSession(q, providers=["CPUExecutionProvider"])
+        together = session.run(["hidden"], _feeds(session, tokens, lora=True))[0]
+        alone = [session.run(["hidden"], _feeds(session, {k: v if k.startswith("lora_") else v[i:i + 1]
+                                                           for k, v in tokens.items()}, lora=True))[0]
+                 for i in range(n)]
+        spread[recipe.name] = max(float(np.abs(a[0] - together[i]).max()) for i, a in enumerate(alone))
+    scale = float(np.abs(together).max())
+    assert spread["per-token-smooth-keep-ffn-out"] <= 1e-5 * scale, spread
+    assert spread["per-channel"] > 100 * max(spread["per-token-smooth-keep-ffn-out"], 1e-7 * scale), spread
+
+
+def test_a_per_token_recipe_is_close_to_fp32_and_needs_per_column_weights(exported):
+    graph, _, _, _, tokens = exported
+    recipe = RECIPES["per-token-smooth"]
+    weights, kept, q = _quantised(graph, recipe, tokens)
+    assert kept == [n.name for n in onnx.load_from_string(graph).graph.node if n.op_type == "Gemm"]  # the pooler
+    _assert_fp32(q, kept, weights)
+    assert [n.op_type for n in q.graph.node].count("MatMulIntegerToFloat") == len(weights) - len(kept)
+    assert not [n for n in q.graph.node if n.op_type == "MatMulInteger"]
+    plain = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    quant = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = _feeds(plain, tokens, lora=True)
+    for a, b in zip(plain.run(None, feeds), quant.run(None, feeds)):
+        err = float(np.abs(a - b).max()) / float(np.abs(a).max())
+        assert 0 < err < 0.1, err  # int8 really ran, and stayed close
+    for bad in ({}, {"per_channel": True, "reduce_range": True}, {"per_channel": True, "weight_type": "QUInt8"}):
+        with pytest.raises(ValueError, match="per-token"):
+            Int8Recipe("bad", per_token=True, **bad)

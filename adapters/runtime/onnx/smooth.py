@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from adapters.runtime.onnx.graph_edit import splice
+
 LORA_PREFIX = "lora_"
 
 
@@ -83,18 +85,5 @@ def smooth(model: onnx.ModelProto, nodes: list[str], absmax: Mapping[str, np.nda
     if not muls:
         return 0
     # each Mul goes just before the first node that reads its output (the graph stays sorted)
-    ordered: list[onnx.NodeProto] = []
-    placed: set[str] = set()
-    for node in model.graph.node:
-        for x, mul in muls.items():
-            if x not in placed and mul.output[0] in node.input:
-                ordered.append(mul)
-                placed.add(x)
-        ordered.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    splice(model, {mul.output[0]: [mul] for mul in muls.values()})
     return len(muls)

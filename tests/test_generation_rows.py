@@ -202,3 +202,45 @@ def test_base_rows_are_zeroed_only_when_a_plan_reads_them(world):
     prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
     for g, w in zip(forward(dec, plan, prompts), forward(dec, bank.plan(list(rows.rows)), prompts)):
         assert (g - w).abs().max().item() < 1e-5
+
+
+def test_decode_steps_reuse_one_kept_x_at_a_buffer_and_stay_exact(world):
+    """A plan kept across decode steps writes each group's one-token ``x @ A`` into one buffer
+    (allocated on the first step) and hands each module a view taken once; every step, with new
+    tokens, still equals a plan gathered from scratch; a prefill through the same plan (several
+    tokens per row) does not touch the buffer."""
+    base, dec, adapters = world
+    rows = new_rows(base, max_rows=4)
+    live = [adapters[1], None, adapters[0], adapters[2]]
+    rows.append(live)
+    plan = rows.plan(0, 4)
+    bank = SlotBank(base.spec.linear_shapes, 0, 5, base.device, base.dtype, separate=SEPARATE)
+    fresh = bank.plan(live)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    t = max(map(len, prompts))
+    kvs = []
+    for p in (plan, fresh):
+        kv = dec.new_cache(1 << 26)
+        kv.ensure(4, t + 4, live=0)
+        ids = torch.tensor([q + [0] * (t - len(q)) for q in prompts])
+        with use_plan(p):
+            dec.prefill(ids, [len(q) for q in prompts], kv, 0)
+        kvs.append(kv)
+    groups = {id(mp.group): mp.group for mp in plan.modules.values()}.values()
+    assert all(g.keep_out and g._out is None for g in groups)  # the prefill allocated no kept buffer
+    buffers = None
+    for step in range(3):
+        nxt = torch.tensor([(31 * step + 7 * i + 3) % 500 for i in range(4)])
+        positions = torch.tensor([len(q) + step for q in prompts])
+        with use_plan(plan):
+            got = dec.decode(nxt, positions, kvs[0])
+        with use_plan(fresh):
+            want = dec.decode(nxt, positions, kvs[1])
+        assert (got - want).abs().max().item() < 1e-5
+        now = [g._out for g in groups]
+        assert all(b is not None and b.shape[:2] == (4, 1) for b in now)
+        if buffers is not None:
+            assert all(a is b for a, b in zip(now, buffers))  # the same buffers, every step
+        buffers = now
+    sliced = [mp for mp in plan.modules.values() if mp.start or mp.stop != mp.group._out.shape[-1]]
+    assert sliced and all(mp._cols_of is mp.group._out for mp in sliced)  # views taken once, kept

@@ -31,7 +31,9 @@ Contract:
 * ``plan(start, stop)`` is a ``BatchPlan`` over rows ``start..stop-1`` whose tensors are views of
   the buffer (never copies), or ``None`` when none of those rows has an adapter (the plain base
   forward). A plan is valid until the next ``append`` / ``remove`` / ``clear``; the last one is
-  reused while the rows do not change. One thread (the scheduler's) owns an instance.
+  reused while the rows do not change (its groups keep their decode-step ``x @ A`` buffer,
+  ``GroupPlan.keep_out``: a decode step allocates nothing there). One thread (the scheduler's)
+  owns an instance.
 * ``drop_images(match)`` forgets the cached row images of the versions ``match`` selects (the
   engine calls it when an adapter is deleted or replaced, so a gone adapter's image does not
   outlive it; rows already live keep their own copy). It may be called from any thread;
@@ -184,7 +186,7 @@ class RowLoras:
                 if not active:
                     continue
                 a_t = rows[:, g.at : g.at + g.width * g.d_in].view(-1, g.width, g.d_in)
-                gp = GroupPlan(a=a_t.transpose(1, 2), single=False)  # [rows, d_in, C], a view
+                gp = GroupPlan(a=a_t.transpose(1, 2), single=False, keep_out=True)  # [rows, d_in, C], a view
                 for p in active:
                     off, cap = g.spans[p]
                     at, d_out = self._b_at[p], self.shapes[p][1]

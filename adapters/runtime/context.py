@@ -25,17 +25,28 @@ class GroupPlan:
 
     The first sibling to run computes ``x @ A`` for all of them at once (one wider matmul
     instead of several narrow ones); the others reuse it when they see the same input tensor.
+    ``keep_out`` (a plan that one thread reuses across forwards: the generation rows' decode
+    steps) writes a one-token-per-row ``x @ A`` into a buffer kept with the plan, so a decode
+    step allocates nothing there and each module's columns are a view taken once
+    (``ModulePlan.columns``); other shapes allocate as usual.
     """
 
     a: torch.Tensor  # [B, d_in, C], or [d_in, C] when every row uses one adapter
     single: bool
+    keep_out: bool = False
     _x: torch.Tensor | None = None
     _xa: torch.Tensor | None = None
+    _out: torch.Tensor | None = None  # [B, 1, C] when keep_out, after the first one-token forward
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         if self._x is not x:
             if self.single:
                 xa = x.reshape(-1, x.shape[-1]) @ self.a
+            elif self.keep_out and x.dim() == 3 and x.shape[1] == 1:
+                xa = self._out
+                if xa is None or xa.shape[0] != x.shape[0] or xa.dtype != x.dtype:
+                    xa = self._out = x.new_empty(x.shape[0], 1, self.a.shape[-1])
+                torch.bmm(x, self.a, out=xa)
             else:
                 xa = torch.bmm(x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1]), self.a)
             self._x, self._xa = x, xa
@@ -48,6 +59,20 @@ class ModulePlan:
     start: int  # this module's columns in the group's ``x @ A``
     stop: int
     b: torch.Tensor  # [B, r, d_out] (scale folded in), or [r, d_out] when single
+    _cols_of: torch.Tensor | None = None  # the group's kept buffer the view below was taken of
+    _cols: torch.Tensor | None = None
+
+    def columns(self, xa: torch.Tensor) -> torch.Tensor:
+        """This module's columns of the group's ``x @ A`` (the whole of it when it owns them all);
+        a view of the group's kept buffer is taken once."""
+        if not self.start and self.stop == xa.shape[-1]:
+            return xa
+        if xa is self._cols_of:
+            return self._cols  # type: ignore[return-value]
+        cols = xa[..., self.start : self.stop]
+        if xa is self.group._out:
+            self._cols_of, self._cols = xa, cols
+        return cols
 
 
 @dataclass

@@ -39,9 +39,7 @@ class MultiLoraLinear(nn.Module):
         mp = plan.modules.get(self.path)
         if mp is None:
             return y
-        xa = mp.group.down(x)
-        if mp.start or mp.stop != xa.shape[-1]:  # a group's module reads its own columns
-            xa = xa[..., mp.start : mp.stop]
+        xa = mp.columns(mp.group.down(x))  # a group's module reads its own columns
         if plan.single:
             y.view(-1, self.out_features).addmm_(xa, mp.b)
         elif y.dim() == 3:  # [rows, tokens, d_out] already (the decoders' shape): no view

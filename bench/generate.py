@@ -18,8 +18,10 @@ hooks; peft: a logits processor stamping each step, so a static batch is credite
 it does not do), and the per-round ratios mixed/base and mixed/peft (targets: >= 0.9 at 8 and 32
 streams; >= 2 vs peft at 32), and for the engine runs where its scheduler thread's time went
 (``scheduler_seconds``: KV growth, LoRA row copies, prefill and decode forwards, sampling,
-and how many prefills and decode steps ran), and, apart from the loop (``step_costs``), one decode
-step and one prefill of C rows mixed vs base, the LoRA bytes a decode step reads, row joins and leaves.
+and how many prefills and decode steps ran, and the process's minor page faults), and, apart from
+the loop (``step_costs``), one decode step and one prefill of C rows mixed vs base (the decode steps
+also from a fresh thread, as the scheduler runs them, with page faults per step: a thread's
+allocations come from another malloc arena), the LoRA bytes a decode step reads, row joins and leaves.
 Every engine run starts from an idle engine that has handed its KV and LoRA row buffers back (the
 scheduler keeps them ``idle_release_s`` after a batch empties), so neither method inherits the
 other's warm buffers. ``--base tiny`` runs the whole thing on the tiny random Llama (tests).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
+import resource
 import tempfile
 import threading
 import time
@@ -85,6 +88,7 @@ def run_engine(engine: GenerationEngine, adapters: list[Any], prompt_ids: list[l
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(adapters))]
     before = asdict(engine.scheduler.seconds)
     steps = engine.scheduler.steps
+    faults = _minor_faults()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -95,9 +99,15 @@ def run_engine(engine: GenerationEngine, adapters: list[Any], prompt_ids: list[l
         for k, v in asdict(engine.scheduler.seconds).items():
             phases[k] = phases.get(k, 0) + v - before[k]
         phases["decode_steps"] = phases.get("decode_steps", 0) + engine.scheduler.steps - steps
+        phases["minor_page_faults"] = phases.get("minor_page_faults", 0) + _minor_faults() - faults
     if errors:
         raise errors[0]
     return sum(counts), seconds
+
+
+def _minor_faults() -> int:
+    """The whole process's minor page faults so far (first touches of fresh pages; Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def engine_hooks(engine: GenerationEngine, lat: dict[str, list[float]]) -> None:
@@ -178,6 +188,21 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
         dec.decode(nxt, positions, kv)
 
     times = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
+    # the same steps from a fresh thread, as the scheduler runs them (its allocations come from
+    # another malloc arena than the main thread's: page faults per step are counted)
+    in_thread: dict[str, Any] = {}
+
+    def from_thread() -> None:
+        f0 = _minor_faults()
+        in_thread["times"] = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
+        in_thread["faults"] = (_minor_faults() - f0) / (2 * (max(3, rounds * 3) + 1))
+
+    worker = threading.Thread(target=from_thread)
+    worker.start()
+    worker.join()
+    f0 = _minor_faults()
+    interleaved({"mixed": mixed, "base": base}, rounds=2, warmup=0)
+    main_faults = (_minor_faults() - f0) / 4
 
     def prefill(plan_: Any) -> Callable[[], None]:
         def run() -> None:
@@ -210,6 +235,10 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
     pre_mixed, pre_base = median(pre["mixed"]), median(pre["base"])
     return {"rows": c, "decode_step_ms": {"mixed": 1e3 * step_mixed, "base": 1e3 * step_base},
             "decode_step_ratio_base_over_mixed": step_base / step_mixed,
+            "decode_step_in_thread_ms": {m: 1e3 * median(in_thread["times"][m]) for m in ("mixed", "base")},
+            "decode_step_in_thread_ratio_base_over_mixed":
+                median(in_thread["times"]["base"]) / median(in_thread["times"]["mixed"]),
+            "minor_page_faults_per_decode_step": {"main_thread": main_faults, "fresh_thread": in_thread["faults"]},
             "lora_bytes_per_decode_step": rows.nbytes * c // max(rows.rows_cap, 1),
             "prefill_ms": {"mixed": 1e3 * pre_mixed, "base": 1e3 * pre_base, "prompt_tokens": int(ids.numel())},
             "prefill_ratio_base_over_mixed": pre_base / pre_mixed,

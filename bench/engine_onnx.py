@@ -39,6 +39,7 @@ from adapters.catalog import Catalog
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.runtime.onnx.choice import RuntimeChoice
 from adapters.runtime.onnx.export import OPSET
+from adapters.runtime.onnx.graph_edit import drop_nan_guards
 from adapters.runtime.onnx.quantize import quantize_int8
 from adapters.runtime.onnx.runtime import apply_runtime, calibration_tokens
 from adapters.runtime.onnx.serving import make_session
@@ -153,7 +154,7 @@ def _export_plain(model: torch.nn.Module, base: Any) -> bytes:
         torch.onnx.export(Plain().eval(), tuple(sample[n] for n in names), buf, dynamo=False, opset_version=OPSET,
                           input_names=names, output_names=["logits"],
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}})
-    return buf.getvalue()
+    return drop_nan_guards(buf.getvalue())  # as Tailor's graph (adapters.runtime.onnx.export)
 
 
 def ratios(times: dict[str, list[float]]) -> dict[str, float]:

@@ -18,6 +18,8 @@ Contract:
 * Anything that stops the export (an unsupported op, a model without a backbone) raises
   ``ExportError`` naming why; the caller serves on torch instead. The exported graph is
   checked against torch by the caller (``adapters.runtime.onnx.serving.verify``), never here.
+* The exporter's NaN guard after each attention softmax (for a row whose mask is all zeros,
+  which a tokenised row never is) is removed: ``adapters.runtime.onnx.graph_edit.drop_nan_guards``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from adapters.base import BaseModel
 from adapters.pooling import backbone
 from adapters.runtime.lora_conv import MultiLoraConv1x1, is_plain_pointwise
 from adapters.runtime.lora_layer import MultiLoraLinear
+from adapters.runtime.onnx.graph_edit import drop_nan_guards
 from adapters.runtime.onnx.layout import GraphLayout
 
 OPSET = 17
@@ -194,7 +197,8 @@ def export_text_graph(base: BaseModel, path: Path | None = None, *, opset: int =
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in token_names}
     axes.update(layout.dynamic_axes())
     axes.update({"hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}})
-    data = export_module(wrapper, args, [*token_names, *layout.input_names], list(OUTPUTS), axes, opset)
+    data = drop_nan_guards(export_module(wrapper, args, [*token_names, *layout.input_names], list(OUTPUTS), axes,
+                                         opset))
     if path is not None:
         Path(path).write_bytes(data)
     return data

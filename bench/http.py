@@ -8,6 +8,9 @@ per core on CPU; ``--workers`` overrides), creates 100 tenants through the admin
 each an adapter (r=8 on query/value), then runs closed-loop clients (each sends one single-text predict for a
 random tenant, waits for the answer, sends the next) at concurrency 1, 16 and 64.
 
+Each phase's keep-alive connections are spread evenly over the server's serving workers
+(``balanced_connections``; the kernel alone often put all 16 on one worker).
+
 Reported per concurrency: requests/s, p50/p95/p99 latency, the server's mean merged batch
 size (from its /metrics), and ``ratio_vs_engine``: HTTP rows/s divided by the engine's own
 in-process rows/s (``Engine.classify`` on batches of the service's max batch size, distinct
@@ -190,20 +193,56 @@ class RawConnection:
             self.writer = None
 
 
+async def balanced_connections(host: str, port: int, n: int, workers: int, body: bytes, key: str,
+                               tries: int = 8) -> list[RawConnection]:
+    """``n`` keep-alive connections spread evenly over the server's ``workers`` (a connection stays
+    with the worker that accepted it, and which one does is the kernel's choice: left alone, 16
+    connections split 16/0 as often as 8/8 and the 16-client figure swung with it). Each new
+    connection sends one request to learn its worker and is opened again, up to ``tries`` times,
+    while that worker already has its share."""
+    share = -(-n // max(1, workers))
+    count: dict[bytes, int] = {}
+    conns: list[RawConnection] = []
+    for _ in range(n):
+        for attempt in range(tries):
+            conn = RawConnection(host, port)
+            _, _, worker = await conn.post("/v1/predict", body, key)
+            if count.get(worker, 0) < share or attempt == tries - 1:
+                count[worker] = count.get(worker, 0) + 1
+                conns.append(conn)
+                break
+            await conn.close()
+    return conns
+
+
+async def count_workers(url: str, key: str, body: bytes, probes: int = 12) -> int:
+    """How many serving workers answer on ``url``: distinct X-Tailor-Worker over new connections."""
+    host, port = url.split("//", 1)[1].split(":")
+    seen: set[bytes] = set()
+    for _ in range(probes):
+        conn = RawConnection(host, int(port))
+        seen.add((await conn.post("/v1/predict", body, key))[2])
+        await conn.close()
+    return len(seen)
+
+
 async def closed_loop(url: str, keys: list[str], corpus: list[str], concurrency: int,
-                      seconds: float, warmup: float) -> dict[str, Any]:
-    """``concurrency`` clients, each with one request in flight at a time, for ``seconds``."""
+                      seconds: float, warmup: float, workers: int | None = None) -> dict[str, Any]:
+    """``concurrency`` clients, each with one request in flight at a time, for ``seconds``; with
+    ``workers``, their connections are spread evenly over that many serving workers first."""
     host, port = url.split("//", 1)[1].split(":")
     latencies: list[float] = []
     errors: dict[int, int] = {}
     by_worker: dict[str, int] = {}
     bodies = [json.dumps({"adapter": "clf", "inputs": [t]}).encode() for t in corpus]
+    conns = (await balanced_connections(host, int(port), concurrency, workers, bodies[0], keys[0])
+             if workers else [RawConnection(host, int(port)) for _ in range(concurrency)])
     start = time.perf_counter()
     measure_from, end = start + warmup, start + warmup + seconds
 
     async def one_client(i: int) -> None:
         rng = random.Random(i)
-        conn = RawConnection(host, int(port))
+        conn = conns[i]
         try:
             while (now := time.perf_counter()) < end:
                 t0 = time.perf_counter()
@@ -311,8 +350,11 @@ def main() -> None:
             engine = Engine(base, catalog)
             adapters = [engine.acquire(engine.resolve(f"t{i:03d}", "clf")) for i in range(args.tenants)]
             engine_rows_per_s(engine, adapters, corpus, 2.0)
+            body = json.dumps({"adapter": "clf", "inputs": [corpus[0]]}).encode()
+            workers = {n: asyncio.run(count_workers(s.url, keys[n][0], body)) for n, s in servers.items()}
             result = run_phases({n: (s.url, keys[n]) for n, s in servers.items()}, corpus, engine, adapters,
-                                seconds, warmup, rounds, concurrency)
+                                seconds, warmup, rounds, concurrency, workers)
+            result["serving_workers"] = workers
         finally:
             for server in servers.values():
                 server.stop()
@@ -352,10 +394,11 @@ def one_client_reference(run: dict[str, Any], before: dict[str, Any], after: dic
 
 def run_phases(servers: dict[str, tuple[str, list[str]]], corpus: list[str], engine: Engine, adapters: list[Any],
                seconds: float, warmup: float, rounds: int,
-               concurrency: tuple[int, ...] = CONCURRENCY) -> dict[str, Any]:
+               concurrency: tuple[int, ...] = CONCURRENCY, workers: dict[str, int] | None = None) -> dict[str, Any]:
     """Every round, per concurrency: the engine (batched; and one client at c=1), then each
     server's HTTP phase, the servers' order alternating by round. ``servers``: name -> (url, keys);
-    "this" is reported at the top level, any other under its name."""
+    "this" is reported at the top level, any other under its name. ``workers``: name -> how many
+    serving workers it has (connections are spread evenly over them)."""
     engine_runs: list[float] = [engine_rows_per_s(engine, adapters, corpus, seconds / 2)]
     per: dict[str, dict[int, list[dict[str, Any]]]] = {n: {c: [] for c in concurrency} for n in servers}
     names = list(servers)
@@ -365,7 +408,7 @@ def run_phases(servers: dict[str, tuple[str, list[str]]], corpus: list[str], eng
             for name in (names if rnd % 2 == 0 else names[::-1]):
                 url, keys = servers[name]
                 before = batch_stats(url)
-                run = asyncio.run(closed_loop(url, keys, corpus, c, seconds, warmup))
+                run = asyncio.run(closed_loop(url, keys, corpus, c, seconds, warmup, (workers or {}).get(name)))
                 run.update(stats_delta(before, batch_stats(url)))
                 per[name][c].append(run)
             if one is not None:  # measured again after the HTTP phases: noise hits both sides alike

@@ -31,6 +31,7 @@ from service.errors import error_response
 from service.gate import TenantGate
 from service.jobs_routes import router as jobs_router
 from service.openai_routes import router as openai_router
+from service.predict_route import install as install_predict_route
 from service.routes import router
 from service.schemas import ErrorResponse
 from service.settings import MIB, Settings
@@ -215,6 +216,7 @@ def create_app(state: TailorState | None = None) -> FastAPI:
         return error_response(404, "not_found", f"no route {request.method} {request.url.path}")
 
     build_routes(app)
+    install_predict_route(app)  # first: POST /v1/predict for a tenant the gate resolved
     return app
 
 

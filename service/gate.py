@@ -36,7 +36,7 @@ class TenantGate:
         state = self.get_state()
         if scope["type"] != "http" or state is None or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
-        token = _bearer(scope)
+        token = bearer_token(scope)
         if token is None or hmac.compare_digest(token.encode("utf-8", "replace"),
                                                 state.settings.admin_key.encode()):
             return await self.app(scope, receive, send)
@@ -56,7 +56,9 @@ class TenantGate:
         await self.app(scope, receive, send)
 
 
-def _bearer(scope: Scope) -> str | None:
+def bearer_token(scope: Scope) -> str | None:
+    """The request's ``Authorization: Bearer`` token, parsed as FastAPI's ``HTTPBearer`` parses it
+    (the first such header; scheme case-insensitive; the token stripped), or None."""
     for name, value in scope.get("headers") or ():
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")

@@ -8,7 +8,6 @@ forward pass.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Annotated, Any
 
@@ -17,12 +16,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters import tenancy, usage
-from adapters.errors import TenantBusyError
 from adapters.tasks import TEXT_CLASSIFICATION
 from service import ops
 from service.auth import Principal, get_state, require_admin, require_tenant
-from service.errors import ApiError
-from service.predict_input import OPENAPI_BODY, read_predict
+from service.predict_input import OPENAPI_BODY
+from service.predict_route import answer_predict
 from service.schemas import (
     AdapterDetail, AdapterSummary, AliasChange, ImportedVersion, KeyCreated, KeyOut, PredictResponse,
     PromoteRequest, Task, TenantCreate, TenantCreated, TenantOut, TenantUsage,
@@ -157,28 +155,4 @@ async def predict(request: Request, tenant: Tenant, state: State) -> JSONRespons
     adapter whose outputs are not finite (409) fails this request only, never another tenant's
     rows in the same batch.
     """
-    rows = await read_predict(request, state.settings.max_body_bytes, state.settings.max_predict_bytes)
-    ops.check_rows(state, rows)
-    if rows.task not in state.settings.tasks:  # says why: the adapter's task, or this one is not served
-        await run_in_threadpool(ops.acquire, state, tenant, rows)
-    engine, batcher = state.require_engine(rows.task), state.require_batcher(rows.task)
-    with batcher.incoming():  # the batcher holds a forming batch only while requests are on the way
-        # resident and resolved in memory: no thread hop; else the registry/store, off the loop
-        hit = ops.acquire_resident(state, tenant, rows)
-        resolved, loaded = hit or await run_in_threadpool(ops.acquire, state, tenant, rows)
-        inputs = await run_in_threadpool(ops.decode_rows, state, engine, rows) if rows.field == "images" \
-            else ops.decode_rows(state, engine, rows)  # texts: a cheap check, on the loop
-        try:
-            future = batcher.submit([(loaded, row) for row in inputs], tenant)
-        except TenantBusyError as e:
-            state.metrics.refused_rows.labels("queue_full").inc()
-            raise ApiError(429, "tenant_queue_full", e.message,
-                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
-    preds = await asyncio.wrap_future(future)
-    state.metrics.predicted(rows.task, tenant, len(preds))
-    # Built here, not by FastAPI from the response_model (which still documents it): validating
-    # and re-serialising this plain, already-typed dict cost a lone request ~3% of its loop time.
-    return JSONResponse({
-        "adapter": resolved.key.adapter, "version": resolved.key.version,
-        "predictions": [{"label": p.label, "score": p.score, "scores": p.scores} for p in preds],
-    })
+    return await answer_predict(request, tenant, state)

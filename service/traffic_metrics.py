@@ -10,24 +10,38 @@ with py-spy on a served worker under one closed-loop client, about a tenth of th
 loop's time per predict went to prometheus-client label look-ups and file writes, most of it
 BentoML's.
 
-``ApiRoutesUnmetered`` is BentoML's middleware that passes ``/v1/`` requests straight on;
-every other path (``/docs``, ``/ui``, BentoML's own) is metered as before. ``install()``
+``ApiRoutesUnmetered`` is BentoML's middleware that passes ``/v1/`` requests straight on (to our
+app under the request timeout, when ``service.api_shortcut.direct_app`` finds the layers between
+have nothing to do for them; else to the next layer); every other path (``/docs``, ``/ui``,
+BentoML's own) is metered as before. ``install()``
 (called by ``service.service`` before BentoML builds its app) puts it where BentoML looks the
 class up when it builds a service's middleware stack; it fails loudly if that place is gone.
 """
 
 from __future__ import annotations
 
-from bentoml._internal.server.http import instruments
-from starlette.types import Receive, Scope, Send
+import logging
+from typing import Any
 
-API_PREFIX = "/v1/"
+from bentoml._internal.server.http import instruments
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api_shortcut import API_PREFIX, direct_app
+
+log = logging.getLogger("tailor.service")
+_UNSEEN: Any = object()
 
 
 class ApiRoutesUnmetered(instruments.RunnerTrafficMetricsMiddleware):
+    _api: ASGIApp | None = _UNSEEN  # where /v1/ requests go: found on the first one (the stack is built by then)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
         if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
-            return await self.app(scope, receive, send)
+            if self._api is _UNSEEN:
+                self._api = direct_app(self.app)
+                log.info("/v1/ requests %s", "go straight to the API app (service.api_shortcut)" if self._api
+                         else "take BentoML's whole middleware stack")
+            return await (self._api or self.app)(scope, receive, send)
         return await super().__call__(scope, receive, send)
 
 

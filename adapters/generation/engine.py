@@ -56,7 +56,7 @@ from adapters.generation.sampling import Sampler, SamplingParams
 from adapters.generation.scheduler import Hooks, Request, Scheduler, SchedulerConfig
 from adapters.generation.stream import FinishReason, GenerationStream, Usage
 from adapters.runtime.cache import ResidentCache
-from adapters.runtime.adapter_access import AdapterAccess, _matcher
+from adapters.runtime.adapter_access import AdapterAccess
 from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.lora_layer import wrap_linears
 from adapters.runtime.memory import tune_allocator
@@ -226,13 +226,8 @@ class GenerationEngine(AdapterAccess):
             self.slots.drop(lambda k: k == key)
             self.loras.drop_images(lambda k: k == key)
 
-    def refresh(self, tenant: str, adapter: str | None = None) -> None:
-        super().refresh(tenant, adapter)
-        self.loras.drop_images(_matcher(tenant, adapter))  # a replaced version's image goes with it
-
-    def forget(self, tenant: str, adapter: str | None = None) -> None:
-        super().forget(tenant, adapter)
-        self.loras.drop_images(_matcher(tenant, adapter))
+    def drop_derived(self, match: Callable[[VersionKey], bool]) -> None:
+        self.loras.drop_images(match)  # rows already live keep their own copy
 
     def stats(self) -> dict[str, int]:
         """Active sequences, waiting requests, KV bytes in use and budget, steps, tokens generated."""

@@ -15,7 +15,8 @@ and ``task_name`` (the canonical task it serves). Contract, the same for every e
   adapter of another task is a ``TaskMismatchError`` naming both tasks (before its bytes are
   read), bad bytes an ``ArtifactError`` for that adapter only.
 * ``refresh`` shows this process its own alias change at once; ``forget`` drops every resident
-  copy (resolutions, host cache, device slots) of a deleted adapter or tenant.
+  copy (resolutions, host cache, device slots) of a deleted adapter or tenant. Both then call
+  ``drop_derived(match)``, where an engine kind drops its own copies (generation's row images).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class AdapterAccess:
     def refresh(self, tenant: str, adapter: str | None = None) -> None:
         """See this process's own alias changes at once (other processes' within the poll)."""
         self.resolver.invalidate(tenant, adapter)
+        self.drop_derived(_matcher(tenant, adapter))  # a replaced version's derived copies go with it
 
     def forget(self, tenant: str, adapter: str | None = None) -> None:
         """Drop resident copies of a deleted adapter (or of every adapter of a tenant)."""
@@ -98,6 +100,11 @@ class AdapterAccess:
         self.resolver.invalidate(tenant, adapter)
         self.cache.discard(match)
         self.slots.drop(match)
+        self.drop_derived(match)
+
+    def drop_derived(self, match: Callable[[VersionKey], bool]) -> None:
+        """Drop what the engine derived from the versions ``match`` selects, beyond the resident
+        cache and the slots (an engine kind that lays adapters out again overrides it; none here)."""
 
     def check_adapter(self, adapter: LoadedAdapter) -> None:
         """Refuse (``TaskMismatchError``) an adapter of another task than this engine's."""

@@ -95,10 +95,13 @@ def accuracy(engine: Engine, tenant: str, ref: str, rows: list[dict[str, str]]) 
 
 
 def test_two_tenants_train_and_are_served_in_isolation(world):
-    good = world.jobs.submit("acme", "sentiment", training=from_records(sentiment(160)), hyperparameters=FAST_HP)
+    # long enough (a few seconds each) that both run at once, whichever worker process starts first
+    # and however late the other does on a loaded box: with FAST_HP's 12 epochs a job takes ~1 s
+    long_hp = {**FAST_HP, "epochs": 50, "patience": 50}
+    good = world.jobs.submit("acme", "sentiment", training=from_records(sentiment(160)), hyperparameters=long_hp)
     topics = [{"text": f"{w} {w} report {i}", "label": lab} for i in range(60)
               for lab, w in [(["sport", "money", "music"][i % 3], ["goal", "bank", "song"][i % 3])]]
-    other = world.jobs.submit("globex", "topics", training=from_records(topics), hyperparameters=FAST_HP)
+    other = world.jobs.submit("globex", "topics", training=from_records(topics), hyperparameters=long_hp)
     bad = world.jobs.submit("globex", "broken", training=from_records(sentiment(40)),
                             hyperparameters={**FAST_HP, "target_modules": ["attention.nonexistent"]})
     world.worker()

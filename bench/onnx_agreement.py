@@ -155,6 +155,7 @@ def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None, n_train: 
             diffs = [float((out[label]["logits"][i] - out["torch"]["logits"][i]).abs().max()) for i in idx]
             margins = [torch_margin(out["torch"]["logits"][i]) for i in idx]
             differ = [m for i, m in zip(idx, margins) if out[label]["pred"][i] != out["torch"]["pred"][i]]
+            ordered = sorted(margins)
             per[name] = {"accuracy": acc, "argmax_agreement_vs_torch": agree, "max_abs_logit_diff_vs_torch": max(diffs),
                          "mean_max_abs_logit_diff_vs_torch": sum(diffs) / len(diffs),
                          "accuracy_drop_points": 100 * (per_torch(out, scored, idx) - acc),
@@ -162,7 +163,7 @@ def run(names: list[str], *, quick: bool, tmp: Path, base: Any = None, n_train: 
                          # among the set's rows (0: the closest call of the set)
                          "disagreeing_torch_margins": sorted(differ),
                          "disagreeing_margin_ranks": sorted(sum(m < d for m in margins) for d in differ),
-                         "torch_margin_quantiles": {q: sorted(margins)[int(q * (len(margins) - 1))]
+                         "torch_margin_quantiles": {q: ordered[int(q * (len(ordered) - 1))]
                                                     for q in (0.005, 0.01, 0.05, 0.5)}}
         report["runtimes"][label] = {**per, "classify_seconds": out[label]["seconds"]}
         print(label, {n: (round(v["accuracy"], 4), round(v["argmax_agreement_vs_torch"], 4),

@@ -3,7 +3,7 @@
 Contract: ``splice(model, before, replace)`` rewrites ``model.graph.node`` in place, keeping its
 order: each list in ``before`` goes just ahead of the first node (as it was) that reads the
 tensor named by its key; a node whose name is in ``replace`` is swapped for that list. Then
-every initializer no node reads any more is dropped. Used by the int8 rewrites
+every initializer no node reads any more is dropped (``drop_unused_initializers``). Used by the int8 rewrites
 (``adapters.runtime.onnx.smooth``, ``adapters.runtime.onnx.per_token``).
 ``drop_nan_guards(graph)`` removes the exporter's NaN guards after each attention softmax
 (see there); the text exports (``adapters.runtime.onnx.export``) apply it.
@@ -29,6 +29,11 @@ def splice(model: onnx.ModelProto, before: Mapping[str, Sequence[onnx.NodeProto]
         ordered.extend(replace.get(node.name, [node]))
     del model.graph.node[:]
     model.graph.node.extend(ordered)
+    drop_unused_initializers(model)
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove every initializer that no node of ``model`` reads."""
     used = {i for n in model.graph.node for i in n.input}
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
@@ -59,5 +64,5 @@ def drop_nan_guards(graph: bytes) -> bytes:
     kept = [n for n in kept if not (n.op_type == "IsNaN" and n.output[0] not in read)]
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    splice(model, {})  # drops the guards' constants
+    drop_unused_initializers(model)  # the guards' constants
     return model.SerializeToString()

@@ -202,7 +202,8 @@ def run(w: Workload, tmp: Path) -> dict[str, Any]:
         "rows_per_s": rows_per_s, **ratios,
         "paired_ratio": {"what": "median over rounds of (other method's time / tailor's time) in the same round",
                          **{f"vs_{m}": v for m, v in paired.items()}},
-        "allocator": "glibc mmap threshold fixed at 64 KiB by the engine (adapters.runtime.memory), as served"
+        "allocator": "glibc's dynamic mmap threshold, arenas capped at 2, each resident adapter's buffer its own "
+                     "mapping (adapters.runtime.memory), as served"
                      if engine.config.tune_allocator else "default",
         "peft_mixed": peft_mixed,
         "max_abs_diff_vs_peft": max_diff,

@@ -19,9 +19,11 @@ it does not do), and the per-round ratios mixed/base and mixed/peft (targets: >=
 streams; >= 2 vs peft at 32), and for the engine runs where its scheduler thread's time went
 (``scheduler_seconds``: KV growth, LoRA row copies, prefill and decode forwards, sampling,
 and how many prefills and decode steps ran, and the process's minor page faults), and, apart from
-the loop (``step_costs``), one decode step and one prefill of C rows mixed vs base (the decode steps
-also from a fresh thread, as the scheduler runs them, with page faults per step: a thread's
-allocations come from another malloc arena), the LoRA bytes a decode step reads, row joins and leaves.
+the loop (``step_costs``), one decode step and one prefill of C rows mixed vs base (on a fresh
+thread, as the scheduler runs them, with page faults per step), the LoRA bytes a decode step
+reads, row joins and leaves. Loading, peft's runs and ``step_costs`` each run on a thread that
+exits afterwards (``adapters.runtime.torch_threads``): an OpenMP pool left alive on the main
+thread would slow every op of the scheduler's thread, which is not how the service runs it.
 Every engine run starts from an idle engine that has handed its KV and LoRA row buffers back (the
 scheduler keeps them ``idle_release_s`` after a batch empties), so neither method inherits the
 other's warm buffers. ``--base tiny`` runs the whole thing on the tiny random Llama (tests).
@@ -48,6 +50,7 @@ from adapters.generation.sampling import SamplingParams
 from adapters.generation.synthetic import ALL_TARGETS, random_generation_artifact
 from adapters.peft_format import export_peft
 from adapters.registry import Registry
+from adapters.runtime.torch_threads import on_fresh_thread
 from adapters.store import LocalStore
 from bench.common import machine, median, parser, percentile, plot_lines, write
 
@@ -159,7 +162,8 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
     copied into the row buffer) and leaving (the last row moved into its hole); gathering all C
     adapters from scratch (what a re-plan cost before the rows were kept in place); retiring a
     row's KV and growing the KV buffers; and a prefill of the C prompts with their adapters vs
-    on the base (interleaved). The scheduler is idle meanwhile."""
+    on the base (interleaved). The scheduler is idle meanwhile. Run it on a fresh thread
+    (``on_fresh_thread``), as the scheduler's own thread runs steps, with no other OpenMP pool alive."""
     from adapters.generation.engine import SEPARATE
     from adapters.generation.rows import RowLoras
     from adapters.runtime.context import use_plan
@@ -187,22 +191,9 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
     def base() -> None:
         dec.decode(nxt, positions, kv)
 
-    times = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
-    # the same steps from a fresh thread, as the scheduler runs them (its allocations come from
-    # another malloc arena than the main thread's: page faults per step are counted)
-    in_thread: dict[str, Any] = {}
-
-    def from_thread() -> None:
-        f0 = _minor_faults()
-        in_thread["times"] = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
-        in_thread["faults"] = (_minor_faults() - f0) / (2 * (max(3, rounds * 3) + 1))
-
-    worker = threading.Thread(target=from_thread)
-    worker.start()
-    worker.join()
     f0 = _minor_faults()
-    interleaved({"mixed": mixed, "base": base}, rounds=2, warmup=0)
-    main_faults = (_minor_faults() - f0) / 4
+    times = interleaved({"mixed": mixed, "base": base}, rounds=max(3, rounds * 3))
+    faults = (_minor_faults() - f0) / (2 * (max(3, rounds * 3) + 1))
 
     def prefill(plan_: Any) -> Callable[[], None]:
         def run() -> None:
@@ -235,10 +226,7 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
     pre_mixed, pre_base = median(pre["mixed"]), median(pre["base"])
     return {"rows": c, "decode_step_ms": {"mixed": 1e3 * step_mixed, "base": 1e3 * step_base},
             "decode_step_ratio_base_over_mixed": step_base / step_mixed,
-            "decode_step_in_thread_ms": {m: 1e3 * median(in_thread["times"][m]) for m in ("mixed", "base")},
-            "decode_step_in_thread_ratio_base_over_mixed":
-                median(in_thread["times"]["base"]) / median(in_thread["times"]["mixed"]),
-            "minor_page_faults_per_decode_step": {"main_thread": main_faults, "fresh_thread": in_thread["faults"]},
+            "minor_page_faults_per_decode_step": faults,
             "lora_bytes_per_decode_step": rows.nbytes * c // max(rows.rows_cap, 1),
             "prefill_ms": {"mixed": 1e3 * pre_mixed, "base": 1e3 * pre_base, "prompt_tokens": int(ids.numel())},
             "prefill_ratio_base_over_mixed": pre_base / pre_mixed,
@@ -298,10 +286,11 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 3)
     if args.step_costs_only:
         with tempfile.TemporaryDirectory() as tmp:
-            base, engine, loaded, _ = build(args.base, max(conc), args.rank, tuple(args.targets), max(conc),
-                                            Path(tmp), with_peft=False)
+            base, engine, loaded, _ = on_fresh_thread(build, args.base, max(conc), args.rank, tuple(args.targets),
+                                                      max(conc), Path(tmp), with_peft=False)
             try:
-                costs = {str(c): step_costs(engine, loaded[:c], prompts(engine, c), rounds) for c in conc if c > 1}
+                costs = {str(c): on_fresh_thread(step_costs, engine, loaded[:c], prompts(engine, c), rounds)
+                         for c in conc if c > 1}
             finally:
                 engine.close()
         write(args.out, {"benchmark": "generate --step-costs-only", "quick": args.quick, "base": base.name,
@@ -309,10 +298,12 @@ def main() -> None:
                          "machine": machine(), "step_costs": costs})
         return
     with tempfile.TemporaryDirectory() as tmp:
-        base, engine, loaded, model = build(args.base, max(conc), args.rank, tuple(args.targets), max(conc), Path(tmp))
+        base, engine, loaded, model = on_fresh_thread(build, args.base, max(conc), args.rank, tuple(args.targets),
+                                                      max(conc), Path(tmp))
         try:
             results = bench(engine, loaded, model, base, conc, max_tokens, requests, rounds)
-            costs = {str(c): step_costs(engine, loaded[:c], prompts(engine, c), rounds) for c in conc if c > 1}
+            costs = {str(c): on_fresh_thread(step_costs, engine, loaded[:c], prompts(engine, c), rounds)
+                     for c in conc if c > 1}
         finally:
             engine.close()
     out = {
@@ -337,7 +328,7 @@ def bench(engine: GenerationEngine, loaded: list[Any], model: Any, base: CausalB
     all_prompts = prompts(engine, max(conc))
     # warm-up: one short request each way (first-call allocations, plan building)
     run_engine(engine, loaded[:2], all_prompts[:2], 1, 2, {"ttft": [], "itl": []})
-    run_peft(model, base.tokenizer, ["a0", "a1"], all_prompts[:2], 1, 2, {"ttft": [], "itl": []})
+    on_fresh_thread(run_peft, model, base.tokenizer, ["a0", "a1"], all_prompts[:2], 1, 2, {"ttft": [], "itl": []})
     for c in conc:
         lat = {m: {"ttft": [], "itl": []} for m in ("mixed", "base", "peft")}
         phases: dict[str, dict[str, float]] = {"mixed": {}, "base": {}}
@@ -350,8 +341,8 @@ def bench(engine: GenerationEngine, loaded: list[Any], model: Any, base: CausalB
                 elif m == "base":
                     n, s = run_engine(engine, [None] * c, ps, requests, max_tokens, lat[m], phases[m])
                 else:
-                    n, s = run_peft(model, base.tokenizer, [f"a{i}" for i in range(c)], ps, requests, max_tokens,
-                                    lat[m])
+                    n, s = on_fresh_thread(run_peft, model, base.tokenizer, [f"a{i}" for i in range(c)], ps,
+                                           requests, max_tokens, lat[m])
                 rates[m].append(n / s)
                 print(f"C={c} round {r} {m}: {n} tokens in {s:.2f} s = {n / s:.1f} tokens/s", flush=True)
         row: dict[str, Any] = {}

@@ -313,7 +313,12 @@ def test_an_emptied_batch_keeps_its_buffers_for_the_next_then_hands_them_back_wh
     assert first == again  # same greedy tokens on either engine
     assert quick.scheduler.wait_released(timeout=30)
     assert quick.stats()["kv_cache_bytes"] == 0 and quick.loras.nbytes == 0 and len(quick.loras) == 0
+    # its thread has gone too (no OpenMP pool kept alive beside the process's other torch threads)
+    assert not quick.scheduler.running
+    assert not any(t.name == "tailor-generation" and t.is_alive() for t in threading.enumerate()
+                   if t is not engine.scheduler._thread)
     assert tokens(quick.submit(chat(quick), acme, params)) == first  # and it starts afresh
+    assert engine.scheduler.running  # the other engine, within its idle_release_s, keeps its thread
 
 
 def test_a_deleted_or_replaced_adapters_row_image_does_not_outlive_it(make_engine, catalog, base):

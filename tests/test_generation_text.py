@@ -111,8 +111,7 @@ def test_the_generation_benchmark_runs_on_the_tiny_base(tmp_path, monkeypatch):
     assert costs["lora_bytes_per_decode_step"] == 3 * result["adapter_bytes"]  # each row reads its own copy
     assert row["mixed"]["scheduler_seconds"]["decode_steps"] >= 2  # 3 tokens: the first from the prefill
     assert row["mixed"]["scheduler_seconds"]["minor_page_faults"] >= 0
-    assert costs["decode_step_in_thread_ms"]["mixed"] > 0 and costs["decode_step_in_thread_ratio_base_over_mixed"] > 0
-    assert set(costs["minor_page_faults_per_decode_step"]) == {"main_thread", "fresh_thread"}
+    assert costs["decode_step_ratio_base_over_mixed"] > 0 and costs["minor_page_faults_per_decode_step"] >= 0
     assert len(row["ratios_mixed_base"]) == 1 and set(result["targets_met"]) == {
         "mixed_vs_base_ge_0.9_at_8_and_32", "mixed_vs_peft_ge_2_at_32"}
 

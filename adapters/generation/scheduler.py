@@ -12,7 +12,9 @@ Contract:
   its KV and LoRA row buffers (``RowLoras.reset``) for ``idle_release_s``: a batch that
   refills within that time reuses them (no reallocation, no first-touch of hundreds of MB);
   once the engine has stayed idle that long it frees them (``kv.clear``, ``loras.clear``), so
-  an idle engine holds neither.
+  an idle engine holds neither. Its thread then exits too (the next ``enqueue`` starts another):
+  an idle engine keeps no OpenMP pool alive, which would slow every other torch thread of the
+  process (``adapters.runtime.torch_threads``).
 * KV budget: a sequence reserves ``len(prompt) + max_tokens`` columns at admission (capped at
   the base's context); the cache holds ``rows x widest reservation`` (``adapters.generation.kv``),
   so a request is admitted only if ``(active + 1) x max(reservations) x bytes_per_token`` fits
@@ -127,6 +129,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._exited: threading.Thread | None = None  # the last thread that left idle
         self._stop = False
         self._step_s = 0.05  # recent decode step time (EWMA), for retry_after
         self.steps = 0
@@ -137,17 +140,27 @@ class Scheduler:
 
     def start(self) -> None:
         with self._cond:
-            if self._thread is not None:
-                return
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        """Under the lock: the loop's thread, started unless it runs (or the scheduler closed)."""
+        if self._thread is None and not self._stop:
             self._thread = threading.Thread(target=self._run, name="tailor-generation", daemon=True)
             self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop's thread is up (it exits once idle with its buffers released)."""
+        with self._cond:
+            return self._thread is not None
 
     def close(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=30)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -157,6 +170,7 @@ class Scheduler:
                 raise AdmissionError(f"{len(self.waiting)} generation requests are waiting already; retry later",
                                      retry_after=self._retry_after(), reason="queue_full")
             self.waiting.append(req)
+            self._ensure_thread()
             self._cond.notify_all()
 
     def wait_admitted(self, req: Request) -> None:
@@ -234,8 +248,11 @@ class Scheduler:
             with self._cond:
                 while not self._stop and not self.active and not self.waiting:
                     if not (self.kv.nbytes or self.loras.nbytes):
-                        self._cond.wait()
-                    elif not self._cond.wait(self.config.idle_release_s) and not self.waiting:
+                        self._thread = None  # idle, nothing held: the thread (and its pool) goes
+                        self._exited = threading.current_thread()
+                        self._cond.notify_all()  # wait_released
+                        return
+                    if not self._cond.wait(self.config.idle_release_s) and not self.waiting:
                         self.kv.clear()  # idle that long: hand the buffers back
                         self.loras.clear()
                         self._cond.notify_all()  # wait_released
@@ -265,10 +282,18 @@ class Scheduler:
             self.active, self.waiting = [], deque()
 
     def wait_released(self, timeout: float) -> bool:
-        """Wait until the engine, idle, has handed its KV and LoRA row buffers back (tests)."""
+        """Wait until the engine, idle, has handed its KV and LoRA row buffers back and its
+        thread has exited (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            return self._cond.wait_for(
-                lambda: not self.active and not self.kv.nbytes and not self.loras.nbytes, timeout)
+            if not self._cond.wait_for(lambda: not self.active and not self.waiting and self._thread is None
+                                       and not self.kv.nbytes and not self.loras.nbytes, timeout):
+                return False
+            exited = self._exited
+        if exited is not None and exited is not threading.current_thread():
+            exited.join(max(0.0, deadline - time.monotonic()))
+            return not exited.is_alive()
+        return True
 
     def _retire_cancelled(self) -> None:
         for i in range(len(self.active) - 1, -1, -1):

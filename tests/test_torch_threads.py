@@ -1,0 +1,30 @@
+"""``on_fresh_thread``: one-off work on a thread that is gone (with its OpenMP pool) when it returns."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from adapters.runtime.torch_threads import on_fresh_thread
+
+
+def test_returns_the_value_computed_on_another_thread_that_has_exited() -> None:
+    seen: list[threading.Thread] = []
+
+    def work(a: torch.Tensor, *, scale: float) -> torch.Tensor:
+        seen.append(threading.current_thread())
+        return a * scale
+
+    out = on_fresh_thread(work, torch.arange(4.0), scale=2.0)
+    assert torch.equal(out, torch.tensor([0.0, 2.0, 4.0, 6.0]))
+    assert seen and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
+def test_reraises_what_the_work_raised_on_the_callers_thread() -> None:
+    def fail() -> None:
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError, match="missing"):
+        on_fresh_thread(fail)

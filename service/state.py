@@ -45,6 +45,7 @@ from adapters.quotas import TenantQuotas
 from adapters.registry import Registry
 from adapters.schema import safe_url
 from adapters.runtime.batcher import MicroBatcher
+from adapters.runtime.compute_thread import ComputeThread
 from adapters.runtime.core_share import CoreShare, instance_path
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.runtime.memory import HeapTrimmer
@@ -156,6 +157,7 @@ class TailorState:
     freshener: Freshener | None = None  # keeps the change feed and quotas fresh off the request path
     feed: ChangeFeed | None = None  # the one reader of the registry's change log: key cache and resolvers
     cores: CoreShare | None = None  # idle serving cores lent to a forward pass
+    compute: ComputeThread | None = None  # the one thread every task's forward passes run on
     db_retry_initial_s: float = 1.0
     db_retry_max_s: float = 30.0
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -232,6 +234,7 @@ class TailorState:
                               max_batch_size=s.max_batch_size)
         engines, batchers = {}, {}
         self.cores = core_share(s)
+        self.compute = ComputeThread()  # one OpenMP pool for every task's batcher (runtime.compute_thread)
         for task in s.tasks:
             if task == TEXT_GENERATION:
                 continue  # below: no micro-batcher
@@ -246,7 +249,8 @@ class TailorState:
                     apply_runtime(engine, RuntimeChoice(s.runtime, s.quantize), s.home / "graphs")
                 batchers[task] = MicroBatcher(
                     engine, s.max_batch_size, s.max_wait_ms, on_batch=partial(self._on_batch, task),
-                    announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows, cores=self.cores)
+                    announced_arrivals=True, max_queued_rows_per_tenant=s.max_queued_rows, cores=self.cores,
+                    compute=self.compute)
             except Exception as e:
                 self.load_error = f"{task} base: {type(e).__name__}: {e}"
                 log.exception("loading the %s base model failed; the service stays unready", task)
@@ -366,6 +370,8 @@ class TailorState:
             self.freshener.close()
         for batcher in self.batchers.values():
             batcher.close()
+        if self.compute is not None:
+            self.compute.close()
         if self.generation_metrics is not None:
             self.generation_metrics.close()
         generator = self.engines.get(TEXT_GENERATION)

@@ -28,3 +28,20 @@ def test_reraises_what_the_work_raised_on_the_callers_thread() -> None:
 
     with pytest.raises(KeyError, match="missing"):
         on_fresh_thread(fail)
+
+
+def test_one_thread_makes_the_block_single_threaded_then_restores() -> None:
+    from adapters.runtime.torch_threads import one_thread
+
+    def inside_and_after(n: int) -> tuple[int, int]:
+        torch.set_num_threads(n)
+        with one_thread():
+            inside = torch.get_num_threads()
+        return inside, torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        assert on_fresh_thread(inside_and_after, 2) == (1, 2)
+        assert on_fresh_thread(inside_and_after, 1) == (1, 1)
+    finally:
+        torch.set_num_threads(before)

@@ -42,6 +42,9 @@ Other behaviour:
   batches fill as before.
 * ``cores`` (``adapters.runtime.core_share.CoreShare``): every forward pass runs inside
   ``cores.lend()``, so a pass may use the cores the instance's other workers leave idle.
+* ``compute`` (``adapters.runtime.compute_thread.ComputeThread``): the batchers of a process
+  that serves several tasks run their passes (lending included) on that one shared thread, so
+  the process keeps one OpenMP pool; without it a pass runs on the batcher's own thread.
 * A request larger than its share of a batch is split across consecutive batches; its result
   is reassembled in order and resolved when its last row is done.
 * A caller that cancels its future (e.g. a client that went away) has its remaining rows
@@ -67,9 +70,11 @@ from concurrent.futures import Future, InvalidStateError
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from adapters.errors import AdapterOutputError
+from adapters.runtime.compute_thread import ComputeThread
 from adapters.runtime.core_share import CoreShare
 from adapters.runtime.engine import Engine, Prediction
 from adapters.runtime.fair_queue import FairQueue
@@ -127,7 +132,7 @@ class MicroBatcher:
         self, engine: Engine, max_batch_size: int = 32, max_wait_ms: float = 5.0, *,
         on_batch: OnBatch | None = None, history: int = 1024, name: str = "tailor-batcher",
         announced_arrivals: bool = False, max_queued_rows_per_tenant: int | None = None,
-        cores: CoreShare | None = None,
+        cores: CoreShare | None = None, compute: ComputeThread | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -144,6 +149,7 @@ class MicroBatcher:
         self.on_batch = on_batch
         self.announced_arrivals = announced_arrivals
         self.cores = cores
+        self.compute = compute
         self._incoming = 0  # announced requests that have not submitted yet
         self._queue: FairQueue[_Request] = FairQueue(max_queued_rows_per_tenant)
         self._cond = threading.Condition()
@@ -272,8 +278,10 @@ class MicroBatcher:
             if taken is None:
                 return
             t0 = time.perf_counter()
-            with self._lend():
-                outcomes = self._forward(taken, top=True)
+            if self.compute is None:
+                outcomes = self._pass(taken)
+            else:
+                outcomes = self.compute.run(partial(self._pass, taken))
             elapsed = time.perf_counter() - t0
             n_rows = sum(b - a for _, a, b in taken)
             n_adapters = len({row[0].key for req, a, b in taken for row in req.rows[a:b]})
@@ -287,6 +295,10 @@ class MicroBatcher:
                     self.on_batch(n_rows, n_adapters, elapsed)
                 except Exception:  # metrics must never break serving
                     log.exception("on_batch callback failed")
+
+    def _pass(self, taken: list[Slice]) -> list[Outcome]:
+        with self._lend():
+            return self._forward(taken, top=True)
 
     def _lend(self) -> AbstractContextManager[Any]:
         return self.cores.lend() if self.cores is not None else nullcontext()

@@ -53,6 +53,7 @@ from adapters.runtime.loaded import LoadedAdapter, VersionKey
 from adapters.runtime.memory import tune_allocator
 from adapters.runtime.resolver import Resolver
 from adapters.runtime.slots import SlotBank
+from adapters.runtime.torch_threads import one_thread
 from adapters.tasks import get_task
 from adapters.tasks.kind import TaskKind, TaskServing
 
@@ -126,12 +127,16 @@ class Engine(AdapterAccess):
     def decode_rows(self, raw: Sequence[Any], *, limits: Any = None) -> list[Any]:
         """Check and decode a request's raw inputs (the task's ``input_field``) into row inputs;
         ``InvalidInputError`` naming the first bad one. ``limits``: the task's per-input limits
-        (images: ``ImageLimits``; None: the defaults)."""
-        return self.serving.decode(raw, param=self.task.input_field, limits=limits)
+        (images: ``ImageLimits``; None: the defaults). Single-threaded: it runs on request threads,
+        which must not keep OpenMP pools beside the forward passes' (``runtime.torch_threads``)."""
+        with one_thread():
+            return self.serving.decode(raw, param=self.task.input_field, limits=limits)
 
     def check_row(self, row: Any, param: str) -> None:
-        """The task's cheap check that a decoded row may join a shared batch (see ``TaskServing``)."""
-        self.serving.check_row(row, param)
+        """The task's cheap check that a decoded row may join a shared batch (see ``TaskServing``);
+        single-threaded, as ``decode_rows``."""
+        with one_thread():
+            self.serving.check_row(row, param)
 
     @torch.inference_mode()
     def forward(self, inputs: Any, rows: list[LoadedAdapter | None]) -> BatchOutput:

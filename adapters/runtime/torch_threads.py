@@ -15,18 +15,27 @@ So a process that serves from a scheduler or batcher thread must not leave anoth
 
 * one-off parallel work (loading a base, a reference measurement, a peft comparison in a
   benchmark) runs on a thread that then exits (``on_fresh_thread``), which frees its pool;
-* work that should not use threads at all runs with ``torch.set_num_threads(1)`` on its thread
-  (no pool is made for a one-thread region).
+* request-side work (decoding and checking an image on a request thread, or on the event loop)
+  runs inside ``one_thread()``: torch's threads of the calling thread are 1 for the block (no
+  pool is made for a one-thread region), then what they were. One 224 px image's preprocessing
+  and finiteness check on a request thread otherwise left a pool behind that doubled the text
+  batcher's forward time;
+* forward passes of every task run on one shared thread (``adapters.runtime.compute_thread``).
 
 What a caller may assume: ``on_fresh_thread`` returns what ``fn`` returned or raises what it
-raised, on the caller's thread, after the fresh thread (and its pool) is gone.
+raised, on the caller's thread, after the fresh thread (and its pool) is gone. ``one_thread``
+changes only the calling thread's OpenMP setting (and torch's default for threads that have not
+run a parallel op yet, for the block's duration).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -47,3 +56,17 @@ def on_fresh_thread(fn: Callable[..., T], *args: Any, name: str = "tailor-once",
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The block's torch ops on the calling thread run single-threaded (no OpenMP pool)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

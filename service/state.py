@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from adapters.generation.engine import GenerationEngine
+    from adapters.generation.scheduler import StepRunner
 
 log = logging.getLogger("tailor.service")
 
@@ -263,7 +265,8 @@ class TailorState:
         if TEXT_GENERATION in s.tasks:
             try:
                 t0 = time.perf_counter()
-                engines[TEXT_GENERATION] = generation_engine(s, self.catalog, self.metrics, self.feed)
+                engines[TEXT_GENERATION] = generation_engine(s, self.catalog, self.metrics, self.feed,
+                                                             run_step=self.run_lent)
             except Exception as e:
                 self.load_error = f"{TEXT_GENERATION} base: {type(e).__name__}: {e}"
                 log.exception("loading the %s base model failed; the service stays unready", TEXT_GENERATION)
@@ -284,6 +287,16 @@ class TailorState:
         self._ready.set()
         self.metrics.ready.set(1)
         log.info("ready: serving %s", ", ".join(s.tasks))
+
+    def run_lent(self, fn: Callable[[], None]) -> None:
+        """``fn`` (a generation step) on the compute thread, with idle cores lent as for a batch."""
+        def lent() -> None:
+            with self.cores.lend() if self.cores is not None else nullcontext():
+                fn()
+        if self.compute is None:
+            lent()
+        else:
+            self.compute.run(lent)
 
     def _on_batch(self, task: str, size: int, n_adapters: int, seconds: float) -> None:
         """A merged forward pass of ``task`` ended (on its batcher's thread, right after it)."""
@@ -370,13 +383,13 @@ class TailorState:
             self.freshener.close()
         for batcher in self.batchers.values():
             batcher.close()
-        if self.compute is not None:
-            self.compute.close()
         if self.generation_metrics is not None:
             self.generation_metrics.close()
         generator = self.engines.get(TEXT_GENERATION)
         if generator is not None:
             generator.close()  # stops its scheduler thread; streams still open end with an error
+        if self.compute is not None:  # after every user of it
+            self.compute.close()
         if self.cores is not None:
             self.cores.close()
         self.registry.close()
@@ -407,10 +420,11 @@ def load_image_base(setting: str | None) -> Any:
 
 
 def generation_engine(s: Settings, catalog: Catalog, metrics: Metrics,
-                      feed: ChangeFeed | None = None) -> GenerationEngine:
+                      feed: ChangeFeed | None = None, run_step: StepRunner | None = None) -> GenerationEngine:
     """The text-generation engine on ``TAILOR_GENERATION_BASE_MODEL`` (bases cached under
     ``TAILOR_HOME/bases``), its KV budget and admission wait from the settings, its hooks feeding
-    the ``tailor_generation_*`` metrics. Its scheduler thread runs until ``close()``."""
+    the ``tailor_generation_*`` metrics, its steps run by ``run_step`` (the compute thread). Its
+    scheduler thread runs while it has work or buffers, until ``close()``."""
     from adapters.generation.base import load_causal_base
     from adapters.generation.engine import GenerationConfig, GenerationEngine
 
@@ -422,7 +436,7 @@ def generation_engine(s: Settings, catalog: Catalog, metrics: Metrics,
                             on_first_token=partial(metrics.first_token, task),
                             on_token=partial(metrics.next_token, task),
                             on_finish=lambda usage, reason: metrics.generation_ended(task, reason),
-                            change_feed=feed)
+                            change_feed=feed, run_step=run_step)
 
 
 # How each task's base is loaded from the settings.

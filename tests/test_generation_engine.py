@@ -19,6 +19,7 @@ from adapters.generation.base import tiny_causal_base
 from adapters.generation.engine import GenerationConfig, GenerationEngine
 from adapters.generation.sampling import SamplingParams
 from adapters.generation.synthetic import random_generation_artifact
+from adapters.runtime.compute_thread import ComputeThread
 from adapters.registry import Registry
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
@@ -53,7 +54,7 @@ def make_engine(base, catalog):
     def make(**kw):
         kw.setdefault("max_batch_size", 8)
         kw.setdefault("device_slots", kw["max_batch_size"] + 1)
-        hooks = {k: kw.pop(k) for k in ("on_first_token", "on_token", "on_finish") if k in kw}
+        hooks = {k: kw.pop(k) for k in ("on_first_token", "on_token", "on_finish", "run_step") if k in kw}
         engine = GenerationEngine(base, catalog, GenerationConfig(**kw), **hooks)
         engines.append(engine)
         return engine
@@ -362,3 +363,19 @@ def test_deltas_queued_before_cancel_are_not_shown():
                 return [d async for d in stream]
             seen = asyncio.run(drain())
         assert seen == [] and stream.usage is None and stream.cancelled, consume
+
+
+def test_steps_run_through_the_runner_on_the_compute_thread_and_give_the_same_tokens(make_engine):
+    """With ``run_step`` (the service passes its ComputeThread, cores lent) every prefill and
+    decode step runs there; the scheduler's own thread makes no OpenMP pool."""
+    token_threads: set[str] = set()
+    with ComputeThread(name="compute-for-generation") as compute:
+        engine = make_engine(max_batch_size=4, run_step=compute.run,
+                             on_token=lambda _s: token_threads.add(threading.current_thread().name))
+        acme = engine.acquire(engine.resolve("acme", "chat"))
+        params = SamplingParams(max_tokens=5, temperature=0)
+        got = tokens(engine.submit(chat(engine), acme, params))
+        engine.close()
+    plain = make_engine(max_batch_size=4)
+    assert tokens(plain.submit(chat(plain), plain.acquire(plain.resolve("acme", "chat")), params)) == got
+    assert token_threads == {"compute-for-generation"} and len(got[0]) == 5

@@ -53,7 +53,7 @@ from adapters.generation.decoder import Decoder
 from adapters.generation.detok import TextAssembler
 from adapters.generation.rows import RowLoras
 from adapters.generation.sampling import Sampler, SamplingParams
-from adapters.generation.scheduler import Hooks, Request, Scheduler, SchedulerConfig
+from adapters.generation.scheduler import Hooks, Request, Scheduler, SchedulerConfig, StepRunner
 from adapters.generation.stream import FinishReason, GenerationStream, Usage
 from adapters.runtime.cache import ResidentCache
 from adapters.runtime.adapter_access import AdapterAccess
@@ -99,6 +99,7 @@ class GenerationEngine(AdapterAccess):
         on_token: Callable[[float], None] | None = None,
         on_finish: Callable[[Usage, FinishReason], None] | None = None,
         change_feed: ChangeFeed | None = None,
+        run_step: StepRunner | None = None,
     ) -> None:
         if base.spec.task != TEXT_GENERATION:
             raise TypeError(f"a generation engine needs a {TEXT_GENERATION} base, not {base.spec.task}")
@@ -122,7 +123,8 @@ class GenerationEngine(AdapterAccess):
         self.loras = RowLoras(base.spec.linear_shapes, base.device, base.dtype, self.config.max_batch_size,
                               separate=SEPARATE)
         self.scheduler = Scheduler(self.decoder, self.loras, base.eos_token_ids, base.max_context,
-                                   self.config.scheduler(), Hooks(on_first_token, on_token, on_finish))
+                                   self.config.scheduler(), Hooks(on_first_token, on_token, on_finish),
+                                   run_step=run_step)  # where its forwards run (Scheduler's docstring)
         self.scheduler.start()
         self._template_lock = threading.Lock()  # tokenizers are not documented thread-safe
 

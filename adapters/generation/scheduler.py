@@ -33,6 +33,10 @@ Contract:
   the loop goes on.
 * ``seconds`` (``PhaseSeconds``) adds up where the loop's time goes: KV growth, LoRA row copies,
   prefill and decode forwards, sampling and streaming (benchmarks read it).
+* ``run_step`` (optional): the step (prefill and decode forwards, sampling, streaming) runs
+  through it, e.g. on the serving process's ``ComputeThread`` with its cores lent, so the
+  process keeps one OpenMP pool (``adapters.runtime.torch_threads``); the scheduler's own
+  thread then runs single-threaded. Without it the scheduler's thread runs the steps.
 * Hooks (metrics): ``on_first_token(seconds since submit)``, ``on_token(seconds since the
   sequence's previous token)`` for every later token, ``on_finish(usage, finish_reason)``. A
   hook that raises is ignored.
@@ -46,8 +50,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -59,8 +64,11 @@ from adapters.generation.stream import FinishReason, GenerationStream, TokenDelt
 from adapters.generation.rows import RowLoras
 from adapters.runtime.context import BatchPlan, use_plan
 from adapters.runtime.loaded import LoadedAdapter
+from adapters.runtime.torch_threads import one_thread
 
 log = logging.getLogger(__name__)
+# runs one step (prefill and decode) where the process's forward passes run, e.g. a ComputeThread
+StepRunner = Callable[[Callable[[], None]], None]
 
 
 @dataclass(frozen=True)
@@ -117,13 +125,14 @@ class Request:
 
 class Scheduler:
     def __init__(self, decoder: Decoder, loras: RowLoras, eos_token_ids: frozenset[int], max_context: int,
-                 config: SchedulerConfig, hooks: Hooks | None = None) -> None:
+                 config: SchedulerConfig, hooks: Hooks | None = None, run_step: StepRunner | None = None) -> None:
         self.decoder = decoder
         self.loras = loras
         self.eos = eos_token_ids
         self.max_context = max_context
         self.config = config
         self.hooks = hooks or Hooks()
+        self.run_step = run_step
         self.kv = decoder.new_cache(config.kv_budget_bytes)
         self.active: list[Request] = []  # row i of the KV cache
         self.waiting: deque[Request] = deque()
@@ -244,6 +253,18 @@ class Scheduler:
                     "steps": self.steps, "tokens_generated": self.tokens_generated}
 
     def _run(self) -> None:
+        # with a runner, the forwards run on its thread; this one then makes no OpenMP pool
+        with one_thread() if self.run_step is not None else nullcontext():
+            self._loop()
+
+    def _step(self, new: list[Request]) -> None:
+        """Prefill the newly admitted requests, then one decode step of every active row."""
+        if new:
+            self._prefill(new)
+        if self.active:
+            self._decode()
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._stop and not self.active and not self.waiting:
@@ -261,10 +282,10 @@ class Scheduler:
                 self._retire_cancelled()
                 new = self._admit()
             try:
-                if new:
-                    self._prefill(new)
-                if self.active:
-                    self._decode()
+                if self.run_step is None:
+                    self._step(new)
+                else:
+                    self.run_step(partial(self._step, new))
             except Exception as e:  # noqa: BLE001 - never leave a stream hanging
                 log.exception("generation step failed")
                 with self._cond:

@@ -142,7 +142,8 @@ def train_one(base: VisionBase, upload: ImageDataset, test: ImageDataset, method
             "steps_planned": steps_per_epoch * rhp["epochs"],
             "steps_after_best": res.metrics["steps"] - steps_per_epoch * res.best_epoch,
             "train_seconds": round(seconds, 2), "test_seconds": round(time.perf_counter() - t1, 2),
-            "estimated_seconds": round(estimate_seconds(method, len(fit), len(val), len(history), timing), 2),
+            # 3 significant digits: a tiny run's estimate is milliseconds (2 decimals made it 0)
+            "estimated_seconds": float(f"{estimate_seconds(method, len(fit), len(val), len(history), timing):.3g}"),
             "hyperparameters": {k: rhp[k] for k in ("epochs", "batch_size", "learning_rate", "warmup_ratio",
                                                     "patience", "lora_r", "image_size")},
             "curve": history, "load_average": round(os.getloadavg()[0], 2)}

@@ -193,6 +193,13 @@ class RawConnection:
             self.writer = None
 
 
+async def worker_connection(host: str, port: int, body: bytes, key: str) -> tuple[RawConnection, bytes]:
+    """A new keep-alive connection and the serving worker that accepted it (its X-Tailor-Worker,
+    learned from one predict)."""
+    conn = RawConnection(host, port)
+    return conn, (await conn.post("/v1/predict", body, key))[2]
+
+
 async def balanced_connections(host: str, port: int, n: int, workers: int, body: bytes, key: str,
                                tries: int = 8) -> list[RawConnection]:
     """``n`` keep-alive connections spread evenly over the server's ``workers`` (a connection stays
@@ -205,8 +212,7 @@ async def balanced_connections(host: str, port: int, n: int, workers: int, body:
     conns: list[RawConnection] = []
     for _ in range(n):
         for attempt in range(tries):
-            conn = RawConnection(host, port)
-            _, _, worker = await conn.post("/v1/predict", body, key)
+            conn, worker = await worker_connection(host, port, body, key)
             if count.get(worker, 0) < share or attempt == tries - 1:
                 count[worker] = count.get(worker, 0) + 1
                 conns.append(conn)
@@ -220,8 +226,8 @@ async def count_workers(url: str, key: str, body: bytes, probes: int = 12) -> in
     host, port = url.split("//", 1)[1].split(":")
     seen: set[bytes] = set()
     for _ in range(probes):
-        conn = RawConnection(host, int(port))
-        seen.add((await conn.post("/v1/predict", body, key))[2])
+        conn, worker = await worker_connection(host, int(port), body, key)
+        seen.add(worker)
         await conn.close()
     return len(seen)
 
@@ -268,11 +274,13 @@ async def closed_loop(url: str, keys: list[str], corpus: list[str], concurrency:
 
 
 def engine_rows_per_s(engine: Engine, adapters: list[Any], corpus: list[str], seconds: float) -> float:
-    """In-process rows/s: batches of MAX_BATCH rows, each row its own tenant's adapter."""
+    """In-process rows/s: batches of MAX_BATCH rows, each row its own tenant's adapter (with fewer
+    tenants than that, tenants repeat within a batch)."""
     rng = random.Random(1)
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        picks = rng.sample(range(len(adapters)), MAX_BATCH)
+        picks = (rng.sample(range(len(adapters)), MAX_BATCH) if len(adapters) >= MAX_BATCH
+                 else [rng.randrange(len(adapters)) for _ in range(MAX_BATCH)])
         engine.classify([rng.choice(corpus) for _ in picks], [adapters[i] for i in picks])
         done += MAX_BATCH
     return done / (time.perf_counter() - t0)

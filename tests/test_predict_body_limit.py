@@ -18,7 +18,9 @@ from service.settings import Settings
 from tests.service_fixture import LIMITS, Served, save_tiny_base, serving
 
 TEXT_LIMIT = 64 * 1024
-OVERRIDES = {"TAILOR_MAX_BODY_BYTES": str(TEXT_LIMIT)}
+# images of up to 3 MiB: a predict body may reach ~16 MiB, more than the kernel buffers a refused
+# body's sender can park on loopback (see the whole-body test)
+OVERRIDES = {"TAILOR_MAX_BODY_BYTES": str(TEXT_LIMIT), "TAILOR_MAX_IMAGE_BYTES": str(3 << 20)}
 
 
 def image_limit() -> int:
@@ -69,6 +71,26 @@ def test_the_refusal_comes_before_the_rest_of_the_body(limited: tuple[Served, st
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.split()[1] == b"413", answer[:500]
     assert b"connection: close" in rest.lower()
+
+
+def test_a_client_sending_its_whole_body_at_once_still_reads_the_413(limited: tuple[Served, str]) -> None:
+    """The refused body's rest is read and dropped before the answer (for up to LINGER_S): a
+    connection closed with the client's bytes unread is reset, and a client still sending would
+    get that reset instead of its 413."""
+    s, key = limited
+    body = b'{"adapter": "none", "inputs": ["' + b"z" * (11 << 20) + b'"]}'  # as the soak's oversize body
+    assert TEXT_LIMIT < len(body) < image_limit()
+    host, port = s.url.removeprefix("http://").split(":")
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, f"connection closed without an answer: {answer!r}"
+                answer += chunk
+        assert answer.split(b"\r\n", 1)[0].split()[1] == b"413", answer[:500]
 
 
 def test_images_may_use_the_image_limit(limited: tuple[Served, str]) -> None:

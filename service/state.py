@@ -27,7 +27,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ from adapters.quotas import TenantQuotas
 from adapters.registry import Registry
 from adapters.schema import safe_url
 from adapters.runtime.batcher import MicroBatcher
-from adapters.runtime.compute_thread import ComputeThread
+from adapters.runtime.compute_thread import ComputeThread, run_lent
 from adapters.runtime.core_share import CoreShare, instance_path
 from adapters.runtime.engine import Engine, EngineConfig
 from adapters.runtime.memory import HeapTrimmer
@@ -290,13 +289,7 @@ class TailorState:
 
     def run_lent(self, fn: Callable[[], None]) -> None:
         """``fn`` (a generation step) on the compute thread, with idle cores lent as for a batch."""
-        def lent() -> None:
-            with self.cores.lend() if self.cores is not None else nullcontext():
-                fn()
-        if self.compute is None:
-            lent()
-        else:
-            self.compute.run(lent)
+        run_lent(self.compute, self.cores, fn)
 
     def _on_batch(self, task: str, size: int, n_adapters: int, seconds: float) -> None:
         """A merged forward pass of ``task`` ended (on its batcher's thread, right after it)."""

@@ -67,14 +67,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from adapters.errors import AdapterOutputError
-from adapters.runtime.compute_thread import ComputeThread
+from adapters.runtime.compute_thread import ComputeThread, run_lent
 from adapters.runtime.core_share import CoreShare
 from adapters.runtime.engine import Engine, Prediction
 from adapters.runtime.fair_queue import FairQueue
@@ -278,10 +278,7 @@ class MicroBatcher:
             if taken is None:
                 return
             t0 = time.perf_counter()
-            if self.compute is None:
-                outcomes = self._pass(taken)
-            else:
-                outcomes = self.compute.run(partial(self._pass, taken))
+            outcomes = run_lent(self.compute, self.cores, partial(self._forward, taken, top=True))
             elapsed = time.perf_counter() - t0
             n_rows = sum(b - a for _, a, b in taken)
             n_adapters = len({row[0].key for req, a, b in taken for row in req.rows[a:b]})
@@ -295,13 +292,6 @@ class MicroBatcher:
                     self.on_batch(n_rows, n_adapters, elapsed)
                 except Exception:  # metrics must never break serving
                     log.exception("on_batch callback failed")
-
-    def _pass(self, taken: list[Slice]) -> list[Outcome]:
-        with self._lend():
-            return self._forward(taken, top=True)
-
-    def _lend(self) -> AbstractContextManager[Any]:
-        return self.cores.lend() if self.cores is not None else nullcontext()
 
     def _forward(self, part: list[Slice], top: bool = False) -> list[Outcome]:
         """One outcome per slice: its rows' results, or the exception that fails its request.

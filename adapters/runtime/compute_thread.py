@@ -17,6 +17,9 @@ long as both threads lived. So the batchers hand their passes to one ``ComputeTh
 * ``close()`` lets queued work finish, then stops the thread; ``run`` afterwards raises
   ``RuntimeError``. One per process (the service's state owns it); a library user with one
   batcher needs none (the batcher then runs passes on its own thread).
+* ``run_lent(compute, cores, fn)`` is how a forward pass (a batch, a generation step) runs:
+  on ``compute`` when there is one, else on the caller's thread, inside ``cores.lend()`` when
+  there are cores to lend.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import nullcontext
 from typing import Any, TypeVar
+
+from adapters.runtime.core_share import CoreShare
 
 T = TypeVar("T")
 
@@ -69,3 +75,11 @@ class ComputeThread:
                 future.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - the caller re-raises it
                 future.set_exception(e)
+
+
+def run_lent(compute: ComputeThread | None, cores: CoreShare | None, fn: Callable[[], T]) -> T:
+    """``fn()`` on ``compute`` (else here), inside ``cores.lend()`` (if any): one forward pass."""
+    def lent() -> T:
+        with cores.lend() if cores is not None else nullcontext():
+            return fn()
+    return lent() if compute is None else compute.run(lent)

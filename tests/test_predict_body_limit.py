@@ -55,19 +55,26 @@ def test_texts_past_the_text_limit_are_413_naming_it(limited: tuple[Served, str]
         assert f"{TEXT_LIMIT} byte limit" in err["message"] and str(image_limit()) in err["message"]
 
 
-def test_the_refusal_comes_before_the_rest_of_the_body(limited: tuple[Served, str]) -> None:
-    """Half of a declared body past the text limit is sent, the rest never: the 413 still comes."""
-    s, key = limited
-    head = b'{"adapter": "none", "inputs": ["' + b"z" * (TEXT_LIMIT + 1000)
+def raw_predict(s: Served, key: str, sent: bytes, content_length: int) -> bytes:
+    """Send a predict's headers declaring ``content_length`` and then ``sent`` (all of the body, or
+    only its start) on a plain socket; the answer's status line and headers."""
     host, port = s.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         sock.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {2 * len(head)}\r\n\r\n".encode() + head)
+                     f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n".encode() + sent)
         answer = b""
         while b"\r\n\r\n" not in answer:
             chunk = sock.recv(65536)
             assert chunk, f"connection closed without an answer: {answer!r}"
             answer += chunk
+    return answer
+
+
+def test_the_refusal_comes_before_the_rest_of_the_body(limited: tuple[Served, str]) -> None:
+    """Half of a declared body past the text limit is sent, the rest never: the 413 still comes."""
+    s, key = limited
+    head = b'{"adapter": "none", "inputs": ["' + b"z" * (TEXT_LIMIT + 1000)
+    answer = raw_predict(s, key, head, 2 * len(head))
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.split()[1] == b"413", answer[:500]
     assert b"connection: close" in rest.lower()
@@ -80,16 +87,8 @@ def test_a_client_sending_its_whole_body_at_once_still_reads_the_413(limited: tu
     s, key = limited
     body = b'{"adapter": "none", "inputs": ["' + b"z" * (11 << 20) + b'"]}'  # as the soak's oversize body
     assert TEXT_LIMIT < len(body) < image_limit()
-    host, port = s.url.removeprefix("http://").split(":")
     for _ in range(5):
-        with socket.create_connection((host, int(port)), timeout=60) as sock:
-            sock.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(65536)
-                assert chunk, f"connection closed without an answer: {answer!r}"
-                answer += chunk
+        answer = raw_predict(s, key, body, len(body))
         assert answer.split(b"\r\n", 1)[0].split()[1] == b"413", answer[:500]
 
 

@@ -21,7 +21,9 @@ streams; >= 2 vs peft at 32), and for the engine runs where its scheduler thread
 and how many prefills and decode steps ran, and the process's minor page faults), and, apart from
 the loop (``step_costs``), one decode step and one prefill of C rows mixed vs base (on a fresh
 thread, as the scheduler runs them, with page faults per step), the LoRA bytes a decode step
-reads, row joins and leaves. Loading, peft's runs and ``step_costs`` each run on a thread that
+reads, the time to read those bytes once (``lora_read_floor_ms``: a floor on what the rows add
+to a step, so ``decode_step_ratio_ceiling`` = base / (base + floor) bounds the step ratio), row
+joins and leaves. Loading, peft's runs and ``step_costs`` each run on a thread that
 exits afterwards (``adapters.runtime.torch_threads``): an OpenMP pool left alive on the main
 thread would slow every op of the scheduler's thread, which is not how the service runs it.
 Every engine run starts from an idle engine that has handed its KV and LoRA row buffers back (the
@@ -224,10 +226,17 @@ def step_costs(engine: GenerationEngine, loaded: list[Any], prompt_ids: list[lis
         grow_t.append(time.perf_counter() - t0)
     step_mixed, step_base = median(times["mixed"]), median(times["base"])
     pre_mixed, pre_base = median(pre["mixed"]), median(pre["base"])
+    live = rows.live
+    assert live is not None and live.shape[0] == c
+    read = median(interleaved({"read": lambda: live.sum()}, rounds=max(3, rounds * 3))["read"])
     return {"rows": c, "decode_step_ms": {"mixed": 1e3 * step_mixed, "base": 1e3 * step_base},
             "decode_step_ratio_base_over_mixed": step_base / step_mixed,
             "minor_page_faults_per_decode_step": faults,
-            "lora_bytes_per_decode_step": rows.nbytes * c // max(rows.rows_cap, 1),
+            "lora_bytes_per_decode_step": live.numel() * live.element_size(),
+            # reading those bytes once (a sum over them, same thread and cores) is a floor on what the
+            # LoRA rows add to a step, so base / (base + floor) bounds the step ratio from above
+            "lora_read_floor_ms": 1e3 * read, "lora_read_gib_per_s": live.numel() * live.element_size() / read / 2**30,
+            "decode_step_ratio_ceiling": step_base / (step_base + read),
             "prefill_ms": {"mixed": 1e3 * pre_mixed, "base": 1e3 * pre_base, "prompt_tokens": int(ids.numel())},
             "prefill_ratio_base_over_mixed": pre_base / pre_mixed,
             "row_join_ms": 1e3 * median(join_t), "row_leave_ms": 1e3 * median(leave_t),

@@ -137,8 +137,10 @@ def test_a_step_without_a_change_copies_nothing(world):
     assert rows.rows_written == 4 and rows.rows == [None] and rows.plan(0, 1) is None
     with pytest.raises(ValueError, match="exceed"):
         rows.append([adapters[0]] * 4)
+    live = rows.live  # a view of the one live row: the buffer's first row
+    assert live is not None and live.shape[0] == 1 and live.numel() * live.element_size() * rows.rows_cap == rows.nbytes
     rows.clear()
-    assert rows.nbytes == 0 and len(rows) == 0
+    assert rows.nbytes == 0 and len(rows) == 0 and rows.live is None
     # the layout starts afresh: a row image laid out for the wider one before is not reused
     rows.append([adapters[2], adapters[0]])
     bank = SlotBank(base.spec.linear_shapes, 0, 3, base.device, base.dtype, separate=SEPARATE)

@@ -109,6 +109,8 @@ def test_the_generation_benchmark_runs_on_the_tiny_base(tmp_path, monkeypatch):
     costs = result["step_costs"]["3"]
     assert costs["prefill_ms"]["mixed"] > 0 and costs["prefill_ms"]["prompt_tokens"] >= 3
     assert costs["lora_bytes_per_decode_step"] == 3 * result["adapter_bytes"]  # each row reads its own copy
+    assert costs["lora_read_floor_ms"] > 0 and costs["lora_read_gib_per_s"] > 0
+    assert 0 < costs["decode_step_ratio_ceiling"] < 1
     assert row["mixed"]["scheduler_seconds"]["decode_steps"] >= 2  # 3 tokens: the first from the prefill
     assert row["mixed"]["scheduler_seconds"]["minor_page_faults"] >= 0
     assert costs["decode_step_ratio_base_over_mixed"] > 0 and costs["minor_page_faults_per_decode_step"] >= 0

@@ -104,6 +104,12 @@ class RowLoras:
         """Bytes the row buffer takes (the row images' cache aside)."""
         return 0 if self._flat is None else self._flat.nbytes
 
+    @property
+    def live(self) -> torch.Tensor | None:
+        """The live rows' weights, ``[len(self), row_numel]``: a view of the buffer (read-only use;
+        None before the first row). What a mixed step over all of them reads at least once."""
+        return None if self._flat is None else self._flat[: len(self.rows)]
+
     # -- composition changes --------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -79,8 +79,8 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
-                   help="fashion-mnist: keep each run's per-epoch checkpoint in DIR/METHOD-SEED, so a stopped "
-                        "piece started again resumes from its last finished epoch")
+                   help="keep each run's per-epoch checkpoint in DIR/METHOD-SEED, so a stopped piece started "
+                        "again resumes from its last finished epoch")
     p.add_argument("--input-size", type=int, default=None,
                    help="fashion-mnist: px the backbone is built for (default 224, its own; --quick 96); "
                         "recorded in the JSON, and pieces of other sizes are not merged")
@@ -189,14 +189,17 @@ def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, li
               method: str, seed: int) -> Piece:
     """One method x seed: ``(its run record, its META fields or None if it failed, its curve)``."""
     history: list[dict[str, Any]] = []
+    events: list[str] = []
     cb = TrainCallbacks(on_epoch=lambda e, m: log_epoch(method, history, e, m),
-                        on_search=lambda d: print(f"{method} search: {json.dumps(d)}", flush=True))
+                        on_search=lambda d: print(f"{method} search: {json.dumps(d)}", flush=True),
+                        on_event=lambda level, message: events.append(message))
     hp = Hyperparameters.from_dict({"seed": seed, "max_length": 128, **args.hyperparameters,
                                     **variant(args.variants, method)})
+    ckpt = args.checkpoint_dir / f"{method.replace(':', '-')}-{seed}" if args.checkpoint_dir else None
     t0 = time.perf_counter()
     try:
         res = train(base, texts["fit"], ys["fit"], labels, texts["val"], ys["val"], method=method.split(":")[0],
-                    hp=hp, callbacks=cb, threads=args.threads)
+                    hp=hp, callbacks=cb, checkpoint_dir=ckpt, threads=args.threads)
     except TrainingDiverged as e:  # what a tenant would get: a failed job, no adapter
         print(f"{method} seed {seed}: failed: {e.message}")
         return ({"seed": seed, "failed": e.message, "train_seconds": time.perf_counter() - t0,
@@ -205,10 +208,13 @@ def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, li
     m = classification_metrics(ys["test"], predict(res.model, base, texts["test"]), len(labels))
     print(f"{method} seed {seed}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s",
           flush=True)
+    resumed = next((e for e in events if e.startswith("resumed")), None)
     return ({"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "train_seconds": seconds,
-             "epochs_run": len(history), "best_epoch": res.best_epoch, "val_accuracy": res.metrics["val_accuracy"],
+             "epochs_run": len(res.history), "best_epoch": res.best_epoch, "val_accuracy": res.metrics["val_accuracy"],
              "steps": res.metrics.get("steps"), "load_average": round(os.getloadavg()[0], 2),
-             **({"search": res.metrics["search"]} if "search" in res.metrics else {})}, trained_meta(res), history)
+             **({"resumed": resumed} if resumed else {}),
+             **({"search": res.metrics["search"]} if "search" in res.metrics else {})},
+            trained_meta(res), list(res.history))  # every epoch, those a checkpoint brought included
 
 
 def variant(variants: dict[str, dict[str, Any]], method: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -89,6 +90,31 @@ def test_a_crashed_run_resumes_without_retraining_what_it_finished(bench, tmp_pa
         assert first["from_run"]["file"] == "run.json" and "from_run" not in second and second["seed"] == 1
     assert done["variants"] == {"fast": {"head_lr_scale": 10}}
     assert done["lora:fast"]["hyperparameters"]["head_lr_scale"] == 10
+
+
+def test_a_text_piece_stopped_mid_run_resumes_from_its_checkpoint(bench, tmp_path, monkeypatch):
+    real_train = quality.train
+    args = ("--methods", "lora:fast", "--variants", '{"fast": {"head_lr_scale": 10}}', "--seed-list", "0")
+
+    def stops_in_epoch_3(*a, callbacks, **kw):
+        def on_epoch(epoch, metrics):
+            callbacks.on_epoch(epoch, metrics)
+            if epoch == 3:  # before epoch 3's checkpoint: epoch 2's is the last on disk
+                raise KeyboardInterrupt
+        return real_train(*a, callbacks=replace(callbacks, on_epoch=on_epoch), **kw)
+
+    monkeypatch.setattr(quality, "train", stops_in_epoch_3)
+    out, ckpt = tmp_path / "piece.json", tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        bench(*args, "--checkpoint-dir", str(ckpt), "--out", str(out))
+    assert (ckpt / "lora-fast-0").is_dir() and json.loads(out.read_text())["pending"] == ["lora:fast:0"]
+    monkeypatch.setattr(quality, "train", real_train)
+    resumed = bench(*args, "--checkpoint-dir", str(ckpt), "--resume", "--out", str(out))
+    whole = bench(*args, "--out", str(tmp_path / "whole.json"))
+    run, plain = resumed["lora:fast"]["runs"][0], whole["lora:fast"]["runs"][0]
+    assert "after epoch 2" in run["resumed"] and "resumed" not in plain
+    assert run["epochs_run"] == plain["epochs_run"] == 4 and len(resumed["curves"]["lora:fast"]) == 4
+    assert run["accuracy"] == plain["accuracy"] and run["macro_f1"] == plain["macro_f1"]  # the same weights
 
 
 def test_pieces_of_another_comparison_are_refused(bench, tmp_path):

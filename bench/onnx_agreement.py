@@ -44,7 +44,7 @@ from adapters.store import LocalStore
 from adapters.training import Hyperparameters, train
 from bench import data
 from bench.common import machine, parser, write
-from bench.onnx_int8_recipes import int8_serving, recipe_named
+from bench.onnx_int8_recipes import int8_serving, recipe_named, recipe_names
 from bench.onnx_int8_speed import speed
 
 SIZES = {"imdb": (1000, 1000), "bbc": (1000, 900), "rotten": (1000, 1000), "tweets": (1000, 1000)}
@@ -76,9 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = [d for d in args.datasets.split(",") if d]
     with tempfile.TemporaryDirectory(prefix="tailor-agree-") as tmp:
-        recipes = tuple(r for r in args.int8_recipes.split(",") if r)
-        for r in recipes:
-            recipe_named(r)  # an unknown name fails before any training
+        recipes = recipe_names(args.int8_recipes)  # an unknown name fails before any training
         graph_dir = args.graph_cache or Path(tmp) / "graphs"
         base = load_base(max_length=128)
         result = run(names, quick=args.quick, tmp=Path(tmp), base=base, n_train=args.n_train,

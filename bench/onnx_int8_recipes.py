@@ -37,6 +37,15 @@ def recipe_named(name: str) -> Int8Recipe:
                      f"pc-keep-{{{','.join(GROUPS)}}} or pc-keep-layerN")
 
 
+def recipe_names(value: str) -> tuple[str, ...]:
+    """A ``--recipes``-style comma list, each name checked by ``recipe_named`` (an unknown one is a
+    ValueError before anything is built or trained)."""
+    names = tuple(r for r in value.split(",") if r)
+    for r in names:
+        recipe_named(r)
+    return names
+
+
 def int8_serving(base: Any, torch_serving: Any, graph_dir: Path, recipe: Int8Recipe,
                  targets: frozenset[str] | None = None) -> tuple[OnnxTextServing, list[str]]:
     fp32, _ = cached_graph(base, torch_serving, "fp32", GraphCache(graph_dir), targets)

@@ -27,7 +27,7 @@ from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 from bench.common import interleaved, median
 from bench.engine import TOKENS
-from bench.onnx_int8_recipes import int8_serving, recipe_named
+from bench.onnx_int8_recipes import int8_serving, recipe_named, recipe_names
 
 DISTINCT = 32
 TARGETS = ("query", "value")
@@ -81,9 +81,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    recipes = tuple(r for r in args.recipes.split(",") if r)
-    for r in recipes:
-        recipe_named(r)
+    recipes = recipe_names(args.recipes)
     with tempfile.TemporaryDirectory(prefix="tailor-int8-speed-") as tmp:
         result = speed(load_base(), recipes, Path(tmp), args.graph_cache or Path(tmp) / "graphs",
                        rounds=args.rounds if not args.quick else min(args.rounds, 5), clock=args.clock)

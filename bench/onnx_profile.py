@@ -48,7 +48,7 @@ from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 from bench.common import interleaved, median
 from bench.engine import TOKENS
-from bench.onnx_int8_recipes import recipe_named
+from bench.onnx_int8_recipes import recipe_named, recipe_names
 from bench.onnx_int8_speed import DISTINCT, TARGETS
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -213,9 +213,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    recipes = tuple(r for r in args.recipes.split(",") if r)
-    for r in recipes:
-        recipe_named(r)
+    recipes = recipe_names(args.recipes)
     rounds = min(args.rounds, 3) if args.quick else args.rounds
     with tempfile.TemporaryDirectory(prefix="tailor-onnx-profile-") as tmp:
         result = profile(load_base(), recipes, Path(tmp), args.graph_cache or Path(tmp) / "graphs",

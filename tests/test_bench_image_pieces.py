@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 
 import pytest
 
@@ -18,6 +17,7 @@ from adapters.vision.backbone import tiny_vision_base
 from bench import image_autohp, quality, quality_image
 from bench.image_autohp_plan import PLAN_SIZES, split_counts
 from bench.image_data import available
+from tests.interrupted import stopped_at_epoch
 
 pytestmark = pytest.mark.skipif(not available(), reason="Fashion-MNIST IDX files missing: scripts/system-packages.sh")
 
@@ -149,14 +149,7 @@ def test_a_piece_stopped_mid_run_resumes_from_its_checkpoint(tiny_sizes, tmp_pat
     three = ["--hyperparameters", '{"epochs": 3, "batch_size": 8, "patience": 3}', "--methods", "lora",
              "--seed-list", "0", "--input-size", "64"]
 
-    def stops_in_epoch_2(*a, callbacks, **kw):
-        def on_epoch(epoch, metrics):
-            callbacks.on_epoch(epoch, metrics)
-            if epoch == 2:  # before epoch 2's checkpoint: epoch 1's is the last on disk
-                raise KeyboardInterrupt
-        return real(*a, callbacks=replace(callbacks, on_epoch=on_epoch), **kw)
-
-    monkeypatch.setattr(quality_image, "train_images", stops_in_epoch_2)
+    monkeypatch.setattr(quality_image, "train_images", stopped_at_epoch(real, 2))  # epoch 1's checkpoint kept
     out, ckpt = tmp_path / "lora.json", tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
         bench(monkeypatch, *three, "--checkpoint-dir", str(ckpt), "--out", str(out))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import replace
 
 import pytest
 
 from adapters.base import tiny_base
 from bench import quality, quality_compare
 from bench.quality_runs import take_runs
+from tests.interrupted import stopped_at_epoch
 from tests.training_data import sentiment
 
 COMMON = ["--dataset", "tweets", "--n-train", "80", "--n-test", "30", "--skip-latency", "--threads", "1",
@@ -96,14 +96,7 @@ def test_a_text_piece_stopped_mid_run_resumes_from_its_checkpoint(bench, tmp_pat
     real_train = quality.train
     args = ("--methods", "lora:fast", "--variants", '{"fast": {"head_lr_scale": 10}}', "--seed-list", "0")
 
-    def stops_in_epoch_3(*a, callbacks, **kw):
-        def on_epoch(epoch, metrics):
-            callbacks.on_epoch(epoch, metrics)
-            if epoch == 3:  # before epoch 3's checkpoint: epoch 2's is the last on disk
-                raise KeyboardInterrupt
-        return real_train(*a, callbacks=replace(callbacks, on_epoch=on_epoch), **kw)
-
-    monkeypatch.setattr(quality, "train", stops_in_epoch_3)
+    monkeypatch.setattr(quality, "train", stopped_at_epoch(real_train, 3))  # epoch 2's checkpoint kept
     out, ckpt = tmp_path / "piece.json", tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
         bench(*args, "--checkpoint-dir", str(ckpt), "--out", str(out))

@@ -99,6 +99,7 @@ class AdapterManifest:
         d = asdict(self)
         d["labels"] = list(self.labels)
         d["lora"]["target_modules"] = list(self.lora.target_modules)
+        d["pooling"] = self.pooling.to_dict()  # (names "layers" only when not the last layer's)
         return d
 
     def to_json(self) -> bytes:

@@ -221,8 +221,9 @@ class SlotBankGraph:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, args, buf, dynamo=False, opset_version=OPSET,
-                              input_names=[*names, *layout.input_names, "slot_idx"], output_names=["hidden", "pooled"],
-                              dynamic_axes={**axes, "hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}})
+                              input_names=[*names, *layout.input_names, "slot_idx"], output_names=["hidden", "pooled", "layers_mean"],
+                              dynamic_axes={**axes, "hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"},
+                                            "layers_mean": {0: "batch", 1: "sequence"}})
         self.session = make_session(buf.getvalue())
         self.layout, self.slots, self.names = layout, slots, names
 

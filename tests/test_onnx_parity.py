@@ -2,7 +2,7 @@
 
 A tiny random BERT (fast): three adapters of different ranks (2/4/3), target sets
 (query+value / every dense layer incl. the pooler / key), label counts (2/5/3) and poolings
-(pooler / mean / cls), with base rows, through the real engine (registry, store, slots) with
+(pooler / mean / cls; a fourth adapter pools every layer), with base rows, through the real engine (registry, store, slots) with
 its serving swapped for ``OnnxTextServing``: first on the universal graph, then on the graph
 variant of the batch's target set once built. The real MiniLM runs in the slow tests.
 """
@@ -29,6 +29,7 @@ KINDS = [  # (r, targets, labels, pooling)
     (2, ("query", "value"), 2, "pooler"),
     (4, ("dense",), 5, "mean"),
     (3, ("key",), 3, "cls"),
+    (2, ("value",), 4, "mean+all_layers"),  # the head method's pooling: the graph's layers_mean output
 ]
 
 

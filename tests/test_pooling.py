@@ -28,6 +28,7 @@ from adapters.training.text_task import TextTask
 from tests.training_data import FAST_HP, sentiment
 
 MEAN = Pooling("mean", normalize=True)
+DEEP = Pooling("mean", layers="all")  # what the head method reads
 TEXTS = ["good morning", "a dreadful film with a plot that never arrives", "taxes", "the cup final was grim",
          "so-so service"]
 LABELS = ("neg", "pos")
@@ -157,15 +158,19 @@ def test_mixed_batch_gives_each_pooling_its_solo_logits(tmp_path):
     new = AdapterArtifact(manifest=replace(new.manifest, pooling=MEAN), weights=new.weights)
     cls_ = random_artifact(base.spec, seed=3, n_labels=2)
     cls_ = AdapterArtifact(manifest=replace(cls_.manifest, pooling=Pooling("cls")), weights=cls_.weights)
+    deep = random_artifact(base.spec, seed=4, n_labels=3)
+    deep = AdapterArtifact(manifest=replace(deep.manifest, pooling=DEEP), weights=deep.weights)
     a, b, c = publish(engine, catalog, "old", old), publish(engine, catalog, "new", new), publish(engine, catalog, "c", cls_)
+    d = publish(engine, catalog, "deep", deep)
     want = {"old": peft_solo(base, pristine, old, tmp_path / "old"),
             "new": peft_solo(base, pristine, new, tmp_path / "new", MEAN),
-            "c": peft_solo(base, pristine, cls_, tmp_path / "c", Pooling("cls"))}
+            "c": peft_solo(base, pristine, cls_, tmp_path / "c", Pooling("cls")),
+            "deep": peft_solo(base, pristine, deep, tmp_path / "deep", DEEP)}
     # an independent check of the mean reference: masked mean of the adapted backbone, normalised
     inputs = base.tokenize(TEXTS)
     assert (inputs["attention_mask"] == 0).any()  # padding present: a mask ignored would show
-    rows = [a, b, None, c, b]
-    names = ["old", "new", None, "c", "new"]
+    rows = [a, b, None, c, d]
+    names = ["old", "new", None, "c", "deep"]
     out = engine.forward(inputs, rows)
     for i, name in enumerate(names):
         if name is not None:
@@ -188,17 +193,44 @@ def test_mixed_batch_gives_each_pooling_its_solo_logits(tmp_path):
             assert (alone - out.logits[i]).abs().max().item() <= 1e-5
 
 
+def test_all_layers_pooling_is_the_mean_of_every_blocks_output_and_is_recorded_only_when_used(tmp_path):
+    base = tiny_base(seed=3, pooling=DEEP)
+    pristine = copy.deepcopy(base.model)
+    engine, _ = engine_on(tmp_path, base)
+    inputs = base.tokenize(TEXTS)
+    out = engine.forward(inputs, [None] * len(TEXTS))  # base rows read the base's pooling
+    with torch.inference_mode():
+        states = pristine.bert(**inputs, output_hidden_states=True).hidden_states  # embeddings, then each block
+    want = pool_tokens("mean", torch.stack(states[1:]).mean(0), inputs["attention_mask"])
+    assert len(states) == 3 and torch.allclose(out.features, want, atol=1e-5)
+    last = pool_tokens("mean", states[-1], inputs["attention_mask"])
+    assert (out.features - last).abs().max() > 1e-3  # and it is not the last layer's
+    assert DEEP.to_dict() == {"mode": "mean", "normalize": False, "layers": "all"}
+    assert MEAN.to_dict() == {"mode": "mean", "normalize": True}  # old manifests and fingerprints read the same
+    assert Pooling.from_dict(DEEP.to_dict()) == DEEP and Pooling.parse(str(DEEP)) == DEEP
+    assert str(Pooling("cls", True, "all")) == "cls+all_layers+normalize"
+    with pytest.raises(ValueError, match="token mode"):
+        Pooling("pooler", layers="all")
+    with pytest.raises(ValueError, match="layers"):
+        Pooling("mean", layers="some")
+    with pytest.raises(ValueError, match="all_layers"):
+        Pooling.parse("mean+deep")
+
+
 # -- training = serving -------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["lora", "head"])
-def test_served_logits_equal_training_time_logits_with_mean_pooling(tmp_path, method):
+@pytest.mark.parametrize("method,solver", [("lora", "auto"), ("head", "adamw"), ("head", "lbfgs")])
+def test_served_logits_equal_training_time_logits_with_mean_pooling(tmp_path, method, solver):
     tr, va = sentiment(60, seed=0), sentiment(20, seed=1)
     ids = {n: i for i, n in enumerate(LABELS)}
     trainer_base = tiny_base(seed=1, initializer_range=0.3, pooling=MEAN)
     res = train(trainer_base, [r["text"] for r in tr], [ids[r["label"]] for r in tr], LABELS,
                 [r["text"] for r in va], [ids[r["label"]] for r in va], method=method,
-                hp=Hyperparameters.from_dict({**FAST_HP, "epochs": 3}), threads=1)
-    assert res.artifact.manifest.pooling == MEAN
+                hp=Hyperparameters.from_dict({**FAST_HP, "epochs": 3, "solver": solver}), threads=1)
+    # the head method reads the mean of every layer's token states, not normalised; LoRA the base's pooling
+    want = Pooling(mode="mean", normalize=False, layers="all") if method == "head" else MEAN
+    assert res.artifact.manifest.pooling == want
+    assert (res.metrics["steps"] == 0) == (solver == "lbfgs")  # the closed-form fit takes no optimizer steps
     texts = [r["text"] for r in va] + TEXTS
     with torch.inference_mode():
         trained = res.model(**trainer_base.tokenize(texts)).logits
@@ -221,7 +253,8 @@ def test_a_checkpoint_of_another_pooling_is_not_resumed_and_pooler_runs_keep_the
     assert prints["pooler"] != prints["mean"]
     # a pooler run hashes exactly what it hashed before pooling was recorded
     # (settings added since, at their neutral values, are not hashed: the fields it had then)
-    then = {k: v for k, v in hp.to_dict().items() if k not in ("head_lr_scale", "lora_plus_ratio", "use_rslora", "search")}
+    then = {k: v for k, v in hp.to_dict().items()
+            if k not in ("head_lr_scale", "lora_plus_ratio", "use_rslora", "search", "solver")}
     want = hashlib.sha256(json.dumps(["head", list(LABELS), then, tiny_base(seed=1).spec.fingerprint],
                                      sort_keys=True).encode())
     for part in data:

@@ -201,12 +201,12 @@ def test_job_and_adapter_quotas_are_409_and_leave_nothing(server, tmp_path):
         assert (e.value.status, e.value.code) == (409, "job_quota_exceeded"), e.value
         assert [j["id"] for j in q.list_jobs()] == [first["id"]]
         q.cancel_job(first["id"])
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded 2-core box once took over 60 s to stop the worker
         while q.get_job(first["id"])["status"] != "cancelled":
             assert time.monotonic() < deadline
             time.sleep(0.2)
         second = q.create_job("second", training_data=rows[:30], promote="never")
-        assert second["status"] == "queued"
+        assert second["status"] in ("queued", "running")  # accepted (a free worker may claim it at once)
         q.cancel_job(second["id"])
 
 

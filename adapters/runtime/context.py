@@ -85,6 +85,7 @@ class BatchPlan:
     # each row's pooling, or None when every row reads the model's own pooled output
     poolings: tuple[Pooling, ...] | None = None
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # (last hidden state, mask) when needed
+    layers_mean: torch.Tensor | None = None  # the blocks' outputs' mean, when a row pools all layers
 
 
 _current: ContextVar[BatchPlan | None] = ContextVar("tailor_batch_plan", default=None)

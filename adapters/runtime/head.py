@@ -20,11 +20,18 @@ from adapters.pooling import apply_rows
 from adapters.runtime.context import current_plan
 
 
-def keep_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> None:
+def keep_tokens(hidden: torch.Tensor, mask: torch.Tensor, layers_mean: torch.Tensor | None) -> None:
     """The backbone's hook (``adapters.pooling.tap_tokens``): keep token states if the plan pools them."""
     plan = current_plan()
     if plan is not None and plan.poolings is not None:
         plan.tokens = (hidden, mask)
+        plan.layers_mean = layers_mean
+
+
+def wants_all_layers() -> bool:
+    """Whether some row of the current batch pools every layer's token states (the tap's question)."""
+    plan = current_plan()
+    return plan is not None and plan.poolings is not None and any(p.all_layers for p in plan.poolings)
 
 
 class MixedHead(nn.Module):
@@ -38,8 +45,8 @@ class MixedHead(nn.Module):
             raise RuntimeError("the mixed head runs only inside an engine batch (no plan installed)")
         if plan.poolings is not None:
             hidden, mask = plan.tokens if plan.tokens is not None else (None, None)
-            pooled = apply_rows(plan.poolings, pooled, hidden, mask)
-            plan.tokens = None  # the token states are not needed past the head
+            pooled = apply_rows(plan.poolings, pooled, hidden, mask, plan.layers_mean)
+            plan.tokens = plan.layers_mean = None  # the token states are not needed past the head
         plan.features = pooled
         if plan.single:
             return torch.addmm(plan.head_bias, pooled, plan.head_weight)

@@ -28,7 +28,7 @@ from adapters.datasets import parse_dataset as _parse_text_dataset
 from adapters.fingerprint import BaseSpec
 from adapters.pooling import POOLER, Pooling, tap_tokens
 from adapters.runtime.context import BatchPlan
-from adapters.runtime.head import MixedHead, keep_tokens
+from adapters.runtime.head import MixedHead, keep_tokens, wants_all_layers
 from adapters.runtime.inputs import check_text, check_texts
 from adapters.runtime.loaded import LoadedAdapter
 from adapters.runtime.lora_layer import wrap_linears
@@ -92,7 +92,7 @@ class TextServing:
         if not isinstance(getattr(model, base.head_name), MixedHead):
             setattr(model, base.head_name, MixedHead(base.spec.head_in_features))
         if base.spec.pools_tokens and not getattr(model, "_tailor_tokens_tapped", False):
-            tap_tokens(model, keep_tokens)
+            tap_tokens(model, keep_tokens, wants_all_layers)
             model._tailor_tokens_tapped = True  # one tap per model, however many engines wrap it
 
     def decode(self, raw: Sequence[Any], *, param: str = input_field, limits: Any = None) -> list[str]:

@@ -33,6 +33,13 @@ quick sets it did not pay, see there); with ``AUTO_SEARCH`` the rule is: LoRA ru
 of ~600 steps, where the search costs at most 2 plain runs (1.73x at 30 epochs). Runs of under
 ``SEARCH_MIN_EPOCHS`` epochs never search (an explicit ``search: true`` there is an error).
 
+``solver`` (``"auto"``, ``"adamw"`` or ``"lbfgs"``): how the ``head`` method fits its head.
+``lbfgs`` (what ``"auto"`` gives it unless a step field -- ``epochs``, ``batch_size``,
+``learning_rate``, ``warmup_ratio``, ``patience`` -- is set) fits an L2-penalised logistic
+regression on the frozen features in closed form, the penalty chosen by cross-validation on
+the training rows (``adapters.training.linear_probe``); ``adamw`` trains it in the loop's epochs,
+as every other method does. ``lbfgs`` with another method is an error.
+
 Every explicit value is checked on construction (``Hyperparameters(...)`` or ``from_dict``):
 a wrong type, a value out of range or an unknown field raises ``HyperparameterError`` (a
 ``ValueError``) whose ``param`` is ``hyperparameters.<field>``.
@@ -114,6 +121,7 @@ class ResolvedHyperparameters(ResolvedLora, ResolvedTokens):
     lora_plus_ratio: float = 1.0  # LoRA+: lora_B's rate over lora_A's
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     search: tuple[str, ...] = ()  # fields the search picks (adapters.training.search); () = none
+    solver: str = "adamw"  # the head method: "adamw" (epochs of steps) or "lbfgs" (adapters.training.linear_probe)
 
 
 # field -> (type, lower bound, upper bound)
@@ -125,6 +133,9 @@ _RULES: dict[str, tuple[type, float, float]] = {
     "head_lr_scale": (float, 0.01, 1000.0), "lora_plus_ratio": (float, 0.01, 1000.0),
 }
 _BOOLS = ("use_rslora", "search")
+SOLVERS = ("adamw", "lbfgs")
+# what "auto" leaves the lbfgs solver to: set explicitly, any of them asks the head for AdamW's epochs
+_STEP_FIELDS = ("epochs", "batch_size", "learning_rate", "warmup_ratio", "patience")
 
 
 class RequestedSettings:
@@ -197,6 +208,15 @@ class Hyperparameters(LoraFields, TokenSettings):
     lora_plus_ratio: float | str = AUTO
     use_rslora: bool | str = AUTO
     search: bool | str = AUTO
+    solver: str = AUTO
+
+    def _checked(self, key: str, value: Any) -> Any:
+        if key == "solver":
+            if value != AUTO and value not in SOLVERS:
+                raise HyperparameterError(f"solver must be \"auto\", {' or '.join(map(repr, SOLVERS))}, got {value!r}",
+                                          param="hyperparameters.solver")
+            return value
+        return _check(key, value)
 
     def resolve(self, n_train: int, method: str, device: object = None) -> ResolvedHyperparameters:
         """Concrete values for ``n_train`` examples (``device`` is accepted for future tuning;
@@ -221,7 +241,19 @@ class Hyperparameters(LoraFields, TokenSettings):
             lora_plus_ratio=float(self._or("lora_plus_ratio", LORA_PLUS_RATIO)),
             use_rslora=bool(self._or("use_rslora", False)),
             search=self._search_fields(n_train, method, epochs),
+            solver=self._solver(method),
         )
+
+    def _solver(self, method: str) -> str:
+        """``lbfgs`` for the head method unless a step field (``_STEP_FIELDS``) is set; only the
+        head method may ask for it."""
+        if self.solver == "lbfgs" and method != "head":
+            raise HyperparameterError(f"solver lbfgs fits the head method's head alone; this run is {method}",
+                                      param="hyperparameters.solver")
+        if self.solver != AUTO:
+            return self.solver
+        steps_asked = any(getattr(self, f) != AUTO for f in _STEP_FIELDS)
+        return "lbfgs" if method == "head" and not steps_asked else "adamw"
 
     def _search_fields(self, n_train: int, method: str, epochs: int) -> tuple[str, ...]:
         """What the search picks: the auto ones of ``SEARCHED`` for a LoRA run, when ``search``

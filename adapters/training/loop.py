@@ -20,6 +20,10 @@ Divergence (``divergence.Watch``: a non-finite or exploding loss, or predictions
 one label) stops training: the best healthy epoch is kept, with a warning event, if there was
 one, else ``TrainingDiverged`` is raised with the reason and what to change.
 
+A task that fits itself in closed form (an optional ``solve(poll)`` returning what to report,
+e.g. the head method's L-BFGS probe) is validated once after ``encode`` and recorded as epoch
+1 with no steps; predictions collapsed to one label then raise ``TrainingDiverged``.
+
 Checkpoints (``checkpoint_dir``) are written after every epoch; a run asked to train again with
 the same settings and data (``task.fingerprint()``) resumes after the last saved epoch, and a
 run that had already finished (early stop included) is not trained further.
@@ -105,6 +109,10 @@ class _Loop:
     def fit(self, ckpt_dir: Path | None) -> None:
         hp, task, st = self.hp, self.task, self.state
         task.encode(self._poll)
+        solve = getattr(task, "solve", None)
+        solved = solve(self._poll) if solve is not None else None
+        if solved is not None:
+            return self._solved(solved)
         ys, obj = task.train_label_ids, self.obj
         steps_per_epoch = math.ceil(len(ys) / hp.batch_size)
         total = steps_per_epoch * hp.epochs
@@ -183,6 +191,25 @@ class _Loop:
         if st.best_epoch == 0:
             raise watch.never_healthy(st.history, steps_per_epoch, hp.learning_rate)
         st.load_best()
+
+    def _solved(self, info: dict[str, Any]) -> None:
+        """A task that fitted itself in closed form (``solve``): validated once, as epoch 1 of 1
+        with no optimizer steps; no checkpoint (a run started again fits again)."""
+        st, obj = self.state, self.obj
+        metrics = {"epoch": 1, "step": 0, "train_loss": info["train_loss"], **self._evaluate(),
+                   **{k: v for k, v in info.items() if k not in ("train_loss", "message")}}
+        metrics["collapsed"] = obj.watch(1, 1).collapsed(metrics)
+        st.history.append(metrics)
+        self._event("info", info["message"])
+        if self.cb.on_step:
+            self.cb.on_step(1, 1, 1, info["train_loss"])
+        if self.cb.on_epoch:
+            self.cb.on_epoch(1, dict(metrics))
+        self._event("info", f"validation: {obj.describe(metrics)}")
+        if metrics["collapsed"]:
+            raise TrainingDiverged("the fitted head predicts one label for every validation example: these "
+                                   "features do not separate the labels; try method lora")
+        st.keep_best(1, metrics.get("val_accuracy", 0.0))
 
     def _poll(self) -> None:
         if self.cb.should_stop and self.cb.should_stop():

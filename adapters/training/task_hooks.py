@@ -16,7 +16,9 @@ the model in parts (``MicroBatch``es, e.g. within a token budget: ``token_budget
 loop then runs a training step as one forward and backward per part, each part's loss weighted
 by its share, and one optimizer step (gradient accumulation), and a validation chunk as one
 forward per part, the rows put back in the batch's order (``forward_parts``). Without it every
-batch goes whole.
+batch goes whole. Last, a task may have ``solve(poll)``: a closed-form fit right after
+``encode`` (the text head method's L-BFGS probe, ``linear_probe``) returning what to report
+(``train_loss``, ``message``, other figures for the epoch's metrics), or None to train by steps.
 """
 
 from __future__ import annotations

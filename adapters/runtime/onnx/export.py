@@ -6,8 +6,10 @@ Contract:
   ``adapters.base.BaseModel`` already prepared by its ``TextServing``): inputs are the
   tokenizer's tensors (``TOKEN_INPUTS`` the tokenizer gives) followed by the LoRA inputs of
   ``GraphLayout.of(spec, targets)`` (``targets=None``: every adaptable layer; a set of module
-  paths: a variant with LoRA branches on those layers only); outputs are ``hidden`` (the backbone's last hidden state ``[B, T, H]``) and
-  ``pooled`` (its pooled output ``[B, H]``, what a ``*ForSequenceClassification`` head reads).
+  paths: a variant with LoRA branches on those layers only); outputs are ``hidden`` (the backbone's last hidden state ``[B, T, H]``),
+  ``pooled`` (its pooled output ``[B, H]``, what a ``*ForSequenceClassification`` head reads)
+  and ``layers_mean`` (the mean of its transformer blocks' outputs ``[B, T, H]``, for heads
+  pooling every layer: ``adapters.pooling``).
   Pooling and the per-row heads stay in torch after the graph (fp32, tiny). Batch, sequence,
   LoRA batch, rank and column axes are dynamic.
 * The export runs on a deep copy of the model (``graph_copy``: the serving model is never
@@ -46,7 +48,7 @@ OPSET = 17
 # process, whether at start or in the background (adapters.runtime.onnx.variants)
 _EXPORTING = threading.Lock()
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-OUTPUTS = ("hidden", "pooled")
+OUTPUTS = ("hidden", "pooled", "layers_mean")
 
 
 class ExportError(RuntimeError):
@@ -129,14 +131,16 @@ class _Wrapper(nn.Module):
         super().__init__()
         self.inner, self.feeds, self.token_names = inner, feeds, token_names
 
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = len(self.token_names)
         self.feeds.set(args[k:])
-        out = self.inner(**dict(zip(self.token_names, args[:k])))
+        out = self.inner(**dict(zip(self.token_names, args[:k])), output_hidden_states=True)
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             raise ExportError(f"{type(self.inner).__name__} gives no pooled output for the head")
-        return out.last_hidden_state, pooled
+        per_block = out.hidden_states[1:]  # the embeddings' output first, then each block's
+        layers_mean = sum(per_block[1:], per_block[0]) / len(per_block) if per_block else out.last_hidden_state
+        return out.last_hidden_state, pooled, layers_mean
 
 
 def graph_copy(base: Any, targets: frozenset[str] | None = None) -> tuple[nn.Module, _Feeds, GraphLayout]:
@@ -196,7 +200,8 @@ def export_text_graph(base: BaseModel, path: Path | None = None, *, opset: int =
     args = tuple(sample_tokens[n] for n in token_names) + tuple(layout.sample(batch=2))
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in token_names}
     axes.update(layout.dynamic_axes())
-    axes.update({"hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}})
+    axes.update({"hidden": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"},
+                 "layers_mean": {0: "batch", 1: "sequence"}})
     data = drop_nan_guards(export_module(wrapper, args, [*token_names, *layout.input_names], list(OUTPUTS), axes,
                                          opset))
     if path is not None:

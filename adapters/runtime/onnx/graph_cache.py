@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tailor.onnx")
 
-LAYOUT_VERSION = 2  # bump when the graph's inputs, outputs or post-export rewrites change (2: no NaN guards)
+LAYOUT_VERSION = 3  # bump when the graph's inputs, outputs or post-export rewrites change (2: no NaN guards; 3: layers_mean)
 FINGERPRINT_PROP = "tailor.base_fingerprint"
 PRECISION_PROP = "tailor.precision"
 TARGETS_PROP = "tailor.targets"

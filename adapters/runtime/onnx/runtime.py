@@ -65,7 +65,7 @@ PATHS: dict[str, tuple[Callable[[Any], bytes], Callable[..., Any]]] = {
 }
 # per task kind: three probe adapters unlike each other (rank, targets, labels, pooling)
 PROBES: dict[str, list[tuple[int, tuple[str, ...], int, str]]] = {
-    TEXT_CLASSIFICATION: [(2, ("query", "value"), 2, "pooler"), (4, ("dense",), 5, "mean"), (3, ("key",), 3, "cls")],
+    TEXT_CLASSIFICATION: [(2, ("query", "value"), 2, "pooler"), (4, ("dense",), 5, "mean"), (3, ("key",), 3, "cls+all_layers")],
     IMAGE_CLASSIFICATION: [(2, ("_expand_conv",), 2, "pooler"), (4, ("_project_conv",), 5, "pooler"),
                            (3, ("_conv_head",), 3, "pooler")],
 }
@@ -212,7 +212,7 @@ def _probe_slots(base: Any) -> SlotBank:
 def probe_adapters(base: Any, within: frozenset[str] | None = None) -> list[LoadedAdapter]:
     """Three synthetic adapters unlike each other (``PROBES``; text: ranks 2/4/3, targets
     query+value / every dense layer (the pooler's too) / key, 2/5/3 labels, the pooler / mean /
-    cls pooling; images: the expand / project / head 1x1 convs). ``within``: a variant's target
+    cls-over-all-layers pooling; images: the expand / project / head 1x1 convs). ``within``: a variant's target
     set; each probe keeps the layers of it that it targets, or targets all of it when none."""
     spec = base.spec
     out = []
@@ -222,9 +222,9 @@ def probe_adapters(base: Any, within: frozenset[str] | None = None) -> list[Load
             paths = [p for p in paths if p in within] or sorted(within)
         targets = tuple(paths) or (next(iter(spec.linear_shapes)),)
         art = random_artifact(spec, r=r, targets=targets, n_labels=n_labels, seed=100 + i)
-        if Pooling(pooling).uses_tokens and not spec.pools_tokens:
+        if Pooling.parse(pooling).uses_tokens and not spec.pools_tokens:
             pooling = "pooler"
-        art = dataclasses.replace(art, manifest=dataclasses.replace(art.manifest, pooling=Pooling(pooling)))
+        art = dataclasses.replace(art, manifest=dataclasses.replace(art.manifest, pooling=Pooling.parse(pooling)))
         key = VersionKey(tenant="probe", adapter=f"probe{i}", version=1, sha256="0" * 64)
         out.append(LoadedAdapter.from_artifact(key, art, base.dtype))
     return out

@@ -112,10 +112,12 @@ class OnnxTextServing(OnnxServingBase):
     # -- the forward pass --------------------------------------------------------------------------
 
     def encode(self, batch: dict[str, torch.Tensor], lora: list[torch.Tensor], variant: Variant | None = None,
-               *, tokens_out: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+               *, tokens_out: bool = True, layers_out: bool = False,
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """One graph alone (``variant``; default: the first graph): (hidden ``[B, T, H]``,
-        pooled ``[B, H]``) for tokens and that graph's LoRA inputs; ``tokens_out=False`` fetches
-        no hidden states (None: no row pools tokens, so they are not copied out)."""
+        pooled ``[B, H]``, the blocks' mean ``[B, T, H]``) for tokens and that graph's LoRA
+        inputs; ``tokens_out=False`` fetches no hidden states and ``layers_out=False`` no blocks'
+        mean (None: no row pools them, so they are not copied out)."""
         variant = variant or self.graphs.first
         ids = batch["input_ids"]
         n, t = int(ids.shape[0]), int(ids.shape[1])
@@ -126,25 +128,29 @@ class OnnxTextServing(OnnxServingBase):
                 v = torch.zeros_like(ids)
             tokens.append(v.to(torch.int64).contiguous())
         hidden = torch.empty(n, t, self.hidden_size, dtype=torch.float32) if tokens_out else None
+        layers_mean = torch.empty(n, t, self.hidden_size, dtype=torch.float32) if layers_out else None
         pooled = torch.empty(n, self.hidden_size, dtype=torch.float32)
         io = variant.session.io_binding()
         for name, v in zip((*self.token_names, *variant.layout.input_names), (*tokens, *lora)):
             bind_input(io, name, v)
         if hidden is not None:
             bind_output(io, "hidden", hidden)
+        if layers_mean is not None:
+            bind_output(io, "layers_mean", layers_mean)
         bind_output(io, "pooled", pooled)
         variant.session.run_with_iobinding(io)
-        return hidden, pooled
+        return hidden, pooled, layers_mean
 
     def run(self, batch: dict[str, torch.Tensor], plan: BatchPlan,
             adapters: Sequence[LoadedAdapter | None]) -> torch.Tensor:
         n = self.size(batch)
         variant = self.variant(plan)
         plan.poolings = self.torch_serving._poolings(adapters)
-        hidden, pooled = self.encode(batch, variant.layout.feeds(plan, n), variant,
-                                     tokens_out=plan.poolings is not None)
+        hidden, pooled, layers_mean = self.encode(
+            batch, variant.layout.feeds(plan, n), variant, tokens_out=plan.poolings is not None,
+            layers_out=plan.poolings is not None and any(p.all_layers for p in plan.poolings))
         if hidden is not None:
-            plan.tokens = (hidden, batch["attention_mask"])
+            plan.tokens, plan.layers_mean = (hidden, batch["attention_mask"]), layers_mean
         return self.head(pooled)  # MixedHead: per-row pooling and heads, reading the installed plan
 
 

@@ -13,7 +13,8 @@ Module paths are the base model's own ``named_modules`` paths (e.g.
 labels, the task (``adapters.tasks``: a canonical name, or the legacy ``"classification"`` that
 text adapters record, which is text classification), LoRA settings, the pooling the head was
 trained on (``adapters.pooling``; a manifest without the field was trained on the model's own
-pooler and is served with it), the sha256 and size of the weights file, creation time and metrics.
+pooler and is served with it), the tokens per text it was trained on (``max_length``; absent:
+served at the serving base's), the sha256 and size of the weights file, creation time and metrics.
 ``decode`` verifies everything a hostile or corrupt file could get wrong -- size, checksum,
 key grammar, dtypes, shapes against the manifest -- and ``check_base`` refuses an artifact
 of another task (``TaskMismatchError`` naming both tasks) or built for another base model;
@@ -84,6 +85,9 @@ class AdapterManifest:
     format_version: int = FORMAT_VERSION
     job_id: str = ""  # the Tailor training job that made it ("" for anything else)
     pooling: Pooling = POOLER  # the features its head reads; absent from older manifests: pooler
+    # the tokens per text it was trained on (text tasks): served the same; None (older manifests,
+    # imported peft adapters): the serving base's max_length
+    max_length: int | None = None
 
     @property
     def kind(self) -> str:
@@ -100,6 +104,8 @@ class AdapterManifest:
         d["labels"] = list(self.labels)
         d["lora"]["target_modules"] = list(self.lora.target_modules)
         d["pooling"] = self.pooling.to_dict()  # (names "layers" only when not the last layer's)
+        if self.max_length is None:  # manifests without it read as before
+            del d["max_length"]
         return d
 
     def to_json(self) -> bytes:
@@ -135,6 +141,7 @@ class AdapterManifest:
                 format_version=_int(d.get("format_version", FORMAT_VERSION), "format_version", 1, 1000),
                 job_id=_str(d.get("job_id", ""), "job_id"),
                 pooling=_pooling(d.get("pooling")),
+                max_length=None if d.get("max_length") is None else _int(d["max_length"], "max_length", 1, 1 << 16),
             )
         except KeyError as e:
             raise ArtifactError(f"manifest is missing field {e.args[0]!r}") from None

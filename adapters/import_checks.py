@@ -106,7 +106,7 @@ def probe_logits(engine: Engine, artifact: AdapterArtifact, texts: Sequence[Any]
         for start in range(0, len(texts), step):
             chunk = texts[start:start + step]
             try:
-                out = engine.forward(engine.serving.collate(chunk), [loaded] * len(chunk))
+                out = engine.forward(engine.serving.collate(chunk, [loaded] * len(chunk)), [loaded] * len(chunk))
             except TailorError:
                 raise
             except Exception as e:  # the candidate broke the forward pass (odd shapes, overflow traps)

@@ -9,7 +9,7 @@
 Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC: 1,225 /
 900; tweets and rotten: 4,000 / 1,000; drugs: all 978 rows, 600 / 378; --quick: 300 / 200;
 ``--n-train``/``--n-test`` override, ``--n-train 0`` takes every row the test set leaves), 128
-tokens, scores on the held-out test set and writes ``{method: {accuracy, macro_f1,
+tokens (``--hyperparameters '{"max_length": 256}'`` trains and scores at another length), scores on the held-out test set and writes ``{method: {accuracy, macro_f1,
 train_seconds, trainable_params, ...}}`` plus a PNG of the learning curves. With ``--seeds N``
 (default 3, --quick 1) every trained method runs with training seeds 0..N-1 on the same split,
 seeds in the outer loop and methods interleaved inside it: ``accuracy``, ``macro_f1`` and
@@ -159,10 +159,11 @@ def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Ca
     index = {name: i for i, name in enumerate(labels)}
     # the trainer needs a validation set for early stopping: carve it from train, never from test
     val_rows, fit_rows = train_rows[: len(train_rows) // 10], train_rows[len(train_rows) // 10 :]
-    base = load_base(max_length=128, pooling=None if args.pooling == "base" else Pooling.parse(args.pooling))
+    max_length = int(args.hyperparameters.get("max_length", 128))
+    base = load_base(max_length=max_length, pooling=None if args.pooling == "base" else Pooling.parse(args.pooling))
     result: dict[str, Any] = {
         "machine": machine(), "dataset": args.dataset, "quick": args.quick, "labels": list(labels),
-        "n_train": len(fit_rows), "n_validation": len(val_rows), "n_test": len(test_rows), "max_length": 128,
+        "n_train": len(fit_rows), "n_validation": len(val_rows), "n_test": len(test_rows), "max_length": max_length,
         "pooling": str(base.spec.pooling), "seeds": seeds, "threads": torch.get_num_threads(),
         "hyperparameters": args.hyperparameters, "variants": dict(args.variants),
     }
@@ -193,7 +194,7 @@ def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, li
     cb = TrainCallbacks(on_epoch=lambda e, m: log_epoch(method, history, e, m),
                         on_search=lambda d: print(f"{method} search: {json.dumps(d)}", flush=True),
                         on_event=lambda level, message: events.append(message))
-    hp = Hyperparameters.from_dict({"seed": seed, "max_length": 128, **args.hyperparameters,
+    hp = Hyperparameters.from_dict({"seed": seed, "max_length": base.max_length, **args.hyperparameters,
                                     **variant(args.variants, method)})
     ckpt = args.checkpoint_dir / f"{method.replace(':', '-')}-{seed}" if args.checkpoint_dir else None
     t0 = time.perf_counter()
@@ -205,7 +206,7 @@ def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, li
         return ({"seed": seed, "failed": e.message, "train_seconds": time.perf_counter() - t0,
                  "epochs_run": len(history), "load_average": round(os.getloadavg()[0], 2)}, None, history)
     seconds = time.perf_counter() - t0
-    m = classification_metrics(ys["test"], predict(res.model, base, texts["test"]), len(labels))
+    m = classification_metrics(ys["test"], predict(res.model, base, texts["test"], hp.max_length), len(labels))
     print(f"{method} seed {seed}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} in {seconds:.0f}s",
           flush=True)
     resumed = next((e for e in events if e.startswith("resumed")), None)
@@ -234,11 +235,12 @@ def log_epoch(method: str, history: list[dict[str, Any]], epoch: int, m: dict[st
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, base, texts: list[str], batch: int = 64) -> list[int]:
+def predict(model: torch.nn.Module, base, texts: list[str], max_length: int | str = 128,
+            batch: int = 64) -> list[int]:
     model.eval()
     out: list[int] = []
     for i in range(0, len(texts), batch):
-        enc = base.tokenize(texts[i : i + batch], max_length=128)
+        enc = base.tokenize(texts[i : i + batch], max_length=int(max_length))
         out += model(**enc).logits.argmax(-1).tolist()
     return out
 

@@ -170,7 +170,7 @@ class Engine(AdapterAccess):
         step = self.config.max_batch_size
         for i in range(0, len(inputs), step):
             chunk = rows[i : i + step]
-            out = self.forward(self.serving.collate(inputs[i : i + step]), chunk)
+            out = self.forward(self.serving.collate(inputs[i : i + step], chunk), chunk)
             for adapter, logits, finite in zip(chunk, out.logits, out.finite):
                 if adapter is None or logits is None:
                     preds.append(None)

@@ -47,6 +47,11 @@ class LoadedAdapter:
         return self.manifest.pooling
 
     @property
+    def max_length(self) -> int | None:
+        """Tokens per text its rows are cut to (None: the base's ``max_length``)."""
+        return self.manifest.max_length
+
+    @property
     def nbytes(self) -> int:
         n = self.head_weight.nbytes + self.head_bias.nbytes
         return n + sum(a.nbytes + b.nbytes for a, b in self.lora.values())

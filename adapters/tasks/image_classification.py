@@ -109,7 +109,7 @@ class ImageServing:
         if not bool(torch.isfinite(row).all()):
             raise InvalidInputError(f"{param} holds NaN or infinite values", param=param)
 
-    def collate(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    def collate(self, rows: Sequence[torch.Tensor], adapters: Sequence[Any] | None = None) -> torch.Tensor:
         size = self.base.input_size
         if not rows:
             return torch.empty((0, 3, size, size), device=self.base.device, dtype=self.base.dtype)

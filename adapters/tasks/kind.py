@@ -65,8 +65,10 @@ class TaskServing(Protocol):
         ``InvalidInputError`` naming ``param`` for a value that would fail the merged forward."""
         ...
 
-    def collate(self, rows: Sequence[Any]) -> Any:
-        """Row inputs -> one batch on the base's device, as ``run`` takes it (rows in order)."""
+    def collate(self, rows: Sequence[Any], adapters: Sequence[LoadedAdapter | None] | None = None) -> Any:
+        """Row inputs -> one batch on the base's device, as ``run`` takes it (rows in order);
+        ``adapters``: each row's adapter (or None), when the task prepares a row as its adapter
+        was trained (text: cut to the adapter's ``max_length``)."""
         ...
 
     def size(self, batch: Any) -> int:

@@ -104,8 +104,27 @@ class TextServing:
             raise TypeError(f"{param} must be a str, not {type(row).__name__}")
         check_text(row, param)
 
-    def collate(self, rows: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.base.tokenize(list(rows))
+    def collate(self, rows: Sequence[str], adapters: Sequence[LoadedAdapter | None] | None = None,
+                ) -> dict[str, torch.Tensor]:
+        """Tokenised rows, each cut to its adapter's ``max_length`` (the base's for a base row or
+        an adapter that records none), padded together."""
+        base = self.base
+        positions = getattr(getattr(base.model, "config", None), "max_position_embeddings", None)
+        cap = positions if isinstance(positions, int) else 1 << 30  # never past the model's positions
+        lengths = [base.max_length if a is None or a.max_length is None else min(a.max_length, cap)
+                   for a in (adapters or [None] * len(rows))]
+        if len(lengths) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(lengths)} adapters")
+        if all(n == base.max_length for n in lengths):
+            return base.tokenize(list(rows))
+        tok, parts = base.tokenizer, [None] * len(rows)  # type: ignore[var-annotated]
+        for n in sorted(set(lengths)):
+            idx = [i for i, m in enumerate(lengths) if m == n]
+            enc = tok([rows[i] for i in idx], truncation=True, max_length=n)
+            for j, i in enumerate(idx):
+                parts[i] = {k: v[j] for k, v in enc.items()}
+        out = tok.pad(parts, padding=True, return_tensors="pt")
+        return {k: v.to(base.device) for k, v in out.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def size(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])

@@ -17,8 +17,9 @@ for the tenant's labels, trained one of three ways:
 The head reads the base's pooling (``base.spec.pooling``, from its own configuration: see
 ``adapters.pooling``) in the lora and full methods; the head method reads ``head_pooling``:
 the same token mode over the mean of every layer's token states, not normalised (where the
-base pools tokens). The artifact's manifest records the pooling, so the engine serves the
-adapter with the features it was trained on; the trained model keeps it too.
+base pools tokens). The artifact's manifest records the pooling and ``max_length``, so the
+engine serves the adapter with the features it was trained on, from texts cut to the same
+length; the trained model keeps the pooling too.
 Texts are tokenised once (``max_length``); each batch is trimmed to its longest text.
 """
 
@@ -192,7 +193,7 @@ class TextTask:
                 self.model.save_pretrained(tmp)
                 files = {name: (Path(tmp) / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
             art = import_peft(files, spec, labels=list(self.labels), metrics=metrics)
-            return replace(art, manifest=replace(art.manifest, pooling=self.pooling))
+            return replace(art, manifest=replace(art.manifest, pooling=self.pooling, max_length=self.hp.max_length))
         # head-only: our format needs one LoRA pair, so it carries a rank-1 pair with B = 0, an
         # exact no-op on the base, on the first adaptable layer
         head: nn.Linear = getattr(self.model, self.base.head_name)
@@ -205,6 +206,7 @@ class TextTask:
             base_fingerprint=spec.fingerprint, labels=self.labels,
             lora=LoraSettings(r=1, alpha=1.0, target_modules=(path.rsplit(".", 1)[-1],)),
             head_in_features=spec.head_in_features, metrics=metrics, source="tailor-head", pooling=self.pooling,
+            max_length=self.hp.max_length,
         )
         art = AdapterArtifact(manifest=manifest, weights=weights)
         art.validate()

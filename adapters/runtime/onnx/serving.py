@@ -91,8 +91,8 @@ class OnnxServingBase:
     def check_row(self, row: Any, param: str) -> None:
         self.torch_serving.check_row(row, param)
 
-    def collate(self, rows: Sequence[Any]) -> Any:
-        return self.torch_serving.collate(rows)
+    def collate(self, rows: Sequence[Any], adapters: Sequence[LoadedAdapter | None] | None = None) -> Any:
+        return self.torch_serving.collate(rows, adapters)
 
     def size(self, batch: Any) -> int:
         return self.torch_serving.size(batch)

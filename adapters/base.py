@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,11 +55,23 @@ class BaseModel:
     def fingerprint(self) -> str:
         return self.spec.fingerprint
 
-    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=max_length or self.max_length,
-            return_tensors="pt",
-        )
+    def tokenize(self, texts: list[str], max_length: int | Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """The texts' model inputs, padded together, each cut to ``max_length`` tokens (default:
+        this base's); a sequence gives each text its own length."""
+        lengths = max_length if isinstance(max_length, Sequence) else [max_length or self.max_length] * len(texts)
+        if len(lengths) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(lengths)} lengths")
+        if len(set(lengths)) <= 1:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=lengths[0] if lengths else self.max_length,
+                                 return_tensors="pt")
+        else:  # each length's texts cut on their own, then padded together in the texts' order
+            parts: list[Any] = [None] * len(texts)
+            for n in set(lengths):
+                idx = [i for i, m in enumerate(lengths) if m == n]
+                cut = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=n)
+                for j, i in enumerate(idx):
+                    parts[i] = {k: v[j] for k, v in cut.items()}
+            enc = self.tokenizer.pad(parts, padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 

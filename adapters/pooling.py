@@ -10,7 +10,7 @@ Contract:
   scale each row to unit L2 norm afterwards (sentence-transformers' ``Normalize`` module).
   ``layers``: ``"last"`` -- the token states are the backbone's last hidden state; ``"all"`` --
   they are the mean of every transformer block's output (``blocks``), which keeps the lower
-  layers' lexical features a linear head on frozen features needs (see ``HEAD_POOLING_LAYERS``
+  layers' lexical features a linear head on frozen features needs (see ``head_pooling``
   in ``adapters.training.text_task``); token modes only. ``POOLER`` (the default) is the model's
   own behaviour, unchanged. ``to_dict`` names ``layers`` only when it is not ``"last"``, so
   manifests and fingerprints written before the field existed read the same.
@@ -220,17 +220,17 @@ def tap_tokens(model: nn.Module, sink: Sink,
     if inner is None:
         raise ValueError(f"{type(model).__name__} has no backbone whose token states could be pooled")
     stack = blocks(model)
-    # per call: the running sum of the blocks' outputs and how many went in (None: not wanted)
-    acc: list[Any] = [None, 0]
+    # this call's: whether the blocks' mean is wanted, their running sum, how many went in
+    acc: dict[str, Any] = {"want": False, "total": None, "n": 0}
 
     def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        acc[:] = [torch.zeros(()) if stack is not None and all_layers() else None, 0]
+        acc.update(want=stack is not None and all_layers(), total=None, n=0)
 
     def add(module: nn.Module, args: tuple, output: Any) -> None:
-        if acc[0] is not None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            acc[0] = acc[0] + out.float() if acc[1] else out.float().clone()
-            acc[1] += 1
+        if acc["want"]:
+            out = (output[0] if isinstance(output, (tuple, list)) else output).float()
+            acc["total"] = out if acc["total"] is None else acc["total"] + out  # out of place: outputs untouched
+            acc["n"] += 1
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = output[0]
@@ -239,9 +239,9 @@ def tap_tokens(model: nn.Module, sink: Sink,
             mask = args[1]
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        total, n = acc
-        acc[:] = [None, 0]
-        sink(hidden, mask, None if total is None or not n else (total / n).to(hidden.dtype))
+        total, n = acc["total"], acc["n"]
+        acc.update(want=False, total=None, n=0)
+        sink(hidden, mask, None if total is None else (total / n).to(hidden.dtype))
 
     handles = [inner.register_forward_pre_hook(start, with_kwargs=True)]
     handles += [block.register_forward_hook(add) for block in (stack or ())]

@@ -9,8 +9,9 @@
 Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC: 1,225 /
 900; tweets and rotten: 4,000 / 1,000; drugs: all 978 rows, 600 / 378; --quick: 300 / 200;
 ``--n-train``/``--n-test`` override, ``--n-train 0`` takes every row the test set leaves), 128
-tokens (``--hyperparameters '{"max_length": 256}'`` trains and scores at another length), scores on the held-out test set and writes ``{method: {accuracy, macro_f1,
-train_seconds, trainable_params, ...}}`` plus a PNG of the learning curves. With ``--seeds N``
+tokens (``--hyperparameters '{"max_length": 256}'`` trains and scores at another length),
+scores on the held-out test set and writes ``{method: {accuracy, macro_f1, train_seconds,
+trainable_params, ...}}`` plus a PNG of the learning curves. With ``--seeds N``
 (default 3, --quick 1) every trained method runs with training seeds 0..N-1 on the same split,
 seeds in the outer loop and methods interleaved inside it: ``accuracy``, ``macro_f1`` and
 ``train_seconds`` are means over them (``accuracy_std``, and each run under ``runs``; a run

@@ -115,16 +115,7 @@ class TextServing:
                    for a in (adapters or [None] * len(rows))]
         if len(lengths) != len(rows):
             raise ValueError(f"{len(rows)} rows but {len(lengths)} adapters")
-        if all(n == base.max_length for n in lengths):
-            return base.tokenize(list(rows))
-        tok, parts = base.tokenizer, [None] * len(rows)  # type: ignore[var-annotated]
-        for n in sorted(set(lengths)):
-            idx = [i for i, m in enumerate(lengths) if m == n]
-            enc = tok([rows[i] for i in idx], truncation=True, max_length=n)
-            for j, i in enumerate(idx):
-                parts[i] = {k: v[j] for k, v in enc.items()}
-        out = tok.pad(parts, padding=True, return_tensors="pt")
-        return {k: v.to(base.device) for k, v in out.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return base.tokenize(list(rows), lengths)
 
     def size(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])

@@ -32,6 +32,7 @@ import onnxruntime as ort
 import torch
 
 from adapters.runtime.context import BatchPlan, use_plan
+from adapters.runtime.head import wants_all_layers
 from adapters.runtime.loaded import LoadedAdapter
 from adapters.runtime.onnx.layout import GraphLayout
 from adapters.runtime.onnx.variants import MAX_VARIANTS, GraphVariants, Variant, make_session
@@ -148,7 +149,7 @@ class OnnxTextServing(OnnxServingBase):
         plan.poolings = self.torch_serving._poolings(adapters)
         hidden, pooled, layers_mean = self.encode(
             batch, variant.layout.feeds(plan, n), variant, tokens_out=plan.poolings is not None,
-            layers_out=plan.poolings is not None and any(p.all_layers for p in plan.poolings))
+            layers_out=wants_all_layers())
         if hidden is not None:
             plan.tokens, plan.layers_mean = (hidden, batch["attention_mask"]), layers_mean
         return self.head(pooled)  # MixedHead: per-row pooling and heads, reading the installed plan

@@ -131,19 +131,21 @@ def load_base(
 def tiny_base(
     seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2, device: str | None = "cpu",
     dtype: str | None = None, max_length: int = 32, initializer_range: float = 0.02,
-    pooling: Pooling = POOLER,
+    pooling: Pooling = POOLER, dropout: float = 0.1,
 ) -> BaseModel:
     """A small random BERT (with the bundled MiniLM tokenizer) for fast tests.
 
     At the usual 0.02 init its pooled features hardly differ between inputs (attention is
     near uniform); tests that train pass a larger ``initializer_range`` so there is signal.
+    ``dropout``: BERT's hidden and attention dropout (its default 0.1).
     """
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     config = BertConfig(
         vocab_size=30522, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=4, intermediate_size=hidden_size * 2, max_position_embeddings=128,
-        num_labels=2, initializer_range=initializer_range,
+        num_labels=2, initializer_range=initializer_range, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

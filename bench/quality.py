@@ -194,7 +194,7 @@ def train_one(args: Any, base: Any, labels: tuple[str, ...], texts: dict[str, li
     events: list[str] = []
     cb = TrainCallbacks(on_epoch=lambda e, m: log_epoch(method, history, e, m),
                         on_search=lambda d: print(f"{method} search: {json.dumps(d)}", flush=True),
-                        on_event=lambda level, message: events.append(message))
+                        on_event=lambda level, message: log_event(method, events, level, message))
     hp = Hyperparameters.from_dict({"seed": seed, "max_length": base.max_length, **args.hyperparameters,
                                     **variant(args.variants, method)})
     ckpt = args.checkpoint_dir / f"{method.replace(':', '-')}-{seed}" if args.checkpoint_dir else None
@@ -227,6 +227,13 @@ def variant(variants: dict[str, dict[str, Any]], method: str) -> dict[str, Any]:
     if kind != "lora" or name not in variants:
         raise SystemExit(f"method {method!r}: variants are 'lora:NAME' with NAME in --variants ({', '.join(variants)})")
     return dict(variants[name])
+
+
+def log_event(method: str, events: list[str], level: str, message: str) -> None:
+    """Keep a run's event; print those the epoch lines do not already say (warm start, warnings...)."""
+    events.append(message)
+    if not message.startswith("epoch "):
+        print(f"{method} {level}: {message}", flush=True)
 
 
 def log_epoch(method: str, history: list[dict[str, Any]], epoch: int, m: dict[str, Any]) -> None:

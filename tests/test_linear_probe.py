@@ -64,6 +64,18 @@ def test_a_label_with_fewer_rows_than_folds_and_a_constant_feature_still_fit():
     assert torch.isfinite(probe.weight).all() and torch.isfinite(probe.bias).all()
 
 
+def test_a_nearly_constant_feature_gets_no_outsized_weight():
+    # MiniLM's last layer has dimensions like this: dividing by their deviation gave weights of 10^6
+    x, y = blobs(200, d=6, seed=3)
+    x[:, 4] = 1e-9 * torch.tensor(y, dtype=x.dtype)  # it even separates the labels, at rounding size
+    probe = fit_probe(x, y, 3, seed=0)
+    assert probe.weight[:, 4].abs().max() < 10 * probe.weight[:, :4].abs().max()
+    moved = x.clone()
+    moved[:, 4] += 1e-4  # a rounding-sized change of that feature leaves the logits as they were
+    torch.testing.assert_close(moved @ probe.weight.T + probe.bias, x @ probe.weight.T + probe.bias,
+                               rtol=1e-4, atol=1e-3)
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="do not match"):
         fit_probe(torch.zeros(3, 4), [0, 1], 2)

@@ -40,6 +40,14 @@ regression on the frozen features in closed form, the penalty chosen by cross-va
 the training rows (``adapters.training.linear_probe``); ``adamw`` trains it in the loop's epochs,
 as every other method does. ``lbfgs`` with another method is an error.
 
+``head_init`` (``"auto"``, ``"random"`` or ``"probe"``): how a lora or full run's new head
+starts. ``probe`` fits it first, in closed form, on the features the untrained model gives the
+training texts (``linear_probe``, as the head method's ``lbfgs`` solver does; LP-FT, Kumar et al.
+2022), so the body trains under a head that already separates the labels rather than under a
+random one whose gradients carry little; the text task keeps the random head, with a warning,
+where the model's own dropout would make that head worse than guessing (``text_task``). Auto:
+``HEAD_INIT`` per method. ``probe`` with the head method is an error (it fits its head alone).
+
 Every explicit value is checked on construction (``Hyperparameters(...)`` or ``from_dict``):
 a wrong type, a value out of range or an unknown field raises ``HyperparameterError`` (a
 ``ValueError``) whose ``param`` is ``hyperparameters.<field>``.
@@ -63,6 +71,12 @@ AUTO_TARGETS = ("query", "key", "value", "dense")  # every linear layer of a BER
 # seed and full sizes not run)
 HEAD_LR_SCALE = 1.0
 LORA_PLUS_RATIO = 1.0  # auto: lora_B's rate over lora_A's
+# auto head_init per method: "probe" fits the new head on the frozen base's features (the
+# linear_probe, C by cross-validation) before the first step (LP-FT, Kumar et al. 2022). Measured
+# for lora (bench/results/pieces/quality-{drugs,rotten}-lpft*-0.json, full size, seed 0): it ends
+# drugs' 8-epoch one-label plateau at once, but overfits within 1-2 epochs and scored below the
+# random start: drugs 0.667 (lr 3e-4: 0.675) vs 0.698, rotten 0.789 (3e-4: 0.812) vs 0.822
+HEAD_INIT = {"lora": "random", "full": "random"}
 # "auto" search is off: measured (bench/results/quality-issue13-quick.json: 270 training, 30
 # validation rows, 8 epochs, one seed) it chose lr 2e-3 on tweets and scored 0.592 against the
 # plain run's 0.627, and 0.700 against 0.695 on rotten, at 1.75x the steps: selecting on a few
@@ -122,6 +136,7 @@ class ResolvedHyperparameters(ResolvedLora, ResolvedTokens):
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     search: tuple[str, ...] = ()  # fields the search picks (adapters.training.search); () = none
     solver: str = "adamw"  # the head method: "adamw" (epochs of steps) or "lbfgs" (adapters.training.linear_probe)
+    head_init: str = "random"  # lora/full: the new head "random" or fitted by "probe" before the first step
 
 
 # field -> (type, lower bound, upper bound)
@@ -134,6 +149,7 @@ _RULES: dict[str, tuple[type, float, float]] = {
 }
 _BOOLS = ("use_rslora", "search")
 SOLVERS = ("adamw", "lbfgs")
+HEAD_INITS = ("random", "probe")
 # what "auto" leaves the lbfgs solver to: set explicitly, any of them asks the head for AdamW's epochs
 _STEP_FIELDS = ("epochs", "batch_size", "learning_rate", "warmup_ratio", "patience")
 
@@ -209,12 +225,14 @@ class Hyperparameters(LoraFields, TokenSettings):
     use_rslora: bool | str = AUTO
     search: bool | str = AUTO
     solver: str = AUTO
+    head_init: str = AUTO
 
     def _checked(self, key: str, value: Any) -> Any:
-        if key == "solver":
-            if value != AUTO and value not in SOLVERS:
-                raise HyperparameterError(f"solver must be \"auto\", {' or '.join(map(repr, SOLVERS))}, got {value!r}",
-                                          param="hyperparameters.solver")
+        choices = {"solver": SOLVERS, "head_init": HEAD_INITS}.get(key)
+        if choices is not None:
+            if value != AUTO and value not in choices:
+                raise HyperparameterError(f"{key} must be \"auto\", {' or '.join(map(repr, choices))}, got {value!r}",
+                                          param=f"hyperparameters.{key}")
             return value
         return _check(key, value)
 
@@ -242,7 +260,16 @@ class Hyperparameters(LoraFields, TokenSettings):
             use_rslora=bool(self._or("use_rslora", False)),
             search=self._search_fields(n_train, method, epochs),
             solver=self._solver(method),
+            head_init=self._head_init(method),
         )
+
+    def _head_init(self, method: str) -> str:
+        """``HEAD_INIT[method]`` when auto; ``probe`` only where a head trains with a body (lora,
+        full): the head method fits its head (``solver``)."""
+        if self.head_init == "probe" and method == "head":
+            raise HyperparameterError("head_init probe starts a lora or full run's head; the head method fits its "
+                                      "head alone (solver lbfgs)", param="hyperparameters.head_init")
+        return HEAD_INIT.get(method, "random") if self.head_init == AUTO else self.head_init
 
     def _solver(self, method: str) -> str:
         """``lbfgs`` for the head method unless a step field (``_STEP_FIELDS``) is set; only the

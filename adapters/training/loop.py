@@ -22,7 +22,10 @@ one, else ``TrainingDiverged`` is raised with the reason and what to change.
 
 A task that fits itself in closed form (an optional ``solve(poll)`` returning what to report,
 e.g. the head method's L-BFGS probe) is validated once after ``encode`` and recorded as epoch
-1 with no steps; predictions collapsed to one label then raise ``TrainingDiverged``.
+1 with no steps; predictions collapsed to one label then raise ``TrainingDiverged``. A task may
+also start its weights from a closed-form fit (an optional ``warm_start(poll)``, e.g. the text
+task's ``head_init`` probe) before the first step of a fresh run; its message and the validation
+it starts from are an event, and a resumed run skips it (its checkpoint holds those weights).
 
 Checkpoints (``checkpoint_dir``) are written after every epoch; a run asked to train again with
 the same settings and data (``task.fingerprint()``) resumes after the last saved epoch, and a
@@ -122,7 +125,9 @@ class _Loop:
         start_epoch, bad_epochs = 1, 0
         resume_at: dict[str, Any] | None = None  # a mid-epoch checkpoint's place in its epoch
         saved = checkpoint.load(ckpt_dir, fingerprint)
-        if saved is not None:
+        if saved is None:
+            self._warm_start()
+        else:
             start_epoch, bad_epochs = st.restore(saved)
             resume_at = saved.meta.get("resume_at")
             inside = f" and {st.step - resume_at['epoch_step']} steps of epoch {start_epoch}" if resume_at else ""
@@ -191,6 +196,15 @@ class _Loop:
         if st.best_epoch == 0:
             raise watch.never_healthy(st.history, steps_per_epoch, hp.learning_rate)
         st.load_best()
+
+    def _warm_start(self) -> None:
+        """The task's optional ``warm_start(poll)``, on a fresh run only (a resumed run's
+        checkpoint holds the weights it set), reported with the validation it starts from."""
+        warm = getattr(self.task, "warm_start", None)
+        info = warm(self._poll) if warm is not None else None
+        if info is not None:
+            self._event(info.get("level", "info"), f"{info['message']}; before training: "
+                                                   f"{self.obj.describe(self._evaluate())}")
 
     def _solved(self, info: dict[str, Any]) -> None:
         """A task that fitted itself in closed form (``solve``): validated once, as epoch 1 of 1

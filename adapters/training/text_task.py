@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
@@ -47,10 +48,11 @@ from adapters.training.lr_groups import lora_groups
 from adapters.training.task_hooks import ParamGroup, Poll
 
 FEATURE_CHUNK = 64  # texts per forward pass when computing frozen features
+DROPOUT_CHECK_ROWS = 256  # head_init probe: training rows its head is tried on with dropout on
 # settings added after checkpoints existed, at the value that changes nothing (search: what is
 # left to choose, not how this run trains)
 _NEUTRAL: dict[str, Any] = {"head_lr_scale": 1.0, "lora_plus_ratio": 1.0, "use_rslora": False, "search": [],
-                            "solver": "adamw"}
+                            "solver": "adamw", "head_init": "random"}
 
 
 def head_pooling(base: BaseModel) -> Pooling:
@@ -110,6 +112,44 @@ class TextTask:
     def encode(self, poll: Poll) -> None:
         self._train, self._val = self._inputs(self.train_texts, poll), self._inputs(self.val_texts, poll)
 
+    def warm_start(self, poll: Poll) -> dict[str, Any] | None:
+        """``head_init`` ``probe`` (lora, full), before the first step of a fresh run: the new head
+        fitted in closed form (``linear_probe``) on the features the untrained model gives the
+        training texts -- the frozen base's, LoRA's B being 0 -- so the body trains under the
+        best linear head instead of a random one (LP-FT). The probe's weights act on standardised
+        features; where the model's own dropout moves the features by more than they vary (a
+        base whose features barely vary), that head under training-mode features does worse than
+        guessing the label frequencies, and the random head is kept, with a warning. None: the
+        head stays as built and nothing is reported."""
+        if self.hp.head_init != "probe" or self.method == "head":
+            return None
+        probe = fit_probe(self._features(self._train, poll), self.train_label_ids, len(self.labels),
+                          seed=self.hp.seed, poll=poll)
+        found = (f"a probe of the untrained features ({self.pooling} pooling): C={probe.c:g} chosen by "
+                 f"cross-validation on the training texts ({_scores(probe.cv_accuracy)}), {probe.fits} fits")
+        noisy, guess = self._loss_under_dropout(probe.weight, probe.bias, poll)
+        if noisy > guess:
+            return {"level": "warning", "message": f"head_init probe: kept the random head: {found}, but under "
+                    f"the model's dropout its loss is {noisy:.3f}, worse than guessing the label frequencies "
+                    f"({guess:.3f})"}
+        self._set_head(probe.weight, probe.bias)
+        return {"probe_c": probe.c, "probe_fits": probe.fits, "message": f"head started from {found}"}
+
+    def _loss_under_dropout(self, weight: torch.Tensor, bias: torch.Tensor, poll: Poll) -> tuple[float, float]:
+        """The cross-entropy of head ``weight`` / ``bias`` on up to ``DROPOUT_CHECK_ROWS`` training
+        rows (drawn from the seed) as a training step sees them (dropout on, seeded; the global
+        random state is left as it was), and that of guessing the training label frequencies."""
+        y = torch.tensor(self.train_label_ids)
+        g = torch.Generator().manual_seed(self.hp.seed)
+        rows = torch.randperm(len(y), generator=g)[:DROPOUT_CHECK_ROWS]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.hp.seed)
+            feats = self._features({k: v[rows] for k, v in self._train.items()}, poll, training=True)
+        noisy = float(F.cross_entropy(feats.float() @ weight.T.to(feats) + bias.to(feats), y[rows].to(feats.device)))
+        freq = torch.bincount(y, minlength=len(self.labels)).double() / len(y)
+        guess = float(-(freq[freq > 0] * freq[freq > 0].log()).sum())
+        return noisy, guess
+
     def solve(self, poll: Poll) -> dict[str, Any] | None:
         """The head method with solver ``lbfgs``: fit the head in closed form on the encoded
         features (``linear_probe``) and return what the loop reports; None: train by steps."""
@@ -117,14 +157,10 @@ class TextTask:
             return None
         probe = fit_probe(self._train["features"], self.train_label_ids, len(self.labels), seed=self.hp.seed,
                           poll=poll)
-        head: nn.Linear = getattr(self.model, self.base.head_name)
-        with torch.no_grad():
-            head.weight.copy_(probe.weight.to(head.weight))
-            head.bias.copy_(probe.bias.to(head.bias))
-        scores = ", ".join(f"{c:g}: {a:.3f}" for c, a in probe.cv_accuracy.items())
+        self._set_head(probe.weight, probe.bias)
         return {"train_loss": probe.train_loss, "probe_c": probe.c, "probe_fits": probe.fits,
                 "message": f"head fitted by L-BFGS on the frozen features ({self.pooling} pooling): C={probe.c:g} "
-                           f"chosen by cross-validation on the training texts (accuracy per C: {scores}), "
+                           f"chosen by cross-validation on the training texts ({_scores(probe.cv_accuracy)}), "
                            f"{probe.fits} fits"}
 
     def train_batch(self, idx: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
@@ -160,19 +196,33 @@ class TextTask:
         enc = self.base.tokenize(texts, max_length=self.hp.max_length)
         if self.method != "head":
             return enc
-        # head-only: the frozen features the head reads, computed once
+        return {"features": self._features(enc, poll)}  # head-only: the frozen features, computed once
+
+    def _features(self, enc: dict[str, torch.Tensor], poll: Poll, *, training: bool = False) -> torch.Tensor:
+        """What the head reads for every row of ``enc`` (the model as it is now; ``training``:
+        with its dropout, as a training step sees them)."""
         feats: list[torch.Tensor] = []
         head = getattr(self.model, self.base.head_name)
         hook = head.register_forward_hook(lambda mod, args, out: feats.append(args[0].detach()))
-        self.model.eval()
+        self.set_training(training)
         try:
             with torch.inference_mode():
-                for i in range(0, len(texts), FEATURE_CHUNK):
+                n = len(enc["input_ids"])
+                for i in range(0, n, FEATURE_CHUNK):
                     poll()
-                    self.model(**{k: v[i : i + FEATURE_CHUNK] for k, v in enc.items()})
+                    self.model(**self._batch(enc, torch.arange(i, min(i + FEATURE_CHUNK, n))))
         finally:
             hook.remove()
-        return {"features": torch.cat(feats).clone()}
+        return torch.cat(feats).clone()
+
+    def _set_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Copy ``weight`` / ``bias`` into the head that trains (peft's copy under a LoRA run)."""
+        head = getattr(self.model, self.base.head_name)
+        if hasattr(head, "modules_to_save"):  # peft's ModulesToSaveWrapper: its active copy trains
+            head = head.modules_to_save[head.active_adapter if isinstance(head.active_adapter, str) else "default"]
+        with torch.no_grad():
+            head.weight.copy_(weight.to(head.weight))
+            head.bias.copy_(bias.to(head.bias))
 
     @staticmethod
     def _batch(inputs: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -211,6 +261,10 @@ class TextTask:
         art = AdapterArtifact(manifest=manifest, weights=weights)
         art.validate()
         return art
+
+
+def _scores(cv_accuracy: dict[float, float]) -> str:
+    return "accuracy per C: " + ", ".join(f"{c:g}: {a:.3f}" for c, a in cv_accuracy.items())
 
 
 def check_targets(spec: BaseSpec, targets: tuple[str, ...] | list[str], *, layer: str = "linear layer") -> None:

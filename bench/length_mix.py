@@ -15,8 +15,11 @@ noise hits them alike) and reported as paired ratios against ``short``:
 * ``quarter@128`` / ``quarter@256``: a quarter of the rows reviews;
 * ``long@128`` / ``long@256``: every row a review.
 
-Also recorded per case: the padded width, the real (unpadded) tokens and the share of the
-batch's token slots that are padding.
+Each case runs two ways, interleaved: ``one_pass`` (``split_cost_tokens=0``: the batch in one
+forward pass, every row padded to the widest) and ``split`` (the engine's default on a CPU:
+passes of rows of similar width, ``adapters.runtime.width_groups``). Also recorded per case: the
+padded width, the real (unpadded) tokens, the share of the batch's token slots that are padding
+and the passes the split runs (rows, width).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from adapters.artifact import AdapterArtifact
 from adapters.catalog import Catalog
 from adapters.registry import Registry
 from adapters.runtime.engine import Engine, EngineConfig
+from adapters.runtime.width_groups import width_groups
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
 from bench import data
@@ -70,42 +74,52 @@ def main() -> None:
 
 def measure(base: Any, short_texts: list[str], long_texts: list[str], tmp: Path, *, rounds: int) -> dict[str, Any]:
     """Time every case of ``CASES`` (``ROWS`` rows each: ``short_texts`` and ``long_texts`` in
-    turn) through ``Engine.predict_rows``, interleaved over ``rounds`` rounds."""
+    turn) through ``Engine.predict_rows``, interleaved over ``rounds`` rounds, twice: ``one_pass``
+    (``split_cost_tokens=0``: the whole batch in one forward pass, padded to its widest row) and
+    ``split`` (the engine's default: passes of similar width, ``runtime.width_groups``)."""
     catalog = Catalog(Registry(f"sqlite:///{tmp}/registry.db"), LocalStore(tmp / "store"))
     catalog.registry.create_tenant("bench", quotas={"max_adapters": 100, "max_storage_bytes": 1 << 34})
-    engine = Engine(base, catalog, EngineConfig(device_slots=ROWS + 1, max_batch_size=ROWS))
-
-    def adapter(name: str, seed: int, max_length: int) -> Any:
+    for name, seed, n in (("short", 0, 128), *((f"long{n}", 1, n) for n in LENGTHS)):
         art = random_artifact(base.spec, r=8, targets=("query", "value"), n_labels=2, seed=seed)
-        art = AdapterArtifact(manifest=replace(art.manifest, max_length=max_length), weights=art.weights)
-        catalog.publish("bench", name, art, promote=True)
-        return engine.acquire(engine.resolve("bench", name))
-
-    short = adapter("short", 0, 128)
-    long_at = {n: adapter(f"long{n}", 1, n) for n in LENGTHS}
-    batches: dict[str, tuple[list[str], list[Any]]] = {}
+        catalog.publish("bench", name, AdapterArtifact(manifest=replace(art.manifest, max_length=n), weights=art.weights),
+                        promote=True)
+    engines = {mode: Engine(base, catalog, EngineConfig(device_slots=ROWS + 1, max_batch_size=ROWS, **extra))
+               for mode, extra in (("one_pass", {"split_cost_tokens": 0}), ("split", {}))}
+    calls: dict[str, Any] = {}
     shapes: dict[str, dict[str, Any]] = {}
-    for case, (k, n) in CASES.items():
-        texts = [long_texts[i % len(long_texts)] if i < k else short_texts[i % len(short_texts)] for i in range(ROWS)]
-        rows = [long_at[n] if i < k else short for i in range(ROWS)]
-        batches[case] = (texts, rows)
-        mask = engine.serving.collate(texts, rows)["attention_mask"]
-        shapes[case] = {"reviews": k, "adapter_length": n, "width": int(mask.shape[1]),
-                        "real_tokens": int(mask.sum()), "padding_share": round(1 - float(mask.float().mean()), 4)}
-    for texts, rows in batches.values():  # every case answers before anything is timed
-        preds = engine.predict_rows(texts, rows)
-        if any(p is None or not hasattr(p, "label") for p in preds):
-            raise RuntimeError(f"a row got no prediction: {preds}")
+    for mode, engine in engines.items():
+        short = engine.acquire(engine.resolve("bench", "short"))
+        long_at = {n: engine.acquire(engine.resolve("bench", f"long{n}")) for n in LENGTHS}
+        for case, (k, n) in CASES.items():
+            texts = [long_texts[i % len(long_texts)] if i < k else short_texts[i % len(short_texts)] for i in range(ROWS)]
+            rows = [long_at[n] if i < k else short for i in range(ROWS)]
+            preds = engine.predict_rows(texts, rows)  # every case answers before anything is timed
+            if not all(hasattr(p, "label") for p in preds):
+                raise RuntimeError(f"{mode} {case}: a row got no prediction: {preds}")
+            calls[f"{mode}/{case}"] = lambda e=engine, t=texts, r=rows: e.predict_rows(t, r)
+            if mode == "split":
+                batch = engine.serving.collate(texts, rows)
+                mask = batch["attention_mask"]
+                widths = engine.serving.widths(batch)
+                passes = width_groups(widths, engine.split_cost)
+                shapes[case] = {"reviews": k, "adapter_length": n, "width": int(mask.shape[1]),
+                                "real_tokens": int(mask.sum()), "padding_share": round(1 - float(mask.float().mean()), 4),
+                                "split_passes": [[len(g), max(widths[i] for i in g)] for g in passes]}
     cpu = torch.get_num_threads() == 1 and base.device.type == "cpu"
-    times = interleaved({case: (lambda t=t, r=r: engine.predict_rows(t, r)) for case, (t, r) in batches.items()},
-                        rounds=rounds, clock=time.thread_time if cpu else time.perf_counter)
-    cases = {case: {**shapes[case], "median_s": median(ts), "rows_per_s": ROWS / median(ts),
-                    "ratio_vs_short": median([t / s for t, s in zip(ts, times["short"])])}
-             for case, ts in times.items()}
-    paired = {f"{name}@256_vs_@128": median([a / b for a, b in zip(times[f"{name}@256"], times[f"{name}@128"])])
-              for name in ("mixed", "quarter", "long")}
+    times = interleaved(calls, rounds=rounds, clock=time.thread_time if cpu else time.perf_counter)
+    ref = times["one_pass/short"]
+    cases = {}
+    for case in CASES:
+        one, split = times[f"one_pass/{case}"], times[f"split/{case}"]
+        cases[case] = {**shapes[case], "one_pass_median_s": median(one), "split_median_s": median(split),
+                       "one_pass_vs_short": median([t / s for t, s in zip(one, ref)]),
+                       "split_vs_short": median([t / s for t, s in zip(split, ref)]),
+                       "split_vs_one_pass": median([a / b for a, b in zip(split, one)])}
+    paired = {f"{mode}/{name}@256_vs_@128": median([a / b for a, b in zip(times[f"{mode}/{name}@256"],
+                                                                         times[f"{mode}/{name}@128"])])
+              for mode in engines for name in ("mixed", "quarter", "long")}
     return {"rows": ROWS, "rounds": rounds, "base": base.spec.name, "clock": "thread CPU time" if cpu else "wall",
-            "cases": cases, "paired": paired}
+            "split_cost_tokens": engines["split"].split_cost, "cases": cases, "paired": paired}
 
 
 def plot(png: Path, result: dict[str, Any]) -> None:
@@ -115,15 +129,17 @@ def plot(png: Path, result: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     cases = result["cases"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(cases)
-    ax.bar(names, [cases[c]["ratio_vs_short"] for c in names], color=["C0" if "256" not in c else "C3" for c in names])
-    for i, c in enumerate(names):
-        ax.annotate(f"{cases[c]['width']} tok", (i, cases[c]["ratio_vs_short"]), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("batch time / all-short batch time (paired)")
-    ax.set_title(f"{result['rows']}-row mixed batches: one adapter's max_length (reviews among tweets)")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    xs = range(len(names))
+    for dx, mode, color in ((-0.2, "one_pass", "C3"), (0.2, "split", "C0")):
+        ax.bar([x + dx for x in xs], [cases[c][f"{mode}_vs_short"] for c in names], width=0.4, color=color,
+               label={"one_pass": "one pass (padded to the widest row)", "split": "passes of similar width"}[mode])
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set_ylabel("batch time / all-tweets batch (paired)")
+    ax.set_title(f"{result['rows']}-row batches of tweets with film reviews among them (MiniLM)")
     ax.grid(axis="y", alpha=0.3)
-    plt.setp(ax.get_xticklabels(), rotation=20)
+    ax.legend()
     save_figure(fig, png)
 
 

@@ -70,6 +70,7 @@ class Settings:
     max_resident: int = 4096
     device_slots: int = 257
     max_batch_size: int = 32
+    split_cost_tokens: int | None = None  # TAILOR_SPLIT_COST_TOKENS: see adapters.runtime.engine.EngineConfig
     max_wait_ms: float = 5.0
     max_inputs: int = 64
     max_input_chars: int = 10_000
@@ -153,6 +154,8 @@ class Settings:
                                                   hi=3600.0),
             max_resident=_int(env, "TAILOR_MAX_RESIDENT", 4096, lo=1),
             device_slots=device_slots, max_batch_size=max_batch_size,
+            split_cost_tokens=None if env.get("TAILOR_SPLIT_COST_TOKENS", "").strip().lower() in ("", "auto")
+            else _int(env, "TAILOR_SPLIT_COST_TOKENS", None, lo=0, hi=1 << 30),
             max_wait_ms=_float(env, "TAILOR_MAX_WAIT_MS", 5.0, lo=0.0, hi=10_000.0),
             max_inputs=_int(env, "TAILOR_MAX_INPUTS", 64, lo=1, hi=100_000),
             max_input_chars=_int(env, "TAILOR_MAX_INPUT_CHARS", 10_000, lo=1),

@@ -232,7 +232,7 @@ class TailorState:
             return
         torch.set_num_threads(serving_threads(s))
         config = EngineConfig(max_resident=s.max_resident, device_slots=s.device_slots,
-                              max_batch_size=s.max_batch_size)
+                              max_batch_size=s.max_batch_size, split_cost_tokens=s.split_cost_tokens)
         engines, batchers = {}, {}
         self.cores = core_share(s)
         self.compute = ComputeThread()  # one OpenMP pool for every task's batcher (runtime.compute_thread)

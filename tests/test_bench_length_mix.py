@@ -18,6 +18,9 @@ def test_every_case_is_timed_and_a_long_adapter_widens_the_batch_it_joins(tmp_pa
     assert cases["mixed@128"]["width"] == 128 and cases["mixed@256"]["width"] == 128  # capped at the positions
     assert cases["mixed@128"]["padding_share"] > 0.9  # one long row pads the 31 short ones
     assert cases["long@128"]["padding_share"] == 0.0 and cases["long@128"]["real_tokens"] == ROWS * 128
+    assert cases["mixed@128"]["split_passes"] == [[ROWS - 1, cases["short"]["width"]], [1, 128]]
+    assert cases["short"]["split_passes"] == [[ROWS, cases["short"]["width"]]]
     for c in cases.values():
-        assert c["median_s"] > 0 and c["ratio_vs_short"] > 0
-    assert set(res["paired"]) == {"mixed@256_vs_@128", "quarter@256_vs_@128", "long@256_vs_@128"}
+        assert c["one_pass_median_s"] > 0 and c["split_median_s"] > 0 and c["split_vs_one_pass"] > 0
+    assert set(res["paired"]) == {f"{mode}/{name}@256_vs_@128" for mode in ("one_pass", "split")
+                                  for name in ("mixed", "quarter", "long")}

@@ -24,6 +24,10 @@ def test_defaults(tmp_path):
     assert "k" * 20 not in repr(s)
     off = Settings.from_env({"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_STORE_GC_HOURS": "0"}, admin_key=False)
     assert off.store_gc_hours == 0.0
+    assert s.split_cost_tokens is None  # auto: the engine's choice for its device
+    for raw, want in (("auto", None), ("0", 0), ("512", 512)):
+        env = {"TAILOR_HOME": str(tmp_path / "home"), "TAILOR_SPLIT_COST_TOKENS": raw}
+        assert Settings.from_env(env, admin_key=False).split_cost_tokens == want
 
 
 @pytest.mark.parametrize("name, value, words", [
@@ -56,6 +60,8 @@ def test_defaults(tmp_path):
     ("TAILOR_GENERATION_ADMISSION_TIMEOUT_S", "soon", "not a number"),
     ("TAILOR_MAX_IMAGES", "0", "out of range"),
     ("TAILOR_MAX_IMAGE_BYTES", "lots", "not an integer"),
+    ("TAILOR_SPLIT_COST_TOKENS", "-1", "out of range"),
+    ("TAILOR_SPLIT_COST_TOKENS", "some", "not an integer"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, words):
     env = {"TAILOR_HOME": str(tmp_path), name: value}

@@ -21,7 +21,9 @@ Contract:
   the cheap check a decoded row passes before it joins a shared batch (the batcher runs it).
 * ``forward`` runs **one** forward pass of the base model for a collated batch whose rows each
   name an adapter (or ``None`` for the plain base model); ``predict_rows`` adds collation and
-  labels for row inputs; ``classify_rows`` / ``classify`` are the text names of the same.
+  labels for row inputs, and runs a batch whose rows differ much in width (text: tokens) as a
+  few passes of rows of similar width (``runtime.width_groups``, ``split_cost_tokens``), so a
+  long row pads only its own pass; ``classify_rows`` / ``classify`` are the text names of it.
 * Text rows' heads read the features their adapter was trained on (``manifest.pooling``; a base
   row: the base's ``spec.pooling``), rows of different poolings in one forward pass
   (``runtime.head``); image rows' heads read the backbone's pooled features.
@@ -54,6 +56,7 @@ from adapters.runtime.memory import tune_allocator
 from adapters.runtime.resolver import Resolver
 from adapters.runtime.slots import SlotBank
 from adapters.runtime.torch_threads import one_thread
+from adapters.runtime.width_groups import width_groups
 from adapters.tasks import get_task
 from adapters.tasks.kind import TaskKind, TaskServing
 
@@ -66,6 +69,15 @@ class EngineConfig:
     max_batch_size: int = 64
     tune_allocator: bool = True  # see adapters.runtime.memory
     resolve_poll_seconds: float = 0.25  # how stale a cached prod alias may be (see resolver)
+    # predict_rows: one more forward pass's cost in token slots (rows x width) when it cuts a batch
+    # into passes of similar width (runtime.width_groups); 0 turns that off; None: SPLIT_COST_CPU
+    # on a CPU, off elsewhere (not yet measured on a GPU, where a pass's fixed cost is far larger)
+    split_cost_tokens: int | None = None
+
+
+# one MiniLM pass's fixed cost on a CPU is ~40-60 token slots (1 row x 8 tokens against 32 x 62);
+# four times that splits a batch only where the padding saved is clearly worth a pass
+SPLIT_COST_CPU = 256
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,8 @@ class Engine(AdapterAccess):
         self.config = config or EngineConfig()
         if self.config.device_slots - 1 < self.config.max_batch_size:
             raise ValueError("device_slots must exceed max_batch_size (a batch may name that many adapters)")
+        if self.config.split_cost_tokens is not None and self.config.split_cost_tokens < 0:
+            raise ValueError(f"split_cost_tokens must be >= 0 (0: never split), got {self.config.split_cost_tokens}")
         if self.config.tune_allocator:
             tune_allocator()
         self.serving: TaskServing = self.task.serving(base)
@@ -170,15 +184,36 @@ class Engine(AdapterAccess):
         step = self.config.max_batch_size
         for i in range(0, len(inputs), step):
             chunk = rows[i : i + step]
-            out = self.forward(self.serving.collate(inputs[i : i + step], chunk), chunk)
-            for adapter, logits, finite in zip(chunk, out.logits, out.finite):
-                if adapter is None or logits is None:
-                    preds.append(None)
-                elif not finite:
-                    preds.append(self._nonfinite_error(adapter.key))
-                else:
-                    preds.append(_prediction(adapter, logits))
+            batch = self.serving.collate(inputs[i : i + step], chunk)
+            answers: list[Prediction | AdapterOutputError | None] = [None] * len(chunk)
+            for group, part in self._passes(batch, len(chunk)):
+                out = self.forward(part, [chunk[j] for j in group])
+                for j, logits, finite in zip(group, out.logits, out.finite):
+                    adapter = chunk[j]
+                    if adapter is not None and logits is not None:
+                        answers[j] = _prediction(adapter, logits) if finite else self._nonfinite_error(adapter.key)
+            preds += answers
         return preds
+
+    def _passes(self, batch: Any, n: int) -> list[tuple[list[int], Any]]:
+        """The forward passes a collated batch of ``n`` rows runs as: (rows, their batch). One
+        pass unless the task reports widths and cutting by width (``width_groups``, at
+        ``split_cost_tokens``) saves more than the extra passes cost."""
+        cost = self.split_cost
+        if not cost or not hasattr(self.serving, "widths") or n < 2:
+            return [(list(range(n)), batch)]
+        groups = width_groups(self.serving.widths(batch), cost)
+        if len(groups) == 1:
+            return [(list(range(n)), batch)]
+        return [(g, self.serving.take(batch, g)) for g in groups]
+
+    @property
+    def split_cost(self) -> int:
+        """``config.split_cost_tokens``, its auto value resolved for the base's device."""
+        cost = self.config.split_cost_tokens
+        if cost is None:
+            return SPLIT_COST_CPU if self.base.device.type == "cpu" else 0
+        return cost
 
     def classify_rows(
         self, texts: list[str], rows: list[LoadedAdapter | None],

@@ -88,6 +88,18 @@ class TaskServing(Protocol):
         candidate adapter on them and refuses non-finite logits)."""
         ...
 
+    # Optional, for a task whose rows differ in width (text: tokens): with both, the engine may
+    # run a collated batch as several forward passes of rows of similar width
+    # (``adapters.runtime.width_groups``); without them (images: every row the same size) a batch
+    # is always one pass.
+    #
+    # def widths(self, batch) -> list[int]:
+    #     """Each row's width in a collated batch: the positions it really uses (text: its tokens)."""
+    #
+    # def take(self, batch, rows: list[int]) -> batch:
+    #     """Those rows of a collated batch (positions, in that order) as a batch of their own, no
+    #     wider than its widest row; ``run`` answers each row as it would in the whole batch."""
+
 
 class TaskKind(Protocol):
     """A task kind (a module of ``adapters.tasks``)."""

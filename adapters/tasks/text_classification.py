@@ -120,6 +120,15 @@ class TextServing:
     def size(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])
 
+    def widths(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        return batch["attention_mask"].sum(dim=1).tolist()
+
+    def take(self, batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
+        used = torch.nonzero(batch["attention_mask"][idx].any(dim=0)).flatten().tolist()
+        cols = slice(used[0], used[-1] + 1) if used else slice(0, 0)  # the columns any of them uses (either padding side)
+        return {k: v[idx, cols] for k, v in batch.items()}
+
     def run(self, batch: dict[str, torch.Tensor], plan: BatchPlan,
             adapters: Sequence[LoadedAdapter | None]) -> torch.Tensor:
         plan.poolings = self._poolings(adapters)

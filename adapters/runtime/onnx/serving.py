@@ -110,6 +110,12 @@ class OnnxTextServing(OnnxServingBase):
         self.token_names = self.graphs.first.inputs
         self.hidden_size = self.spec.head_in_features
 
+    def widths(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        return self.torch_serving.widths(batch)
+
+    def take(self, batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        return self.torch_serving.take(batch, rows)
+
     # -- the forward pass --------------------------------------------------------------------------
 
     def encode(self, batch: dict[str, torch.Tensor], lora: list[torch.Tensor], variant: Variant | None = None,

@@ -68,7 +68,10 @@ AUTO_TARGETS = ("query", "key", "value", "dense")  # every linear layer of a BER
 # auto: the head's rate over the LoRA rate. x10 measured (bench/results/quality-issue13-head-lr.json,
 # --quick, 8 epochs, seeds 0-1): tweets +1.7 points (0.632 -> 0.649), rotten -0.25 (0.695 -> 0.693);
 # not better on every set and rotten loses more than its standard error, so 1 stays (drugs, a third
-# seed and full sizes not run)
+# seed and full sizes not run). Full size (bench/results/pieces/quality-*-head10-*.json): drugs seed 0
+# 0.712 (plain 0.698), at 256 tokens 0.717 (plain 0.542: one label throughout); rotten seeds 0/2
+# 0.812/0.807 (plain 0.822/0.825); tweets seed 0 0.778 (0.780): it helps the small set's slow start
+# and costs the large sets, so 1 stays
 HEAD_LR_SCALE = 1.0
 LORA_PLUS_RATIO = 1.0  # auto: lora_B's rate over lora_A's
 # auto head_init per method: "probe" fits the new head on the frozen base's features (the

@@ -60,7 +60,7 @@ class Metrics:
                                     buckets=_BATCH_BUCKETS)
         self.batch_adapters = Histogram("tailor_batch_adapters", "Distinct adapters per merged forward pass", task,
                                         buckets=_BATCH_BUCKETS)
-        self.batch_seconds = Histogram("tailor_batch_seconds", "Forward pass time per merged batch", task,
+        self.batch_seconds = Histogram("tailor_batch_seconds", "Forward time per merged batch (all its passes: texts of very different lengths run as a few)", task,
                                        buckets=_LATENCY_BUCKETS)
         self.forward_threads = Counter("tailor_forward_threads", "Merged forward passes by the torch threads they "
                                        "ran with (a pass may borrow cores idle workers leave)", ["task", "threads"])

@@ -4,8 +4,8 @@
 
 A mixed batch is padded to its longest row, and each row is cut to its own adapter's
 ``max_length`` (``TextServing.collate``). So a tenant whose adapter was trained at 256 tokens on
-long texts makes every batch its rows join up to as dear as a batch of 256-token rows. This
-measures that on the real path (``Engine.predict_rows``: collate, one forward, labels) with the
+long texts could make every batch its rows join as dear as a batch of 256-token rows. This
+measures that on the real path (``Engine.predict_rows``: collate, forward passes, labels) with the
 bundled MiniLM and real texts: short tweets (``bench.data`` "tweets") and long film reviews
 ("imdb"), ``ROWS`` rows a batch, r=8 adapters on query/value. Cases, timed interleaved (machine
 noise hits them alike) and reported as paired ratios against ``short``:

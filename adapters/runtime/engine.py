@@ -200,10 +200,9 @@ class Engine(AdapterAccess):
         pass unless the task reports widths and cutting by width (``width_groups``, at
         ``split_cost_tokens``) saves more than the extra passes cost."""
         cost = self.split_cost
-        if not cost or not hasattr(self.serving, "widths") or n < 2:
-            return [(list(range(n)), batch)]
-        groups = width_groups(self.serving.widths(batch), cost)
-        if len(groups) == 1:
+        splits = bool(cost) and n > 1 and hasattr(self.serving, "widths")
+        groups = width_groups(self.serving.widths(batch), cost) if splits else []
+        if len(groups) <= 1:
             return [(list(range(n)), batch)]
         return [(g, self.serving.take(batch, g)) for g in groups]
 

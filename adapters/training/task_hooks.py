@@ -21,8 +21,9 @@ batch goes whole. Last, a task may have ``solve(poll)``: a closed-form fit right
 (``train_loss``, ``message``, other figures for the epoch's metrics), or None to train by steps,
 and ``warm_start(poll)``: called before the first step of a fresh run (never on a resumed one),
 it may set weights from a closed-form fit (the text task's ``head_init`` probe) and returns a
-dict with a ``message`` to report, or None when it changed nothing. It uses no global random
-numbers, so a run that resumes from a checkpoint still ends with an uninterrupted run's weights.
+dict with a ``message`` to report, or None when it changed nothing. It leaves the global random
+state as it found it, so a run that resumes from a checkpoint (and skips it) still ends with an
+uninterrupted run's weights.
 """
 
 from __future__ import annotations

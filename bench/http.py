@@ -34,6 +34,14 @@ a gap between the two sides can be told apart: forward threads, or the HTTP path
 for ONNX's), interleaved like a baseline; ONNX graphs (the universal one and the tenants'
 query/value variant) are built into each server's home before it starts, never while timed.
 
+``--split-cost auto,0`` serves this checkout once per ``TAILOR_SPLIT_COST_TOKENS`` (the engine's
+width groups on and off; the first reported at the top level, the others as ``split-N``),
+interleaved like a baseline. ``--long-share F`` makes that fraction of the requests carry a long
+text (a film-review-like text of 300-400 words, cut to its adapter's ``max_length``) among the
+16-40-word ones, and ``--long-max-length N`` records ``max_length`` N in every tenant's adapter
+(default: none, so the base's 128), for mixed-length traffic: with one long row, one pass pads the
+whole merged batch to it.
+
 ``--baseline-repo DIR`` serves a second checkout (e.g. ``git archive`` of an older commit)
 beside this one, on the next port with its own home and tenants, and runs every HTTP phase
 on both in alternating order: a before/after comparison in one run, under the same load.
@@ -52,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +85,39 @@ WORDS = ("the service was quick and the staff were friendly but the food arrived
          "great value excellent support terrible update broken screen lovely colours fast delivery").split()
 
 
-def texts(n: int, seed: int = 0) -> list[str]:
-    """Review-like sentences of 16-40 words (about 20-50 tokens), seeded."""
+def texts(n: int, seed: int = 0, words: tuple[int, int] = (16, 40)) -> list[str]:
+    """Review-like sentences of 16-40 words (about 20-50 tokens; ``words`` other bounds), seeded."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(16, 40))) for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) for _ in range(n)]
+
+
+LONG_WORDS = (300, 400)  # --long-share's texts: past 256 tokens, so cut at any max_length up to it
+
+
+def mixed_corpus(n: int, long_share: float, seed: int = 0) -> list[str]:
+    """``n`` short texts plus long ones (``LONG_WORDS``) making ``long_share`` of the corpus, in
+    seeded order: a client drawing uniformly sends a long text with that probability."""
+    if not 0 <= long_share < 1:
+        raise SystemExit(f"--long-share must be in [0, 1), got {long_share}")
+    corpus = texts(n, seed)
+    rng = random.Random(seed)
+    for text in texts(round(n * long_share / (1 - long_share)), seed + 1, LONG_WORDS):
+        corpus.insert(rng.randrange(len(corpus) + 1), text)
+    return corpus
 
 
 class Server:
     """``bentoml serve .`` of ``repo`` in its own process group; stopped with SIGTERM."""
 
     def __init__(self, home: Path, port: int, max_wait_ms: float, workers: str = "auto",
-                 repo: Path = REPO, runtime: str = "torch", quantize: str = "none") -> None:
+                 repo: Path = REPO, runtime: str = "torch", quantize: str = "none",
+                 extra_env: dict[str, str] | None = None) -> None:
         home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TAILOR_HOME": str(home), "TAILOR_ADMIN_KEY": ADMIN_KEY, "TAILOR_WORKERS": workers,
                "TAILOR_RUNTIME": runtime, "TAILOR_QUANTIZE": quantize,
                "TAILOR_TRAIN_WORKERS": "0", "TAILOR_MAX_BATCH_SIZE": str(MAX_BATCH),
                "TAILOR_MAX_WAIT_MS": str(max_wait_ms), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "BENTOML_DO_NOT_TRACK": "True"}
+               "TOKENIZERS_PARALLELISM": "false", "BENTOML_DO_NOT_TRACK": "True", **(extra_env or {})}
         env = instance_env(env, port)  # its own metrics folder (BentoML's default is shared per user)
         exe = Path(sys.executable).parent / "bentoml"
         cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "bentoml"]
@@ -325,33 +350,40 @@ def main() -> None:
     p.add_argument("--quantize", default="none", help="TAILOR_QUANTIZE of the onnx runtime's servers")
     p.add_argument("--baseline-repo", type=Path, default=None,
                    help="also serve this checkout, interleaved with this one (before/after in one run)")
+    p.add_argument("--split-cost", default=None,
+                   help="TAILOR_SPLIT_COST_TOKENS; a comma list (auto,0) serves this checkout once per value, interleaved")
+    p.add_argument("--long-share", type=float, default=0.0, help="fraction of requests with a long text (300-400 words)")
+    p.add_argument("--long-max-length", type=int, default=None, help="max_length recorded in every tenant's adapter")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seconds, warmup, rounds = (6.0, 2.0, 1) if args.quick else (20.0, 3.0, 3)
     rounds = args.rounds or rounds
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
-    corpus = texts(256)
+    corpus = mixed_corpus(256, args.long_share)
     with tempfile.TemporaryDirectory(prefix="tailor-http-") as tmp:
         home = Path(tmp)
         base = load_base()
         runtimes = args.runtime.split(",")
-        repos = {"this": (REPO, runtimes[0]), **{rt: (REPO, rt) for rt in runtimes[1:]},
-                 **({"baseline": (args.baseline_repo.resolve(), runtimes[0])} if args.baseline_repo else {})}
-        for name, (_, rt) in repos.items():  # ONNX graphs built before serving, not during the timed phases
+        splits = args.split_cost.split(",") if args.split_cost else [None]
+        first = {} if splits[0] is None else {"TAILOR_SPLIT_COST_TOKENS": splits[0]}
+        repos = {"this": (REPO, runtimes[0], first), **{rt: (REPO, rt, first) for rt in runtimes[1:]},
+                 **{f"split-{v}": (REPO, runtimes[0], {"TAILOR_SPLIT_COST_TOKENS": v}) for v in splits[1:]},
+                 **({"baseline": (args.baseline_repo.resolve(), runtimes[0], first)} if args.baseline_repo else {})}
+        for name, (_, rt, _) in repos.items():  # ONNX graphs built before serving, not during the timed phases
             if rt != "torch":
                 from adapters.runtime.onnx.runtime import build_graphs
 
                 build_graphs(base, "int8" if args.quantize == "int8" else "fp32", home / name / "graphs",
                              [frozenset(random_artifact(base.spec, seed=0).weights.lora)])
-        servers = {name: Server(home / name, args.port + i, args.max_wait_ms, args.workers, repo, rt, args.quantize)
-                   for i, (name, (repo, rt)) in enumerate(repos.items())}
+        servers = {name: Server(home / name, args.port + i, args.max_wait_ms, args.workers, repo, rt, args.quantize, env)
+                   for i, (name, (repo, rt, env)) in enumerate(repos.items())}
         try:
             keys: dict[str, list[str]] = {}
             catalog: Catalog | None = None
             for name, server in servers.items():
                 server.wait_ready()
                 cat = Catalog(Registry(f"sqlite:///{home / name / 'tailor.db'}"), LocalStore(home / name / "store"))
-                keys[name] = setup_tenants(server.url, cat, base.spec, args.tenants)
+                keys[name] = setup_tenants(server.url, cat, base.spec, args.tenants, args.long_max_length)
                 catalog = catalog or cat
                 asyncio.run(closed_loop(server.url, keys[name], corpus, 16, 3.0, 0.0))  # cold loads, warm caches
             assert catalog is not None
@@ -370,12 +402,16 @@ def main() -> None:
               "max_batch_size": MAX_BATCH, "max_wait_ms": args.max_wait_ms, "workers": args.workers,
               "torch_threads_engine": torch.get_num_threads(), "seconds_per_phase": seconds,
               "rounds": rounds, "quick": args.quick, "runtimes": args.runtime, "quantize": args.quantize,
+              "split_cost": args.split_cost or "default", "long_share": args.long_share,
+              "long_words": list(LONG_WORDS), "adapter_max_length": args.long_max_length,
               **({"baseline_repo": str(args.baseline_repo)} if args.baseline_repo else {}), **result}
     write(args.out, result)
     plot(args.out.with_suffix(".png"), result)
 
 
-def setup_tenants(url: str, catalog: Catalog, spec: Any, n: int) -> list[str]:
+def setup_tenants(url: str, catalog: Catalog, spec: Any, n: int, max_length: int | None = None) -> list[str]:
+    """``n`` tenants made through the admin API, each with a promoted random adapter ``clf``
+    (recording ``max_length`` when given); their API keys."""
     keys = []
     with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
         for i in range(n):
@@ -383,7 +419,10 @@ def setup_tenants(url: str, catalog: Catalog, spec: Any, n: int) -> list[str]:
             r.raise_for_status()
             keys.append(r.json()["api_key"])
             # published as another process would (a training worker): the service sees it via the registry
-            catalog.publish(f"t{i:03d}", "clf", random_artifact(spec, seed=i, n_labels=2 + i % 4), promote=True)
+            art = random_artifact(spec, seed=i, n_labels=2 + i % 4)
+            if max_length is not None:
+                art = replace(art, manifest=replace(art.manifest, max_length=max_length))
+            catalog.publish(f"t{i:03d}", "clf", art, promote=True)
     return keys
 
 
@@ -473,10 +512,11 @@ def plot(png: Path, result: dict[str, Any]) -> None:
         lat.plot(cs, [conc[str(c)][key] for c in cs], marker="o", label=label)
     lat.set_ylabel("latency, ms")
     thr.plot(cs, [conc[str(c)]["rows_per_s"] for c in cs], marker="o", label="HTTP (bentoml serve)")
-    if "baseline" in result:
-        old = result["baseline"]["concurrency"]
-        lat.plot(cs, [old[str(c)]["p50_ms"] for c in cs], marker="x", linestyle=":", label="p50, baseline")
-        thr.plot(cs, [old[str(c)]["rows_per_s"] for c in cs], marker="x", linestyle=":", label="HTTP, baseline")
+    for name, block in result.items():  # the other servers of the run: baseline, runtimes, split-N
+        if isinstance(block, dict) and "concurrency" in block:
+            other = block["concurrency"]
+            lat.plot(cs, [other[str(c)]["p50_ms"] for c in cs], marker="x", linestyle=":", label=f"p50, {name}")
+            thr.plot(cs, [other[str(c)]["rows_per_s"] for c in cs], marker="x", linestyle=":", label=f"HTTP, {name}")
     if "1" in conc and "engine_one_client_rows_per_s" in conc["1"]:
         thr.plot([1], [conc["1"]["engine_one_client_rows_per_s"]], marker="^", linestyle="none",
                  label=f"engine in-process, one client ({conc['1']['ratio_vs_engine_one_client']:.2f}x)")

@@ -20,6 +20,7 @@ the runtime swaps the head module for a per-row mixed head. Weights missing from
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -50,10 +51,26 @@ class BaseModel:
     dtype: torch.dtype
     head_name: str
     max_length: int = 128
+    trained_length: int | None = None  # the length its own training used (sentence-transformers' max_seq_length)
 
     @property
     def fingerprint(self) -> str:
         return self.spec.fingerprint
+
+    @property
+    def length_cap(self) -> int:
+        """The longest ``max_length`` an automatic choice may give: the length the base was
+        trained at where its configuration says (MiniLM: 256), else its position embeddings."""
+        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        known = [n for n in (self.trained_length, positions) if isinstance(n, int) and n > 0]
+        return min(known) if known else self.max_length
+
+    def token_counts(self, texts: Sequence[str], cap: int) -> list[int]:
+        """Each text's token count (special tokens included), counted up to ``cap`` + 1: a text
+        longer than ``cap`` reads ``cap + 1``."""
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=cap + 1)["input_ids"]]
 
     def tokenize(self, texts: list[str], max_length: int | Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The texts' model inputs, padded together, each cut to ``max_length`` tokens (default:
@@ -137,25 +154,38 @@ def load_base(
     # the bundled copy lives in a folder called "model": name it after what it is
     name = model_dir.name if path else BUNDLED_NAME
     chosen = read_pooling(model_dir) if pooling is None else pooling
-    return _finish(model, tokenizer, files, device, dtype, max_length, name=name, pooling=chosen)
+    base = _finish(model, tokenizer, files, device, dtype, max_length, name=name, pooling=chosen)
+    base.trained_length = read_trained_length(model_dir)
+    return base
+
+
+def read_trained_length(model_dir: Path) -> int | None:
+    """The ``max_seq_length`` of ``model_dir``'s sentence-transformers configuration (the length
+    its sentence-embedding training used), or None where there is none or it is unreadable."""
+    try:
+        value = json.loads((Path(model_dir) / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def tiny_base(
     seed: int = 0, *, hidden_size: int = 32, num_layers: int = 2, device: str | None = "cpu",
     dtype: str | None = None, max_length: int = 32, initializer_range: float = 0.02,
-    pooling: Pooling = POOLER, dropout: float = 0.1,
+    pooling: Pooling = POOLER, dropout: float = 0.1, positions: int = 128,
 ) -> BaseModel:
     """A small random BERT (with the bundled MiniLM tokenizer) for fast tests.
 
     At the usual 0.02 init its pooled features hardly differ between inputs (attention is
     near uniform); tests that train pass a larger ``initializer_range`` so there is signal.
-    ``dropout``: BERT's hidden and attention dropout (its default 0.1).
+    ``dropout``: BERT's hidden and attention dropout (its default 0.1); ``positions``: its
+    position embeddings (the longest text it reads, and its ``length_cap``).
     """
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     config = BertConfig(
         vocab_size=30522, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=4, intermediate_size=hidden_size * 2, max_position_embeddings=128,
+        num_attention_heads=4, intermediate_size=hidden_size * 2, max_position_embeddings=positions,
         num_labels=2, initializer_range=initializer_range, hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )

@@ -9,7 +9,9 @@
 Trains each method on a fixed seeded subset (IMDB: 2,000 train / 1,000 test; BBC: 1,225 /
 900; tweets and rotten: 4,000 / 1,000; drugs: all 978 rows, 600 / 378; --quick: 300 / 200;
 ``--n-train``/``--n-test`` override, ``--n-train 0`` takes every row the test set leaves), 128
-tokens (``--hyperparameters '{"max_length": 256}'`` trains and scores at another length),
+tokens where nearly all training texts fit in them, else the base's length cap (256: what a job's
+auto ``max_length`` gives, ``adapters.training.hyperparams.auto_max_length``; ``--hyperparameters
+'{"max_length": N}'`` trains and scores at N tokens),
 scores on the held-out test set and writes ``{method: {accuracy, macro_f1, train_seconds,
 trainable_params, ...}}`` plus a PNG of the learning curves. With ``--seeds N``
 (default 3, --quick 1) every trained method runs with training seeds 0..N-1 on the same split,
@@ -53,6 +55,7 @@ import torch
 from adapters.base import load_base
 from adapters.pooling import Pooling
 from adapters.training import Hyperparameters, TrainCallbacks, TrainingDiverged, train
+from adapters.training.hyperparams import auto_max_length
 from adapters.training.metrics import classification_metrics
 from bench import data
 from bench.common import machine, parser, save_figure
@@ -160,8 +163,13 @@ def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Ca
     index = {name: i for i, name in enumerate(labels)}
     # the trainer needs a validation set for early stopping: carve it from train, never from test
     val_rows, fit_rows = train_rows[: len(train_rows) // 10], train_rows[len(train_rows) // 10 :]
-    max_length = int(args.hyperparameters.get("max_length", 128))
-    base = load_base(max_length=max_length, pooling=None if args.pooling == "base" else Pooling.parse(args.pooling))
+    base = load_base(pooling=None if args.pooling == "base" else Pooling.parse(args.pooling))
+    if "max_length" in args.hyperparameters:
+        max_length = int(args.hyperparameters["max_length"])
+    else:  # what a job with max_length "auto" would train at (hyperparams.auto_max_length)
+        fit_texts = [r["text"] for r in fit_rows]
+        max_length = auto_max_length(base.token_counts(fit_texts, base.length_cap), base.length_cap)
+    base.max_length = max_length
     result: dict[str, Any] = {
         "machine": machine(), "dataset": args.dataset, "quick": args.quick, "labels": list(labels),
         "n_train": len(fit_rows), "n_validation": len(val_rows), "n_test": len(test_rows), "max_length": max_length,

@@ -19,7 +19,7 @@ from tests.interrupted import stopped_at_epoch
 from tests.training_data import sentiment
 
 COMMON = ["--dataset", "tweets", "--n-train", "80", "--n-test", "30", "--skip-latency", "--threads", "1",
-          "--hyperparameters", '{"epochs": 4, "batch_size": 16, "learning_rate": 0.01}']
+          "--hyperparameters", '{"epochs": 4, "batch_size": 16, "learning_rate": 0.01, "head_lr_scale": 1}']
 
 
 @pytest.fixture

@@ -228,10 +228,10 @@ def test_auto_hyperparameters_in_detail() -> None:
 
 def test_the_task_names_its_trainer_and_targets_are_checked(base: CausalBase) -> None:
     trainer = trainer_for(TEXT_GENERATION)
-    hp = trainer.resolve(trainer.parse({"target_modules": ["q_proj"]}), 100, "lora", base)
+    hp = trainer.resolve(trainer.parse({"target_modules": ["q_proj"]}), range(100), "lora", base)
     assert hp.target_modules == ("q_proj",)
     with pytest.raises(HyperparameterError, match="'query' is not a decoder linear layer"):
-        trainer.resolve(trainer.parse({"target_modules": ["query"]}), 100, "lora", base)
+        trainer.resolve(trainer.parse({"target_modules": ["query"]}), range(100), "lora", base)
 
 
 # -- the gate -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def test_a_validation_set_lacking_a_label_is_scored_against_the_training_labels(
     assert train_ds.labels == ("mid", "neg", "pos") and val_ds.labels == ("neg", "pos")
     trainer = trainer_for(TEXT_CLASSIFICATION)
     base = tiny_base(seed=1)
-    hp = trainer.resolve(trainer.parse(FAST_HP), len(train_ds), "lora", base)
+    hp = trainer.resolve(trainer.parse(FAST_HP), train_ds, "lora", base)
     result = trainer.train(base, train_ds, val_ds, method="lora", hp=hp)
     matrix = result.metrics["confusion_matrix"]  # rows: true labels, in training-label order
     assert len(matrix) == 3

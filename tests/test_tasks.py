@@ -84,7 +84,9 @@ def test_a_text_job_never_imports_the_image_task_or_trainer():
             "from adapters.jobs.trainers import trainer_for\n"
             "t = trainer_for('text-classification')\n"
             "from adapters.base import tiny_base\n"
-            "t.resolve(t.parse({'epochs': 1}), 40, 'lora', tiny_base(seed=1))\n"
+            "from adapters.datasets import from_records\n"
+            "ds = from_records([{'text': f'row {i}', 'label': 'ab'[i % 2]} for i in range(40)])\n"
+            "t.resolve(t.parse({'epochs': 1}), ds, 'lora', tiny_base(seed=1))\n"
             "bad = sorted(m for m in sys.modules if m.startswith(('adapters.training.image', 'adapters.vision', "
             "'adapters.tasks.image')))\n"
             "assert not bad, bad\n")

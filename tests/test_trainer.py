@@ -20,7 +20,7 @@ from adapters.training import (
 )
 from adapters.training import checkpoint
 from adapters.training.divergence import Watch, prior_loss
-from adapters.training.hyperparams import HEAD_LR_SCALE, LORA_PLUS_RATIO
+from adapters.training.hyperparams import HEAD_LR_SCALE, HEAD_LR_SCALE_SMALL, LORA_PLUS_RATIO, SMALL_SET
 from adapters.training.metrics import classification_metrics
 from tests.training_data import FAST_HP, sentiment
 
@@ -333,7 +333,11 @@ def test_auto_resolves_for_small_and_large_sets():
     assert Hyperparameters().resolve(100, "full").learning_rate == 5e-5
     assert Hyperparameters().resolve(100, "head").learning_rate == 5e-3
     assert Hyperparameters(epochs=3, lora_r=4).resolve(100, "lora").lora_alpha == 8  # alpha follows r
-    assert (small.head_lr_scale, small.lora_plus_ratio, small.use_rslora) == (HEAD_LR_SCALE, LORA_PLUS_RATIO, False)
+    assert (small.head_lr_scale, small.lora_plus_ratio, small.use_rslora) == (HEAD_LR_SCALE_SMALL, LORA_PLUS_RATIO, False)
+    assert large.head_lr_scale == HEAD_LR_SCALE == 1.0 and HEAD_LR_SCALE_SMALL == 10.0
+    assert Hyperparameters().resolve(SMALL_SET, "lora").head_lr_scale == HEAD_LR_SCALE_SMALL
+    assert Hyperparameters().resolve(SMALL_SET + 1, "lora").head_lr_scale == HEAD_LR_SCALE
+    assert Hyperparameters(head_lr_scale=2).resolve(50, "lora").head_lr_scale == 2.0  # asked for: kept
 
 
 def test_classification_metrics():

@@ -51,14 +51,16 @@ def rates(run: _Loop, head_name: str) -> tuple[set[float], set[float]]:
     return head, lora
 
 
-@pytest.mark.parametrize("how", ["hyperparameter", "auto constant"])
+@pytest.mark.parametrize("how", ["hyperparameter", "auto constant", "auto constant, small set"])
 def test_the_head_rate_multiplier_reaches_the_heads_optimizer_group_only(base: Any, how: str,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     if how == "hyperparameter":
         run = trained_loop(base, {"head_lr_scale": 4})
-    else:  # "auto" resolves to HEAD_LR_SCALE
-        monkeypatch.setattr(hyperparams, "HEAD_LR_SCALE", 4.0)
-        run = trained_loop(base, {})
+    else:  # "auto" resolves to HEAD_LR_SCALE, or HEAD_LR_SCALE_SMALL on at most SMALL_SET examples
+        small = how.endswith("small set")
+        monkeypatch.setattr(hyperparams, "HEAD_LR_SCALE_SMALL" if small else "HEAD_LR_SCALE", 4.0)
+        monkeypatch.setattr(hyperparams, "SMALL_SET", 10_000 if small else 0)
+        run = trained_loop(base, {"head_lr_scale": "auto"})  # FAST_HP sets 1
         assert run.hp.head_lr_scale == 4.0
     head, lora = rates(run, base.head_name)
     assert len(head) == 1 and len(lora) == 1  # one rate for the head, one for every LoRA matrix

@@ -20,4 +20,7 @@ def sentiment(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 # what a tiny random model needs to learn the set above in a few seconds
 # "search": False -- the hyper-parameter search (on by default for small sets) is tested in test_search.py
-FAST_HP = {"epochs": 12, "learning_rate": 0.01, "batch_size": 16, "patience": 12, "seed": 0, "search": False}
+# "head_lr_scale": 1 -- at this rate (10x auto) the head trains at it too; auto would give small sets 10x
+# (hyperparams.HEAD_LR_SCALE_SMALL), tested in test_training_lr_groups.py
+FAST_HP = {"epochs": 12, "learning_rate": 0.01, "batch_size": 16, "patience": 12, "seed": 0, "search": False,
+           "head_lr_scale": 1}

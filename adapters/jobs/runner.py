@@ -88,7 +88,7 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             train_ds, val_ds = _datasets(job, ctx)
             trainer = trainer_for(job.task)
             bases = ctx.bases(job.task)  # loaded on this worker's first job of the task
-            resolved = trainer.resolve(trainer.parse(job.hyperparameters), len(train_ds), job.method,
+            resolved = trainer.resolve(trainer.parse(job.hyperparameters), train_ds, job.method,
                                        bases.trainer_base)
             summary = {**job.dataset, "training_examples": len(train_ds), "validation_examples": len(val_ds),
                        "validation_split": job.validation_key is None}

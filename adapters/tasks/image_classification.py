@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any
 
 import torch
@@ -62,10 +62,10 @@ def trainer() -> TaskTrainer:
     first ``resolve`` or ``train``: parsing a job's settings needs only the settings)."""
     from adapters.training.image_hyperparams import ImageHyperparameters
 
-    def resolve(hp: Any, n: int, method: str, base: Any) -> Any:
+    def resolve(hp: Any, train_ds: Sized, method: str, base: Any) -> Any:
         from adapters.training.image_task import resolve_image_hyperparameters
 
-        return resolve_image_hyperparameters(hp, n, method, base)
+        return resolve_image_hyperparameters(hp, len(train_ds), method, base)
 
     def train(*args: Any, **kw: Any) -> Any:
         from adapters.training.image_task import train_images

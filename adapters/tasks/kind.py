@@ -14,7 +14,7 @@ never share a forward pass (one engine and one batcher per base).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,14 +35,15 @@ class TaskTrainer:
       ``HyperparameterError`` naming the key); the result's ``target_modules`` is a tuple of
       names or ``"auto"``. ``JobManager.submit`` runs it, so a bad value is refused before the
       job exists. Cheap: it imports the task's settings, never its training code.
-    * ``resolve(parsed, n_train, method, base)``: concrete values for this data on this base.
+    * ``resolve(parsed, train_ds, method, base)``: concrete values for this training set (its
+      size; a text task also its texts' token counts, for ``max_length``) on this base.
     * ``train(base, train_ds, val_ds, *, method, hp, callbacks, checkpoint_dir, threads)``: the
       run, on the worker's pristine base of the task and the job's datasets
       (``adapters.jobs.task_data``), returning ``adapters.training.TrainResult``.
     """
 
     parse: Callable[[dict[str, Any] | None], Any]
-    resolve: Callable[[Any, int, str, Any], Any]
+    resolve: Callable[[Any, Sized, str, Any], Any]
     train: Callable[..., TrainResult]
 
 

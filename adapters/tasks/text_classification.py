@@ -55,8 +55,9 @@ def trainer() -> TaskTrainer:
     """``adapters.training``'s ``Hyperparameters`` and ``train``, on a job's text datasets."""
     from adapters.training import Hyperparameters
 
-    def resolve(hp: Any, n: int, method: str, base: Any) -> Any:
-        return hp.resolve(n, method, base.device)
+    def resolve(hp: Any, train_ds: Dataset, method: str, base: Any) -> Any:
+        cap = base.length_cap
+        return hp.resolve(len(train_ds), method, base.device, lengths=base.token_counts(train_ds.texts(), cap), cap=cap)
 
     def train(base: Any, train_ds: Dataset, val_ds: Dataset, **kw: Any) -> Any:
         from adapters.training import train as train_texts

@@ -7,6 +7,7 @@ the loop) on their first call, so checking a job's settings never loads it.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 from adapters.tasks.kind import TaskTrainer
@@ -14,10 +15,10 @@ from adapters.training.generation_hyperparams import GenerationHyperparameters
 
 
 def trainer() -> TaskTrainer:
-    def resolve(hp: GenerationHyperparameters, n: int, method: str, base: Any) -> Any:
+    def resolve(hp: GenerationHyperparameters, train_ds: Sized, method: str, base: Any) -> Any:
         from adapters.training.generation_task import resolve_generation_hyperparameters
 
-        return resolve_generation_hyperparameters(hp, n, method, base)
+        return resolve_generation_hyperparameters(hp, len(train_ds), method, base)
 
     def train(base: Any, train_ds: Any, val_ds: Any, **kw: Any) -> Any:
         from adapters.training.generation_task import train_generation

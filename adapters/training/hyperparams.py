@@ -15,14 +15,16 @@ epoch) predicted one label for the first 7 epochs and reached 0.70 only by epoch
 50 BBC articles left single-label predictions only at epoch 7 -- ten epochs (40 steps) learn
 nothing. Patience (early stopping on validation accuracy) is a quarter of the epochs, at
 least 2, so short noisy epochs of a small set do not stop a run that is still learning.
-Batch 16 (32 from 5,000 examples), max length 128 tokens, warmup 6% of steps, weight decay
-0.01; lora_alpha follows 2 * lora_r. Resolved examples: 50 -> 30 epochs x 4 steps; 500 ->
+Batch 16 (32 from 5,000 examples), warmup 6% of steps, weight decay 0.01; lora_alpha follows
+2 * lora_r. ``max_length`` follows the training texts (``auto_max_length``): 128 tokens where
+nearly all of them fit in it, else the longest the base was trained at (MiniLM: 256). Resolved examples: 50 -> 30 epochs x 4 steps; 500 ->
 19 x 32; 5,000 -> 4 x 157; 50,000 -> 2 x 1,563.
 
 LoRA's learning-rate split and scaling: ``head_lr_scale`` (the new head's rate over
 ``learning_rate``), ``lora_plus_ratio`` (LoRA+: lora_B's rate over lora_A's) and ``use_rslora``
-(scale alpha / sqrt(r)); auto values ``HEAD_LR_SCALE``, ``LORA_PLUS_RATIO`` and False, with what
-was measured for them at those constants. None changes the adapter's size or serving cost.
+(scale alpha / sqrt(r)); auto values ``HEAD_LR_SCALE`` (``HEAD_LR_SCALE_SMALL``, 10, for LoRA
+on at most ``SMALL_SET`` examples), ``LORA_PLUS_RATIO`` and False, with what was measured for
+them at those constants. None changes the adapter's size or serving cost.
 
 ``search`` (``"auto"``, true or false): successive halving over learning rate x rank
 (``adapters.training.search``) picks whichever of ``learning_rate`` and ``lora_r`` are still
@@ -56,6 +58,7 @@ a wrong type, a value out of range or an unknown field raises ``HyperparameterEr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
@@ -71,8 +74,19 @@ AUTO_TARGETS = ("query", "key", "value", "dense")  # every linear layer of a BER
 # seed and full sizes not run). Full size (bench/results/pieces/quality-*-head10-*.json): drugs seed 0
 # 0.712 (plain 0.698), at 256 tokens 0.717 (plain 0.542: one label throughout); rotten seeds 0/2
 # 0.812/0.807 (plain 0.822/0.825); tweets seed 0 0.778 (0.780): it helps the small set's slow start
-# and costs the large sets, so 1 stays
+# and costs the large sets, so 1 stays for them
 HEAD_LR_SCALE = 1.0
+# ... except on small sets: HEAD_LR_SCALE_SMALL for LoRA runs of at most SMALL_SET examples (the
+# epoch rule gives them 10-30 short epochs). Measured (pieces bench/results/pieces/
+# quality-*-{n600-,}head10-*.json, one thread): rotten and tweets cut to 540 training rows, seed 0:
+# 0.730 -> 0.767 and 0.699 -> 0.705; drugs (540 rows, 64% one label), where plain LoRA sat on
+# one-label predictions for 8 epochs on every seed (at 256 tokens seed 0 never left them):
+# x10 leaves them by epoch 4; at 256 tokens (its auto length) seeds 0-2 0.717 / 0.712 / 0.738,
+# mean 0.722, against plain 0.542 / 0.733 / 0.669 (0.648) and full fine-tuning 0.729 (seeds 0-1);
+# at 128, seed 0 0.712 vs 0.698. On 3,600 rows (3 epochs) x10 cost rotten 1-2 points (above), so
+# larger sets keep 1; between 1,000 and 3,600 rows it is not measured.
+HEAD_LR_SCALE_SMALL = 10.0
+SMALL_SET = 1000
 LORA_PLUS_RATIO = 1.0  # auto: lora_B's rate over lora_A's
 # auto head_init per method: "probe" fits the new head on the frozen base's features (the
 # linear_probe, C by cross-validation) before the first step (LP-FT, Kumar et al. 2022). Measured
@@ -88,6 +102,30 @@ AUTO_SEARCH = False
 SEARCH_MAX_EXAMPLES = 1000  # auto search (when AUTO_SEARCH): on up to this many training examples
 SEARCH_MIN_EPOCHS = 6  # and for runs of at least this many epochs (its budget: <= 2 plain runs)
 SEARCHED = ("learning_rate", "lora_r")  # what the search may choose, each only when "auto"
+
+
+# auto max_length: MAX_LENGTH_SHORT tokens when at least LENGTH_QUANTILE of the training texts fit
+# in it, else the base's length cap (BaseModel.length_cap: MiniLM's 256). Two values, not a
+# quantile of the lengths: every trained method gained from the longer length where many texts
+# were cut (pieces bench/results/pieces/quality-{imdb,drugs}-len256-*.json; IMDB, 87% of its texts
+# over 128 tokens, 40% over 256: head 0.792 -> 0.839, lora 0.815 -> 0.866, full 0.812 -> 0.888;
+# drugs, 42% over 128, 0.3% over 256: full 0.692 -> 0.729, head 0.690 -> 0.696, lora 0.687 ->
+# 0.722 with the small-set head rate below, which its slow start at 256 needs), and short texts
+# are not cut at 128 (tweets and rotten: 95% under 53 tokens), where a batch is trimmed to its
+# longest text anyway, so the floor costs nothing. Serving splits a mixed batch by width
+# (runtime.width_groups), so a long-text tenant's rows do not make other tenants' dearer.
+MAX_LENGTH_SHORT = 128
+LENGTH_QUANTILE = 0.95
+
+
+def auto_max_length(lengths: Sequence[int], cap: int) -> int:
+    """``MAX_LENGTH_SHORT`` when at least ``LENGTH_QUANTILE`` of ``lengths`` (token counts) are
+    at most that, else ``cap``; never above ``cap``."""
+    short = min(MAX_LENGTH_SHORT, cap)
+    if not lengths:
+        return short
+    fit = sum(1 for n in lengths if n <= short) / len(lengths)
+    return short if fit >= LENGTH_QUANTILE else cap
 
 
 class HyperparameterError(TailorError, ValueError):
@@ -239,9 +277,12 @@ class Hyperparameters(LoraFields, TokenSettings):
             return value
         return _check(key, value)
 
-    def resolve(self, n_train: int, method: str, device: object = None) -> ResolvedHyperparameters:
+    def resolve(self, n_train: int, method: str, device: object = None, *,
+                lengths: Sequence[int] | None = None, cap: int | None = None) -> ResolvedHyperparameters:
         """Concrete values for ``n_train`` examples (``device`` is accepted for future tuning;
-        the auto values are CPU-safe everywhere)."""
+        the auto values are CPU-safe everywhere). ``lengths``: the training texts' token counts,
+        from which an auto ``max_length`` is chosen up to ``cap`` (``auto_max_length``); without
+        them it is ``MAX_LENGTH_SHORT``."""
         if method not in LR:
             raise HyperparameterError(f"method must be one of {', '.join(LR)}, got {method!r}", param="method")
         batch = self._or("batch_size", 16 if n_train < 5000 else 32)
@@ -253,12 +294,14 @@ class Hyperparameters(LoraFields, TokenSettings):
             epochs=epochs,
             batch_size=batch, learning_rate=float(self._or("learning_rate", LR[method])),
             weight_decay=float(self._or("weight_decay", 0.01)), warmup_ratio=float(self._or("warmup_ratio", 0.06)),
-            max_length=self._or("max_length", 128), seed=self._or("seed", 0),
+            max_length=self._or("max_length", MAX_LENGTH_SHORT if lengths is None or cap is None
+                                else auto_max_length(lengths, cap)), seed=self._or("seed", 0),
             patience=self._or("patience", max(2, epochs // 4)),
             lora_r=r, lora_alpha=float(self._or("lora_alpha", 2 * r)),
             lora_dropout=float(self._or("lora_dropout", 0.1)),
             target_modules=tuple(self._or("target_modules", AUTO_TARGETS)),
-            head_lr_scale=float(self._or("head_lr_scale", HEAD_LR_SCALE)),
+            head_lr_scale=float(self._or("head_lr_scale", HEAD_LR_SCALE_SMALL if method == "lora" and n_train <= SMALL_SET
+                                         else HEAD_LR_SCALE)),
             lora_plus_ratio=float(self._or("lora_plus_ratio", LORA_PLUS_RATIO)),
             use_rslora=bool(self._or("use_rslora", False)),
             search=self._search_fields(n_train, method, epochs),

@@ -40,8 +40,12 @@ def train(
     check_data(labels, train_texts, train_label_ids, "training", unit="texts")
     check_data(labels, val_texts, val_label_ids, "validation", unit="texts")
     train_label_ids, val_label_ids = [int(i) for i in train_label_ids], [int(i) for i in val_label_ids]
-    rhp = hp if isinstance(hp, ResolvedHyperparameters) else (hp or Hyperparameters()).resolve(
-        len(train_texts), method, base.device)
+    if isinstance(hp, ResolvedHyperparameters):
+        rhp = hp
+    else:
+        cap = base.length_cap
+        rhp = (hp or Hyperparameters()).resolve(len(train_texts), method, base.device,
+                                                lengths=base.token_counts(train_texts, cap), cap=cap)
     max_pos = getattr(getattr(base.model, "config", None), "max_position_embeddings", None)
     if isinstance(max_pos, int) and rhp.max_length > max_pos:
         raise HyperparameterError(f"max_length {rhp.max_length} exceeds the base model's {max_pos} positions",

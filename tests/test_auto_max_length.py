@@ -86,3 +86,23 @@ def test_a_jobs_auto_max_length_is_recorded_in_the_job_and_its_adapter(
     assert done.resolved_hyperparameters["max_length"] == expected
     record = registry.resolve("acme", "mood", "prod")
     assert catalog.read(record).manifest.max_length == expected
+
+
+def test_a_run_says_how_many_training_texts_max_length_cuts() -> None:
+    from adapters.training import TrainCallbacks, train
+
+    base = tiny_base(seed=1, initializer_range=0.3, positions=256)
+    rows = sentiment(40)
+    texts = [r["text"] + (f" {r['text'].split()[0]}" * 140 if i % 4 == 0 else "") for i, r in enumerate(rows)]
+    ids = [0 if r["label"] == "neg" else 1 for r in rows]
+    events: list[tuple[str, str]] = []
+    cb = TrainCallbacks(on_event=lambda level, message: events.append((level, message)))
+    train(base, texts, ids, ("neg", "pos"), texts[:8], ids[:8], hp=Hyperparameters.from_dict({**FAST_HP, "max_length": 64}),
+          callbacks=cb)
+    notes = [m for _, m in events if m.startswith("max_length")]
+    assert notes == ["max_length 64: 10 of 40 training texts (25%) are longer and are cut to their first 64 "
+                     "tokens, in training and when served"]
+    events.clear()  # none cut: nothing said
+    train(base, [r["text"] for r in rows], ids, ("neg", "pos"), texts[:8], ids[:8],
+          hp=Hyperparameters.from_dict({**FAST_HP, "max_length": 64}), callbacks=cb)
+    assert not [m for _, m in events if m.startswith("max_length")]

@@ -112,6 +112,8 @@ class _Loop:
     def fit(self, ckpt_dir: Path | None) -> None:
         hp, task, st = self.hp, self.task, self.state
         task.encode(self._poll)
+        for level, message in getattr(task, "input_notes", list)():
+            self._event(level, message)
         solve = getattr(task, "solve", None)
         solved = solve(self._poll) if solve is not None else None
         if solved is not None:

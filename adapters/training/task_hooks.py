@@ -23,7 +23,9 @@ and ``warm_start(poll)``: called before the first step of a fresh run (never on 
 it may set weights from a closed-form fit (the text task's ``head_init`` probe) and returns a
 dict with a ``message`` to report, or None when it changed nothing. It leaves the global random
 state as it found it, so a run that resumes from a checkpoint (and skips it) still ends with an
-uninterrupted run's weights.
+uninterrupted run's weights. And ``input_notes()``: after ``encode``, what the run's events should
+say about its inputs (``(level, message)`` pairs; the text task: how many training texts
+``max_length`` cuts).
 """
 
 from __future__ import annotations

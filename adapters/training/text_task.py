@@ -192,6 +192,16 @@ class TextTask:
 
     # -- pieces -----------------------------------------------------------------------------
 
+    def input_notes(self) -> list[tuple[str, str]]:
+        """How many training texts ``max_length`` cuts, when it cuts any."""
+        n = self.hp.max_length
+        cut = sum(1 for c in self.base.token_counts(self.train_texts, cap=n) if c > n)
+        if not cut:
+            return []
+        share = cut / len(self.train_texts)
+        return [("info", f"max_length {n}: {cut} of {len(self.train_texts)} training texts ({share:.0%}) are longer "
+                         f"and are cut to their first {n} tokens, in training and when served")]
+
     def _inputs(self, texts: list[str], poll: Poll) -> dict[str, torch.Tensor]:
         enc = self.base.tokenize(texts, max_length=self.hp.max_length)
         if self.method != "head":

@@ -163,7 +163,8 @@ def read_trained_length(model_dir: Path) -> int | None:
     """The ``max_seq_length`` of ``model_dir``'s sentence-transformers configuration (the length
     its sentence-embedding training used), or None where there is none or it is unreadable."""
     try:
-        value = json.loads((Path(model_dir) / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"]
+        config = json.loads((Path(model_dir) / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        value = config["max_seq_length"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

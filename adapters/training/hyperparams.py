@@ -17,8 +17,9 @@ nothing. Patience (early stopping on validation accuracy) is a quarter of the ep
 least 2, so short noisy epochs of a small set do not stop a run that is still learning.
 Batch 16 (32 from 5,000 examples), warmup 6% of steps, weight decay 0.01; lora_alpha follows
 2 * lora_r. ``max_length`` follows the training texts (``auto_max_length``): 128 tokens where
-nearly all of them fit in it, else the longest the base was trained at (MiniLM: 256). Resolved examples: 50 -> 30 epochs x 4 steps; 500 ->
-19 x 32; 5,000 -> 4 x 157; 50,000 -> 2 x 1,563.
+nearly all of them fit in it, else the longest the base was trained at (MiniLM: 256).
+Resolved examples: 50 -> 30 epochs x 4 steps; 500 -> 19 x 32; 5,000 -> 4 x 157; 50,000 -> 2 x
+1,563.
 
 LoRA's learning-rate split and scaling: ``head_lr_scale`` (the new head's rate over
 ``learning_rate``), ``lora_plus_ratio`` (LoRA+: lora_B's rate over lora_A's) and ``use_rslora``
@@ -300,8 +301,8 @@ class Hyperparameters(LoraFields, TokenSettings):
             lora_r=r, lora_alpha=float(self._or("lora_alpha", 2 * r)),
             lora_dropout=float(self._or("lora_dropout", 0.1)),
             target_modules=tuple(self._or("target_modules", AUTO_TARGETS)),
-            head_lr_scale=float(self._or("head_lr_scale", HEAD_LR_SCALE_SMALL if method == "lora" and n_train <= SMALL_SET
-                                         else HEAD_LR_SCALE)),
+            head_lr_scale=float(self._or("head_lr_scale", HEAD_LR_SCALE_SMALL
+                                         if method == "lora" and n_train <= SMALL_SET else HEAD_LR_SCALE)),
             lora_plus_ratio=float(self._or("lora_plus_ratio", LORA_PLUS_RATIO)),
             use_rslora=bool(self._or("use_rslora", False)),
             search=self._search_fields(n_train, method, epochs),

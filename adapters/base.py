@@ -58,11 +58,16 @@ class BaseModel:
         return self.spec.fingerprint
 
     @property
+    def positions(self) -> int | None:
+        """Its position embeddings (the most tokens a text may have), where its config says."""
+        n = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return n if isinstance(n, int) and n > 0 else None
+
+    @property
     def length_cap(self) -> int:
         """The longest ``max_length`` an automatic choice may give: the length the base was
         trained at where its configuration says (MiniLM: 256), else its position embeddings."""
-        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        known = [n for n in (self.trained_length, positions) if isinstance(n, int) and n > 0]
+        known = [n for n in (self.trained_length, self.positions) if n is not None]
         return min(known) if known else self.max_length
 
     def token_counts(self, texts: Sequence[str], cap: int) -> list[int]:

@@ -55,8 +55,8 @@ import torch
 from adapters.base import load_base
 from adapters.pooling import Pooling
 from adapters.training import Hyperparameters, TrainCallbacks, TrainingDiverged, train
-from adapters.training.hyperparams import auto_max_length
 from adapters.training.metrics import classification_metrics
+from adapters.training.trainer import resolve_text_hyperparameters
 from bench import data
 from bench.common import machine, parser, save_figure
 from bench.quality_runs import Piece, done, save, take_runs, train_pending, trained_meta
@@ -164,11 +164,9 @@ def run_texts(args: Any, seeds: int) -> tuple[dict[str, Any], dict[str, Any], Ca
     # the trainer needs a validation set for early stopping: carve it from train, never from test
     val_rows, fit_rows = train_rows[: len(train_rows) // 10], train_rows[len(train_rows) // 10 :]
     base = load_base(pooling=None if args.pooling == "base" else Pooling.parse(args.pooling))
-    if "max_length" in args.hyperparameters:
-        max_length = int(args.hyperparameters["max_length"])
-    else:  # what a job with max_length "auto" would train at (hyperparams.auto_max_length)
-        fit_texts = [r["text"] for r in fit_rows]
-        max_length = auto_max_length(base.token_counts(fit_texts, base.length_cap), base.length_cap)
+    # what a job would train at: the asked max_length, or auto's choice for these texts
+    max_length = resolve_text_hyperparameters(Hyperparameters.from_dict(args.hyperparameters),
+                                              [r["text"] for r in fit_rows], "lora", base).max_length
     base.max_length = max_length
     result: dict[str, Any] = {
         "machine": machine(), "dataset": args.dataset, "quick": args.quick, "labels": list(labels),

@@ -56,8 +56,9 @@ def trainer() -> TaskTrainer:
     from adapters.training import Hyperparameters
 
     def resolve(hp: Any, train_ds: Dataset, method: str, base: Any) -> Any:
-        cap = base.length_cap
-        return hp.resolve(len(train_ds), method, base.device, lengths=base.token_counts(train_ds.texts(), cap), cap=cap)
+        from adapters.training.trainer import resolve_text_hyperparameters
+
+        return resolve_text_hyperparameters(hp, train_ds.texts(), method, base)
 
     def train(base: Any, train_ds: Dataset, val_ds: Dataset, **kw: Any) -> Any:
         from adapters.training import train as train_texts
@@ -110,8 +111,7 @@ class TextServing:
         """Tokenised rows, each cut to its adapter's ``max_length`` (the base's for a base row or
         an adapter that records none), padded together."""
         base = self.base
-        positions = getattr(getattr(base.model, "config", None), "max_position_embeddings", None)
-        cap = positions if isinstance(positions, int) else 1 << 30  # never past the model's positions
+        cap = base.positions or 1 << 30  # never past the model's positions
         lengths = [base.max_length if a is None or a.max_length is None else min(a.max_length, cap)
                    for a in (adapters or [None] * len(rows))]
         if len(lengths) != len(rows):

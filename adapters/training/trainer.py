@@ -13,6 +13,7 @@ pooling, the adapter). It never touches ``base.model``. Images: ``adapters.train
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.base import BaseModel
@@ -40,14 +41,10 @@ def train(
     check_data(labels, train_texts, train_label_ids, "training", unit="texts")
     check_data(labels, val_texts, val_label_ids, "validation", unit="texts")
     train_label_ids, val_label_ids = [int(i) for i in train_label_ids], [int(i) for i in val_label_ids]
-    if isinstance(hp, ResolvedHyperparameters):
-        rhp = hp
-    else:
-        cap = base.length_cap
-        rhp = (hp or Hyperparameters()).resolve(len(train_texts), method, base.device,
-                                                lengths=base.token_counts(train_texts, cap), cap=cap)
-    max_pos = getattr(getattr(base.model, "config", None), "max_position_embeddings", None)
-    if isinstance(max_pos, int) and rhp.max_length > max_pos:
+    rhp = hp if isinstance(hp, ResolvedHyperparameters) else resolve_text_hyperparameters(
+        hp or Hyperparameters(), train_texts, method, base)
+    max_pos = base.positions
+    if max_pos is not None and rhp.max_length > max_pos:
         raise HyperparameterError(f"max_length {rhp.max_length} exceeds the base model's {max_pos} positions",
                                   param="hyperparameters.max_length")
     if rhp.search and method == "lora":  # successive halving over what is left to choose
@@ -58,6 +55,14 @@ def train(
                           threads=threads)
     task = TextTask(base, labels, method, rhp, train_texts, train_label_ids, val_texts, val_label_ids)
     return fit(task, rhp, callbacks=callbacks, checkpoint_dir=checkpoint_dir, threads=threads)
+
+
+def resolve_text_hyperparameters(hp: Hyperparameters, texts: Sequence[str], method: str,
+                                 base: BaseModel) -> ResolvedHyperparameters:
+    """``hp`` resolved for these training texts on ``base``: its auto ``max_length`` from their
+    token counts, up to ``base.length_cap`` (``hyperparams.auto_max_length``)."""
+    cap = base.length_cap
+    return hp.resolve(len(texts), method, base.device, lengths=base.token_counts(texts, cap), cap=cap)
 
 
 def check_method(method: str) -> None:

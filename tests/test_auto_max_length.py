@@ -106,3 +106,21 @@ def test_a_run_says_how_many_training_texts_max_length_cuts() -> None:
     train(base, [r["text"] for r in rows], ids, ("neg", "pos"), texts[:8], ids[:8],
           hp=Hyperparameters.from_dict({**FAST_HP, "max_length": 64}), callbacks=cb)
     assert not [m for _, m in events if m.startswith("max_length")]
+
+
+def test_with_the_search_on_the_cut_is_reported_once_not_per_candidate() -> None:
+    from adapters.training import TrainCallbacks, train
+
+    base = tiny_base(seed=1, initializer_range=0.3, positions=256)
+    rows = sentiment(40)
+    texts = [r["text"] + (f" {r['text'].split()[0]}" * 140 if i % 4 == 0 else "") for i, r in enumerate(rows)]
+    ids = [0 if r["label"] == "neg" else 1 for r in rows]
+    events: list[tuple[str, str]] = []
+    searches: list[dict] = []
+    cb = TrainCallbacks(on_event=lambda level, message: events.append((level, message)), on_search=searches.append)
+    hp = {"epochs": 6, "batch_size": 16, "patience": 6, "seed": 0, "search": True, "max_length": 64}
+    train(base, texts, ids, ("neg", "pos"), texts[:8], ids[:8], hp=Hyperparameters.from_dict(hp), callbacks=cb, threads=1)
+    assert sum(1 for r in searches if r["stage"] == "candidate_start") > 1  # several candidates trained
+    assert [m for _, m in events if m.startswith("max_length")] == [
+        "max_length 64: 10 of 40 training texts (25%) are longer and are cut to their first 64 tokens, in training "
+        "and when served"]

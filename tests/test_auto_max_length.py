@@ -88,39 +88,34 @@ def test_a_jobs_auto_max_length_is_recorded_in_the_job_and_its_adapter(
     assert catalog.read(record).manifest.max_length == expected
 
 
-def test_a_run_says_how_many_training_texts_max_length_cuts() -> None:
+CUT_NOTE = ("max_length 64: 10 of 40 training texts (25%) are longer and are cut to their first 64 tokens, in "
+            "training and when served")
+
+
+def run_with_cuts(hp: dict, *, cut: bool = True) -> tuple[list[str], list[dict]]:
+    """Train a tiny base on 40 texts, every fourth made longer than 64 tokens when ``cut``:
+    the run's "max_length" notes and its search records."""
     from adapters.training import TrainCallbacks, train
 
     base = tiny_base(seed=1, initializer_range=0.3, positions=256)
     rows = sentiment(40)
-    texts = [r["text"] + (f" {r['text'].split()[0]}" * 140 if i % 4 == 0 else "") for i, r in enumerate(rows)]
+    long = [r["text"] + (f" {r['text'].split()[0]}" * 140 if i % 4 == 0 else "") for i, r in enumerate(rows)]
+    texts = long if cut else [r["text"] for r in rows]
     ids = [0 if r["label"] == "neg" else 1 for r in rows]
-    events: list[tuple[str, str]] = []
-    cb = TrainCallbacks(on_event=lambda level, message: events.append((level, message)))
-    train(base, texts, ids, ("neg", "pos"), texts[:8], ids[:8], hp=Hyperparameters.from_dict({**FAST_HP, "max_length": 64}),
-          callbacks=cb)
-    notes = [m for _, m in events if m.startswith("max_length")]
-    assert notes == ["max_length 64: 10 of 40 training texts (25%) are longer and are cut to their first 64 "
-                     "tokens, in training and when served"]
-    events.clear()  # none cut: nothing said
-    train(base, [r["text"] for r in rows], ids, ("neg", "pos"), texts[:8], ids[:8],
-          hp=Hyperparameters.from_dict({**FAST_HP, "max_length": 64}), callbacks=cb)
-    assert not [m for _, m in events if m.startswith("max_length")]
+    events: list[str] = []
+    searches: list[dict] = []
+    cb = TrainCallbacks(on_event=lambda level, message: events.append(message), on_search=searches.append)
+    train(base, texts, ids, ("neg", "pos"), long[:8], ids[:8], hp=Hyperparameters.from_dict({**hp, "max_length": 64}),
+          callbacks=cb, threads=1)
+    return [m for m in events if m.startswith("max_length")], searches
+
+
+def test_a_run_says_how_many_training_texts_max_length_cuts() -> None:
+    assert run_with_cuts(FAST_HP)[0] == [CUT_NOTE]
+    assert run_with_cuts(FAST_HP, cut=False)[0] == []  # none cut: nothing said
 
 
 def test_with_the_search_on_the_cut_is_reported_once_not_per_candidate() -> None:
-    from adapters.training import TrainCallbacks, train
-
-    base = tiny_base(seed=1, initializer_range=0.3, positions=256)
-    rows = sentiment(40)
-    texts = [r["text"] + (f" {r['text'].split()[0]}" * 140 if i % 4 == 0 else "") for i, r in enumerate(rows)]
-    ids = [0 if r["label"] == "neg" else 1 for r in rows]
-    events: list[tuple[str, str]] = []
-    searches: list[dict] = []
-    cb = TrainCallbacks(on_event=lambda level, message: events.append((level, message)), on_search=searches.append)
-    hp = {"epochs": 6, "batch_size": 16, "patience": 6, "seed": 0, "search": True, "max_length": 64}
-    train(base, texts, ids, ("neg", "pos"), texts[:8], ids[:8], hp=Hyperparameters.from_dict(hp), callbacks=cb, threads=1)
+    notes, searches = run_with_cuts({"epochs": 6, "batch_size": 16, "patience": 6, "seed": 0, "search": True})
     assert sum(1 for r in searches if r["stage"] == "candidate_start") > 1  # several candidates trained
-    assert [m for _, m in events if m.startswith("max_length")] == [
-        "max_length 64: 10 of 40 training texts (25%) are longer and are cut to their first 64 tokens, in training "
-        "and when served"]
+    assert notes == [CUT_NOTE]

@@ -118,6 +118,13 @@ class WorkerSide:
         """Renew the lease; returns True if a cancel was requested. Raises if the job is lost."""
         return transaction(self.db, lambda conn: _heartbeat(conn, job_id, worker_id, self.now() + self.lease))
 
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel of ``job_id`` was requested: a plain read, so it never waits behind
+        writers (on SQLite, a busy worker's own event writes can hold the write lock that
+        ``heartbeat`` needs for seconds at a time)."""
+        with self._read.connect() as conn:
+            return bool(conn.execute(select(J.c.cancel_requested).where(J.c.id == job_id)).scalar())
+
     def set_running(self, job_id: str, worker_id: str, resolved_hyperparameters: dict[str, Any],
                     dataset: dict[str, Any]) -> None:
         self._update(job_id, worker_id, status=RUNNING, resolved_hyperparameters=resolved_hyperparameters,

@@ -9,7 +9,9 @@ by the job's task is looked up by it: its stored data (``adapters.jobs.task_data
 trainer (``trainer_for``: the task module's own) and the worker's bases for it
 (``WorkerContext.bases``: the base trained and the engine the gate scores on, loaded on the
 task's first job). Cancellation is honoured
-until the adapter is published; a cancelled or failed job registers nothing. Whatever
+until the adapter is published: a cancel the API accepted before then ends the job
+``cancelled`` (the database is asked once more before publishing, and before recording a
+training error, whatever the heartbeat has seen); a cancelled or failed job registers nothing. Whatever
 happens, the job ends in a final state with a reason -- unless the worker is shutting down or
 lost the job, in which case it is left for ``recover`` to requeue from its checkpoint, or the
 job yields the worker to another tenant (``adapters.jobs.fair_share``): then it is ``queued``
@@ -103,7 +105,7 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
                 bases.trainer_base, train_ds, val_ds, method=job.method, hp=resolved,
                 callbacks=_callbacks(job, ctx, hb, turn, shared), checkpoint_dir=ckpt, threads=ctx.threads,
             )
-            if hb.should_stop():
+            if hb.should_stop() or hb.cancel_now():  # a cancel accepted before publishing wins
                 raise TrainingCancelled("cancelled")
             assert result.artifact is not None
             m.check_adapter_task(job)  # its adapter may have become another task's meanwhile
@@ -126,9 +128,7 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
             if hb.shutdown.is_set() and not hb.cancelled.is_set():
                 m.event(job.id, "warning", "worker shutting down; the job will resume from its checkpoint")
                 return "released"
-            m.mark_cancelled(job.id, ctx.worker_id)
-            _cleanup(ckpt, job, ctx)
-            return "cancelled"
+            return _cancelled(job, ctx, ckpt)
         except TrainingYielded as y:
             return _give_way(job, ctx, ckpt, turn, shared, y)
         except LostJobError:
@@ -139,12 +139,31 @@ def run_job(job: Job, ctx: WorkerContext, shutdown: Any = None) -> str:
                         "from its checkpoint", job.id, e)
             return "released"
         except TailorError as e:  # dataset problems, divergence, bad hyper-parameters, ...
+            if _cancel_wins(hb):  # the tenant asked to stop first: that is how the job ends
+                m.event(job.id, "info", f"training stopped ({e.code}: {e.message}) while being cancelled")
+                return _cancelled(job, ctx, ckpt)
             return _fail(job, ctx, ckpt, e.code, e.message)
         except Exception as e:
             log.exception("job %s crashed", job.id)
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             return _fail(job, ctx, ckpt, "internal_error", f"training crashed: {type(e).__name__}: {e}",
                          event=detail)
+
+
+def _cancelled(job: Job, ctx: WorkerContext, ckpt: Path) -> str:
+    """End the job ``cancelled`` (nothing registered) and drop its checkpoint."""
+    ctx.manager.mark_cancelled(job.id, ctx.worker_id)
+    _cleanup(ckpt, job, ctx)
+    return "cancelled"
+
+
+def _cancel_wins(hb: Heartbeat) -> bool:
+    """Whether a cancel was requested (asked of the database now; False if it cannot be asked)."""
+    try:
+        return hb.cancel_now()
+    except Exception:  # the database is away: the failure is recorded (or the job released) as usual
+        log.warning("job %s: could not read whether a cancel was requested", hb.job_id, exc_info=True)
+        return False
 
 
 def _fail(job: Job, ctx: WorkerContext, ckpt: Path, code: str, message: str, *, event: str | None = None) -> str:
@@ -170,9 +189,7 @@ def _give_way(job: Job, ctx: WorkerContext, ckpt: Path, turn: YieldCheck, shared
     try:
         if not m.release(job.id, ctx.worker_id, message="yielded the worker to another tenant's waiting job "
                          f"(fair share); it resumes from its checkpoint {where}"):
-            m.mark_cancelled(job.id, ctx.worker_id)  # a cancel came in meanwhile
-            _cleanup(ckpt, job, ctx)
-            return "cancelled"
+            return _cancelled(job, ctx, ckpt)  # a cancel came in meanwhile
     except (LostJobError, UnavailableError) as e:  # recovery requeues it; the checkpoint stays
         log.warning("job %s: could not give the worker back (%s); left for recovery", job.id, e)
         return "released"

@@ -22,7 +22,7 @@ from adapters.jobs.supervisor import local_worker_dead
 from adapters.registry import Registry
 from adapters.runtime.engine import Engine
 from adapters.store import LocalStore
-from tests.training_data import FAST_HP, sentiment
+from tests.training_data import FAST_HP, SLOW_HP, sentiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ def test_two_tenants_train_and_are_served_in_isolation(world):
 
 def test_cancel_mid_run_registers_nothing(world):
     job = world.jobs.submit("acme", "slow", training=from_records(sentiment(200)),
-                            hyperparameters={**FAST_HP, "epochs": 100, "batch_size": 2})
+                            hyperparameters=SLOW_HP)
     world.worker()
     deadline = time.monotonic() + 300
     while world.jobs.get("acme", job.id).progress.get("step", 0) < 5:

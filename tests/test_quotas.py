@@ -33,7 +33,7 @@ from adapters.quotas import (
 from adapters.registry import Registry
 from adapters.store import LocalStore
 from adapters.synthetic import random_artifact
-from tests.training_data import FAST_HP, sentiment
+from tests.training_data import FAST_HP, SLOW_HP, sentiment
 
 ROWS = [{"text": f"good {i}", "label": "pos"} for i in range(5)] + [{"text": f"bad {i}", "label": "neg"}
                                                                       for i in range(5)]
@@ -293,9 +293,8 @@ def test_adapter_quota_on_import_and_job_submit_over_http(server):
 def test_version_quota_on_import_and_on_publish_over_http(server):
     with tenant(server, max_versions_per_adapter=1, max_concurrent_jobs=1) as c:
         # a long job holds the tenant's one running slot, so "v"'s job waits behind it
-        slow = c.post("/v1/jobs", json={"adapter": "slow", "training_data": sentiment(30), "promote": "never",
-                                        "hyperparameters": {**FAST_HP, "epochs": 100, "patience": 100,
-                                                            "batch_size": 2}}).json()
+        slow = c.post("/v1/jobs", json={"adapter": "slow", "training_data": sentiment(200), "promote": "never",
+                                        "hyperparameters": SLOW_HP}).json()
         job = c.post("/v1/jobs", json={"adapter": "v", "training_data": sentiment(40), "promote": "never",
                                        "hyperparameters": FAST_HP})
         assert job.status_code == 201, job.text

@@ -16,7 +16,7 @@ import pytest
 
 from service.cli import main
 from service.client import TailorAPIError, TailorClient
-from tests.training_data import FAST_HP, sentiment
+from tests.training_data import FAST_HP, SLOW_HP, sentiment
 
 TOPICS = [("sport", "goal"), ("money", "bank"), ("music", "song")]
 
@@ -180,7 +180,7 @@ def test_wait_exits_1_when_the_job_does_not_succeed(server, tmp_path, monkeypatc
     with TailorClient(server.url, server.keys["globex"]) as g:
         assert "broken" not in [a["name"] for a in g.list_adapters()]  # a failed job registers nothing
         slow = g.create_job("slow", training_file=g.upload_file(data)["id"],
-                            hyperparameters={**FAST_HP, "epochs": 100, "patience": 100, "batch_size": 2})
+                            hyperparameters=SLOW_HP)
         g.cancel_job(slow["id"])
     rc, out, err = cli(monkeypatch, capsys, server, "globex", "jobs", "follow", slow["id"])
     assert rc == 1 and f"job {slow['id']}: cancelled" in err
@@ -195,7 +195,7 @@ def test_job_and_adapter_quotas_are_409_and_leave_nothing(server, tmp_path):
             q.create_job("big", training_data=rows)
         assert e.value.status == 422 and "30" in e.value.message
         first = q.create_job("slow", training_data=rows[:30],
-                             hyperparameters={**FAST_HP, "epochs": 100, "patience": 100, "batch_size": 2})
+                             hyperparameters=SLOW_HP)
         with pytest.raises(TailorAPIError) as e:
             q.create_job("second", training_data=rows[:30])
         assert (e.value.status, e.value.code) == (409, "job_quota_exceeded"), e.value

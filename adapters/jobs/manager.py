@@ -7,7 +7,8 @@ exactly one worker (one transaction; ``FOR UPDATE SKIP LOCKED`` where the databa
 under a lease, honouring each tenant's ``max_concurrent_jobs``; which job is the fair-share
 rule of ``adapters.jobs.fair_share`` (tenants take turns by how recently they last had a
 worker; a tenant's jobs in submit order). The worker then reports progress and events, renews
-its lease with ``heartbeat`` (which also tells it whether a cancel was requested), asks
+its lease with ``heartbeat`` (which also tells it whether a cancel was requested;
+``cancel_requested`` asks that without writing, so a busy database cannot delay it), asks
 ``contender`` at its checkpoints whether another tenant is waiting for a worker, gives the
 worker back with ``release`` (the job is ``queued`` again and resumes from its checkpoint) and
 ends the job with ``succeed``, ``fail`` or ``mark_cancelled``. A queued job shows its

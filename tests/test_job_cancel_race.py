@@ -74,29 +74,32 @@ def test_a_cancel_the_heartbeat_never_saw_still_stops_the_publish(world, tmp_pat
     assert any(e.message.startswith("epoch 2/2") for e in jobs.events("acme", job.id))
 
 
-def test_a_training_error_after_a_cancel_ends_the_job_cancelled_and_says_why(world, tmp_path):
+def run_diverging(world, tmp_path: Path, when: str) -> tuple[CancelOnEvent, str, str]:
+    """Run a job that diverges (learning rate 1.0, as tests/test_service_training.py's "broken"
+    job), with a cancel requested at the first event carrying ``when``; (manager, job id, status)."""
     registry, store, catalog = world
-    jobs = CancelOnEvent(registry.engine, store, tenant="acme", when="train_loss")
-    # learning rate 1.0 diverges (tests/test_service_training.py's "broken" job fails with it)
+    jobs = CancelOnEvent(registry.engine, store, tenant="acme", when=when)
     jobs.submit("acme", "broken", training=from_records(sentiment(40)),
                 hyperparameters={**FAST_HP, "learning_rate": 1.0})
     job = jobs.claim("w1")
-    assert run_job(job, context(jobs, catalog, tmp_path)) == "cancelled"
-    done = jobs.get("acme", job.id)
+    return jobs, job.id, run_job(job, context(jobs, catalog, tmp_path))
+
+
+def test_a_training_error_after_a_cancel_ends_the_job_cancelled_and_says_why(world, tmp_path):
+    jobs, job_id, status = run_diverging(world, tmp_path, when="train_loss")
+    assert status == "cancelled"
+    done = jobs.get("acme", job_id)
     assert done.status == "cancelled" and done.error is None, done
-    said = [e.message for e in jobs.events("acme", job.id)]
+    said = [e.message for e in jobs.events("acme", job_id)]
     assert any("training_diverged" in m and "while being cancelled" in m for m in said), said[-5:]
+    registry = world[0]
     assert not any(a.versions for a in registry.list_adapters("acme"))
 
 
 def test_without_a_cancel_the_same_error_fails_the_job(world, tmp_path):
-    registry, store, catalog = world
-    jobs = CancelOnEvent(registry.engine, store, tenant="acme", when="never-written")
-    jobs.submit("acme", "broken", training=from_records(sentiment(40)),
-                hyperparameters={**FAST_HP, "learning_rate": 1.0})
-    job = jobs.claim("w1")
-    assert run_job(job, context(jobs, catalog, tmp_path)) == "failed"
-    assert jobs.get("acme", job.id).error.code == "training_diverged"
+    jobs, job_id, status = run_diverging(world, tmp_path, when="never-written")
+    assert status == "failed"
+    assert jobs.get("acme", job_id).error.code == "training_diverged"
 
 
 class LeaseWritesFail(JobManager):

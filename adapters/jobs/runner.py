@@ -11,8 +11,8 @@ trainer (``trainer_for``: the task module's own) and the worker's bases for it
 task's first job). Cancellation is honoured
 until the adapter is published: a cancel the API accepted before then ends the job
 ``cancelled`` (the database is asked once more before publishing, and before recording a
-training error, whatever the heartbeat has seen); a cancelled or failed job registers nothing. Whatever
-happens, the job ends in a final state with a reason -- unless the worker is shutting down or
+training error, whatever the heartbeat has seen); a cancelled or failed job registers
+nothing. Whatever happens, the job ends in a final state with a reason -- unless the worker is shutting down or
 lost the job, in which case it is left for ``recover`` to requeue from its checkpoint, or the
 job yields the worker to another tenant (``adapters.jobs.fair_share``): then it is ``queued``
 again with its checkpoint in the store, and whichever worker claims it next resumes from there.
